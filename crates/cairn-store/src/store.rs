@@ -1,0 +1,1019 @@
+//! The store: a data directory of volumes, each a directory of chunk files.
+//!
+//! ```text
+//! DATA_DIR/cairn-store                       identity: magic + format version
+//! DATA_DIR/lock                              flock'ed while a process has the store open
+//! DATA_DIR/volumes/<volume:016x>/volume.meta highest generation seen (replaced by rename)
+//! DATA_DIR/volumes/<volume:016x>/<chunk:016x>.chunk
+//! ```
+//!
+//! Concurrency: every chunk has one [`ChunkHandle`] at a time (the open-file cache hands out shared
+//! handles and evicts only handles nobody holds), and every operation on a chunk holds that handle's
+//! mutex, so data, block table and header of one chunk always change together as seen by readers.
+//! Every volume has a read-write lock: mutations hold it shared; raising the highest generation holds
+//! it exclusively, so once a newer generation is persisted no older write is still running or can start.
+
+use crate::error::StoreError;
+use crate::fault::{FaultInjector, IoOp};
+use crate::format::{
+    self, BLOCK_DATA, BLOCK_UNWRITTEN, ChunkHeader, HEADER_LEN, TABLE_ENTRY_LEN, TableEntry, VOLUME_META_LEN,
+    VolumeMeta,
+};
+use cairn_types::checksum::zero_block_crc32c;
+use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Generation, PgId, VolumeId, crc32c};
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+const BLOCK: u64 = BLOCK_SIZE_BYTES as u64;
+
+/// Tunables of a store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Most chunk files kept open at once. Each costs one file descriptor; 1024 covers 1 GiB of hot
+    /// data at the default chunk size while staying far below the usual 64k descriptor limit.
+    pub open_files_max: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { open_files_max: 1024 }
+    }
+}
+
+/// Who wrote a mutation: the writer's generation and its sequence number for the mutation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteStamp {
+    pub generation: Generation,
+    pub sequence: u64,
+}
+
+/// Data read from a chunk, with the checksum of every block (verified).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadReply {
+    pub data: Vec<u8>,
+    pub crcs: Vec<u32>,
+}
+
+/// The persisted state of a chunk, as reported to peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkState {
+    pub generation: Generation,
+    pub version: u64,
+    pub last_sequence: u64,
+    pub dirty: bool,
+}
+
+type ChunkKey = (VolumeId, ChunkIndex);
+
+#[derive(Debug)]
+struct ChunkHandle {
+    file: File,
+    path: PathBuf,
+    inner: Mutex<ChunkInner>,
+}
+
+#[derive(Debug)]
+struct ChunkInner {
+    header: ChunkHeader,
+    /// True once the header on disk says dirty and has been fdatasync'ed since the last flush.
+    dirty_durable: bool,
+}
+
+#[derive(Debug)]
+struct VolumeState {
+    dir: PathBuf,
+    /// Shared by mutations, exclusive while the highest generation is raised.
+    fence: RwLock<Generation>,
+    inner: Mutex<VolumeInner>,
+}
+
+#[derive(Debug, Default)]
+struct VolumeInner {
+    /// Chunks whose header says dirty: the chunks the next flush must make durable.
+    dirty: BTreeSet<ChunkIndex>,
+    poisoned: bool,
+}
+
+/// A node-local chunk store. `Store` is `Sync`: call it from many threads (the daemon calls it from a
+/// bounded blocking pool).
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    volumes_dir: PathBuf,
+    open_files: Mutex<lru::LruCache<ChunkKey, Arc<ChunkHandle>>>,
+    open_files_max: usize,
+    volumes: Mutex<HashMap<VolumeId, Arc<VolumeState>>>,
+    faults: Option<Arc<dyn FaultInjector>>,
+    /// Held for the store's lifetime: the flock on DATA_DIR/lock.
+    _lock: File,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a store mutex means an invariant broke mid-update; the process is going
+    // down anyway (release builds keep asserts), so propagating the poison as a panic is right.
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    let context = context.into();
+    move |e| StoreError::io(context, e, None)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`. Fails clearly if the directory cannot be created
+    /// or written, belongs to another format, or is in use by another process.
+    pub fn open(dir: &Path, config: StoreConfig) -> Result<Store, StoreError> {
+        Self::open_with_faults(dir, config, None)
+    }
+
+    /// Like [`Store::open`], with an IO fault injector (tests).
+    pub fn open_with_faults(
+        dir: &Path,
+        config: StoreConfig,
+        faults: Option<Arc<dyn FaultInjector>>,
+    ) -> Result<Store, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err(format!("creating data directory {}", dir.display())))?;
+        let lock_path = dir.join("lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(format!("opening {}", lock_path.display())))?;
+        if let Err(e) = rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            return Err(if e == rustix::io::Errno::WOULDBLOCK {
+                StoreError::DataDirLocked {
+                    path: dir.to_path_buf(),
+                }
+            } else {
+                StoreError::io(format!("locking {}", lock_path.display()), e.into(), None)
+            });
+        }
+        let identity = dir.join("cairn-store");
+        match fs::read(&identity) {
+            Ok(bytes) => format::decode_store_identity(&bytes).map_err(|e| StoreError::BadDataDir {
+                path: dir.to_path_buf(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                write_file_atomically(dir, "cairn-store", &format::encode_store_identity())?;
+            }
+            Err(e) => return Err(StoreError::io(format!("reading {}", identity.display()), e, None)),
+        }
+        let volumes_dir = dir.join("volumes");
+        if !volumes_dir.exists() {
+            fs::create_dir(&volumes_dir).map_err(io_err(format!("creating {}", volumes_dir.display())))?;
+            fsync_dir(dir)?;
+        }
+        let open_files_max = config.open_files_max.max(1);
+        Ok(Store {
+            root: dir.to_path_buf(),
+            volumes_dir,
+            open_files: Mutex::new(lru::LruCache::unbounded()),
+            open_files_max,
+            volumes: Mutex::new(HashMap::new()),
+            faults,
+            _lock: lock_file,
+        })
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn fault(&self, op: IoOp) -> io::Result<()> {
+        match self.faults.as_ref().and_then(|f| f.before(op)) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn volume_dir(&self, volume: VolumeId) -> PathBuf {
+        self.volumes_dir.join(format!("{:016x}", volume.get()))
+    }
+
+    fn chunk_path(&self, volume: VolumeId, chunk: ChunkIndex) -> PathBuf {
+        self.volume_dir(volume).join(format!("{:016x}.chunk", chunk.0))
+    }
+
+    /// The volume's in-memory state, loading it from disk the first time: its highest generation and
+    /// the set of chunks whose header says dirty.
+    fn volume(&self, volume: VolumeId) -> Result<Arc<VolumeState>, StoreError> {
+        let mut volumes = lock(&self.volumes);
+        if let Some(v) = volumes.get(&volume) {
+            return Ok(v.clone());
+        }
+        let dir = self.volume_dir(volume);
+        let mut highest = Generation(0);
+        let mut dirty = BTreeSet::new();
+        if dir.exists() {
+            let meta_path = dir.join("volume.meta");
+            match fs::read(&meta_path) {
+                Ok(b) => {
+                    let meta = VolumeMeta::decode(&b).map_err(|e| StoreError::BadChunkFile {
+                        path: meta_path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    if meta.volume != volume {
+                        return Err(StoreError::BadChunkFile {
+                            path: meta_path,
+                            reason: format!("belongs to volume {}", meta.volume),
+                        });
+                    }
+                    highest = meta.highest_generation;
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(StoreError::io(
+                        format!("reading {}", meta_path.display()),
+                        e,
+                        None,
+                    ));
+                }
+            }
+            for chunk in list_chunk_files(&dir)? {
+                let path = self.chunk_path(volume, chunk);
+                let header = read_header(&path, volume, chunk)?;
+                if header.dirty {
+                    dirty.insert(chunk);
+                }
+            }
+        }
+        let state = Arc::new(VolumeState {
+            dir,
+            fence: RwLock::new(highest),
+            inner: Mutex::new(VolumeInner {
+                dirty,
+                poisoned: false,
+            }),
+        });
+        volumes.insert(volume, state.clone());
+        Ok(state)
+    }
+
+    /// Admits a mutation carrying `stamp` on `volume`: refuses it if fenced or poisoned, persists a
+    /// higher generation before accepting it, and returns the shared fence guard to hold while the
+    /// mutation runs.
+    fn admit<'v>(
+        &self,
+        volume: VolumeId,
+        state: &'v VolumeState,
+        stamp: WriteStamp,
+    ) -> Result<std::sync::RwLockReadGuard<'v, Generation>, StoreError> {
+        loop {
+            if lock(&state.inner).poisoned {
+                return Err(StoreError::Poisoned { volume });
+            }
+            {
+                let fence = state.fence.read().unwrap_or_else(|p| p.into_inner());
+                if stamp.generation < *fence {
+                    return Err(StoreError::Fenced {
+                        volume,
+                        generation: stamp.generation,
+                        highest: *fence,
+                    });
+                }
+                if stamp.generation == *fence {
+                    return Ok(fence);
+                }
+            }
+            // A newer generation: persist it exclusively, then admit under the shared guard.
+            let mut fence = state.fence.write().unwrap_or_else(|p| p.into_inner());
+            if stamp.generation > *fence {
+                self.ensure_volume_dir(&state.dir)?;
+                self.fault(IoOp::WriteVolumeMeta)
+                    .map_err(io_err(format!("volume {volume}: persisting generation")))?;
+                let meta = VolumeMeta {
+                    volume,
+                    highest_generation: stamp.generation,
+                };
+                write_file_atomically(&state.dir, "volume.meta", &meta.encode())?;
+                *fence = stamp.generation;
+            }
+        }
+    }
+
+    fn ensure_volume_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        if !dir.exists() {
+            fs::create_dir(dir)
+                .or_else(|e| {
+                    if e.kind() == ErrorKind::AlreadyExists {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(io_err(format!("creating {}", dir.display())))?;
+            fsync_dir(&self.volumes_dir)?;
+        }
+        Ok(())
+    }
+
+    /// The open handle of a chunk; opens the file if it exists, creates it if `create`, else `None`.
+    fn chunk(
+        &self,
+        volume: VolumeId,
+        state: &VolumeState,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        create: bool,
+    ) -> Result<Option<Arc<ChunkHandle>>, StoreError> {
+        let key = (volume, chunk);
+        let mut cache = lock(&self.open_files);
+        if let Some(h) = cache.get(&key) {
+            let h = h.clone();
+            drop(cache);
+            check_chunk_size(&h, chunk_size)?;
+            return Ok(Some(h));
+        }
+        let path = self.chunk_path(volume, chunk);
+        let handle = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(file) => {
+                let header = read_header_from(&file, &path, volume, chunk)?;
+                ChunkHandle {
+                    file,
+                    path,
+                    inner: Mutex::new(ChunkInner {
+                        header,
+                        dirty_durable: header.dirty,
+                    }),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                if !create {
+                    return Ok(None);
+                }
+                self.create_chunk(volume, state, chunk, chunk_size, path)?
+            }
+            Err(e) => {
+                return Err(StoreError::io(
+                    format!("opening {}", path.display()),
+                    e,
+                    Some(key),
+                ));
+            }
+        };
+        let handle = Arc::new(handle);
+        cache.put(key, handle.clone());
+        self.evict(&mut cache);
+        drop(cache);
+        check_chunk_size(&handle, chunk_size)?;
+        Ok(Some(handle))
+    }
+
+    /// Closes least recently used chunk files that nobody is using until the cache is within bounds.
+    fn evict(&self, cache: &mut lru::LruCache<ChunkKey, Arc<ChunkHandle>>) {
+        let mut scanned = 0;
+        while cache.len() > self.open_files_max && scanned < cache.len() {
+            scanned += 1;
+            match cache.pop_lru() {
+                // Only this cache holds it: nobody can get it without the cache lock, so closing is safe.
+                Some((_, h)) if Arc::strong_count(&h) == 1 => drop(h),
+                Some((k, h)) => {
+                    cache.put(k, h);
+                    // `put` made it most recent, so the loop moves on to the next candidate.
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Creates a chunk file: header (dirty, since it is created by a mutation) and an allocated block
+    /// table in a temp file, fdatasync, rename into place, fsync the directory. A crash leaves either
+    /// no chunk file or a complete one.
+    fn create_chunk(
+        &self,
+        volume: VolumeId,
+        state: &VolumeState,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        path: PathBuf,
+    ) -> Result<ChunkHandle, StoreError> {
+        let key = (volume, chunk);
+        self.ensure_volume_dir(&state.dir)?;
+        self.fault(IoOp::CreateChunk)
+            .map_err(|e| StoreError::io(format!("creating {}", path.display()), e, Some(key)))?;
+        let header = ChunkHeader {
+            volume,
+            chunk,
+            chunk_size,
+            generation: Generation(0),
+            version: 0,
+            last_sequence: 0,
+            dirty: true,
+        };
+        let tmp = state.dir.join(format!("{:016x}.chunk.tmp", chunk.0));
+        let ctx = |what: &str| format!("creating chunk file {}: {what}", path.display());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| StoreError::io(ctx("open"), e, Some(key)))?;
+        // Header block and block table are written out (allocated) so later updates need no space.
+        let mut prefix = vec![0u8; format::data_offset(chunk_size) as usize];
+        prefix[..HEADER_LEN].copy_from_slice(&header.encode());
+        let result = (|| {
+            file.write_all_at(&prefix, 0)?;
+            file.set_len(format::chunk_file_len(chunk_size))?;
+            rustix::fs::fdatasync(&file)?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::io(ctx("write"), e, Some(key)));
+        }
+        fsync_dir(&state.dir)?;
+        lock(&state.inner).dirty.insert(chunk);
+        Ok(ChunkHandle {
+            file,
+            path,
+            inner: Mutex::new(ChunkInner {
+                header,
+                dirty_durable: true,
+            }),
+        })
+    }
+
+    /// Marks the chunk dirty on disk before its first mutation since the last flush.
+    fn mark_dirty(
+        &self,
+        state: &VolumeState,
+        handle: &ChunkHandle,
+        inner: &mut ChunkInner,
+    ) -> Result<(), StoreError> {
+        if inner.dirty_durable {
+            return Ok(());
+        }
+        let key = (inner.header.volume, inner.header.chunk);
+        let mut header = inner.header;
+        header.dirty = true;
+        let r = self
+            .fault(IoOp::MarkDirty)
+            .and_then(|_| handle.file.write_all_at(&header.encode(), 0));
+        r.map_err(|e| StoreError::io(format!("marking {} dirty", handle.path.display()), e, Some(key)))?;
+        if let Err(e) = self
+            .fault(IoOp::Sync)
+            .and_then(|_| rustix::fs::fdatasync(&handle.file).map_err(Into::into))
+        {
+            lock(&state.inner).poisoned = true;
+            return Err(StoreError::io(
+                format!("syncing {}", handle.path.display()),
+                e,
+                Some(key),
+            ));
+        }
+        inner.header = header;
+        inner.dirty_durable = true;
+        lock(&state.inner).dirty.insert(inner.header.chunk);
+        Ok(())
+    }
+
+    /// Records a mutation in the chunk header (not synced: the chunk is durably dirty already, so a
+    /// crash that loses this update is covered by reconciliation of dirty chunks).
+    fn bump_version(
+        &self,
+        handle: &ChunkHandle,
+        inner: &mut ChunkInner,
+        stamp: WriteStamp,
+    ) -> Result<(), StoreError> {
+        let mut header = inner.header;
+        header.version += 1;
+        header.generation = stamp.generation;
+        header.last_sequence = stamp.sequence;
+        let key = (header.volume, header.chunk);
+        self.fault(IoOp::WriteHeader)
+            .and_then(|_| handle.file.write_all_at(&header.encode(), 0))
+            .map_err(|e| {
+                StoreError::io(
+                    format!("updating header of {}", handle.path.display()),
+                    e,
+                    Some(key),
+                )
+            })?;
+        inner.header = header;
+        Ok(())
+    }
+
+    /// Writes whole blocks at `offset` (block aligned) of a chunk. `crcs` holds the writer's CRC-32C of
+    /// each block; every one is verified before anything is stored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        data: &[u8],
+        crcs: &[u32],
+        stamp: WriteStamp,
+    ) -> Result<(), StoreError> {
+        let first_block = check_range(chunk_size, offset, data.len() as u64)?;
+        let blocks = data.len() / BLOCK as usize;
+        if crcs.len() != blocks {
+            return Err(StoreError::InvalidRequest(format!(
+                "{} checksums for {blocks} blocks",
+                crcs.len()
+            )));
+        }
+        for (i, (block, crc)) in data.chunks_exact(BLOCK as usize).zip(crcs).enumerate() {
+            if crc32c(block) != *crc {
+                return Err(StoreError::Corrupt {
+                    volume,
+                    chunk,
+                    block: first_block + i as u32,
+                    reason: "checksum of received data does not match the writer's".into(),
+                });
+            }
+        }
+        let state = self.volume(volume)?;
+        let _fence = self.admit(volume, &state, stamp)?;
+        let handle = self
+            .chunk(volume, &state, chunk, chunk_size, true)?
+            .ok_or_else(|| StoreError::InvalidRequest("chunk vanished while being created".into()))?;
+        let mut inner = lock(&handle.inner);
+        self.mark_dirty(&state, &handle, &mut inner)?;
+        let key = (volume, chunk);
+        // Data first, then the table: if the data write fails (ENOSPC filling a hole), the table
+        // still describes the old contents, which are intact.
+        let data_at = format::data_offset(chunk_size) + u64::from(offset);
+        self.fault(IoOp::WriteData)
+            .and_then(|_| handle.file.write_all_at(data, data_at))
+            .map_err(|e| StoreError::io(format!("writing {}", handle.path.display()), e, Some(key)))?;
+        let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
+        for (entry, crc) in table.chunks_exact_mut(TABLE_ENTRY_LEN).zip(crcs) {
+            TableEntry::data(*crc).encode_into(entry);
+        }
+        self.write_table(&handle, first_block, &table, key)?;
+        self.bump_version(&handle, &mut inner, stamp)
+    }
+
+    fn write_table(
+        &self,
+        handle: &ChunkHandle,
+        first_block: u32,
+        table: &[u8],
+        key: ChunkKey,
+    ) -> Result<(), StoreError> {
+        let at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
+        self.fault(IoOp::WriteTable)
+            .and_then(|_| handle.file.write_all_at(table, at))
+            .map_err(|e| {
+                StoreError::io(
+                    format!("writing block table of {}", handle.path.display()),
+                    e,
+                    Some(key),
+                )
+            })
+    }
+
+    /// Makes `len` bytes at `offset` (block aligned) read as zeros and frees their space.
+    pub fn trim(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+        stamp: WriteStamp,
+    ) -> Result<(), StoreError> {
+        self.zero(volume, chunk, chunk_size, offset, len, stamp, false)
+    }
+
+    /// Makes `len` bytes at `offset` (block aligned) read as zeros. With `allocate` the blocks are
+    /// written with zeros and keep their space (NBD's NO_HOLE); without, they become holes like a trim.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_zeroes(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+        stamp: WriteStamp,
+        allocate: bool,
+    ) -> Result<(), StoreError> {
+        self.zero(volume, chunk, chunk_size, offset, len, stamp, allocate)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn zero(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+        stamp: WriteStamp,
+        allocate: bool,
+    ) -> Result<(), StoreError> {
+        let first_block = check_range(chunk_size, offset, u64::from(len))?;
+        if allocate {
+            let zeros = vec![0u8; len as usize];
+            let crcs = vec![zero_block_crc32c(); (len / BLOCK_SIZE_BYTES) as usize];
+            return self.write(volume, chunk, chunk_size, offset, &zeros, &crcs, stamp);
+        }
+        let state = self.volume(volume)?;
+        let _fence = self.admit(volume, &state, stamp)?;
+        // A chunk that does not exist reads as zeros already: nothing to free, nothing to record.
+        let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else {
+            return Ok(());
+        };
+        let mut inner = lock(&handle.inner);
+        self.mark_dirty(&state, &handle, &mut inner)?;
+        let key = (volume, chunk);
+        let blocks = (len / BLOCK_SIZE_BYTES) as usize;
+        // Table first: once the entries say unwritten the blocks read as zeros whatever the data
+        // region holds, so punching the hole afterwards is only space reclamation.
+        let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
+        for entry in table.chunks_exact_mut(TABLE_ENTRY_LEN) {
+            TableEntry::UNWRITTEN.encode_into(entry);
+        }
+        self.write_table(&handle, first_block, &table, key)?;
+        let at = format::data_offset(chunk_size) + u64::from(offset);
+        self.fault(IoOp::PunchHole)
+            .and_then(|_| {
+                rustix::fs::fallocate(
+                    &handle.file,
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    at,
+                    u64::from(len),
+                )
+                .map_err(Into::into)
+            })
+            .map_err(|e| {
+                StoreError::io(
+                    format!("punching hole in {}", handle.path.display()),
+                    e,
+                    Some(key),
+                )
+            })?;
+        self.bump_version(&handle, &mut inner, stamp)
+    }
+
+    /// Reads `len` bytes at `offset` (block aligned). Never-written blocks read as zeros. Every data
+    /// block is verified against its stored checksum; a mismatch is [`StoreError::Corrupt`].
+    pub fn read(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+    ) -> Result<ReadReply, StoreError> {
+        let first_block = check_range(chunk_size, offset, u64::from(len))?;
+        let blocks = (len / BLOCK_SIZE_BYTES) as usize;
+        let mut data = vec![0u8; len as usize];
+        let mut crcs = vec![zero_block_crc32c(); blocks];
+        let state = self.volume(volume)?;
+        let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else {
+            return Ok(ReadReply { data, crcs });
+        };
+        let key = (volume, chunk);
+        let _inner = lock(&handle.inner);
+        let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
+        let table_at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
+        let read_ctx = || format!("reading {}", handle.path.display());
+        self.fault(IoOp::Read)
+            .and_then(|_| handle.file.read_exact_at(&mut table, table_at))
+            .map_err(|e| StoreError::io(read_ctx(), e, Some(key)))?;
+        let entries: Vec<TableEntry> = table
+            .chunks_exact(TABLE_ENTRY_LEN)
+            .map(TableEntry::decode)
+            .collect();
+        if entries.iter().any(|e| e.state == BLOCK_DATA) {
+            let at = format::data_offset(chunk_size) + u64::from(offset);
+            self.fault(IoOp::Read)
+                .and_then(|_| handle.file.read_exact_at(&mut data, at))
+                .map_err(|e| StoreError::io(read_ctx(), e, Some(key)))?;
+        }
+        for (i, entry) in entries.iter().enumerate() {
+            let block = &mut data[i * BLOCK as usize..(i + 1) * BLOCK as usize];
+            let corrupt = |reason: &str| StoreError::Corrupt {
+                volume,
+                chunk,
+                block: first_block + i as u32,
+                reason: reason.into(),
+            };
+            match entry.state {
+                BLOCK_UNWRITTEN => block.fill(0),
+                BLOCK_DATA => {
+                    if crc32c(block) != entry.crc {
+                        return Err(corrupt("stored checksum does not match stored data"));
+                    }
+                    crcs[i] = entry.crc;
+                }
+                _ => return Err(corrupt("block table entry is damaged")),
+            }
+        }
+        Ok(ReadReply { data, crcs })
+    }
+
+    /// Makes every mutation of `volume` acknowledged before this call durable.
+    pub fn flush(&self, volume: VolumeId) -> Result<(), StoreError> {
+        let state = self.volume(volume)?;
+        let dirty: Vec<ChunkIndex> = {
+            let inner = lock(&state.inner);
+            if inner.poisoned {
+                return Err(StoreError::Poisoned { volume });
+            }
+            inner.dirty.iter().copied().collect()
+        };
+        for chunk in dirty {
+            // Chunk size is read from the file header for chunks that are not open.
+            let handle = match self.open_existing(volume, &state, chunk)? {
+                Some(h) => h,
+                None => {
+                    lock(&state.inner).dirty.remove(&chunk);
+                    continue;
+                }
+            };
+            let mut inner = lock(&handle.inner);
+            if !inner.dirty_durable && !inner.header.dirty {
+                continue;
+            }
+            let key = (volume, chunk);
+            if let Err(e) = self
+                .fault(IoOp::Sync)
+                .and_then(|_| rustix::fs::fdatasync(&handle.file).map_err(Into::into))
+            {
+                lock(&state.inner).poisoned = true;
+                return Err(StoreError::io(
+                    format!("syncing {}", handle.path.display()),
+                    e,
+                    Some(key),
+                ));
+            }
+            // Everything is durable; clear the dirty flag. This write need not be synced: if it is
+            // lost the chunk merely looks dirty after a crash, which costs a needless reconciliation.
+            let mut header = inner.header;
+            header.dirty = false;
+            self.fault(IoOp::WriteHeader)
+                .and_then(|_| handle.file.write_all_at(&header.encode(), 0))
+                .map_err(|e| {
+                    StoreError::io(
+                        format!("clearing dirty flag of {}", handle.path.display()),
+                        e,
+                        Some(key),
+                    )
+                })?;
+            inner.header = header;
+            inner.dirty_durable = false;
+            lock(&state.inner).dirty.remove(&chunk);
+        }
+        Ok(())
+    }
+
+    /// Flushes every volume that has dirty chunks.
+    pub fn flush_all(&self) -> Result<(), StoreError> {
+        let volumes: Vec<VolumeId> = lock(&self.volumes).keys().copied().collect();
+        for v in volumes {
+            self.flush(v)?;
+        }
+        Ok(())
+    }
+
+    fn open_existing(
+        &self,
+        volume: VolumeId,
+        state: &VolumeState,
+        chunk: ChunkIndex,
+    ) -> Result<Option<Arc<ChunkHandle>>, StoreError> {
+        let size = {
+            let cache = lock(&self.open_files);
+            cache
+                .peek(&(volume, chunk))
+                .map(|h| lock(&h.inner).header.chunk_size)
+        };
+        let size = match size {
+            Some(s) => s,
+            None => {
+                let path = self.chunk_path(volume, chunk);
+                match read_header(&path, volume, chunk) {
+                    Ok(h) => h.chunk_size,
+                    Err(StoreError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        self.chunk(volume, state, chunk, size, false)
+    }
+
+    /// The persisted state of a chunk, or `None` if this node holds no such chunk.
+    pub fn chunk_state(&self, volume: VolumeId, chunk: ChunkIndex) -> Result<Option<ChunkState>, StoreError> {
+        let state = self.volume(volume)?;
+        Ok(self.open_existing(volume, &state, chunk)?.map(|h| {
+            let inner = lock(&h.inner);
+            ChunkState {
+                generation: inner.header.generation,
+                version: inner.header.version,
+                last_sequence: inner.header.last_sequence,
+                dirty: inner.header.dirty,
+            }
+        }))
+    }
+
+    /// The highest generation this node has persisted for `volume` (0 if none).
+    pub fn highest_generation(&self, volume: VolumeId) -> Result<Generation, StoreError> {
+        let state = self.volume(volume)?;
+        Ok(*state.fence.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Chunks of `volume` whose header says dirty (written since their last flush).
+    pub fn dirty_chunks(&self, volume: VolumeId) -> Result<Vec<ChunkIndex>, StoreError> {
+        let state = self.volume(volume)?;
+        Ok(lock(&state.inner).dirty.iter().copied().collect())
+    }
+
+    /// Volumes this node holds chunks or metadata of.
+    pub fn list_volumes(&self) -> Result<Vec<VolumeId>, StoreError> {
+        let mut out = Vec::new();
+        let entries = fs::read_dir(&self.volumes_dir)
+            .map_err(io_err(format!("listing {}", self.volumes_dir.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(format!("listing {}", self.volumes_dir.display())))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok()) else {
+                continue;
+            };
+            if let Ok(v) = VolumeId::new(id) {
+                out.push(v);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Chunks of `volume` stored on this node, in index order.
+    pub fn list_chunks(&self, volume: VolumeId) -> Result<Vec<ChunkIndex>, StoreError> {
+        let dir = self.volume_dir(volume);
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        list_chunk_files(&dir)
+    }
+
+    /// Chunks of every volume that fall in placement group `pg` of a pool of `pg_count` groups.
+    pub fn list_chunks_in_pg(
+        &self,
+        pg: PgId,
+        pg_count: u32,
+    ) -> Result<Vec<(VolumeId, ChunkIndex)>, StoreError> {
+        let mut out = Vec::new();
+        for volume in self.list_volumes()? {
+            for chunk in self.list_chunks(volume)? {
+                if cairn_types::placement::pg_of(volume, chunk, pg_count) == pg {
+                    out.push((volume, chunk));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every chunk and the metadata of `volume` on this node. Durable when it returns.
+    pub fn delete_volume(&self, volume: VolumeId) -> Result<(), StoreError> {
+        let state = self.volume(volume)?;
+        // Exclusive fence: no mutation of the volume is running while its files go away.
+        let _fence = state.fence.write().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut cache = lock(&self.open_files);
+            let keys: Vec<ChunkKey> = cache
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|(v, _)| *v == volume)
+                .collect();
+            for k in keys {
+                cache.pop(&k);
+            }
+        }
+        match fs::remove_dir_all(&state.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(StoreError::io(
+                    format!("deleting {}", state.dir.display()),
+                    e,
+                    None,
+                ));
+            }
+        }
+        fsync_dir(&self.volumes_dir)?;
+        lock(&self.volumes).remove(&volume);
+        Ok(())
+    }
+}
+
+fn check_chunk_size(handle: &ChunkHandle, chunk_size: ChunkSize) -> Result<(), StoreError> {
+    let stored = lock(&handle.inner).header.chunk_size;
+    if stored != chunk_size {
+        return Err(StoreError::InvalidRequest(format!(
+            "chunk size {chunk_size} does not match the stored chunk's {stored}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that `[offset, offset + len)` is non-empty, block aligned and inside the chunk; returns the
+/// first block's index.
+fn check_range(chunk_size: ChunkSize, offset: u32, len: u64) -> Result<u32, StoreError> {
+    if len == 0 {
+        return Err(StoreError::InvalidRequest("zero-length request".into()));
+    }
+    if !u64::from(offset).is_multiple_of(BLOCK) || !len.is_multiple_of(BLOCK) {
+        return Err(StoreError::InvalidRequest(format!(
+            "offset {offset} and length {len} must be multiples of {BLOCK_SIZE_BYTES}"
+        )));
+    }
+    if u64::from(offset) + len > u64::from(chunk_size.bytes()) {
+        return Err(StoreError::InvalidRequest(format!(
+            "range {offset}+{len} is beyond the end of a {chunk_size} chunk"
+        )));
+    }
+    Ok(offset / BLOCK_SIZE_BYTES)
+}
+
+fn read_header(path: &Path, volume: VolumeId, chunk: ChunkIndex) -> Result<ChunkHeader, StoreError> {
+    let file =
+        File::open(path).map_err(|e| StoreError::io(format!("opening {}", path.display()), e, None))?;
+    read_header_from(&file, path, volume, chunk)
+}
+
+fn read_header_from(
+    file: &File,
+    path: &Path,
+    volume: VolumeId,
+    chunk: ChunkIndex,
+) -> Result<ChunkHeader, StoreError> {
+    let mut b = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut b, 0)
+        .map_err(|e| StoreError::io(format!("reading header of {}", path.display()), e, None))?;
+    let header = ChunkHeader::decode(&b).map_err(|e| StoreError::BadChunkFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if header.volume != volume || header.chunk != chunk {
+        return Err(StoreError::BadChunkFile {
+            path: path.to_path_buf(),
+            reason: format!("holds volume {} chunk {}", header.volume, header.chunk),
+        });
+    }
+    Ok(header)
+}
+
+fn list_chunk_files(dir: &Path) -> Result<Vec<ChunkIndex>, StoreError> {
+    let mut out = Vec::new();
+    let entries = fs::read_dir(dir).map_err(io_err(format!("listing {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io_err(format!("listing {}", dir.display())))?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".chunk")) else {
+            continue;
+        };
+        if let Ok(i) = u64::from_str_radix(stem, 16) {
+            out.push(ChunkIndex(i));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Replaces `dir/name` with `bytes` atomically and durably: temp file, fdatasync, rename, fsync dir.
+fn write_file_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let ctx = format!("writing {}", path.display());
+    let result = (|| {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all_at(bytes, 0)?;
+        rustix::fs::fdatasync(&f)?;
+        fs::rename(&tmp, &path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(StoreError::io(ctx, e, None));
+    }
+    fsync_dir(dir)
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    let ctx = || format!("syncing directory {}", dir.display());
+    let d = File::open(dir).map_err(|e| StoreError::io(ctx(), e, None))?;
+    rustix::fs::fsync(&d).map_err(|e| StoreError::io(ctx(), e.into(), None))
+}
+
+const _: () = assert!(VOLUME_META_LEN <= BLOCK_SIZE_BYTES as usize);
