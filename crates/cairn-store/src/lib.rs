@@ -6,9 +6,9 @@
 //! * Every stored block carries the CRC-32C its writer computed. It is verified before the block is
 //!   stored and again on every read; a mismatch is a [`StoreError::Corrupt`] naming volume, chunk and
 //!   block, never data.
-//! * A chunk is marked dirty on disk (header written and fdatasync'ed) *before* its first write since
-//!   the last flush touches its data, so after any crash the set of chunks that may differ between
-//!   replicas is exactly the set of dirty chunks.
+//! * A chunk is marked dirty on disk (header written and fdatasync'ed) *before* a mutation touches
+//!   its data, and the flag is cleared only after a flush made the data durable, so after any crash
+//!   the chunks that may differ between replicas are among the dirty chunks.
 //! * [`Store::flush`] returns only when every write acknowledged before it is durable (fdatasync of
 //!   every dirty chunk file; new files are created by rename and the directory is fsync'ed).
 //! * Every volume persists the highest writer generation it has seen, before using it; a mutation
@@ -24,4 +24,4 @@ mod store;
 pub use error::StoreError;
 pub use fault::{FaultInjector, IoOp};
 pub use format::ChunkHeader;
-pub use store::{ChunkState, ReadReply, Store, StoreConfig, WriteStamp};
+pub use store::{ChunkState, DIRTY_LINGER_FLUSHES, ReadReply, Store, StoreConfig, WriteStamp};

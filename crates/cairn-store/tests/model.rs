@@ -6,6 +6,8 @@
 //! (never other bytes), until a later successful mutation overwrites it. Blocks outside a failed
 //! mutation are never affected. A failed fdatasync poisons the volume until reopen.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use cairn_store::{FaultInjector, IoOp, Store, StoreConfig, StoreError, WriteStamp};
 use cairn_types::checksum::block_crcs;
 use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Generation, VolumeId};
@@ -330,7 +332,7 @@ impl Harness {
                     Ok(()) => {
                         assert!(!self.poisoned, "flush succeeded on a poisoned volume");
                         self.mutated_since_flush.clear();
-                        assert!(self.store().dirty_chunks(vol()).unwrap().is_empty());
+                        assert!(self.store().unsynced_chunks(vol()).unwrap().is_empty());
                     }
                     Err(StoreError::Poisoned { .. }) => assert!(self.poisoned),
                     Err(e) => {

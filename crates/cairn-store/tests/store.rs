@@ -1,6 +1,8 @@
 //! Behaviour of the chunk store that the model test does not cover: fencing, on-disk corruption,
 //! bad requests, locking, listing and deletion.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use cairn_store::{Store, StoreConfig, StoreError, WriteStamp};
 use cairn_types::checksum::block_crcs;
 use cairn_types::placement::pg_of;
@@ -279,13 +281,29 @@ fn dirty_flags_follow_flushes_across_reopen() {
     write(&store, 1, 1, 0, &pattern(1, 4096), 1).unwrap();
     store.flush(vol(1)).unwrap();
     write(&store, 1, 1, 4096, &pattern(2, 4096), 1).unwrap();
-    assert_eq!(store.dirty_chunks(vol(1)).unwrap(), vec![ChunkIndex(1)]);
+    assert_eq!(store.unsynced_chunks(vol(1)).unwrap(), vec![ChunkIndex(1)]);
     drop(store);
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    assert_eq!(store.dirty_chunks(vol(1)).unwrap(), vec![ChunkIndex(1)]);
+    assert_eq!(
+        store.dirty_chunks(vol(1)).unwrap(),
+        vec![ChunkIndex(0), ChunkIndex(1)]
+    );
     let st = store.chunk_state(vol(1), ChunkIndex(1)).unwrap().unwrap();
     assert!(st.dirty);
     assert_eq!(st.version, 2);
     store.flush(vol(1)).unwrap();
+    assert!(store.unsynced_chunks(vol(1)).unwrap().is_empty());
+    // Dirty flags linger for a while after the last mutation, then clear.
+    assert_eq!(
+        store.dirty_chunks(vol(1)).unwrap(),
+        vec![ChunkIndex(0), ChunkIndex(1)]
+    );
+    for _ in 0..cairn_store::DIRTY_LINGER_FLUSHES {
+        store.flush(vol(1)).unwrap();
+    }
     assert!(store.dirty_chunks(vol(1)).unwrap().is_empty());
+    drop(store);
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    assert!(store.dirty_chunks(vol(1)).unwrap().is_empty());
+    assert!(!store.chunk_state(vol(1), ChunkIndex(1)).unwrap().unwrap().dirty);
 }
