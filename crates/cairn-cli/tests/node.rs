@@ -1,0 +1,428 @@
+//! The storage node daemon as a real process, driven over TCP with the node RPC.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use cairn_client::NodeConnection;
+use cairn_proto::{Request, Response, RpcError, Stamp};
+use cairn_types::checksum::block_crcs;
+use cairn_types::{ChunkIndex, ChunkSize, Generation, VolumeId};
+use common::*;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn vol(v: u64) -> VolumeId {
+    VolumeId::new(v).unwrap()
+}
+
+fn block(chunk: u64, block: u32, round: u8) -> Vec<u8> {
+    let mut b = vec![round; 4096];
+    b[..8].copy_from_slice(&chunk.to_le_bytes());
+    b[8..12].copy_from_slice(&block.to_le_bytes());
+    b
+}
+
+fn write_req(v: u64, chunk: u64, blk: u32, data: Vec<u8>, generation: u64) -> Request {
+    Request::Write {
+        volume: vol(v),
+        chunk: ChunkIndex(chunk),
+        chunk_size: ChunkSize::DEFAULT,
+        offset: blk * 4096,
+        stamp: Stamp {
+            generation: Generation(generation),
+            sequence: 1,
+        },
+        crcs: block_crcs(&data),
+        data: Bytes::from(data),
+    }
+}
+
+fn read_req(v: u64, chunk: u64, blk: u32, blocks: u32) -> Request {
+    Request::Read {
+        volume: vol(v),
+        chunk: ChunkIndex(chunk),
+        chunk_size: ChunkSize::DEFAULT,
+        offset: blk * 4096,
+        len: blocks * 4096,
+    }
+}
+
+async fn read_block(c: &NodeConnection, chunk: u64, blk: u32) -> Vec<u8> {
+    match c.call(&read_req(1, chunk, blk, 1)).await.unwrap() {
+        Response::Read { crcs, data } => {
+            assert_eq!(crcs, block_crcs(&data), "reply checksums must cover the data");
+            data.to_vec()
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Issues many writes concurrently on one connection (pipelined, replies in any order).
+async fn write_all(c: &Arc<NodeConnection>, round: u8, chunks: u64, blocks: u32) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in 0..chunks {
+        for blk in 0..blocks {
+            let c = c.clone();
+            tasks.spawn(async move {
+                let r = c
+                    .call(&write_req(1, chunk, blk, block(chunk, blk, round), 1))
+                    .await
+                    .unwrap();
+                assert_eq!(r, Response::Done);
+            });
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_writes_survive_sigkill_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), 1, addr);
+    let mut node = NodeProcess::start(&config, addr);
+    let c = Arc::new(node.connect().await);
+    assert_eq!(c.version(), 1);
+    write_all(&c, 1, 8, 32).await;
+    assert_eq!(
+        c.call(&Request::Flush { volume: vol(1) }).await.unwrap(),
+        Response::Done
+    );
+    // A second round over half the blocks, not flushed.
+    write_all(&c, 2, 4, 32).await;
+    for chunk in [0, 5] {
+        assert_eq!(
+            read_block(&c, chunk, 3).await,
+            block(chunk, 3, if chunk < 4 { 2 } else { 1 })
+        );
+    }
+    drop(c);
+    node.sigkill();
+
+    let mut node = NodeProcess::start(&config, addr);
+    let c = node.connect().await;
+    for chunk in 0..8 {
+        for blk in 0..32 {
+            let got = read_block(&c, chunk, blk).await;
+            if chunk < 4 {
+                // Unflushed, but a process kill keeps the page cache: old or new, never anything else.
+                assert!(
+                    got == block(chunk, blk, 1) || got == block(chunk, blk, 2),
+                    "chunk {chunk} block {blk}"
+                );
+            } else {
+                assert_eq!(got, block(chunk, blk, 1), "flushed chunk {chunk} block {blk}");
+            }
+        }
+    }
+    // Never-written space reads as zeros.
+    assert_eq!(read_block(&c, 99, 0).await, vec![0u8; 4096]);
+    match c
+        .call(&Request::ChunkVersion {
+            volume: vol(1),
+            chunk: ChunkIndex(0),
+        })
+        .await
+        .unwrap()
+    {
+        Response::ChunkVersion(Some(info)) => assert!(info.version >= 32),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_flushes_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), 1, addr);
+    let mut node = NodeProcess::start(&config, addr);
+    let c = Arc::new(node.connect().await);
+    write_all(&c, 7, 4, 16).await;
+    node.signal(rustix::process::Signal::TERM);
+    let status = node.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "clean stop exits 0");
+    // The connection is closed by the stop.
+    assert!(c.call(&read_req(1, 0, 0, 1)).await.is_err());
+    drop(c);
+    let mut node = NodeProcess::start(&config, addr);
+    let c = node.connect().await;
+    assert_eq!(read_block(&c, 3, 15).await, block(3, 15, 7));
+    node.signal(rustix::process::Signal::INT);
+    assert_eq!(node.wait_exit(Duration::from_secs(30)).code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_come_back_as_error_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), 1, addr);
+    let mut node = NodeProcess::start(&config, addr);
+    let c = node.connect().await;
+    // Fencing.
+    assert_eq!(
+        c.call(&write_req(1, 0, 0, block(0, 0, 1), 5)).await.unwrap(),
+        Response::Done
+    );
+    match c.call(&write_req(1, 0, 0, block(0, 0, 2), 4)).await.unwrap() {
+        Response::Error(RpcError::Fenced {
+            generation, highest, ..
+        }) => {
+            assert_eq!((generation, highest), (Generation(4), Generation(5)));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(read_block(&c, 0, 0).await, block(0, 0, 1));
+    // A checksum that does not match the data.
+    let mut bad = write_req(1, 0, 1, block(0, 1, 1), 5);
+    if let Request::Write { crcs, .. } = &mut bad {
+        crcs[0] ^= 1;
+    }
+    assert!(matches!(
+        c.call(&bad).await.unwrap(),
+        Response::Error(RpcError::Corrupt { block: 1, .. })
+    ));
+    // Unaligned, beyond the chunk, oversized.
+    for r in [
+        read_req(1, 0, 0, 0),
+        read_req(1, 0, 255, 2),
+        read_req(1, 0, 0, 2048),
+    ] {
+        assert!(
+            matches!(
+                c.call(&r).await.unwrap(),
+                Response::Error(RpcError::InvalidRequest { .. })
+            ),
+            "{r:?}"
+        );
+    }
+    // The connection still works.
+    assert_eq!(read_block(&c, 0, 0).await, block(0, 0, 1));
+}
+
+/// Writes one raw frame.
+fn raw_frame(kind: u16, version: u16, id: u64, body: &[u8]) -> Vec<u8> {
+    let kind = match kind {
+        1 => cairn_proto::FrameKind::Hello,
+        3 => cairn_proto::FrameKind::Request,
+        _ => cairn_proto::FrameKind::Response,
+    };
+    let mut buf = BytesMut::new();
+    cairn_proto::Frame {
+        version,
+        kind,
+        request_id: id,
+        body: Bytes::copy_from_slice(body),
+    }
+    .encode(&mut buf);
+    buf.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_traffic_closes_only_that_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), 1, addr);
+    let mut node = NodeProcess::start(&config, addr);
+    let good = node.connect().await;
+    assert_eq!(
+        good.call(&write_req(1, 0, 0, block(0, 0, 3), 1)).await.unwrap(),
+        Response::Done
+    );
+
+    let closes = |bytes: Vec<u8>| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = s.write_all(&bytes);
+        let mut sink = Vec::new();
+        // The node closes the connection (read returns EOF or reset), it does not hang.
+        let r = s.read_to_end(&mut sink);
+        assert!(
+            r.is_ok()
+                || r.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+    };
+    closes(b"GET / HTTP/1.1\r\n\r\n0123456789abcdef0123456789".to_vec());
+    // A frame claiming a 1 GiB body.
+    let mut huge = raw_frame(1, 0, 0, b"");
+    huge[16..20].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    closes(huge);
+    // A hello naming only versions from the future.
+    let hello = cairn_proto::message::encode(&cairn_proto::Hello {
+        version_min: 9,
+        version_max: 12,
+    })
+    .unwrap();
+    closes(raw_frame(1, 0, 0, &hello));
+    // A valid hello then a corrupted frame.
+    let ok_hello = cairn_proto::message::encode(&cairn_proto::Hello {
+        version_min: 1,
+        version_max: 1,
+    })
+    .unwrap();
+    let mut bytes = raw_frame(1, 0, 0, &ok_hello);
+    let mut req = raw_frame(
+        3,
+        1,
+        1,
+        &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap(),
+    );
+    let last = req.len() - 1;
+    req[last] ^= 0xff;
+    bytes.extend_from_slice(&req);
+    closes(bytes);
+
+    // A valid frame whose body is garbage gets an error reply and the connection lives on.
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(&raw_frame(1, 0, 0, &ok_hello)).unwrap();
+    s.write_all(&raw_frame(3, 1, 42, &[0xff, 0xff, 0xff])).unwrap();
+    s.write_all(&raw_frame(
+        3,
+        1,
+        43,
+        &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap(),
+    ))
+    .unwrap();
+    let mut got = BytesMut::new();
+    let mut replies = Vec::new();
+    let mut buf = [0u8; 65536];
+    while replies.len() < 3 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed early");
+        got.put_slice(&buf[..n]);
+        while let Some(f) = cairn_proto::Frame::decode(&mut got).unwrap() {
+            replies.push(f);
+        }
+    }
+    assert_eq!(replies[0].kind, cairn_proto::FrameKind::HelloReply);
+    let by_id = |id: u64| replies.iter().find(|f| f.request_id == id).unwrap();
+    let r42: Response = cairn_proto::message::decode(&by_id(42).body).unwrap();
+    assert!(
+        matches!(r42, Response::Error(RpcError::InvalidRequest { .. })),
+        "{r42:?}"
+    );
+    let r43: Response = cairn_proto::message::decode(&by_id(43).body).unwrap();
+    assert!(matches!(r43, Response::Read { .. }));
+
+    // The well-behaved client never noticed.
+    assert_eq!(read_block(&good, 0, 0).await, block(0, 0, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_in_flight_than_the_byte_budget_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), 1, addr);
+    // The smallest budget (8 MiB) with 24 writes of 4 MiB in flight: the node must throttle reading,
+    // not fail or deadlock.
+    let text = std::fs::read_to_string(&config).unwrap() + "in_flight_bytes_max = 8388608\n";
+    std::fs::write(&config, text).unwrap();
+    let mut node = NodeProcess::start(&config, addr);
+    let c = Arc::new(node.connect().await);
+    let size = ChunkSize::new(4 << 20).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in 0..24u64 {
+        let c = c.clone();
+        tasks.spawn(async move {
+            let data = vec![chunk as u8 + 1; 4 << 20];
+            let req = Request::Write {
+                volume: vol(2),
+                chunk: ChunkIndex(chunk),
+                chunk_size: size,
+                offset: 0,
+                stamp: Stamp {
+                    generation: Generation(1),
+                    sequence: chunk,
+                },
+                crcs: block_crcs(&data),
+                data: Bytes::from(data),
+            };
+            assert_eq!(c.call(&req).await.unwrap(), Response::Done);
+        });
+    }
+    let all = async {
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .expect("writes did not complete");
+    let req = Request::Read {
+        volume: vol(2),
+        chunk: ChunkIndex(23),
+        chunk_size: size,
+        offset: 4 << 20 >> 1,
+        len: 4096,
+    };
+    match c.call(&req).await.unwrap() {
+        Response::Read { data, .. } => assert!(data.iter().all(|b| *b == 24)),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn startup_errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |config: &std::path::Path, needle: &str| {
+        let mut cmd = cairn();
+        cmd.args(["node", "run", "--config"])
+            .arg(config)
+            .env("CAIRN_LOG", "off");
+        let out = run_to_end(cmd, Duration::from_secs(30));
+        assert!(!out.status.success(), "must fail: {needle}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "one line: {err:?}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
+            "{err:?} should mention {needle:?}"
+        );
+    };
+    // Missing file.
+    check(&dir.path().join("nope.toml"), "cannot read");
+    // Bad TOML.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "node_id = \"one\"\n").unwrap();
+    check(&bad, "line 1");
+    // Port in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = write_config(dir.path(), 1, taken.local_addr().unwrap());
+    check(&config, "cannot listen");
+    // Data directory that cannot be created (its parent is a regular file).
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let config = dir.path().join("unwritable.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 1\ndata_dir = \"{}/data\"\nrpc_listen_addr = \"{}\"\n",
+            file.display(),
+            free_addr()
+        ),
+    )
+    .unwrap();
+    check(&config, "creating data directory");
+    // A data directory already used by a running node.
+    let addr = free_addr();
+    let config = write_config(dir.path(), 4, addr);
+    let mut node = NodeProcess::start(&config, addr);
+    tokio::runtime::Runtime::new().unwrap().block_on(node.connect());
+    let second = dir.path().join("second.toml");
+    std::fs::write(
+        &second,
+        format!(
+            "node_id = 5\ndata_dir = \"{}\"\nrpc_listen_addr = \"{}\"\n",
+            dir.path().join("data-4").display(),
+            free_addr()
+        ),
+    )
+    .unwrap();
+    check(&second, "already in use");
+}

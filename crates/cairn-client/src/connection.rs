@@ -1,0 +1,275 @@
+//! A pipelined node-RPC connection: many requests in flight, replies matched by request id in any
+//! order. One task writes the frames callers queue (so a caller that gives up mid-way can never leave
+//! half a frame on the socket); one task reads replies and hands each to its caller.
+//!
+//! Bounds: at most [`REQUESTS_IN_FLIGHT_MAX`] requests are outstanding; further callers wait for a
+//! slot (backpressure). When the connection fails, every waiting caller gets the error.
+
+use bytes::BytesMut;
+use cairn_proto::message::{decode, encode};
+use cairn_proto::{
+    Frame, FrameCodec, FrameKind, Hello, HelloReply, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Request,
+    Response, RpcError,
+};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::codec::FramedRead;
+
+/// Most requests outstanding on one connection. 256 covers a guest's queue depth (QEMU uses up to
+/// 128 per disk) with room for replication fan-out, and bounds the reply-slot table.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
+
+/// How long connecting and the hello may take before the node is considered unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("cannot connect to storage node {addr}: {message}")]
+    Connect { addr: SocketAddr, message: String },
+    #[error("connection to storage node {addr} lost: {message}")]
+    Lost { addr: SocketAddr, message: String },
+    #[error("storage node {addr} refused the connection: {error}")]
+    Refused { addr: SocketAddr, error: RpcError },
+    #[error("storage node {addr} sent a malformed reply: {message}")]
+    Protocol { addr: SocketAddr, message: String },
+}
+
+type Pending = Arc<Mutex<PendingTable>>;
+
+#[derive(Debug, Default)]
+struct PendingTable {
+    waiters: HashMap<u64, oneshot::Sender<Result<Response, ConnectionError>>>,
+    /// Set once the connection failed; later callers get it at once.
+    failed: Option<ConnectionError>,
+}
+
+/// A connection to one storage node.
+#[derive(Debug)]
+pub struct NodeConnection {
+    addr: SocketAddr,
+    version: u16,
+    outgoing: tokio::sync::mpsc::Sender<BytesMut>,
+    pending: Pending,
+    next_id: AtomicU64,
+    slots: Semaphore,
+    reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NodeConnection {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+fn lock(p: &Pending) -> std::sync::MutexGuard<'_, PendingTable> {
+    match p.lock() {
+        Ok(g) => g,
+        Err(e) => e.into_inner(),
+    }
+}
+
+impl NodeConnection {
+    /// Connects and negotiates the protocol version.
+    pub async fn connect(addr: SocketAddr) -> Result<NodeConnection, ConnectionError> {
+        let connect_err = |message: String| ConnectionError::Connect { addr, message };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_err("timed out".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        stream.set_nodelay(true).map_err(|e| connect_err(e.to_string()))?;
+        let (read, mut write) = stream.into_split();
+        let hello = Hello {
+            version_min: PROTOCOL_VERSION_MIN,
+            version_max: PROTOCOL_VERSION_MAX,
+        };
+        let body = encode(&hello).map_err(|e| connect_err(e.to_string()))?;
+        let mut buf = BytesMut::new();
+        Frame {
+            version: 0,
+            kind: FrameKind::Hello,
+            request_id: 0,
+            body,
+        }
+        .encode(&mut buf);
+        let mut frames = FramedRead::new(read, FrameCodec);
+        let version = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            write
+                .write_all(&buf)
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+            let frame = frames
+                .next()
+                .await
+                .ok_or_else(|| connect_err("closed during hello".into()))?
+                .map_err(|e| connect_err(e.to_string()))?;
+            if frame.kind != FrameKind::HelloReply {
+                return Err(ConnectionError::Protocol {
+                    addr,
+                    message: "expected a hello reply".into(),
+                });
+            }
+            match decode::<HelloReply>(&frame.body) {
+                Ok(HelloReply::Accepted { version }) => Ok(version),
+                Ok(HelloReply::Refused(error)) => Err(ConnectionError::Refused { addr, error }),
+                Err(e) => Err(ConnectionError::Protocol {
+                    addr,
+                    message: e.to_string(),
+                }),
+            }
+        })
+        .await
+        .map_err(|_| connect_err("hello timed out".into()))??;
+        let pending: Pending = Arc::default();
+        let reader = tokio::spawn(read_replies(addr, frames, pending.clone()));
+        let (outgoing, queue) = tokio::sync::mpsc::channel(REQUESTS_IN_FLIGHT_MAX);
+        let writer = tokio::spawn(write_requests(addr, write, queue, pending.clone()));
+        Ok(NodeConnection {
+            addr,
+            version,
+            outgoing,
+            writer,
+            pending,
+            next_id: AtomicU64::new(1),
+            slots: Semaphore::new(REQUESTS_IN_FLIGHT_MAX),
+            reader,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The negotiated protocol version.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Sends `request` and waits for its response. An error response from the node is returned as
+    /// `Ok(Response::Error(..))`; `Err` means the connection itself failed.
+    pub async fn call(&self, request: &Request) -> Result<Response, ConnectionError> {
+        let lost = |message: String| ConnectionError::Lost {
+            addr: self.addr,
+            message,
+        };
+        let _slot = self.slots.acquire().await.map_err(|_| lost("closed".into()))?;
+        let body = encode(request).map_err(|e| ConnectionError::Protocol {
+            addr: self.addr,
+            message: e.to_string(),
+        })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut table = lock(&self.pending);
+            if let Some(e) = &table.failed {
+                return Err(e.clone());
+            }
+            table.waiters.insert(id, tx);
+        }
+        let mut buf = BytesMut::new();
+        Frame {
+            version: self.version,
+            kind: FrameKind::Request,
+            request_id: id,
+            body,
+        }
+        .encode(&mut buf);
+        if self.outgoing.send(buf).await.is_err() {
+            lock(&self.pending).waiters.remove(&id);
+            return Err(lost("writer task ended".into()));
+        }
+        rx.await.map_err(|_| lost("reply task ended".into()))?
+    }
+}
+
+async fn write_requests(
+    addr: SocketAddr,
+    mut write: OwnedWriteHalf,
+    mut queue: tokio::sync::mpsc::Receiver<BytesMut>,
+    pending: Pending,
+) {
+    while let Some(buf) = queue.recv().await {
+        if let Err(e) = write.write_all(&buf).await {
+            fail_all(
+                &pending,
+                ConnectionError::Lost {
+                    addr,
+                    message: e.to_string(),
+                },
+            );
+            return;
+        }
+    }
+}
+
+fn fail_all(pending: &Pending, failure: ConnectionError) {
+    let mut table = lock(pending);
+    for (_, tx) in table.waiters.drain() {
+        let _ = tx.send(Err(failure.clone()));
+    }
+    if table.failed.is_none() {
+        table.failed = Some(failure);
+    }
+}
+
+async fn read_replies(
+    addr: SocketAddr,
+    mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    pending: Pending,
+) {
+    let failure = loop {
+        let frame = match frames.next().await {
+            None => {
+                break ConnectionError::Lost {
+                    addr,
+                    message: "closed by the storage node".into(),
+                };
+            }
+            Some(Err(e)) => {
+                break ConnectionError::Lost {
+                    addr,
+                    message: e.to_string(),
+                };
+            }
+            Some(Ok(f)) => f,
+        };
+        if frame.kind != FrameKind::Response {
+            break ConnectionError::Protocol {
+                addr,
+                message: format!("unexpected {:?} frame", frame.kind),
+            };
+        }
+        let response = match decode::<Response>(&frame.body) {
+            Ok(r) => r,
+            Err(e) => {
+                break ConnectionError::Protocol {
+                    addr,
+                    message: e.to_string(),
+                };
+            }
+        };
+        let waiter = lock(&pending).waiters.remove(&frame.request_id);
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(Ok(response));
+            }
+            None => {
+                break ConnectionError::Protocol {
+                    addr,
+                    message: format!("reply to unknown request {}", frame.request_id),
+                };
+            }
+        }
+    };
+    tracing::debug!(%addr, error = %failure, "node connection ended");
+    fail_all(&pending, failure);
+}

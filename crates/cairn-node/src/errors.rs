@@ -1,0 +1,38 @@
+//! The one place where store errors become wire errors.
+
+use cairn_proto::RpcError;
+use cairn_store::StoreError;
+
+pub(crate) fn to_rpc(e: StoreError) -> RpcError {
+    match e {
+        StoreError::Fenced {
+            volume,
+            generation,
+            highest,
+        } => RpcError::Fenced {
+            volume,
+            generation,
+            highest,
+        },
+        StoreError::Corrupt {
+            volume,
+            chunk,
+            block,
+            reason,
+        } => RpcError::Corrupt {
+            volume,
+            chunk,
+            block,
+            message: reason,
+        },
+        StoreError::NoSpace { volume, chunk } => RpcError::NoSpace { volume, chunk },
+        StoreError::InvalidRequest(message) => RpcError::InvalidRequest { message },
+        other @ (StoreError::Io { .. }
+        | StoreError::BadChunkFile { .. }
+        | StoreError::Poisoned { .. }
+        | StoreError::DataDirLocked { .. }
+        | StoreError::BadDataDir { .. }) => RpcError::Io {
+            message: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,412 @@
+//! The node RPC server.
+//!
+//! One task accepts connections; per connection, one task reads frames and one writes replies.
+//! Every request runs as its own task (store calls go to tokio's bounded blocking pool), so requests
+//! on one connection proceed in parallel and their replies go out in completion order.
+//!
+//! Backpressure: before a request is started, the reader acquires permits for the bytes it pins
+//! (its frame, or the data a read will return) from the connection's budget of
+//! `in_flight_bytes_max`. When the budget is spent the reader stops reading the socket, so a client
+//! that sends faster than the disk writes is slowed by TCP, not buffered without bound.
+//!
+//! Shutdown: stop accepting, stop reading requests, let the requests already started finish and
+//! send their replies (bounded by [`SHUTDOWN_GRACE`]), flush every volume, return.
+
+use crate::config::NodeConfig;
+use crate::errors::to_rpc;
+use bytes::BytesMut;
+use cairn_proto::frame::FRAME_BODY_MAX_BYTES;
+use cairn_proto::message::{decode, encode};
+use cairn_proto::{
+    ChunkInfo, Frame, FrameCodec, FrameKind, Hello, HelloReply, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    Request, Response, RpcError,
+};
+use cairn_store::{Store, StoreConfig, StoreError, WriteStamp};
+use cairn_types::limits::RPC_IO_MAX_BYTES;
+use futures::StreamExt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a new connection may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for requests already started before flushing and exiting anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// Replies queued for a connection's writer. Each holds its request's byte permits, so the byte
+/// budget, not this count, bounds memory; the count only bounds the queue's bookkeeping.
+const REPLIES_QUEUED_MAX: usize = 256;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("data directory: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A started node.
+#[derive(Debug)]
+pub struct RunningNode {
+    rpc_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+}
+
+impl RunningNode {
+    /// Opens the store, binds the listener and starts serving.
+    pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
+        let store_config = StoreConfig {
+            open_files_max: config.open_files_max,
+        };
+        let dir = config.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&dir, store_config))
+            .await
+            .map_err(|e| StoreError::InvalidRequest(format!("store open task failed: {e}")))??;
+        let listener = TcpListener::bind(config.rpc_listen_addr)
+            .await
+            .map_err(|source| NodeError::Listen {
+                addr: config.rpc_listen_addr,
+                source,
+            })?;
+        let rpc_addr = listener.local_addr().map_err(|source| NodeError::Listen {
+            addr: config.rpc_listen_addr,
+            source,
+        })?;
+        let shutdown = CancellationToken::new();
+        let limits = Limits {
+            in_flight_bytes_max: config.in_flight_bytes_max,
+        };
+        let task = tokio::spawn(serve(listener, Arc::new(store), limits, shutdown.clone()));
+        Ok(RunningNode {
+            rpc_addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The address the node RPC listens on.
+    pub fn rpc_addr(&self) -> SocketAddr {
+        self.rpc_addr
+    }
+
+    /// Stops the node cleanly: see the module documentation. Returns the final flush's outcome.
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .map_err(|e| StoreError::InvalidRequest(format!("server task failed: {e}")))?
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    in_flight_bytes_max: u64,
+}
+
+async fn serve(
+    listener: TcpListener,
+    store: Arc<Store>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> Result<(), StoreError> {
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let store = store.clone();
+                    let shutdown = shutdown.clone();
+                    let conn_tracker = tracker.clone();
+                    tracker.spawn(async move {
+                        match serve_connection(stream, store, limits, shutdown, conn_tracker).await {
+                            Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
+                            Err(e) => tracing::info!(%peer, "connection closed: {e}"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; flushing anyway");
+    }
+    let flushed = tokio::task::spawn_blocking(move || store.flush_all())
+        .await
+        .map_err(|e| StoreError::InvalidRequest(format!("flush task failed: {e}")))?;
+    if let Err(e) = &flushed {
+        tracing::error!("final flush failed: {e}");
+    }
+    flushed
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Frame(#[from] cairn_proto::FrameError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("peer closed during hello")]
+    Closed,
+}
+
+fn encode_frame(version: u16, kind: FrameKind, request_id: u64, body: bytes::Bytes) -> BytesMut {
+    let mut buf = BytesMut::new();
+    Frame {
+        version,
+        kind,
+        request_id,
+        body,
+    }
+    .encode(&mut buf);
+    buf
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    store: Arc<Store>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) -> Result<(), ConnError> {
+    let _ = stream.set_nodelay(true);
+    let (read, mut write) = stream.into_split();
+    let mut frames = FramedRead::new(read, FrameCodec);
+
+    // Hello: agree on a version or refuse.
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, frames.next())
+        .await
+        .map_err(|_| ConnError::Protocol("no hello within the timeout".into()))?
+        .ok_or(ConnError::Closed)??;
+    if hello.kind != FrameKind::Hello {
+        return Err(ConnError::Protocol(format!(
+            "expected a hello, got {:?}",
+            hello.kind
+        )));
+    }
+    let hello: Hello = decode(&hello.body).map_err(|e| ConnError::Protocol(e.to_string()))?;
+    let reply = match cairn_proto::negotiate(hello.version_min, hello.version_max) {
+        Some(version) => HelloReply::Accepted { version },
+        None => HelloReply::Refused(RpcError::UnsupportedVersion {
+            peer_min: hello.version_min,
+            peer_max: hello.version_max,
+            ours_min: PROTOCOL_VERSION_MIN,
+            ours_max: PROTOCOL_VERSION_MAX,
+        }),
+    };
+    let body = encode(&reply).map_err(|e| ConnError::Protocol(e.to_string()))?;
+    let buf = encode_frame(0, FrameKind::HelloReply, 0, body);
+    write.write_all(&buf).await.map_err(cairn_proto::FrameError::Io)?;
+    let HelloReply::Accepted { version } = reply else {
+        return Err(ConnError::Protocol(format!(
+            "no common protocol version with a peer speaking {}..={}",
+            hello.version_min, hello.version_max
+        )));
+    };
+
+    let (replies, mut queue) = mpsc::channel::<BytesMut>(REPLIES_QUEUED_MAX);
+    let writer = tokio::spawn(async move {
+        while let Some(buf) = queue.recv().await {
+            if write.write_all(&buf).await.is_err() {
+                // The peer is gone; the reader notices too. Drain so senders never block.
+                while queue.recv().await.is_some() {}
+                return;
+            }
+        }
+    });
+    let budget = Arc::new(Semaphore::new(
+        usize::try_from(limits.in_flight_bytes_max).unwrap_or(usize::MAX),
+    ));
+    let result = loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            frame = frames.next() => match frame {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(ConnError::Frame(e)),
+                Some(Ok(f)) => f,
+            },
+        };
+        if frame.kind != FrameKind::Request || frame.version != version {
+            break Err(ConnError::Protocol(format!(
+                "expected a version {version} request, got a version {} {:?} frame",
+                frame.version, frame.kind
+            )));
+        }
+        let id = frame.request_id;
+        let request = match decode::<Request>(&frame.body) {
+            Ok(r) => r,
+            Err(e) => {
+                // The frame was intact, so the stream is still in step: answer and go on.
+                send_response(
+                    &replies,
+                    version,
+                    id,
+                    Response::Error(RpcError::InvalidRequest {
+                        message: e.to_string(),
+                    }),
+                )
+                .await;
+                continue;
+            }
+        };
+        if request.payload_bytes() > u64::from(RPC_IO_MAX_BYTES) {
+            let message = format!(
+                "request of {} bytes exceeds the limit of {RPC_IO_MAX_BYTES}",
+                request.payload_bytes()
+            );
+            send_response(
+                &replies,
+                version,
+                id,
+                Response::Error(RpcError::InvalidRequest { message }),
+            )
+            .await;
+            continue;
+        }
+        let cost = (frame.body.len() as u64)
+            .max(request.payload_bytes())
+            .clamp(1, u64::from(FRAME_BODY_MAX_BYTES));
+        drop(frame);
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            p = budget.clone().acquire_many_owned(u32::try_from(cost).unwrap_or(u32::MAX)) => match p {
+                Ok(p) => p,
+                Err(_) => break Ok(()),
+            },
+        };
+        let store = store.clone();
+        let replies = replies.clone();
+        tracker.spawn(async move {
+            let response = handle(store, request).await;
+            send_response(&replies, version, id, response).await;
+            drop(permit);
+        });
+    };
+    drop(replies);
+    // The writer ends when every started request has queued its reply.
+    let _ = writer.await;
+    result
+}
+
+async fn send_response(replies: &mpsc::Sender<BytesMut>, version: u16, id: u64, response: Response) {
+    let body = match encode(&response) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("cannot encode a response: {e}");
+            return;
+        }
+    };
+    // If the writer is gone the connection is closing; the reply has nowhere to go.
+    let _ = replies
+        .send(encode_frame(version, FrameKind::Response, id, body))
+        .await;
+}
+
+/// Runs one request against the store on the blocking pool.
+async fn handle(store: Arc<Store>, request: Request) -> Response {
+    let result = tokio::task::spawn_blocking(move || run(&store, request)).await;
+    match result {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            if matches!(
+                e,
+                StoreError::Io { .. } | StoreError::Poisoned { .. } | StoreError::BadChunkFile { .. }
+            ) {
+                tracing::error!("{e}");
+            }
+            Response::Error(to_rpc(e))
+        }
+        Err(e) => Response::Error(RpcError::Io {
+            message: format!("request task failed: {e}"),
+        }),
+    }
+}
+
+fn run(store: &Store, request: Request) -> Result<Response, StoreError> {
+    let stamp = |s: cairn_proto::Stamp| WriteStamp {
+        generation: s.generation,
+        sequence: s.sequence,
+    };
+    Ok(match request {
+        Request::Read {
+            volume,
+            chunk,
+            chunk_size,
+            offset,
+            len,
+        } => {
+            let r = store.read(volume, chunk, chunk_size, offset, len)?;
+            Response::Read {
+                crcs: r.crcs,
+                data: r.data.into(),
+            }
+        }
+        Request::Write {
+            volume,
+            chunk,
+            chunk_size,
+            offset,
+            stamp: s,
+            crcs,
+            data,
+        } => {
+            store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
+            Response::Done
+        }
+        Request::Trim {
+            volume,
+            chunk,
+            chunk_size,
+            offset,
+            len,
+            stamp: s,
+        } => {
+            store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
+            Response::Done
+        }
+        Request::WriteZeroes {
+            volume,
+            chunk,
+            chunk_size,
+            offset,
+            len,
+            stamp: s,
+            allocate,
+        } => {
+            store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
+            Response::Done
+        }
+        Request::Flush { volume } => {
+            store.flush(volume)?;
+            Response::Done
+        }
+        Request::ChunkVersion { volume, chunk } => {
+            Response::ChunkVersion(store.chunk_state(volume, chunk)?.map(|s| ChunkInfo {
+                generation: s.generation,
+                version: s.version,
+                last_sequence: s.last_sequence,
+                dirty: s.dirty,
+            }))
+        }
+    })
+}

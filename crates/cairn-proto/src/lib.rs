@@ -1,0 +1,43 @@
+//! The node RPC protocol: every message storage nodes and volume clients exchange, and its codec.
+//!
+//! A connection carries length-prefixed frames (layout in `frame` and docs/wire-format.md). The
+//! client's first frame is a hello naming the protocol versions it speaks; the server answers with
+//! the version it picked (the highest both speak) or an error, and every later frame carries that
+//! version. Requests carry a request id chosen by the client; the server may answer out of order,
+//! and many requests may be in flight on one connection.
+//!
+//! Versions: 1 — read, write, trim, write-zeroes, flush, chunk version query.
+//!
+//! Invariants: decoding never panics and never allocates more than [`frame::FRAME_BODY_MAX_BYTES`]
+//! for one frame; every frame's header and body are covered by a CRC-32C.
+
+pub mod frame;
+pub mod message;
+
+pub use frame::{Frame, FrameCodec, FrameError, FrameKind};
+pub use message::{BodyError, ChunkInfo, Hello, HelloReply, Request, Response, RpcError, Stamp};
+
+/// Oldest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+
+/// Picks the version to speak with a peer speaking `[min, max]`: the highest both speak.
+pub fn negotiate(min: u16, max: u16) -> Option<u16> {
+    let v = max.min(PROTOCOL_VERSION_MAX);
+    (v >= min && v >= PROTOCOL_VERSION_MIN).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 9), Some(1));
+        assert_eq!(negotiate(2, 9), None);
+        assert_eq!(negotiate(0, 0), None);
+        assert_eq!(negotiate(3, 1), None);
+    }
+}

@@ -1,0 +1,347 @@
+//! Messages carried in frame bodies, encoded with postcard (serde). Block data travels as raw bytes
+//! beside the CRC-32C of every 4 KiB block, which the receiver verifies end to end.
+
+use bytes::Bytes;
+use cairn_types::{ChunkIndex, ChunkSize, Generation, VolumeId};
+use serde::{Deserialize, Serialize};
+
+/// The client's hello: the protocol versions it speaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version_min: u16,
+    pub version_max: u16,
+}
+
+/// The server's answer to a hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    /// The version both will speak from now on.
+    Accepted { version: u16 },
+    /// No common version; the server closes the connection.
+    Refused(RpcError),
+}
+
+/// Who issued a mutation: writer generation (fencing) and the writer's sequence number (ordering).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Stamp {
+    pub generation: Generation,
+    pub sequence: u64,
+}
+
+/// A request to a storage node. Offsets and lengths are in bytes within the chunk and must be
+/// multiples of 4 KiB; a request covers at most `RPC_IO_MAX_BYTES`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Read {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+    },
+    Write {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        stamp: Stamp,
+        /// CRC-32C of each 4 KiB block of `data`.
+        crcs: Vec<u32>,
+        data: Bytes,
+    },
+    Trim {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+        stamp: Stamp,
+    },
+    WriteZeroes {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+        stamp: Stamp,
+        /// Keep the blocks allocated (NBD's NO_HOLE) instead of punching a hole.
+        allocate: bool,
+    },
+    /// Make every mutation of the volume acknowledged before this request durable.
+    Flush { volume: VolumeId },
+    /// The persisted state of a chunk.
+    ChunkVersion { volume: VolumeId, chunk: ChunkIndex },
+}
+
+impl Request {
+    /// Bytes of data this request carries or asks for: what it pins in memory while in flight.
+    pub fn payload_bytes(&self) -> u64 {
+        match self {
+            Request::Read { len, .. } => u64::from(*len),
+            Request::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
+/// The persisted state of one chunk on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkInfo {
+    pub generation: Generation,
+    pub version: u64,
+    pub last_sequence: u64,
+    pub dirty: bool,
+}
+
+/// A storage node's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Data read, with the CRC-32C of each block (zero blocks carry the zero block's CRC).
+    Read {
+        crcs: Vec<u32>,
+        data: Bytes,
+    },
+    /// A mutation or flush completed.
+    Done,
+    /// Answer to `ChunkVersion`: `None` if the node holds no such chunk.
+    ChunkVersion(Option<ChunkInfo>),
+    Error(RpcError),
+}
+
+/// Every error that crosses the wire. Messages are for humans; the variant is for code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RpcError {
+    #[error("volume {volume}: generation {generation} is fenced, a newer writer holds generation {highest}")]
+    Fenced {
+        volume: VolumeId,
+        generation: Generation,
+        highest: Generation,
+    },
+    #[error("volume {volume} chunk {chunk} block {block} is corrupt: {message}")]
+    Corrupt {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        block: u32,
+        message: String,
+    },
+    #[error("volume {volume} chunk {chunk}: no space left on the storage node")]
+    NoSpace { volume: VolumeId, chunk: ChunkIndex },
+    #[error("storage node IO error: {message}")]
+    Io { message: String },
+    #[error("invalid request: {message}")]
+    InvalidRequest { message: String },
+    #[error(
+        "no common protocol version: peer speaks {peer_min}..={peer_max}, we speak {ours_min}..={ours_max}"
+    )]
+    UnsupportedVersion {
+        peer_min: u16,
+        peer_max: u16,
+        ours_min: u16,
+        ours_max: u16,
+    },
+    #[error("storage node is shutting down")]
+    ShuttingDown,
+}
+
+/// Why a body could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed message body: {0}")]
+pub struct BodyError(#[from] postcard::Error);
+
+/// Encodes a message body.
+pub fn encode<T: Serialize>(message: &T) -> Result<Bytes, BodyError> {
+    Ok(Bytes::from(postcard::to_allocvec(message)?))
+}
+
+/// Decodes a message body. Trailing bytes are an error: a body is exactly one message.
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, BodyError> {
+    let (value, rest) = postcard::take_from_bytes(body)?;
+    if !rest.is_empty() {
+        return Err(BodyError(postcard::Error::DeserializeBadEncoding));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vol() -> impl Strategy<Value = VolumeId> {
+        (1u64..).prop_map(|v| VolumeId::new(v).unwrap())
+    }
+
+    fn size() -> impl Strategy<Value = ChunkSize> {
+        (16u32..=26).prop_map(|s| ChunkSize::new(1 << s).unwrap())
+    }
+
+    fn stamp() -> impl Strategy<Value = Stamp> {
+        (any::<u64>(), any::<u64>()).prop_map(|(g, s)| Stamp {
+            generation: Generation(g),
+            sequence: s,
+        })
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (vol(), any::<u64>(), size(), any::<u32>(), any::<u32>()).prop_map(
+                |(volume, c, chunk_size, offset, len)| {
+                    Request::Read {
+                        volume,
+                        chunk: ChunkIndex(c),
+                        chunk_size,
+                        offset,
+                        len,
+                    }
+                }
+            ),
+            (
+                vol(),
+                any::<u64>(),
+                size(),
+                any::<u32>(),
+                stamp(),
+                proptest::collection::vec(any::<u32>(), 0..8),
+                proptest::collection::vec(any::<u8>(), 0..512)
+            )
+                .prop_map(
+                    |(volume, c, chunk_size, offset, stamp, crcs, data)| Request::Write {
+                        volume,
+                        chunk: ChunkIndex(c),
+                        chunk_size,
+                        offset,
+                        stamp,
+                        crcs,
+                        data: Bytes::from(data)
+                    }
+                ),
+            (vol(), any::<u64>(), size(), any::<u32>(), any::<u32>(), stamp()).prop_map(
+                |(volume, c, chunk_size, offset, len, stamp)| Request::Trim {
+                    volume,
+                    chunk: ChunkIndex(c),
+                    chunk_size,
+                    offset,
+                    len,
+                    stamp
+                }
+            ),
+            (
+                vol(),
+                any::<u64>(),
+                size(),
+                any::<u32>(),
+                any::<u32>(),
+                stamp(),
+                any::<bool>()
+            )
+                .prop_map(|(volume, c, chunk_size, offset, len, stamp, allocate)| {
+                    Request::WriteZeroes {
+                        volume,
+                        chunk: ChunkIndex(c),
+                        chunk_size,
+                        offset,
+                        len,
+                        stamp,
+                        allocate,
+                    }
+                }),
+            vol().prop_map(|volume| Request::Flush { volume }),
+            (vol(), any::<u64>()).prop_map(|(volume, c)| Request::ChunkVersion {
+                volume,
+                chunk: ChunkIndex(c)
+            }),
+        ]
+    }
+
+    fn rpc_error() -> impl Strategy<Value = RpcError> {
+        prop_oneof![
+            (vol(), any::<u64>(), any::<u64>()).prop_map(|(volume, g, h)| RpcError::Fenced {
+                volume,
+                generation: Generation(g),
+                highest: Generation(h)
+            }),
+            (vol(), any::<u64>(), any::<u32>(), ".{0,40}").prop_map(|(volume, c, block, message)| {
+                RpcError::Corrupt {
+                    volume,
+                    chunk: ChunkIndex(c),
+                    block,
+                    message,
+                }
+            }),
+            (vol(), any::<u64>()).prop_map(|(volume, c)| RpcError::NoSpace {
+                volume,
+                chunk: ChunkIndex(c)
+            }),
+            ".{0,40}".prop_map(|message| RpcError::Io { message }),
+            ".{0,40}".prop_map(|message| RpcError::InvalidRequest { message }),
+            (any::<u16>(), any::<u16>()).prop_map(|(a, b)| RpcError::UnsupportedVersion {
+                peer_min: a,
+                peer_max: b,
+                ours_min: 1,
+                ours_max: 1
+            }),
+            Just(RpcError::ShuttingDown),
+        ]
+    }
+
+    fn response() -> impl Strategy<Value = Response> {
+        prop_oneof![
+            (
+                proptest::collection::vec(any::<u32>(), 0..8),
+                proptest::collection::vec(any::<u8>(), 0..512)
+            )
+                .prop_map(|(crcs, data)| Response::Read {
+                    crcs,
+                    data: Bytes::from(data)
+                }),
+            Just(Response::Done),
+            proptest::option::of((any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>())).prop_map(|o| {
+                Response::ChunkVersion(o.map(|(g, version, last_sequence, dirty)| ChunkInfo {
+                    generation: Generation(g),
+                    version,
+                    last_sequence,
+                    dirty,
+                }))
+            }),
+            rpc_error().prop_map(Response::Error),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn request_round_trip(r in request()) {
+            let body = encode(&r).unwrap();
+            prop_assert_eq!(decode::<Request>(&body).unwrap(), r);
+        }
+
+        #[test]
+        fn response_round_trip(r in response()) {
+            let body = encode(&r).unwrap();
+            prop_assert_eq!(decode::<Response>(&body).unwrap(), r);
+        }
+
+        #[test]
+        fn hello_round_trip(a in any::<u16>(), b in any::<u16>(), e in rpc_error()) {
+            let h = Hello { version_min: a, version_max: b };
+            prop_assert_eq!(decode::<Hello>(&encode(&h).unwrap()).unwrap(), h);
+            for reply in [HelloReply::Accepted { version: a }, HelloReply::Refused(e)] {
+                prop_assert_eq!(decode::<HelloReply>(&encode(&reply).unwrap()).unwrap(), reply);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<Request>(&bytes);
+            let _ = decode::<Response>(&bytes);
+            let _ = decode::<Hello>(&bytes);
+            let _ = decode::<HelloReply>(&bytes);
+        }
+    }
+
+    #[test]
+    fn zero_volume_id_is_refused() {
+        // A body naming volume 0 must not decode into a VolumeId.
+        let body = encode(&(0u8, 0u64, 0u64)).unwrap();
+        assert!(decode::<Request>(&body).is_err());
+    }
+}
