@@ -1,24 +1,25 @@
 //! `cairn`: the command line of a Cairn pool.
 //!
-//! * `cairn up [--dir DIR] [--port-base P]` — start a local pool in DIR (for now one storage node).
-//! * `cairn node run --config FILE` — run a storage node.
-//!
 //! Errors are printed as one line starting with `error:` and the exit status is 1.
 
+mod api;
+mod commands;
 mod up;
 
 use anyhow::Context;
-use cairn_node::{NodeConfig, RunningNode};
+use cairn_node::{Node, NodeConfig};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "cairn",
-    version,
-    about = "Cairn: a scale-out storage pool for virtual-machine disks"
-)]
+#[command(name = "cairn", version, about = "Cairn: a scale-out storage pool for virtual-machine disks")]
 struct Cli {
+    /// Admin API address(es) of the pool, comma separated (else CAIRN_ADDR, else ./cairn-data/pool.json).
+    #[arg(long, global = true)]
+    addr: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,10 +28,25 @@ struct Cli {
 enum Command {
     /// Start a local pool with its data under one directory, in the foreground (Ctrl-C stops it).
     Up(up::UpArgs),
+    /// Pool health: nodes, leader, volumes.
+    Status,
     /// Storage node commands.
     Node {
         #[command(subcommand)]
         command: NodeCommand,
+    },
+    /// Volume commands.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// Print the pool's events (with --follow, keep printing new ones).
+    Events {
+        #[arg(long)]
+        follow: bool,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
     },
 }
 
@@ -42,6 +58,43 @@ enum NodeCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// List the pool's nodes.
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        name: String,
+        /// Size with optional K/M/G/T suffix (binary), a multiple of 4K.
+        #[arg(long)]
+        size: String,
+        /// Copies of every block, 1 to 5 (default 3).
+        #[arg(long)]
+        replicas: Option<u8>,
+        /// Chunk size, a power of two from 64K to 64M (default 1M).
+        #[arg(long)]
+        chunk_size: Option<String>,
+        /// Allow several writers at once (cluster file systems, multi-job benchmarks).
+        #[arg(long)]
+        shared: bool,
+    },
+    /// List volumes.
+    Ls,
+    /// Show a volume and where its data lives.
+    Info { name: String },
+    /// Change a volume's size.
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+        /// Allow making the volume smaller (destroys the data beyond the new end).
+        #[arg(long)]
+        allow_shrink: bool,
+    },
+    /// Delete a volume and its data.
+    Rm { name: String },
 }
 
 fn main() {
@@ -50,14 +103,28 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .init();
+    let json = cli.json;
+    let api = || api::Api::new(cli.addr.as_deref());
     let result = match cli.command {
         Command::Up(args) => up::run(args),
-        Command::Node {
-            command: NodeCommand::Run { config },
-        } => run_node(config),
+        Command::Node { command: NodeCommand::Run { config } } => run_node(config),
+        Command::Node { command: NodeCommand::Ls } => api().and_then(|a| commands::node_ls(&a, json)),
+        Command::Status => api().and_then(|a| commands::status(&a, json)),
+        Command::Events { follow, since } => api().and_then(|a| commands::events(&a, follow, since, json)),
+        Command::Volume { command } => api().and_then(|a| match command {
+            VolumeCommand::Create { name, size, replicas, chunk_size, shared } => {
+                commands::volume_create(&a, &name, &size, replicas, chunk_size.as_deref(), shared, json)
+            }
+            VolumeCommand::Ls => commands::volume_ls(&a, json),
+            VolumeCommand::Info { name } => commands::volume_info(&a, &name, json),
+            VolumeCommand::Resize { name, size, allow_shrink } => {
+                commands::volume_resize(&a, &name, &size, allow_shrink, json)
+            }
+            VolumeCommand::Rm { name } => commands::volume_rm(&a, &name, json),
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
@@ -79,13 +146,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run_node(config_path: PathBuf) -> anyhow::Result<()> {
     let config = NodeConfig::load(&config_path)?;
     runtime()?.block_on(async {
-        let node = RunningNode::start(&config).await?;
+        let node = Node::start(&config).await?;
         tracing::info!(
             node = %config.node_id,
             rpc = %node.rpc_addr(),
+            http = %node.http_addr(),
             data_dir = %config.data_dir.display(),
             "storage node running"
         );
+        up::record_pid(&config_path, config.node_id.get());
         wait_for_stop_signal().await?;
         tracing::info!(node = %config.node_id, "stopping: finishing requests in flight, then flushing");
         node.shutdown().await.context("final flush")?;

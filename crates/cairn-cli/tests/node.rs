@@ -30,10 +30,7 @@ fn write_req(v: u64, chunk: u64, blk: u32, data: Vec<u8>, generation: u64) -> Re
         chunk: ChunkIndex(chunk),
         chunk_size: ChunkSize::DEFAULT,
         offset: blk * 4096,
-        stamp: Stamp {
-            generation: Generation(generation),
-            sequence: 1,
-        },
+        stamp: Stamp { generation: Generation(generation), sequence: 1 },
         crcs: block_crcs(&data),
         data: Bytes::from(data),
     }
@@ -66,10 +63,7 @@ async fn write_all(c: &Arc<NodeConnection>, round: u8, chunks: u64, blocks: u32)
         for blk in 0..blocks {
             let c = c.clone();
             tasks.spawn(async move {
-                let r = c
-                    .call(&write_req(1, chunk, blk, block(chunk, blk, round), 1))
-                    .await
-                    .unwrap();
+                let r = c.call(&write_req(1, chunk, blk, block(chunk, blk, round), 1)).await.unwrap();
                 assert_eq!(r, Response::Done);
             });
         }
@@ -88,17 +82,11 @@ async fn flushed_writes_survive_sigkill_and_restart() {
     let c = Arc::new(node.connect().await);
     assert_eq!(c.version(), 1);
     write_all(&c, 1, 8, 32).await;
-    assert_eq!(
-        c.call(&Request::Flush { volume: vol(1) }).await.unwrap(),
-        Response::Done
-    );
+    assert_eq!(c.call(&Request::Flush { volume: vol(1) }).await.unwrap(), Response::Done);
     // A second round over half the blocks, not flushed.
     write_all(&c, 2, 4, 32).await;
     for chunk in [0, 5] {
-        assert_eq!(
-            read_block(&c, chunk, 3).await,
-            block(chunk, 3, if chunk < 4 { 2 } else { 1 })
-        );
+        assert_eq!(read_block(&c, chunk, 3).await, block(chunk, 3, if chunk < 4 { 2 } else { 1 }));
     }
     drop(c);
     node.sigkill();
@@ -121,14 +109,7 @@ async fn flushed_writes_survive_sigkill_and_restart() {
     }
     // Never-written space reads as zeros.
     assert_eq!(read_block(&c, 99, 0).await, vec![0u8; 4096]);
-    match c
-        .call(&Request::ChunkVersion {
-            volume: vol(1),
-            chunk: ChunkIndex(0),
-        })
-        .await
-        .unwrap()
-    {
+    match c.call(&Request::ChunkVersion { volume: vol(1), chunk: ChunkIndex(0) }).await.unwrap() {
         Response::ChunkVersion(Some(info)) => assert!(info.version >= 32),
         other => panic!("unexpected {other:?}"),
     }
@@ -163,14 +144,9 @@ async fn errors_come_back_as_error_replies() {
     let mut node = NodeProcess::start(&config, addr);
     let c = node.connect().await;
     // Fencing.
-    assert_eq!(
-        c.call(&write_req(1, 0, 0, block(0, 0, 1), 5)).await.unwrap(),
-        Response::Done
-    );
+    assert_eq!(c.call(&write_req(1, 0, 0, block(0, 0, 1), 5)).await.unwrap(), Response::Done);
     match c.call(&write_req(1, 0, 0, block(0, 0, 2), 4)).await.unwrap() {
-        Response::Error(RpcError::Fenced {
-            generation, highest, ..
-        }) => {
+        Response::Error(RpcError::Fenced { generation, highest, .. }) => {
             assert_eq!((generation, highest), (Generation(4), Generation(5)));
         }
         other => panic!("unexpected {other:?}"),
@@ -181,21 +157,11 @@ async fn errors_come_back_as_error_replies() {
     if let Request::Write { crcs, .. } = &mut bad {
         crcs[0] ^= 1;
     }
-    assert!(matches!(
-        c.call(&bad).await.unwrap(),
-        Response::Error(RpcError::Corrupt { block: 1, .. })
-    ));
+    assert!(matches!(c.call(&bad).await.unwrap(), Response::Error(RpcError::Corrupt { block: 1, .. })));
     // Unaligned, beyond the chunk, oversized.
-    for r in [
-        read_req(1, 0, 0, 0),
-        read_req(1, 0, 255, 2),
-        read_req(1, 0, 0, 2048),
-    ] {
+    for r in [read_req(1, 0, 0, 0), read_req(1, 0, 255, 2), read_req(1, 0, 0, 2048)] {
         assert!(
-            matches!(
-                c.call(&r).await.unwrap(),
-                Response::Error(RpcError::InvalidRequest { .. })
-            ),
+            matches!(c.call(&r).await.unwrap(), Response::Error(RpcError::InvalidRequest { .. })),
             "{r:?}"
         );
     }
@@ -211,13 +177,7 @@ fn raw_frame(kind: u16, version: u16, id: u64, body: &[u8]) -> Vec<u8> {
         _ => cairn_proto::FrameKind::Response,
     };
     let mut buf = BytesMut::new();
-    cairn_proto::Frame {
-        version,
-        kind,
-        request_id: id,
-        body: Bytes::copy_from_slice(body),
-    }
-    .encode(&mut buf);
+    cairn_proto::Frame { version, kind, request_id: id, body: Bytes::copy_from_slice(body) }.encode(&mut buf);
     buf.to_vec()
 }
 
@@ -228,10 +188,7 @@ async fn malformed_traffic_closes_only_that_connection() {
     let config = write_config(dir.path(), 1, addr);
     let mut node = NodeProcess::start(&config, addr);
     let good = node.connect().await;
-    assert_eq!(
-        good.call(&write_req(1, 0, 0, block(0, 0, 3), 1)).await.unwrap(),
-        Response::Done
-    );
+    assert_eq!(good.call(&write_req(1, 0, 0, block(0, 0, 3), 1)).await.unwrap(), Response::Done);
 
     let closes = |bytes: Vec<u8>| {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -241,9 +198,7 @@ async fn malformed_traffic_closes_only_that_connection() {
         // The node closes the connection (read returns EOF or reset), it does not hang.
         let r = s.read_to_end(&mut sink);
         assert!(
-            r.is_ok()
-                || r.as_ref()
-                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            r.is_ok() || r.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
             "{r:?}"
         );
     };
@@ -253,25 +208,14 @@ async fn malformed_traffic_closes_only_that_connection() {
     huge[16..20].copy_from_slice(&(1u32 << 30).to_le_bytes());
     closes(huge);
     // A hello naming only versions from the future.
-    let hello = cairn_proto::message::encode(&cairn_proto::Hello {
-        version_min: 9,
-        version_max: 12,
-    })
-    .unwrap();
+    let hello =
+        cairn_proto::message::encode(&cairn_proto::Hello { version_min: 9, version_max: 12 }).unwrap();
     closes(raw_frame(1, 0, 0, &hello));
     // A valid hello then a corrupted frame.
-    let ok_hello = cairn_proto::message::encode(&cairn_proto::Hello {
-        version_min: 1,
-        version_max: 1,
-    })
-    .unwrap();
+    let ok_hello =
+        cairn_proto::message::encode(&cairn_proto::Hello { version_min: 1, version_max: 1 }).unwrap();
     let mut bytes = raw_frame(1, 0, 0, &ok_hello);
-    let mut req = raw_frame(
-        3,
-        1,
-        1,
-        &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap(),
-    );
+    let mut req = raw_frame(3, 1, 1, &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap());
     let last = req.len() - 1;
     req[last] ^= 0xff;
     bytes.extend_from_slice(&req);
@@ -282,13 +226,7 @@ async fn malformed_traffic_closes_only_that_connection() {
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     s.write_all(&raw_frame(1, 0, 0, &ok_hello)).unwrap();
     s.write_all(&raw_frame(3, 1, 42, &[0xff, 0xff, 0xff])).unwrap();
-    s.write_all(&raw_frame(
-        3,
-        1,
-        43,
-        &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap(),
-    ))
-    .unwrap();
+    s.write_all(&raw_frame(3, 1, 43, &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap())).unwrap();
     let mut got = BytesMut::new();
     let mut replies = Vec::new();
     let mut buf = [0u8; 65536];
@@ -303,10 +241,7 @@ async fn malformed_traffic_closes_only_that_connection() {
     assert_eq!(replies[0].kind, cairn_proto::FrameKind::HelloReply);
     let by_id = |id: u64| replies.iter().find(|f| f.request_id == id).unwrap();
     let r42: Response = cairn_proto::message::decode(&by_id(42).body).unwrap();
-    assert!(
-        matches!(r42, Response::Error(RpcError::InvalidRequest { .. })),
-        "{r42:?}"
-    );
+    assert!(matches!(r42, Response::Error(RpcError::InvalidRequest { .. })), "{r42:?}");
     let r43: Response = cairn_proto::message::decode(&by_id(43).body).unwrap();
     assert!(matches!(r43, Response::Read { .. }));
 
@@ -321,7 +256,7 @@ async fn more_in_flight_than_the_byte_budget_completes() {
     let config = write_config(dir.path(), 1, addr);
     // The smallest budget (8 MiB) with 24 writes of 4 MiB in flight: the node must throttle reading,
     // not fail or deadlock.
-    let text = std::fs::read_to_string(&config).unwrap() + "in_flight_bytes_max = 8388608\n";
+    let text = "in_flight_bytes_max = 8388608\n".to_string() + &std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text).unwrap();
     let mut node = NodeProcess::start(&config, addr);
     let c = Arc::new(node.connect().await);
@@ -336,10 +271,7 @@ async fn more_in_flight_than_the_byte_budget_completes() {
                 chunk: ChunkIndex(chunk),
                 chunk_size: size,
                 offset: 0,
-                stamp: Stamp {
-                    generation: Generation(1),
-                    sequence: chunk,
-                },
+                stamp: Stamp { generation: Generation(1), sequence: chunk },
                 crcs: block_crcs(&data),
                 data: Bytes::from(data),
             };
@@ -351,9 +283,7 @@ async fn more_in_flight_than_the_byte_budget_completes() {
             r.unwrap();
         }
     };
-    tokio::time::timeout(Duration::from_secs(120), all)
-        .await
-        .expect("writes did not complete");
+    tokio::time::timeout(Duration::from_secs(120), all).await.expect("writes did not complete");
     let req = Request::Read {
         volume: vol(2),
         chunk: ChunkIndex(23),
@@ -372,9 +302,7 @@ fn startup_errors_are_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let check = |config: &std::path::Path, needle: &str| {
         let mut cmd = cairn();
-        cmd.args(["node", "run", "--config"])
-            .arg(config)
-            .env("CAIRN_LOG", "off");
+        cmd.args(["node", "run", "--config"]).arg(config).env("CAIRN_LOG", "off");
         let out = run_to_end(cmd, Duration::from_secs(30));
         assert!(!out.status.success(), "must fail: {needle}");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -402,8 +330,9 @@ fn startup_errors_are_one_clear_line() {
     std::fs::write(
         &config,
         format!(
-            "node_id = 1\ndata_dir = \"{}/data\"\nrpc_listen_addr = \"{}\"\n",
+            "node_id = 1\ndata_dir = \"{}/data\"\nrpc_listen_addr = \"{}\"\nhttp_listen_addr = \"{}\"\n",
             file.display(),
+            free_addr(),
             free_addr()
         ),
     )
@@ -418,8 +347,9 @@ fn startup_errors_are_one_clear_line() {
     std::fs::write(
         &second,
         format!(
-            "node_id = 5\ndata_dir = \"{}\"\nrpc_listen_addr = \"{}\"\n",
+            "node_id = 5\ndata_dir = \"{}\"\nrpc_listen_addr = \"{}\"\nhttp_listen_addr = \"{}\"\n",
             dir.path().join("data-4").display(),
+            free_addr(),
             free_addr()
         ),
     )

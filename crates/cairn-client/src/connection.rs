@@ -88,43 +88,25 @@ impl NodeConnection {
             .map_err(|e| connect_err(e.to_string()))?;
         stream.set_nodelay(true).map_err(|e| connect_err(e.to_string()))?;
         let (read, mut write) = stream.into_split();
-        let hello = Hello {
-            version_min: PROTOCOL_VERSION_MIN,
-            version_max: PROTOCOL_VERSION_MAX,
-        };
+        let hello = Hello { version_min: PROTOCOL_VERSION_MIN, version_max: PROTOCOL_VERSION_MAX };
         let body = encode(&hello).map_err(|e| connect_err(e.to_string()))?;
         let mut buf = BytesMut::new();
-        Frame {
-            version: 0,
-            kind: FrameKind::Hello,
-            request_id: 0,
-            body,
-        }
-        .encode(&mut buf);
+        Frame { version: 0, kind: FrameKind::Hello, request_id: 0, body }.encode(&mut buf);
         let mut frames = FramedRead::new(read, FrameCodec);
         let version = tokio::time::timeout(CONNECT_TIMEOUT, async {
-            write
-                .write_all(&buf)
-                .await
-                .map_err(|e| connect_err(e.to_string()))?;
+            write.write_all(&buf).await.map_err(|e| connect_err(e.to_string()))?;
             let frame = frames
                 .next()
                 .await
                 .ok_or_else(|| connect_err("closed during hello".into()))?
                 .map_err(|e| connect_err(e.to_string()))?;
             if frame.kind != FrameKind::HelloReply {
-                return Err(ConnectionError::Protocol {
-                    addr,
-                    message: "expected a hello reply".into(),
-                });
+                return Err(ConnectionError::Protocol { addr, message: "expected a hello reply".into() });
             }
             match decode::<HelloReply>(&frame.body) {
                 Ok(HelloReply::Accepted { version }) => Ok(version),
                 Ok(HelloReply::Refused(error)) => Err(ConnectionError::Refused { addr, error }),
-                Err(e) => Err(ConnectionError::Protocol {
-                    addr,
-                    message: e.to_string(),
-                }),
+                Err(e) => Err(ConnectionError::Protocol { addr, message: e.to_string() }),
             }
         })
         .await
@@ -157,15 +139,10 @@ impl NodeConnection {
     /// Sends `request` and waits for its response. An error response from the node is returned as
     /// `Ok(Response::Error(..))`; `Err` means the connection itself failed.
     pub async fn call(&self, request: &Request) -> Result<Response, ConnectionError> {
-        let lost = |message: String| ConnectionError::Lost {
-            addr: self.addr,
-            message,
-        };
+        let lost = |message: String| ConnectionError::Lost { addr: self.addr, message };
         let _slot = self.slots.acquire().await.map_err(|_| lost("closed".into()))?;
-        let body = encode(request).map_err(|e| ConnectionError::Protocol {
-            addr: self.addr,
-            message: e.to_string(),
-        })?;
+        let body = encode(request)
+            .map_err(|e| ConnectionError::Protocol { addr: self.addr, message: e.to_string() })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -176,13 +153,7 @@ impl NodeConnection {
             table.waiters.insert(id, tx);
         }
         let mut buf = BytesMut::new();
-        Frame {
-            version: self.version,
-            kind: FrameKind::Request,
-            request_id: id,
-            body,
-        }
-        .encode(&mut buf);
+        Frame { version: self.version, kind: FrameKind::Request, request_id: id, body }.encode(&mut buf);
         if self.outgoing.send(buf).await.is_err() {
             lock(&self.pending).waiters.remove(&id);
             return Err(lost("writer task ended".into()));
@@ -199,13 +170,7 @@ async fn write_requests(
 ) {
     while let Some(buf) = queue.recv().await {
         if let Err(e) = write.write_all(&buf).await {
-            fail_all(
-                &pending,
-                ConnectionError::Lost {
-                    addr,
-                    message: e.to_string(),
-                },
-            );
+            fail_all(&pending, ConnectionError::Lost { addr, message: e.to_string() });
             return;
         }
     }
@@ -229,32 +194,20 @@ async fn read_replies(
     let failure = loop {
         let frame = match frames.next().await {
             None => {
-                break ConnectionError::Lost {
-                    addr,
-                    message: "closed by the storage node".into(),
-                };
+                break ConnectionError::Lost { addr, message: "closed by the storage node".into() };
             }
             Some(Err(e)) => {
-                break ConnectionError::Lost {
-                    addr,
-                    message: e.to_string(),
-                };
+                break ConnectionError::Lost { addr, message: e.to_string() };
             }
             Some(Ok(f)) => f,
         };
         if frame.kind != FrameKind::Response {
-            break ConnectionError::Protocol {
-                addr,
-                message: format!("unexpected {:?} frame", frame.kind),
-            };
+            break ConnectionError::Protocol { addr, message: format!("unexpected {:?} frame", frame.kind) };
         }
         let response = match decode::<Response>(&frame.body) {
             Ok(r) => r,
             Err(e) => {
-                break ConnectionError::Protocol {
-                    addr,
-                    message: e.to_string(),
-                };
+                break ConnectionError::Protocol { addr, message: e.to_string() };
             }
         };
         let waiter = lock(&pending).waiters.remove(&frame.request_id);

@@ -3,21 +3,37 @@
 //! ```toml
 //! # Unique id of this node in its pool, 1 or more.
 //! node_id = 1
-//! # Directory holding this node's chunks (created if missing; one node per directory).
+//! # Directory holding this node's chunks and metadata (created if missing; one node per directory).
 //! data_dir = "/var/lib/cairn/node-1"
 //! # Address the node RPC listens on (host:port).
-//! rpc_listen_addr = "127.0.0.1:7401"
+//! rpc_listen_addr = "127.0.0.1:7400"
+//! # Optional: address of the admin HTTP API (default: the RPC port + 2).
+//! http_listen_addr = "127.0.0.1:7402"
+//! # Optional: address of the NBD server (default: the RPC port + 1).
+//! nbd_listen_addr = "127.0.0.1:7401"
 //! # Optional: most chunk files kept open (default 1024).
 //! open_files_max = 1024
 //! # Optional: most request bytes in flight per connection before the node stops reading it
 //! # (default 64 MiB, at least 8 MiB).
 //! in_flight_bytes_max = 67108864
+//!
+//! [meta]
+//! # The voters of the metadata quorum (1, 3 or 5 nodes) when the pool is first formed. The voter
+//! # with the lowest id forms the pool; the others wait for it. Ignored once the pool exists.
+//! voters = [
+//!   { id = 1, rpc = "127.0.0.1:7400", http = "127.0.0.1:7402", nbd = "127.0.0.1:7401" },
+//! ]
+//! # Or: RPC addresses of existing members, to join a running pool (as a metadata learner).
+//! join = ["127.0.0.1:7400"]
+//! # A node silent this long is marked down (default 5000, at least 1000).
+//! down_after_ms = 5000
 //! ```
 //!
-//! Unknown keys are errors, so a typo is caught rather than silently ignored.
+//! Without `voters` or `join` the node forms a one-node pool of its own. Unknown keys are errors, so
+//! a typo is caught rather than silently ignored.
 
 use cairn_types::NodeId;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -26,6 +42,8 @@ use std::path::{Path, PathBuf};
 pub const IN_FLIGHT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 /// Lower bound: two maximal frames, so one maximal request can always be admitted.
 pub const IN_FLIGHT_BYTES_MIN: u64 = 8 * 1024 * 1024;
+/// Default time after which a silent node is marked down.
+pub const DOWN_AFTER_MS_DEFAULT: u64 = 5000;
 
 /// A node's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,10 +52,48 @@ pub struct NodeConfig {
     pub node_id: NodeId,
     pub data_dir: PathBuf,
     pub rpc_listen_addr: SocketAddr,
+    #[serde(default)]
+    pub http_listen_addr: Option<SocketAddr>,
+    #[serde(default)]
+    pub nbd_listen_addr: Option<SocketAddr>,
     #[serde(default = "default_open_files")]
     pub open_files_max: usize,
     #[serde(default = "default_in_flight")]
     pub in_flight_bytes_max: u64,
+    #[serde(default)]
+    pub meta: MetaSection,
+}
+
+/// The `[meta]` section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaSection {
+    #[serde(default)]
+    pub voters: Vec<Member>,
+    #[serde(default)]
+    pub join: Vec<SocketAddr>,
+    #[serde(default = "default_down_after")]
+    pub down_after_ms: u64,
+}
+
+impl Default for MetaSection {
+    fn default() -> Self {
+        MetaSection { voters: Vec::new(), join: Vec::new(), down_after_ms: DOWN_AFTER_MS_DEFAULT }
+    }
+}
+
+/// A member of the pool: its id and addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: u64,
+    pub rpc: SocketAddr,
+    pub http: SocketAddr,
+    pub nbd: SocketAddr,
+}
+
+fn default_down_after() -> u64 {
+    DOWN_AFTER_MS_DEFAULT
 }
 
 fn default_open_files() -> usize {
@@ -57,21 +113,22 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
+fn offset(addr: SocketAddr, by: u16) -> SocketAddr {
+    SocketAddr::new(addr.ip(), addr.port().wrapping_add(by))
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 impl NodeConfig {
     /// Reads and validates a configuration file. Relative `data_dir`s are relative to the file.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
         let mut config: NodeConfig = toml::from_str(&text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
             let message = e.message().replace('\n', " ");
             invalid(match line {
                 Some(line) => format!("line {line}: {message}"),
@@ -82,8 +139,15 @@ impl NodeConfig {
             return Err(invalid("open_files_max must be at least 1".into()));
         }
         if config.in_flight_bytes_max < IN_FLIGHT_BYTES_MIN {
+            return Err(invalid(format!("in_flight_bytes_max must be at least {IN_FLIGHT_BYTES_MIN}")));
+        }
+        if config.meta.down_after_ms < 1000 {
+            return Err(invalid("meta.down_after_ms must be at least 1000".into()));
+        }
+        let voters = config.meta.voters.len();
+        if voters > 0 && !matches!(voters, 1 | 3 | 5) {
             return Err(invalid(format!(
-                "in_flight_bytes_max must be at least {IN_FLIGHT_BYTES_MIN}"
+                "meta.voters lists {voters} nodes; a metadata quorum has 1, 3 or 5 voters"
             )));
         }
         if config.data_dir.is_relative()
@@ -94,23 +158,66 @@ impl NodeConfig {
         Ok(config)
     }
 
+    /// The admin HTTP API's address (default: RPC port + 2).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listen_addr.unwrap_or_else(|| offset(self.rpc_listen_addr, 2))
+    }
+
+    /// The NBD server's address (default: RPC port + 1).
+    pub fn nbd_addr(&self) -> SocketAddr {
+        self.nbd_listen_addr.unwrap_or_else(|| offset(self.rpc_listen_addr, 1))
+    }
+
+    /// This node as a pool member.
+    pub fn member(&self) -> Member {
+        Member {
+            id: self.node_id.get(),
+            rpc: self.rpc_listen_addr,
+            http: self.http_addr(),
+            nbd: self.nbd_addr(),
+        }
+    }
+
     /// The file's text for a node with these settings (used by `cairn up`).
     pub fn to_toml(&self) -> String {
+        let voters: Vec<String> = self
+            .meta
+            .voters
+            .iter()
+            .map(|m| {
+                format!(
+                    "  {{ id = {}, rpc = \"{}\", http = \"{}\", nbd = \"{}\" }},\n",
+                    m.id, m.rpc, m.http, m.nbd
+                )
+            })
+            .collect();
+        let join: Vec<String> = self.meta.join.iter().map(|a| format!("\"{a}\"")).collect();
         format!(
-            "# Cairn storage node configuration.\n\
+            "# Cairn storage node configuration (documented in crates/cairn-node/src/config.rs).\n\
              # Unique id of this node in its pool, 1 or more.\n\
              node_id = {}\n\
-             # Directory holding this node's chunks (created if missing).\n\
-             data_dir = \"{}\"\n\
-             # Address the node RPC listens on.\n\
-             rpc_listen_addr = \"{}\"\n",
+             # Directory holding this node's chunks and metadata (created if missing).\n\
+             data_dir = {}\n\
+             # Addresses of the node RPC, the admin HTTP API and the NBD server.\n\
+             rpc_listen_addr = \"{}\"\n\
+             http_listen_addr = \"{}\"\n\
+             nbd_listen_addr = \"{}\"\n\
+             \n\
+             [meta]\n\
+             # Voters of the metadata quorum when the pool is first formed.\n\
+             voters = [\n{}]\n\
+             # RPC addresses of members to join (nodes added to a running pool).\n\
+             join = [{}]\n\
+             # A node silent this long is marked down.\n\
+             down_after_ms = {}\n",
             self.node_id,
-            self.data_dir
-                .display()
-                .to_string()
-                .replace('\\', "\\\\")
-                .replace('"', "\\\""),
-            self.rpc_listen_addr
+            quote(&self.data_dir.display().to_string()),
+            self.rpc_listen_addr,
+            self.http_addr(),
+            self.nbd_addr(),
+            voters.concat(),
+            join.join(", "),
+            self.meta.down_after_ms,
         )
     }
 }
@@ -128,35 +235,38 @@ mod tests {
 
     #[test]
     fn minimal_config() {
-        let c = load("node_id = 3\ndata_dir = \"/tmp/x\"\nrpc_listen_addr = \"127.0.0.1:1\"\n").unwrap();
+        let c = load("node_id = 3\ndata_dir = \"/tmp/x\"\nrpc_listen_addr = \"127.0.0.1:100\"\n").unwrap();
         assert_eq!(c.node_id.get(), 3);
         assert_eq!(c.open_files_max, 1024);
         assert_eq!(c.in_flight_bytes_max, IN_FLIGHT_BYTES_DEFAULT);
+        assert_eq!(c.http_addr().port(), 102);
+        assert_eq!(c.nbd_addr().port(), 101);
+        assert!(c.meta.voters.is_empty());
+        assert_eq!(c.meta.down_after_ms, 5000);
     }
 
     #[test]
     fn errors_are_one_line_and_name_the_problem() {
+        let base = "node_id = 1\ndata_dir = \"/x\"\nrpc_listen_addr = \"127.0.0.1:1\"\n";
         for (text, needle) in [
             (
-                "node_id = 0\ndata_dir = \"/x\"\nrpc_listen_addr = \"127.0.0.1:1\"\n",
+                "node_id = 0\ndata_dir = \"/x\"\nrpc_listen_addr = \"127.0.0.1:1\"\n".to_string(),
                 "node id must not be zero",
             ),
-            ("node_id = 1\ndata_dir = \"/x\"\n", "rpc_listen_addr"),
+            ("node_id = 1\ndata_dir = \"/x\"\n".to_string(), "rpc_listen_addr"),
+            ("node_id = 1\ndata_dir = \"/x\"\nrpc_listen_addr = \"nowhere\"\n".to_string(), "line 3"),
+            (format!("{base}colour = 1\n"), "colour"),
+            (format!("{base}in_flight_bytes_max = 5\n"), "at least"),
+            (format!("{base}[meta]\ndown_after_ms = 10\n"), "down_after_ms"),
             (
-                "node_id = 1\ndata_dir = \"/x\"\nrpc_listen_addr = \"nowhere\"\n",
-                "line 3",
+                format!(
+                    "{base}[meta]\nvoters = [{{ id = 1, rpc = \"127.0.0.1:1\", http = \"127.0.0.1:2\", nbd = \"127.0.0.1:3\" }}, {{ id = 2, rpc = \"127.0.0.1:1\", http = \"127.0.0.1:2\", nbd = \"127.0.0.1:3\" }}]\n"
+                ),
+                "1, 3 or 5",
             ),
-            (
-                "node_id = 1\ndata_dir = \"/x\"\nrpc_listen_addr = \"127.0.0.1:1\"\ncolour = 1\n",
-                "colour",
-            ),
-            (
-                "node_id = 1\ndata_dir = \"/x\"\nrpc_listen_addr = \"127.0.0.1:1\"\nin_flight_bytes_max = 5\n",
-                "at least",
-            ),
-            ("node_id = [", "line 1"),
+            ("node_id = [".to_string(), "line 1"),
         ] {
-            let e = load(text).unwrap_err().to_string();
+            let e = load(&text).unwrap_err().to_string();
             assert!(e.contains(needle), "{e:?} should mention {needle:?}");
             assert!(!e.contains('\n'), "{e:?} is not one line");
         }
@@ -169,13 +279,29 @@ mod tests {
             node_id: NodeId::new(2).unwrap(),
             data_dir: dir.path().join("d \"q\""),
             rpc_listen_addr: "127.0.0.1:5".parse().unwrap(),
+            http_listen_addr: None,
+            nbd_listen_addr: None,
             open_files_max: 1024,
             in_flight_bytes_max: IN_FLIGHT_BYTES_DEFAULT,
+            meta: MetaSection {
+                voters: vec![Member {
+                    id: 2,
+                    rpc: "127.0.0.1:5".parse().unwrap(),
+                    http: "127.0.0.1:7".parse().unwrap(),
+                    nbd: "127.0.0.1:6".parse().unwrap(),
+                }],
+                join: vec!["127.0.0.1:9".parse().unwrap()],
+                down_after_ms: 3000,
+            },
         };
         let path = dir.path().join("node.toml");
         std::fs::write(&path, c.to_toml()).unwrap();
         let back = NodeConfig::load(&path).unwrap();
         assert_eq!(back.data_dir, c.data_dir);
         assert_eq!(back.rpc_listen_addr, c.rpc_listen_addr);
+        assert_eq!(back.http_addr().port(), 7);
+        assert_eq!(back.meta.voters, c.meta.voters);
+        assert_eq!(back.meta.join, c.meta.join);
+        assert_eq!(back.meta.down_after_ms, 3000);
     }
 }

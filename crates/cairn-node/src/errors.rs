@@ -5,34 +5,18 @@ use cairn_store::StoreError;
 
 pub(crate) fn to_rpc(e: StoreError) -> RpcError {
     match e {
-        StoreError::Fenced {
-            volume,
-            generation,
-            highest,
-        } => RpcError::Fenced {
-            volume,
-            generation,
-            highest,
-        },
-        StoreError::Corrupt {
-            volume,
-            chunk,
-            block,
-            reason,
-        } => RpcError::Corrupt {
-            volume,
-            chunk,
-            block,
-            message: reason,
-        },
+        StoreError::Fenced { volume, generation, highest } => {
+            RpcError::Fenced { volume, generation, highest }
+        }
+        StoreError::Corrupt { volume, chunk, block, reason } => {
+            RpcError::Corrupt { volume, chunk, block, message: reason }
+        }
         StoreError::NoSpace { volume, chunk } => RpcError::NoSpace { volume, chunk },
         StoreError::InvalidRequest(message) => RpcError::InvalidRequest { message },
         other @ (StoreError::Io { .. }
         | StoreError::BadChunkFile { .. }
         | StoreError::Poisoned { .. }
         | StoreError::DataDirLocked { .. }
-        | StoreError::BadDataDir { .. }) => RpcError::Io {
-            message: other.to_string(),
-        },
+        | StoreError::BadDataDir { .. }) => RpcError::Io { message: other.to_string() },
     }
 }

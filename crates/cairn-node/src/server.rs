@@ -21,7 +21,7 @@ use cairn_proto::{
     ChunkInfo, Frame, FrameCodec, FrameKind, Hello, HelloReply, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
     Request, Response, RpcError,
 };
-use cairn_store::{Store, StoreConfig, StoreError, WriteStamp};
+use cairn_store::{Store, StoreError, WriteStamp};
 use cairn_types::limits::RPC_IO_MAX_BYTES;
 use futures::StreamExt;
 use std::net::SocketAddr;
@@ -42,16 +42,24 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// budget, not this count, bounds memory; the count only bounds the queue's bookkeeping.
 const REPLIES_QUEUED_MAX: usize = 256;
 
+/// Handles metadata peer messages (`Request::Peer`): body in, body out.
+pub type PeerHandler = Arc<
+    dyn Fn(bytes::Bytes) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, String>> + Send + Sync,
+>;
+
+/// Where the peer handler is installed once the metadata service runs (it needs the RPC server up
+/// first, to reach its peers); until then peer messages are answered "starting".
+pub type PeerSlot = Arc<std::sync::OnceLock<PeerHandler>>;
+
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("data directory: {0}")]
     Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("metadata service: {0}")]
+    Meta(String),
 }
 
 /// A started node.
@@ -63,35 +71,22 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Opens the store, binds the listener and starts serving.
-    pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
-        let store_config = StoreConfig {
-            open_files_max: config.open_files_max,
-        };
-        let dir = config.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&dir, store_config))
-            .await
-            .map_err(|e| StoreError::InvalidRequest(format!("store open task failed: {e}")))??;
+    /// Binds the listener and starts serving `store`; peer messages go to the handler in `peer`.
+    pub async fn start(
+        config: &NodeConfig,
+        store: Arc<Store>,
+        peer: PeerSlot,
+    ) -> Result<RunningNode, NodeError> {
         let listener = TcpListener::bind(config.rpc_listen_addr)
             .await
-            .map_err(|source| NodeError::Listen {
-                addr: config.rpc_listen_addr,
-                source,
-            })?;
-        let rpc_addr = listener.local_addr().map_err(|source| NodeError::Listen {
-            addr: config.rpc_listen_addr,
-            source,
-        })?;
+            .map_err(|source| NodeError::Listen { addr: config.rpc_listen_addr, source })?;
+        let rpc_addr = listener
+            .local_addr()
+            .map_err(|source| NodeError::Listen { addr: config.rpc_listen_addr, source })?;
         let shutdown = CancellationToken::new();
-        let limits = Limits {
-            in_flight_bytes_max: config.in_flight_bytes_max,
-        };
-        let task = tokio::spawn(serve(listener, Arc::new(store), limits, shutdown.clone()));
-        Ok(RunningNode {
-            rpc_addr,
-            shutdown,
-            task,
-        })
+        let limits = Limits { in_flight_bytes_max: config.in_flight_bytes_max };
+        let task = tokio::spawn(serve(listener, store, limits, shutdown.clone(), peer));
+        Ok(RunningNode { rpc_addr, shutdown, task })
     }
 
     /// The address the node RPC listens on.
@@ -102,9 +97,7 @@ impl RunningNode {
     /// Stops the node cleanly: see the module documentation. Returns the final flush's outcome.
     pub async fn shutdown(self) -> Result<(), StoreError> {
         self.shutdown.cancel();
-        self.task
-            .await
-            .map_err(|e| StoreError::InvalidRequest(format!("server task failed: {e}")))?
+        self.task.await.map_err(|e| StoreError::InvalidRequest(format!("server task failed: {e}")))?
     }
 }
 
@@ -118,20 +111,22 @@ async fn serve(
     store: Arc<Store>,
     limits: Limits,
     shutdown: CancellationToken,
+    peer: PeerSlot,
 ) -> Result<(), StoreError> {
     let tracker = TaskTracker::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
+                Ok((stream, remote)) => {
                     let store = store.clone();
                     let shutdown = shutdown.clone();
                     let conn_tracker = tracker.clone();
+                    let peer = peer.clone();
                     tracker.spawn(async move {
-                        match serve_connection(stream, store, limits, shutdown, conn_tracker).await {
-                            Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
-                            Err(e) => tracing::info!(%peer, "connection closed: {e}"),
+                        match serve_connection(stream, store, limits, shutdown, conn_tracker, peer).await {
+                            Ok(()) | Err(ConnError::Closed) => tracing::debug!(%remote, "connection closed"),
+                            Err(e) => tracing::info!(%remote, "connection closed: {e}"),
                         }
                     });
                 }
@@ -145,10 +140,7 @@ async fn serve(
     }
     drop(listener);
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
         tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; flushing anyway");
     }
     let flushed = tokio::task::spawn_blocking(move || store.flush_all())
@@ -172,13 +164,7 @@ enum ConnError {
 
 fn encode_frame(version: u16, kind: FrameKind, request_id: u64, body: bytes::Bytes) -> BytesMut {
     let mut buf = BytesMut::new();
-    Frame {
-        version,
-        kind,
-        request_id,
-        body,
-    }
-    .encode(&mut buf);
+    Frame { version, kind, request_id, body }.encode(&mut buf);
     buf
 }
 
@@ -188,6 +174,7 @@ async fn serve_connection(
     limits: Limits,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    peer: PeerSlot,
 ) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
     let (read, mut write) = stream.into_split();
@@ -199,10 +186,7 @@ async fn serve_connection(
         .map_err(|_| ConnError::Protocol("no hello within the timeout".into()))?
         .ok_or(ConnError::Closed)??;
     if hello.kind != FrameKind::Hello {
-        return Err(ConnError::Protocol(format!(
-            "expected a hello, got {:?}",
-            hello.kind
-        )));
+        return Err(ConnError::Protocol(format!("expected a hello, got {:?}", hello.kind)));
     }
     let hello: Hello = decode(&hello.body).map_err(|e| ConnError::Protocol(e.to_string()))?;
     let reply = match cairn_proto::negotiate(hello.version_min, hello.version_max) {
@@ -234,9 +218,7 @@ async fn serve_connection(
             }
         }
     });
-    let budget = Arc::new(Semaphore::new(
-        usize::try_from(limits.in_flight_bytes_max).unwrap_or(usize::MAX),
-    ));
+    let budget = Arc::new(Semaphore::new(usize::try_from(limits.in_flight_bytes_max).unwrap_or(usize::MAX)));
     let result = loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -261,9 +243,7 @@ async fn serve_connection(
                     &replies,
                     version,
                     id,
-                    Response::Error(RpcError::InvalidRequest {
-                        message: e.to_string(),
-                    }),
+                    Response::Error(RpcError::InvalidRequest { message: e.to_string() }),
                 )
                 .await;
                 continue;
@@ -274,18 +254,11 @@ async fn serve_connection(
                 "request of {} bytes exceeds the limit of {RPC_IO_MAX_BYTES}",
                 request.payload_bytes()
             );
-            send_response(
-                &replies,
-                version,
-                id,
-                Response::Error(RpcError::InvalidRequest { message }),
-            )
-            .await;
+            send_response(&replies, version, id, Response::Error(RpcError::InvalidRequest { message })).await;
             continue;
         }
-        let cost = (frame.body.len() as u64)
-            .max(request.payload_bytes())
-            .clamp(1, u64::from(FRAME_BODY_MAX_BYTES));
+        let cost =
+            (frame.body.len() as u64).max(request.payload_bytes()).clamp(1, u64::from(FRAME_BODY_MAX_BYTES));
         drop(frame);
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -296,8 +269,18 @@ async fn serve_connection(
         };
         let store = store.clone();
         let replies = replies.clone();
+        let peer = peer.clone();
         tracker.spawn(async move {
-            let response = handle(store, request).await;
+            let response = match request {
+                Request::Peer { body } => match peer.get() {
+                    Some(handler) => match handler(body).await {
+                        Ok(body) => Response::Peer { body },
+                        Err(message) => Response::Error(RpcError::InvalidRequest { message }),
+                    },
+                    None => Response::Error(RpcError::Io { message: "metadata service is starting".into() }),
+                },
+                request => handle(store, request).await,
+            };
             send_response(&replies, version, id, response).await;
             drop(permit);
         });
@@ -317,9 +300,7 @@ async fn send_response(replies: &mpsc::Sender<BytesMut>, version: u16, id: u64, 
         }
     };
     // If the writer is gone the connection is closing; the reply has nowhere to go.
-    let _ = replies
-        .send(encode_frame(version, FrameKind::Response, id, body))
-        .await;
+    let _ = replies.send(encode_frame(version, FrameKind::Response, id, body)).await;
 }
 
 /// Runs one request against the store on the blocking pool.
@@ -336,69 +317,35 @@ async fn handle(store: Arc<Store>, request: Request) -> Response {
             }
             Response::Error(to_rpc(e))
         }
-        Err(e) => Response::Error(RpcError::Io {
-            message: format!("request task failed: {e}"),
-        }),
+        Err(e) => Response::Error(RpcError::Io { message: format!("request task failed: {e}") }),
     }
 }
 
 fn run(store: &Store, request: Request) -> Result<Response, StoreError> {
-    let stamp = |s: cairn_proto::Stamp| WriteStamp {
-        generation: s.generation,
-        sequence: s.sequence,
-    };
+    let stamp = |s: cairn_proto::Stamp| WriteStamp { generation: s.generation, sequence: s.sequence };
     Ok(match request {
-        Request::Read {
-            volume,
-            chunk,
-            chunk_size,
-            offset,
-            len,
-        } => {
+        Request::Read { volume, chunk, chunk_size, offset, len } => {
             let r = store.read(volume, chunk, chunk_size, offset, len)?;
-            Response::Read {
-                crcs: r.crcs,
-                data: r.data.into(),
-            }
+            Response::Read { crcs: r.crcs, data: r.data.into() }
         }
-        Request::Write {
-            volume,
-            chunk,
-            chunk_size,
-            offset,
-            stamp: s,
-            crcs,
-            data,
-        } => {
+        Request::Write { volume, chunk, chunk_size, offset, stamp: s, crcs, data } => {
             store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
             Response::Done
         }
-        Request::Trim {
-            volume,
-            chunk,
-            chunk_size,
-            offset,
-            len,
-            stamp: s,
-        } => {
+        Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s } => {
             store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
             Response::Done
         }
-        Request::WriteZeroes {
-            volume,
-            chunk,
-            chunk_size,
-            offset,
-            len,
-            stamp: s,
-            allocate,
-        } => {
+        Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate } => {
             store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
             Response::Done
         }
         Request::Flush { volume } => {
             store.flush(volume)?;
             Response::Done
+        }
+        Request::Peer { .. } => {
+            return Err(StoreError::InvalidRequest("peer message routed to the store".into()));
         }
         Request::ChunkVersion { volume, chunk } => {
             Response::ChunkVersion(store.chunk_state(volume, chunk)?.map(|s| ChunkInfo {

@@ -92,10 +92,7 @@ impl Frame {
     /// from bounded requests, so an oversized body is a bug, not input.
     pub fn encode(&self, dst: &mut BytesMut) {
         let len = u32::try_from(self.body.len()).unwrap_or(u32::MAX);
-        assert!(
-            len <= FRAME_BODY_MAX_BYTES,
-            "frame body of {len} bytes exceeds the limit"
-        );
+        assert!(len <= FRAME_BODY_MAX_BYTES, "frame body of {len} bytes exceeds the limit");
         dst.reserve(FRAME_HEADER_BYTES + self.body.len());
         let mut header = [0u8; 20];
         header[0..4].copy_from_slice(&FRAME_MAGIC);
@@ -141,12 +138,7 @@ impl Frame {
         let request_id = u64::from_le_bytes(id);
         src.advance(FRAME_HEADER_BYTES);
         let body = src.split_to(len as usize).freeze();
-        Ok(Some(Frame {
-            version,
-            kind,
-            request_id,
-            body,
-        }))
+        Ok(Some(Frame { version, kind, request_id, body }))
     }
 }
 
@@ -168,9 +160,7 @@ impl tokio_util::codec::Encoder<Frame> for FrameCodec {
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
         if frame.body.len() > FRAME_BODY_MAX_BYTES as usize {
-            return Err(FrameError::TooLarge {
-                len: u32::try_from(frame.body.len()).unwrap_or(u32::MAX),
-            });
+            return Err(FrameError::TooLarge { len: u32::try_from(frame.body.len()).unwrap_or(u32::MAX) });
         }
         frame.encode(dst);
         Ok(())
@@ -241,9 +231,6 @@ mod tests {
         buf.put_u64_le(1);
         buf.put_u32_le(FRAME_BODY_MAX_BYTES + 1);
         buf.put_u32_le(0);
-        assert!(matches!(
-            Frame::decode(&mut buf),
-            Err(FrameError::TooLarge { .. })
-        ));
+        assert!(matches!(Frame::decode(&mut buf), Err(FrameError::TooLarge { .. })));
     }
 }

@@ -68,9 +68,18 @@ pub enum Request {
         allocate: bool,
     },
     /// Make every mutation of the volume acknowledged before this request durable.
-    Flush { volume: VolumeId },
+    Flush {
+        volume: VolumeId,
+    },
     /// The persisted state of a chunk.
-    ChunkVersion { volume: VolumeId, chunk: ChunkIndex },
+    ChunkVersion {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+    },
+    /// A message between metadata peers (Raft, heartbeats, joins); the body belongs to cairn-meta.
+    Peer {
+        body: Bytes,
+    },
 }
 
 impl Request {
@@ -79,6 +88,7 @@ impl Request {
         match self {
             Request::Read { len, .. } => u64::from(*len),
             Request::Write { data, .. } => data.len() as u64,
+            Request::Peer { body } => body.len() as u64,
             _ => 0,
         }
     }
@@ -106,24 +116,19 @@ pub enum Response {
     /// Answer to `ChunkVersion`: `None` if the node holds no such chunk.
     ChunkVersion(Option<ChunkInfo>),
     Error(RpcError),
+    /// Answer to `Peer`.
+    Peer {
+        body: Bytes,
+    },
 }
 
 /// Every error that crosses the wire. Messages are for humans; the variant is for code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum RpcError {
     #[error("volume {volume}: generation {generation} is fenced, a newer writer holds generation {highest}")]
-    Fenced {
-        volume: VolumeId,
-        generation: Generation,
-        highest: Generation,
-    },
+    Fenced { volume: VolumeId, generation: Generation, highest: Generation },
     #[error("volume {volume} chunk {chunk} block {block} is corrupt: {message}")]
-    Corrupt {
-        volume: VolumeId,
-        chunk: ChunkIndex,
-        block: u32,
-        message: String,
-    },
+    Corrupt { volume: VolumeId, chunk: ChunkIndex, block: u32, message: String },
     #[error("volume {volume} chunk {chunk}: no space left on the storage node")]
     NoSpace { volume: VolumeId, chunk: ChunkIndex },
     #[error("storage node IO error: {message}")]
@@ -133,12 +138,7 @@ pub enum RpcError {
     #[error(
         "no common protocol version: peer speaks {peer_min}..={peer_max}, we speak {ours_min}..={ours_max}"
     )]
-    UnsupportedVersion {
-        peer_min: u16,
-        peer_max: u16,
-        ours_min: u16,
-        ours_max: u16,
-    },
+    UnsupportedVersion { peer_min: u16, peer_max: u16, ours_min: u16, ours_max: u16 },
     #[error("storage node is shutting down")]
     ShuttingDown,
 }
@@ -176,23 +176,14 @@ mod tests {
     }
 
     fn stamp() -> impl Strategy<Value = Stamp> {
-        (any::<u64>(), any::<u64>()).prop_map(|(g, s)| Stamp {
-            generation: Generation(g),
-            sequence: s,
-        })
+        (any::<u64>(), any::<u64>()).prop_map(|(g, s)| Stamp { generation: Generation(g), sequence: s })
     }
 
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
             (vol(), any::<u64>(), size(), any::<u32>(), any::<u32>()).prop_map(
                 |(volume, c, chunk_size, offset, len)| {
-                    Request::Read {
-                        volume,
-                        chunk: ChunkIndex(c),
-                        chunk_size,
-                        offset,
-                        len,
-                    }
+                    Request::Read { volume, chunk: ChunkIndex(c), chunk_size, offset, len }
                 }
             ),
             (
@@ -204,17 +195,15 @@ mod tests {
                 proptest::collection::vec(any::<u32>(), 0..8),
                 proptest::collection::vec(any::<u8>(), 0..512)
             )
-                .prop_map(
-                    |(volume, c, chunk_size, offset, stamp, crcs, data)| Request::Write {
-                        volume,
-                        chunk: ChunkIndex(c),
-                        chunk_size,
-                        offset,
-                        stamp,
-                        crcs,
-                        data: Bytes::from(data)
-                    }
-                ),
+                .prop_map(|(volume, c, chunk_size, offset, stamp, crcs, data)| Request::Write {
+                    volume,
+                    chunk: ChunkIndex(c),
+                    chunk_size,
+                    offset,
+                    stamp,
+                    crcs,
+                    data: Bytes::from(data)
+                }),
             (vol(), any::<u64>(), size(), any::<u32>(), any::<u32>(), stamp()).prop_map(
                 |(volume, c, chunk_size, offset, len, stamp)| Request::Trim {
                     volume,
@@ -225,16 +214,8 @@ mod tests {
                     stamp
                 }
             ),
-            (
-                vol(),
-                any::<u64>(),
-                size(),
-                any::<u32>(),
-                any::<u32>(),
-                stamp(),
-                any::<bool>()
-            )
-                .prop_map(|(volume, c, chunk_size, offset, len, stamp, allocate)| {
+            (vol(), any::<u64>(), size(), any::<u32>(), any::<u32>(), stamp(), any::<bool>()).prop_map(
+                |(volume, c, chunk_size, offset, len, stamp, allocate)| {
                     Request::WriteZeroes {
                         volume,
                         chunk: ChunkIndex(c),
@@ -244,12 +225,11 @@ mod tests {
                         stamp,
                         allocate,
                     }
-                }),
+                }
+            ),
             vol().prop_map(|volume| Request::Flush { volume }),
-            (vol(), any::<u64>()).prop_map(|(volume, c)| Request::ChunkVersion {
-                volume,
-                chunk: ChunkIndex(c)
-            }),
+            (vol(), any::<u64>())
+                .prop_map(|(volume, c)| Request::ChunkVersion { volume, chunk: ChunkIndex(c) }),
         ]
     }
 
@@ -261,17 +241,9 @@ mod tests {
                 highest: Generation(h)
             }),
             (vol(), any::<u64>(), any::<u32>(), ".{0,40}").prop_map(|(volume, c, block, message)| {
-                RpcError::Corrupt {
-                    volume,
-                    chunk: ChunkIndex(c),
-                    block,
-                    message,
-                }
+                RpcError::Corrupt { volume, chunk: ChunkIndex(c), block, message }
             }),
-            (vol(), any::<u64>()).prop_map(|(volume, c)| RpcError::NoSpace {
-                volume,
-                chunk: ChunkIndex(c)
-            }),
+            (vol(), any::<u64>()).prop_map(|(volume, c)| RpcError::NoSpace { volume, chunk: ChunkIndex(c) }),
             ".{0,40}".prop_map(|message| RpcError::Io { message }),
             ".{0,40}".prop_map(|message| RpcError::InvalidRequest { message }),
             (any::<u16>(), any::<u16>()).prop_map(|(a, b)| RpcError::UnsupportedVersion {
@@ -286,14 +258,8 @@ mod tests {
 
     fn response() -> impl Strategy<Value = Response> {
         prop_oneof![
-            (
-                proptest::collection::vec(any::<u32>(), 0..8),
-                proptest::collection::vec(any::<u8>(), 0..512)
-            )
-                .prop_map(|(crcs, data)| Response::Read {
-                    crcs,
-                    data: Bytes::from(data)
-                }),
+            (proptest::collection::vec(any::<u32>(), 0..8), proptest::collection::vec(any::<u8>(), 0..512))
+                .prop_map(|(crcs, data)| Response::Read { crcs, data: Bytes::from(data) }),
             Just(Response::Done),
             proptest::option::of((any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>())).prop_map(|o| {
                 Response::ChunkVersion(o.map(|(g, version, last_sequence, dirty)| ChunkInfo {
@@ -304,6 +270,8 @@ mod tests {
                 }))
             }),
             rpc_error().prop_map(Response::Error),
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| Response::Peer { body: Bytes::from(b) }),
         ]
     }
 

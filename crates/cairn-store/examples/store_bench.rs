@@ -47,11 +47,7 @@ fn run(ops: usize, mut op: impl FnMut(usize)) -> Stats {
         op(i);
         lat.push(t.elapsed());
     }
-    Stats {
-        ops,
-        total: start.elapsed(),
-        lat,
-    }
+    Stats { ops, total: start.elapsed(), lat }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,40 +60,23 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&base)?;
     let dir = tempfile::tempdir_in(&base)?;
     let store = Store::open(&dir.path().join("store"), StoreConfig::default())?;
-    let raw = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("raw"))?;
+    let raw =
+        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("raw"))?;
     raw.set_len(VOLUME_BYTES)?;
     let volume = VolumeId::new(1)?;
     let chunk_size = ChunkSize::DEFAULT;
     let cs = u64::from(chunk_size.bytes());
-    let stamp = WriteStamp {
-        generation: Generation(1),
-        sequence: 0,
-    };
+    let stamp = WriteStamp { generation: Generation(1), sequence: 0 };
     let blocks = VOLUME_BYTES / BS as u64;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let offsets: Vec<u64> = (0..ops)
-        .map(|_| rng.random_range(0..blocks) * BS as u64)
-        .collect();
+    let offsets: Vec<u64> = (0..ops).map(|_| rng.random_range(0..blocks) * BS as u64).collect();
     let mut buf = vec![0u8; BS];
     rng.fill(&mut buf[..]);
     let crcs = block_crcs(&buf);
 
     let mut store_write = run(ops, |i| {
         let off = offsets[i];
-        let r = store.write(
-            volume,
-            ChunkIndex(off / cs),
-            chunk_size,
-            (off % cs) as u32,
-            &buf,
-            &crcs,
-            stamp,
-        );
+        let r = store.write(volume, ChunkIndex(off / cs), chunk_size, (off % cs) as u32, &buf, &crcs, stamp);
         assert!(r.is_ok(), "{r:?}");
         if (i + 1) % FLUSH_EVERY == 0 {
             assert!(store.flush(volume).is_ok());
@@ -121,13 +100,7 @@ fn main() -> anyhow::Result<()> {
     rustix::fs::fdatasync(&raw)?;
     let mut store_read = run(ops, |i| {
         let off = offsets[i];
-        let r = store.read(
-            volume,
-            ChunkIndex(off / cs),
-            chunk_size,
-            (off % cs) as u32,
-            BS as u32,
-        );
+        let r = store.read(volume, ChunkIndex(off / cs), chunk_size, (off % cs) as u32, BS as u32);
         assert!(r.is_ok(), "{r:?}");
     });
     let mut out = vec![0u8; BS];
@@ -135,42 +108,17 @@ fn main() -> anyhow::Result<()> {
         assert!(raw.read_exact_at(&mut out, offsets[i]).is_ok());
     });
 
-    println!(
-        "chunk store, {ops} ops of 4 KiB at random over {} MiB, one thread",
-        VOLUME_BYTES >> 20
-    );
-    println!(
-        "{:<36} {:>10} {:>10} {:>10} {:>10}",
-        "workload", "IOPS", "mean µs", "p99 µs", "vs raw"
-    );
+    println!("chunk store, {ops} ops of 4 KiB at random over {} MiB, one thread", VOLUME_BYTES >> 20);
+    println!("{:<36} {:>10} {:>10} {:>10} {:>10}", "workload", "IOPS", "mean µs", "p99 µs", "vs raw");
     let write_ratio = store_write.iops() / raw_write.iops();
     let read_ratio = store_read.iops() / raw_read.iops();
     for (name, s, ratio) in [
-        (
-            "randwrite 4K, flush/64: cairn-store",
-            &mut store_write,
-            format!("{write_ratio:.2}"),
-        ),
-        (
-            "randwrite 4K, flush/64: raw file",
-            &mut raw_write,
-            "1.00".to_string(),
-        ),
-        (
-            "randread 4K: cairn-store",
-            &mut store_read,
-            format!("{read_ratio:.2}"),
-        ),
+        ("randwrite 4K, flush/64: cairn-store", &mut store_write, format!("{write_ratio:.2}")),
+        ("randwrite 4K, flush/64: raw file", &mut raw_write, "1.00".to_string()),
+        ("randread 4K: cairn-store", &mut store_read, format!("{read_ratio:.2}")),
         ("randread 4K: raw file", &mut raw_read, "1.00".to_string()),
     ] {
-        println!(
-            "{:<36} {:>10.0} {:>10.1} {:>10.1} {:>10}",
-            name,
-            s.iops(),
-            s.mean_us(),
-            s.p99_us(),
-            ratio
-        );
+        println!("{:<36} {:>10.0} {:>10.1} {:>10.1} {:>10}", name, s.iops(), s.mean_us(), s.p99_us(), ratio);
     }
     Ok(())
 }

@@ -9,19 +9,10 @@ pub enum StoreError {
     #[error(
         "volume {volume}: write with generation {generation} refused, a newer writer holds generation {highest}"
     )]
-    Fenced {
-        volume: VolumeId,
-        generation: Generation,
-        highest: Generation,
-    },
+    Fenced { volume: VolumeId, generation: Generation, highest: Generation },
 
     #[error("volume {volume} chunk {chunk} block {block}: data is corrupt ({reason})")]
-    Corrupt {
-        volume: VolumeId,
-        chunk: ChunkIndex,
-        block: u32,
-        reason: String,
-    },
+    Corrupt { volume: VolumeId, chunk: ChunkIndex, block: u32, reason: String },
 
     #[error("volume {volume} chunk {chunk}: no space left on the data directory's device")]
     NoSpace { volume: VolumeId, chunk: ChunkIndex },
@@ -61,9 +52,6 @@ impl StoreError {
         {
             return StoreError::NoSpace { volume, chunk };
         }
-        StoreError::Io {
-            context: context.into(),
-            source,
-        }
+        StoreError::Io { context: context.into(), source }
     }
 }

@@ -149,16 +149,10 @@ pub struct TableEntry {
 }
 
 impl TableEntry {
-    pub const UNWRITTEN: TableEntry = TableEntry {
-        crc: 0,
-        state: BLOCK_UNWRITTEN,
-    };
+    pub const UNWRITTEN: TableEntry = TableEntry { crc: 0, state: BLOCK_UNWRITTEN };
 
     pub fn data(crc: u32) -> Self {
-        TableEntry {
-            crc,
-            state: BLOCK_DATA,
-        }
+        TableEntry { crc, state: BLOCK_DATA }
     }
 
     pub fn encode_into(&self, out: &mut [u8]) {
@@ -167,10 +161,7 @@ impl TableEntry {
     }
 
     pub fn decode(b: &[u8]) -> Self {
-        TableEntry {
-            crc: le_u32(&b[0..4]),
-            state: le_u32(&b[4..8]),
-        }
+        TableEntry { crc: le_u32(&b[0..4]), state: le_u32(&b[4..8]) }
     }
 }
 

@@ -163,19 +163,15 @@ impl Store {
             .map_err(io_err(format!("opening {}", lock_path.display())))?;
         if let Err(e) = rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             return Err(if e == rustix::io::Errno::WOULDBLOCK {
-                StoreError::DataDirLocked {
-                    path: dir.to_path_buf(),
-                }
+                StoreError::DataDirLocked { path: dir.to_path_buf() }
             } else {
                 StoreError::io(format!("locking {}", lock_path.display()), e.into(), None)
             });
         }
         let identity = dir.join("cairn-store");
         match fs::read(&identity) {
-            Ok(bytes) => format::decode_store_identity(&bytes).map_err(|e| StoreError::BadDataDir {
-                path: dir.to_path_buf(),
-                reason: e.to_string(),
-            })?,
+            Ok(bytes) => format::decode_store_identity(&bytes)
+                .map_err(|e| StoreError::BadDataDir { path: dir.to_path_buf(), reason: e.to_string() })?,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 write_file_atomically(dir, "cairn-store", &format::encode_store_identity())?;
             }
@@ -246,11 +242,7 @@ impl Store {
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(StoreError::io(
-                        format!("reading {}", meta_path.display()),
-                        e,
-                        None,
-                    ));
+                    return Err(StoreError::io(format!("reading {}", meta_path.display()), e, None));
                 }
             }
             for chunk in list_chunk_files(&dir)? {
@@ -293,11 +285,7 @@ impl Store {
             {
                 let fence = state.fence.read().unwrap_or_else(|p| p.into_inner());
                 if stamp.generation < *fence {
-                    return Err(StoreError::Fenced {
-                        volume,
-                        generation: stamp.generation,
-                        highest: *fence,
-                    });
+                    return Err(StoreError::Fenced { volume, generation: stamp.generation, highest: *fence });
                 }
                 if stamp.generation == *fence {
                     return Ok(fence);
@@ -309,10 +297,7 @@ impl Store {
                 self.ensure_volume_dir(&state.dir)?;
                 self.fault(IoOp::WriteVolumeMeta)
                     .map_err(io_err(format!("volume {volume}: persisting generation")))?;
-                let meta = VolumeMeta {
-                    volume,
-                    highest_generation: stamp.generation,
-                };
+                let meta = VolumeMeta { volume, highest_generation: stamp.generation };
                 write_file_atomically(&state.dir, "volume.meta", &meta.encode())?;
                 *fence = stamp.generation;
             }
@@ -322,13 +307,7 @@ impl Store {
     fn ensure_volume_dir(&self, dir: &Path) -> Result<(), StoreError> {
         if !dir.exists() {
             fs::create_dir(dir)
-                .or_else(|e| {
-                    if e.kind() == ErrorKind::AlreadyExists {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
+                .or_else(|e| if e.kind() == ErrorKind::AlreadyExists { Ok(()) } else { Err(e) })
                 .map_err(io_err(format!("creating {}", dir.display())))?;
             fsync_dir(&self.volumes_dir)?;
         }
@@ -359,10 +338,7 @@ impl Store {
                 ChunkHandle {
                     file,
                     path,
-                    inner: Mutex::new(ChunkInner {
-                        header,
-                        dirty_durable: header.dirty,
-                    }),
+                    inner: Mutex::new(ChunkInner { header, dirty_durable: header.dirty }),
                 }
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -372,11 +348,7 @@ impl Store {
                 self.create_chunk(volume, state, chunk, chunk_size, path)?
             }
             Err(e) => {
-                return Err(StoreError::io(
-                    format!("opening {}", path.display()),
-                    e,
-                    Some(key),
-                ));
+                return Err(StoreError::io(format!("opening {}", path.display()), e, Some(key)));
             }
         };
         let handle = Arc::new(handle);
@@ -452,14 +424,7 @@ impl Store {
         }
         fsync_dir(&state.dir)?;
         lock(&state.inner).dirty.insert(chunk, 0);
-        Ok(ChunkHandle {
-            file,
-            path,
-            inner: Mutex::new(ChunkInner {
-                header,
-                dirty_durable: true,
-            }),
-        })
+        Ok(ChunkHandle { file, path, inner: Mutex::new(ChunkInner { header, dirty_durable: true }) })
     }
 
     /// Called before a mutation touches a chunk's blocks: makes sure the chunk is durably marked dirty
@@ -491,20 +456,13 @@ impl Store {
         let key = (inner.header.volume, inner.header.chunk);
         let mut header = inner.header;
         header.dirty = true;
-        let r = self
-            .fault(IoOp::MarkDirty)
-            .and_then(|_| handle.file.write_all_at(&header.encode(), 0));
+        let r = self.fault(IoOp::MarkDirty).and_then(|_| handle.file.write_all_at(&header.encode(), 0));
         r.map_err(|e| StoreError::io(format!("marking {} dirty", handle.path.display()), e, Some(key)))?;
-        if let Err(e) = self
-            .fault(IoOp::Sync)
-            .and_then(|_| rustix::fs::fdatasync(&handle.file).map_err(Into::into))
+        if let Err(e) =
+            self.fault(IoOp::Sync).and_then(|_| rustix::fs::fdatasync(&handle.file).map_err(Into::into))
         {
             lock(&state.inner).poisoned = true;
-            return Err(StoreError::io(
-                format!("syncing {}", handle.path.display()),
-                e,
-                Some(key),
-            ));
+            return Err(StoreError::io(format!("syncing {}", handle.path.display()), e, Some(key)));
         }
         inner.header = header;
         inner.dirty_durable = true;
@@ -524,15 +482,9 @@ impl Store {
         header.generation = stamp.generation;
         header.last_sequence = stamp.sequence;
         let key = (header.volume, header.chunk);
-        self.fault(IoOp::WriteHeader)
-            .and_then(|_| handle.file.write_all_at(&header.encode(), 0))
-            .map_err(|e| {
-                StoreError::io(
-                    format!("updating header of {}", handle.path.display()),
-                    e,
-                    Some(key),
-                )
-            })?;
+        self.fault(IoOp::WriteHeader).and_then(|_| handle.file.write_all_at(&header.encode(), 0)).map_err(
+            |e| StoreError::io(format!("updating header of {}", handle.path.display()), e, Some(key)),
+        )?;
         inner.header = header;
         Ok(())
     }
@@ -553,10 +505,7 @@ impl Store {
         let first_block = check_range(chunk_size, offset, data.len() as u64)?;
         let blocks = data.len() / BLOCK as usize;
         if crcs.len() != blocks {
-            return Err(StoreError::InvalidRequest(format!(
-                "{} checksums for {blocks} blocks",
-                crcs.len()
-            )));
+            return Err(StoreError::InvalidRequest(format!("{} checksums for {blocks} blocks", crcs.len())));
         }
         for (i, (block, crc)) in data.chunks_exact(BLOCK as usize).zip(crcs).enumerate() {
             if crc32c(block) != *crc {
@@ -598,15 +547,9 @@ impl Store {
         key: ChunkKey,
     ) -> Result<(), StoreError> {
         let at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
-        self.fault(IoOp::WriteTable)
-            .and_then(|_| handle.file.write_all_at(table, at))
-            .map_err(|e| {
-                StoreError::io(
-                    format!("writing block table of {}", handle.path.display()),
-                    e,
-                    Some(key),
-                )
-            })
+        self.fault(IoOp::WriteTable).and_then(|_| handle.file.write_all_at(table, at)).map_err(|e| {
+            StoreError::io(format!("writing block table of {}", handle.path.display()), e, Some(key))
+        })
     }
 
     /// Makes `len` bytes at `offset` (block aligned) read as zeros and frees their space.
@@ -684,11 +627,7 @@ impl Store {
                 .map_err(Into::into)
             })
             .map_err(|e| {
-                StoreError::io(
-                    format!("punching hole in {}", handle.path.display()),
-                    e,
-                    Some(key),
-                )
+                StoreError::io(format!("punching hole in {}", handle.path.display()), e, Some(key))
             })?;
         self.bump_version(&handle, &mut inner, stamp)
     }
@@ -719,10 +658,7 @@ impl Store {
         self.fault(IoOp::Read)
             .and_then(|_| handle.file.read_exact_at(&mut table, table_at))
             .map_err(|e| StoreError::io(read_ctx(), e, Some(key)))?;
-        let entries: Vec<TableEntry> = table
-            .chunks_exact(TABLE_ENTRY_LEN)
-            .map(TableEntry::decode)
-            .collect();
+        let entries: Vec<TableEntry> = table.chunks_exact(TABLE_ENTRY_LEN).map(TableEntry::decode).collect();
         if entries.iter().any(|e| e.state == BLOCK_DATA) {
             let at = format::data_offset(chunk_size) + u64::from(offset);
             self.fault(IoOp::Read)
@@ -806,9 +742,8 @@ impl Store {
             lock(&state.inner).unsynced.remove(&chunk);
             return Ok(());
         };
-        if let Err(e) = self
-            .fault(IoOp::Sync)
-            .and_then(|_| rustix::fs::fdatasync(&handle.file).map_err(Into::into))
+        if let Err(e) =
+            self.fault(IoOp::Sync).and_then(|_| rustix::fs::fdatasync(&handle.file).map_err(Into::into))
         {
             lock(&state.inner).poisoned = true;
             return Err(StoreError::io(
@@ -884,9 +819,7 @@ impl Store {
     ) -> Result<Option<Arc<ChunkHandle>>, StoreError> {
         let size = {
             let cache = lock(&self.open_files);
-            cache
-                .peek(&(volume, chunk))
-                .map(|h| lock(&h.inner).header.chunk_size)
+            cache.peek(&(volume, chunk)).map(|h| lock(&h.inner).header.chunk_size)
         };
         let size = match size {
             Some(s) => s,
@@ -989,11 +922,7 @@ impl Store {
         let _fence = state.fence.write().unwrap_or_else(|p| p.into_inner());
         {
             let mut cache = lock(&self.open_files);
-            let keys: Vec<ChunkKey> = cache
-                .iter()
-                .map(|(k, _)| *k)
-                .filter(|(v, _)| *v == volume)
-                .collect();
+            let keys: Vec<ChunkKey> = cache.iter().map(|(k, _)| *k).filter(|(v, _)| *v == volume).collect();
             for k in keys {
                 cache.pop(&k);
             }
@@ -1002,11 +931,7 @@ impl Store {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(StoreError::io(
-                    format!("deleting {}", state.dir.display()),
-                    e,
-                    None,
-                ));
+                return Err(StoreError::io(format!("deleting {}", state.dir.display()), e, None));
             }
         }
         fsync_dir(&self.volumes_dir)?;
@@ -1059,10 +984,8 @@ fn read_header_from(
     let mut b = [0u8; HEADER_LEN];
     file.read_exact_at(&mut b, 0)
         .map_err(|e| StoreError::io(format!("reading header of {}", path.display()), e, None))?;
-    let header = ChunkHeader::decode(&b).map_err(|e| StoreError::BadChunkFile {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let header = ChunkHeader::decode(&b)
+        .map_err(|e| StoreError::BadChunkFile { path: path.to_path_buf(), reason: e.to_string() })?;
     if header.volume != volume || header.chunk != chunk {
         return Err(StoreError::BadChunkFile {
             path: path.to_path_buf(),
@@ -1095,11 +1018,7 @@ fn write_file_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Sto
     let tmp = dir.join(format!("{name}.tmp"));
     let ctx = format!("writing {}", path.display());
     let result = (|| {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         f.write_all_at(bytes, 0)?;
         rustix::fs::fdatasync(&f)?;
         fs::rename(&tmp, &path)

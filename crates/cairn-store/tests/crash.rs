@@ -56,21 +56,14 @@ fn crash_child() {
     let seed: u64 = std::env::var("CAIRN_CRASH_SEED").unwrap().parse().unwrap();
     let generation: u64 = std::env::var("CAIRN_CRASH_GEN").unwrap().parse().unwrap();
     let dir = std::path::PathBuf::from(dir);
-    let mut log = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(dir.join("log"))
-        .unwrap();
+    let mut log = std::fs::OpenOptions::new().append(true).create(true).open(dir.join("log")).unwrap();
     let store = Store::open(&dir.join("store"), StoreConfig { open_files_max: 3 }).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut sequence = 0;
     log.write_all(b"R\n").unwrap();
     loop {
         sequence += 1;
-        let stamp = WriteStamp {
-            generation: Generation(generation),
-            sequence,
-        };
+        let stamp = WriteStamp { generation: Generation(generation), sequence };
         let chunk = rng.random_range(0..CHUNKS);
         let first = rng.random_range(0..BLOCKS);
         let n = rng.random_range(1..=(BLOCKS - first).min(6));
@@ -81,8 +74,7 @@ fn crash_child() {
                 log.write_all(b"F\n").unwrap();
             }
             1 | 2 => {
-                log.write_all(format!("I {chunk} {first} {n} 0\n").as_bytes())
-                    .unwrap();
+                log.write_all(format!("I {chunk} {first} {n} 0\n").as_bytes()).unwrap();
                 store
                     .trim(
                         vol(),
@@ -101,8 +93,7 @@ fn crash_child() {
                 for i in 0..n as usize {
                     block_bytes(s + i as u64, &mut data[i * BS..(i + 1) * BS]);
                 }
-                log.write_all(format!("I {chunk} {first} {n} {s}\n").as_bytes())
-                    .unwrap();
+                log.write_all(format!("I {chunk} {first} {n} {s}\n").as_bytes()).unwrap();
                 store
                     .write(
                         vol(),
@@ -150,10 +141,7 @@ fn crash_at_random_moments() {
             .unwrap();
         // Wait until the child has opened the store, then let it run a random while.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !std::fs::read_to_string(&log_path)
-            .map(|s| s.starts_with("R\n"))
-            .unwrap_or(false)
-        {
+        while !std::fs::read_to_string(&log_path).map(|s| s.starts_with("R\n")).unwrap_or(false) {
             assert!(Instant::now() < deadline, "crash child never started");
             assert!(child.try_wait().unwrap().is_none(), "crash child exited early");
             std::thread::sleep(Duration::from_millis(2));
@@ -164,11 +152,8 @@ fn crash_at_random_moments() {
 
         // Replay the log into the model.
         let log = std::fs::read_to_string(&log_path).unwrap();
-        let mut lines: Vec<&str> = log
-            .split_inclusive('\n')
-            .filter(|l| l.ends_with('\n'))
-            .map(str::trim_end)
-            .collect();
+        let mut lines: Vec<&str> =
+            log.split_inclusive('\n').filter(|l| l.ends_with('\n')).map(str::trim_end).collect();
         assert_eq!(lines.remove(0), "R");
         let mut since_flush: BTreeSet<u64> = BTreeSet::new();
         let mut pending: Option<(u64, u32, u32, u64)> = None;
@@ -186,10 +171,7 @@ fn crash_at_random_moments() {
                         let seed = if s == 0 { 0 } else { s + u64::from(i) };
                         model.insert(
                             (chunk, first + i),
-                            BlockModel {
-                                values: [seed].into(),
-                                may_be_corrupt: false,
-                            },
+                            BlockModel { values: [seed].into(), may_be_corrupt: false },
                         );
                     }
                     since_flush.insert(chunk);
@@ -211,10 +193,9 @@ fn crash_at_random_moments() {
             let mut new_values = BTreeSet::new();
             for i in 0..n {
                 let seed = if s == 0 { 0 } else { s + u64::from(i) };
-                let m = model.entry((chunk, first + i)).or_insert(BlockModel {
-                    values: [0].into(),
-                    may_be_corrupt: false,
-                });
+                let m = model
+                    .entry((chunk, first + i))
+                    .or_insert(BlockModel { values: [0].into(), may_be_corrupt: false });
                 if !m.values.contains(&seed) {
                     new_values.insert(seed);
                 }
@@ -231,18 +212,8 @@ fn crash_at_random_moments() {
 
         // Verify.
         let store = Store::open(&dir.path().join("store"), StoreConfig::default()).unwrap();
-        let dirty: BTreeSet<u64> = store
-            .dirty_chunks(vol())
-            .unwrap()
-            .into_iter()
-            .map(|c| c.0)
-            .collect();
-        let on_disk: BTreeSet<u64> = store
-            .list_chunks(vol())
-            .unwrap()
-            .into_iter()
-            .map(|c| c.0)
-            .collect();
+        let dirty: BTreeSet<u64> = store.dirty_chunks(vol()).unwrap().into_iter().map(|c| c.0).collect();
+        let on_disk: BTreeSet<u64> = store.list_chunks(vol()).unwrap().into_iter().map(|c| c.0).collect();
         // (A trim of a chunk that does not exist changes nothing and creates nothing.)
         for c in since_flush.intersection(&on_disk) {
             assert!(
@@ -259,17 +230,11 @@ fn crash_at_random_moments() {
         let mut expect = vec![0u8; BS];
         for chunk in 0..CHUNKS {
             for block in 0..BLOCKS {
-                let m = model.entry((chunk, block)).or_insert(BlockModel {
-                    values: [0].into(),
-                    may_be_corrupt: false,
-                });
-                match store.read(
-                    vol(),
-                    ChunkIndex(chunk),
-                    size(),
-                    block * BLOCK_SIZE_BYTES,
-                    BLOCK_SIZE_BYTES,
-                ) {
+                let m = model
+                    .entry((chunk, block))
+                    .or_insert(BlockModel { values: [0].into(), may_be_corrupt: false });
+                match store.read(vol(), ChunkIndex(chunk), size(), block * BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES)
+                {
                     Ok(r) => {
                         let hit = m.values.iter().copied().find(|s| {
                             block_bytes(*s, &mut expect);
@@ -280,10 +245,7 @@ fn crash_at_random_moments() {
                                 "iteration {iteration}: chunk {chunk} block {block} holds bytes never written"
                             );
                         };
-                        *m = BlockModel {
-                            values: [hit].into(),
-                            may_be_corrupt: false,
-                        };
+                        *m = BlockModel { values: [hit].into(), may_be_corrupt: false };
                         if let Some((c, new_values, first, n)) = &in_flight
                             && *c == chunk
                             && (*first..first + n).contains(&block)

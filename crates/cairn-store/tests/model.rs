@@ -47,28 +47,10 @@ impl FaultInjector for Injector {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write {
-        chunk: u64,
-        first: u32,
-        n: u32,
-        seed: u64,
-    },
-    Trim {
-        chunk: u64,
-        first: u32,
-        n: u32,
-    },
-    WriteZeroes {
-        chunk: u64,
-        first: u32,
-        n: u32,
-        allocate: bool,
-    },
-    Read {
-        chunk: u64,
-        first: u32,
-        n: u32,
-    },
+    Write { chunk: u64, first: u32, n: u32, seed: u64 },
+    Trim { chunk: u64, first: u32, n: u32 },
+    WriteZeroes { chunk: u64, first: u32, n: u32, allocate: bool },
+    Read { chunk: u64, first: u32, n: u32 },
     Flush,
     Reopen,
 }
@@ -113,10 +95,7 @@ struct BlockModel {
 
 impl Default for BlockModel {
     fn default() -> Self {
-        BlockModel {
-            values: [0].into(),
-            may_be_corrupt: false,
-        }
+        BlockModel { values: [0].into(), may_be_corrupt: false }
     }
 }
 
@@ -140,10 +119,7 @@ fn size() -> ChunkSize {
 }
 
 fn stamp() -> WriteStamp {
-    WriteStamp {
-        generation: Generation(1),
-        sequence: 1,
-    }
+    WriteStamp { generation: Generation(1), sequence: 1 }
 }
 
 impl Harness {
@@ -181,16 +157,11 @@ impl Harness {
         match result {
             Ok(()) => {
                 assert!(!self.poisoned, "mutation succeeded on a poisoned volume");
-                assert!(
-                    failed_op.is_none(),
-                    "IO {failed_op:?} failed but the mutation succeeded"
-                );
+                assert!(failed_op.is_none(), "IO {failed_op:?} failed but the mutation succeeded");
                 self.mutated_since_flush.insert(chunk);
                 for i in 0..n {
-                    *self.model(chunk, first + i) = BlockModel {
-                        values: [seeds[i as usize]].into(),
-                        may_be_corrupt: false,
-                    };
+                    *self.model(chunk, first + i) =
+                        BlockModel { values: [seeds[i as usize]].into(), may_be_corrupt: false };
                 }
             }
             Err(StoreError::Poisoned { .. }) => assert!(self.poisoned, "poisoned without a failed sync"),
@@ -200,10 +171,7 @@ impl Harness {
                     self.poisoned = true;
                 }
                 if op == IoOp::WriteData {
-                    assert!(
-                        matches!(e, StoreError::NoSpace { .. }),
-                        "ENOSPC must map to NoSpace: {e}"
-                    );
+                    assert!(matches!(e, StoreError::NoSpace { .. }), "ENOSPC must map to NoSpace: {e}");
                 }
                 // These fail before the mutation touches the chunk's blocks (the injector fails an IO
                 // before it runs), so the contents are exactly as before.
@@ -232,12 +200,7 @@ impl Harness {
         *self.injector.countdown.lock().unwrap() = fault;
         *self.injector.failed.lock().unwrap() = None;
         match *op {
-            Op::Write {
-                chunk,
-                first,
-                n,
-                seed,
-            } => {
+            Op::Write { chunk, first, n, seed } => {
                 let seeds: Vec<u64> = (0..u64::from(n)).map(|i| seed.wrapping_add(i).max(1)).collect();
                 let mut data = vec![0u8; n as usize * BS];
                 for (i, s) in seeds.iter().enumerate() {
@@ -266,12 +229,7 @@ impl Harness {
                 );
                 self.mutated(chunk, first, n, &vec![0; n as usize], r);
             }
-            Op::WriteZeroes {
-                chunk,
-                first,
-                n,
-                allocate,
-            } => {
+            Op::WriteZeroes { chunk, first, n, allocate } => {
                 let r = self.store().write_zeroes(
                     vol(),
                     ChunkIndex(chunk),
@@ -294,11 +252,7 @@ impl Harness {
                 let failed_op = self.injector.failed.lock().unwrap().take();
                 match r {
                     Ok(reply) => {
-                        assert_eq!(
-                            reply.crcs,
-                            block_crcs(&reply.data),
-                            "returned checksums must match data"
-                        );
+                        assert_eq!(reply.crcs, block_crcs(&reply.data), "returned checksums must match data");
                         let mut expect = vec![0u8; BS];
                         for i in 0..n {
                             let got = &reply.data[i as usize * BS..(i as usize + 1) * BS];
@@ -342,13 +296,8 @@ impl Harness {
                             self.poisoned = true;
                         }
                         // Chunks synced before the failure are clean; the rest must stay dirty.
-                        let still: BTreeSet<u64> = self
-                            .store()
-                            .dirty_chunks(vol())
-                            .unwrap()
-                            .into_iter()
-                            .map(|c| c.0)
-                            .collect();
+                        let still: BTreeSet<u64> =
+                            self.store().dirty_chunks(vol()).unwrap().into_iter().map(|c| c.0).collect();
                         self.mutated_since_flush.retain(|c| still.contains(c));
                     }
                 }
@@ -366,20 +315,10 @@ impl Harness {
                 );
                 self.poisoned = false;
                 // Every chunk mutated since the last successful flush must still be known dirty.
-                let dirty: BTreeSet<u64> = self
-                    .store()
-                    .dirty_chunks(vol())
-                    .unwrap()
-                    .into_iter()
-                    .map(|c| c.0)
-                    .collect();
-                let on_disk: BTreeSet<u64> = self
-                    .store()
-                    .list_chunks(vol())
-                    .unwrap()
-                    .into_iter()
-                    .map(|c| c.0)
-                    .collect();
+                let dirty: BTreeSet<u64> =
+                    self.store().dirty_chunks(vol()).unwrap().into_iter().map(|c| c.0).collect();
+                let on_disk: BTreeSet<u64> =
+                    self.store().list_chunks(vol()).unwrap().into_iter().map(|c| c.0).collect();
                 for c in &self.mutated_since_flush {
                     assert!(
                         dirty.contains(c) || !on_disk.contains(c),

@@ -14,10 +14,7 @@ fn vol(n: u64) -> VolumeId {
 }
 
 fn gen_stamp(g: u64) -> WriteStamp {
-    WriteStamp {
-        generation: Generation(g),
-        sequence: 1,
-    }
+    WriteStamp { generation: Generation(g), sequence: 1 }
 }
 
 fn pattern(byte: u8, len: usize) -> Vec<u8> {
@@ -25,15 +22,7 @@ fn pattern(byte: u8, len: usize) -> Vec<u8> {
 }
 
 fn write(store: &Store, v: u64, chunk: u64, offset: u32, data: &[u8], g: u64) -> Result<(), StoreError> {
-    store.write(
-        vol(v),
-        ChunkIndex(chunk),
-        ChunkSize::DEFAULT,
-        offset,
-        data,
-        &block_crcs(data),
-        gen_stamp(g),
-    )
+    store.write(vol(v), ChunkIndex(chunk), ChunkSize::DEFAULT, offset, data, &block_crcs(data), gen_stamp(g))
 }
 
 #[test]
@@ -43,36 +32,19 @@ fn lower_generation_is_fenced_and_changes_nothing() {
     write(&store, 1, 0, 0, &pattern(1, 4096), 5).unwrap();
     write(&store, 1, 0, 0, &pattern(2, 4096), 6).unwrap();
     let err = write(&store, 1, 0, 0, &pattern(3, 4096), 5).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::Fenced {
-                highest: Generation(6),
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, StoreError::Fenced { highest: Generation(6), .. }), "{err}");
     assert!(err.to_string().contains("generation 5 refused"));
-    let err = store
-        .trim(vol(1), ChunkIndex(0), ChunkSize::DEFAULT, 0, 4096, gen_stamp(4))
-        .unwrap_err();
+    let err = store.trim(vol(1), ChunkIndex(0), ChunkSize::DEFAULT, 0, 4096, gen_stamp(4)).unwrap_err();
     assert!(matches!(err, StoreError::Fenced { .. }));
     assert_eq!(
-        store
-            .read(vol(1), ChunkIndex(0), ChunkSize::DEFAULT, 0, 4096)
-            .unwrap()
-            .data,
+        store.read(vol(1), ChunkIndex(0), ChunkSize::DEFAULT, 0, 4096).unwrap().data,
         pattern(2, 4096)
     );
     // The fence survives a restart.
     drop(store);
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
     assert_eq!(store.highest_generation(vol(1)).unwrap(), Generation(6));
-    assert!(matches!(
-        write(&store, 1, 3, 0, &pattern(4, 4096), 5),
-        Err(StoreError::Fenced { .. })
-    ));
+    assert!(matches!(write(&store, 1, 3, 0, &pattern(4, 4096), 5), Err(StoreError::Fenced { .. })));
     // Other volumes are independent.
     write(&store, 2, 0, 0, &pattern(4, 4096), 1).unwrap();
 }
@@ -87,43 +59,27 @@ fn flipped_bytes_on_disk_are_reported_as_corruption() {
     drop(store);
     // Flip one byte in the middle of the second written block (block 3 of the chunk).
     let path = dir.path().join("volumes/0000000000000003/0000000000000002.chunk");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
     let at = 8192 + 3 * 4096 + 100; // data region starts after header and table (8 KiB)
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).unwrap();
     f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
     drop(f);
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    let err = store
-        .read(vol(3), ChunkIndex(2), ChunkSize::DEFAULT, 0, 1 << 20)
-        .unwrap_err();
+    let err = store.read(vol(3), ChunkIndex(2), ChunkSize::DEFAULT, 0, 1 << 20).unwrap_err();
     match &err {
-        StoreError::Corrupt {
-            volume, chunk, block, ..
-        } => {
+        StoreError::Corrupt { volume, chunk, block, .. } => {
             assert_eq!((volume.get(), chunk.0, *block), (3, 2, 3));
         }
         other => panic!("expected corruption, got {other}"),
     }
     assert!(err.to_string().contains("volume 3 chunk 2 block 3"));
     // Undamaged blocks still read.
-    let ok = store
-        .read(vol(3), ChunkIndex(2), ChunkSize::DEFAULT, 8192, 4096)
-        .unwrap();
+    let ok = store.read(vol(3), ChunkIndex(2), ChunkSize::DEFAULT, 8192, 4096).unwrap();
     assert_eq!(ok.data, data[..4096]);
     // Rewriting the damaged block heals it.
     write(&store, 3, 2, 12288, &data[4096..8192], 1).unwrap();
-    assert_eq!(
-        store
-            .read(vol(3), ChunkIndex(2), ChunkSize::DEFAULT, 8192, 3 * 4096)
-            .unwrap()
-            .data,
-        data
-    );
+    assert_eq!(store.read(vol(3), ChunkIndex(2), ChunkSize::DEFAULT, 8192, 3 * 4096).unwrap().data, data);
 }
 
 #[test]
@@ -137,9 +93,7 @@ fn damaged_header_is_a_clear_error() {
     f.write_all_at(&[0xff], 20).unwrap();
     drop(f);
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    let err = store
-        .read(vol(3), ChunkIndex(0), ChunkSize::DEFAULT, 0, 4096)
-        .unwrap_err();
+    let err = store.read(vol(3), ChunkIndex(0), ChunkSize::DEFAULT, 0, 4096).unwrap_err();
     assert!(matches!(err, StoreError::BadChunkFile { .. }), "{err}");
     assert!(err.to_string().contains("checksum"), "{err}");
 }
@@ -150,43 +104,17 @@ fn bad_requests_are_refused() {
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
     let data = pattern(1, 4096);
     // Unaligned offset, beyond the end, zero length, wrong checksum count, wrong checksum.
-    assert!(matches!(
-        write(&store, 1, 0, 100, &data, 1),
-        Err(StoreError::InvalidRequest(_))
-    ));
+    assert!(matches!(write(&store, 1, 0, 100, &data, 1), Err(StoreError::InvalidRequest(_))));
     assert!(matches!(
         write(&store, 1, 0, (1 << 20) - 4096, &pattern(1, 8192), 1),
         Err(StoreError::InvalidRequest(_))
     ));
-    assert!(matches!(
-        write(&store, 1, 0, 0, &[], 1),
-        Err(StoreError::InvalidRequest(_))
-    ));
-    let r = store.write(
-        vol(1),
-        ChunkIndex(0),
-        ChunkSize::DEFAULT,
-        0,
-        &data,
-        &[1, 2],
-        gen_stamp(1),
-    );
+    assert!(matches!(write(&store, 1, 0, 0, &[], 1), Err(StoreError::InvalidRequest(_))));
+    let r = store.write(vol(1), ChunkIndex(0), ChunkSize::DEFAULT, 0, &data, &[1, 2], gen_stamp(1));
     assert!(matches!(r, Err(StoreError::InvalidRequest(_))));
-    let r = store.write(
-        vol(1),
-        ChunkIndex(0),
-        ChunkSize::DEFAULT,
-        0,
-        &data,
-        &[0xdead],
-        gen_stamp(1),
-    );
+    let r = store.write(vol(1), ChunkIndex(0), ChunkSize::DEFAULT, 0, &data, &[0xdead], gen_stamp(1));
     assert!(matches!(r, Err(StoreError::Corrupt { block: 0, .. })));
-    assert!(
-        store
-            .read(vol(1), ChunkIndex(0), ChunkSize::DEFAULT, 0, 4097)
-            .is_err()
-    );
+    assert!(store.read(vol(1), ChunkIndex(0), ChunkSize::DEFAULT, 0, 4097).is_err());
     // A chunk keeps the size it was created with.
     write(&store, 1, 0, 0, &data, 1).unwrap();
     let small = ChunkSize::new(64 * 1024).unwrap();
@@ -215,9 +143,7 @@ fn thin_provisioning_trim_and_listing() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig { open_files_max: 4 }).unwrap();
     // Unwritten chunks read as zeros and create nothing.
-    let r = store
-        .read(vol(5), ChunkIndex(100), ChunkSize::DEFAULT, 0, 1 << 20)
-        .unwrap();
+    let r = store.read(vol(5), ChunkIndex(100), ChunkSize::DEFAULT, 0, 1 << 20).unwrap();
     assert!(r.data.iter().all(|b| *b == 0));
     assert!(store.list_chunks(vol(5)).unwrap().is_empty());
     for c in 0..20 {
@@ -225,29 +151,14 @@ fn thin_provisioning_trim_and_listing() {
     }
     store.flush(vol(5)).unwrap();
     let path = dir.path().join("volumes/0000000000000005/0000000000000003.chunk");
-    let blocks_before = std::fs::metadata(&path)
-        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
-        .unwrap();
-    store
-        .trim(
-            vol(5),
-            ChunkIndex(3),
-            ChunkSize::DEFAULT,
-            0,
-            1 << 20,
-            gen_stamp(1),
-        )
-        .unwrap();
-    let blocks_after = std::fs::metadata(&path)
-        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
-        .unwrap();
+    let blocks_before = std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m)).unwrap();
+    store.trim(vol(5), ChunkIndex(3), ChunkSize::DEFAULT, 0, 1 << 20, gen_stamp(1)).unwrap();
+    let blocks_after = std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m)).unwrap();
     assert!(
         blocks_after + 1024 <= blocks_before,
         "trim freed space: {blocks_before} -> {blocks_after} sectors"
     );
-    let r = store
-        .read(vol(5), ChunkIndex(3), ChunkSize::DEFAULT, 0, 1 << 20)
-        .unwrap();
+    let r = store.read(vol(5), ChunkIndex(3), ChunkSize::DEFAULT, 0, 1 << 20).unwrap();
     assert!(r.data.iter().all(|b| *b == 0));
     let all: Vec<u64> = store.list_chunks(vol(5)).unwrap().iter().map(|c| c.0).collect();
     assert_eq!(all, (0..20).collect::<Vec<_>>());
@@ -260,13 +171,7 @@ fn thin_provisioning_trim_and_listing() {
         }
     }
     assert_eq!(seen, 20);
-    assert_eq!(
-        store
-            .chunk_state(vol(5), ChunkIndex(3))
-            .unwrap()
-            .map(|s| s.version),
-        Some(2)
-    );
+    assert_eq!(store.chunk_state(vol(5), ChunkIndex(3)).unwrap().map(|s| s.version), Some(2));
     store.delete_volume(vol(5)).unwrap();
     assert!(store.list_chunks(vol(5)).unwrap().is_empty());
     assert!(store.list_volumes().unwrap().is_empty());
@@ -284,20 +189,14 @@ fn dirty_flags_follow_flushes_across_reopen() {
     assert_eq!(store.unsynced_chunks(vol(1)).unwrap(), vec![ChunkIndex(1)]);
     drop(store);
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    assert_eq!(
-        store.dirty_chunks(vol(1)).unwrap(),
-        vec![ChunkIndex(0), ChunkIndex(1)]
-    );
+    assert_eq!(store.dirty_chunks(vol(1)).unwrap(), vec![ChunkIndex(0), ChunkIndex(1)]);
     let st = store.chunk_state(vol(1), ChunkIndex(1)).unwrap().unwrap();
     assert!(st.dirty);
     assert_eq!(st.version, 2);
     store.flush(vol(1)).unwrap();
     assert!(store.unsynced_chunks(vol(1)).unwrap().is_empty());
     // Dirty flags linger for a while after the last mutation, then clear.
-    assert_eq!(
-        store.dirty_chunks(vol(1)).unwrap(),
-        vec![ChunkIndex(0), ChunkIndex(1)]
-    );
+    assert_eq!(store.dirty_chunks(vol(1)).unwrap(), vec![ChunkIndex(0), ChunkIndex(1)]);
     for _ in 0..cairn_store::DIRTY_LINGER_FLUSHES {
         store.flush(vol(1)).unwrap();
     }

@@ -19,10 +19,7 @@ pub fn zero_block_crc32c() -> u32 {
 
 /// Checksums of every whole block of `data` (whose length must be a multiple of the block size).
 pub fn block_crcs(data: &[u8]) -> Vec<u32> {
-    assert!(
-        data.len().is_multiple_of(BLOCK_SIZE_BYTES as usize),
-        "data is not whole blocks"
-    );
+    assert!(data.len().is_multiple_of(BLOCK_SIZE_BYTES as usize), "data is not whole blocks");
     data.chunks_exact(BLOCK_SIZE_BYTES as usize).map(crc32c).collect()
 }
 

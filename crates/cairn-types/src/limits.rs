@@ -97,15 +97,9 @@ mod tests {
     #[test]
     fn chunk_size_validation() {
         assert!(ChunkSize::new(1024 * 1024).is_ok());
-        assert_eq!(
-            ChunkSize::new(3 * 1024 * 1024),
-            Err(ChunkSizeError::NotPowerOfTwo(3 * 1024 * 1024))
-        );
+        assert_eq!(ChunkSize::new(3 * 1024 * 1024), Err(ChunkSizeError::NotPowerOfTwo(3 * 1024 * 1024)));
         assert_eq!(ChunkSize::new(4096), Err(ChunkSizeError::OutOfRange(4096)));
-        assert_eq!(
-            ChunkSize::new(128 << 20),
-            Err(ChunkSizeError::OutOfRange(128 << 20))
-        );
+        assert_eq!(ChunkSize::new(128 << 20), Err(ChunkSizeError::OutOfRange(128 << 20)));
         assert_eq!(ChunkSize::DEFAULT.blocks(), 256);
     }
 }

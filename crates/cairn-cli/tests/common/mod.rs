@@ -23,8 +23,10 @@ pub fn write_config(dir: &Path, node_id: u64, addr: SocketAddr) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "node_id = {node_id}\ndata_dir = \"{}\"\nrpc_listen_addr = \"{addr}\"\n",
-            data.display()
+            "node_id = {node_id}\ndata_dir = \"{}\"\nrpc_listen_addr = \"{addr}\"\nhttp_listen_addr = \"{}\"\nnbd_listen_addr = \"{}\"\n",
+            data.display(),
+            free_addr(),
+            free_addr()
         ),
     )
     .unwrap();
@@ -48,11 +50,7 @@ impl NodeProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        NodeProcess {
-            child: Some(child),
-            config: config.to_path_buf(),
-            addr,
-        }
+        NodeProcess { child: Some(child), config: config.to_path_buf(), addr }
     }
 
     pub fn pid(&self) -> i32 {

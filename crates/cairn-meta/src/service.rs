@@ -1,0 +1,431 @@
+//! [`MetaService`]: the metadata API the rest of Cairn uses, over one openraft instance.
+//!
+//! Writes are proposed through Raft and return once committed and applied (bounded by
+//! `propose_timeout`: without a quorum they fail with [`MetaError::NoQuorum`] rather than hang).
+//! Reads that must be current go through [`MetaService::linearizable`] first.
+//!
+//! The leader also runs the pool's housekeeping, each step a committed command:
+//! * on taking office, it records `LeaderElected` and gives every node a fresh grace period;
+//! * it registers every member of the Raft membership that the cluster map lacks (bootstrap voters
+//!   and joined learners);
+//! * it marks a node down when no heartbeat arrived for `down_after_ms`, and up when one arrives.
+//!
+//! Every node sends a heartbeat (liveness, capacity, usage) to the leader every
+//! `heartbeat_interval_ms`; usage is kept in the leader's memory, not in the log.
+
+use crate::Raft;
+use crate::network::{Network, NodeReport, PeerError, PeerReply, PeerRequest, PeerTransport};
+use crate::state::{ClusterState, Command, CommandResult, NodeAddr, StateError};
+use crate::storage::{LogStore, StateMachineStore, open_db};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ServerState, SnapshotPolicy};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Tunables of the metadata service.
+#[derive(Debug, Clone)]
+pub struct MetaConfig {
+    /// A node silent this long is marked down (default 5000 ms).
+    pub down_after_ms: u64,
+    /// How often nodes report to the leader (default 1000 ms).
+    pub heartbeat_interval_ms: u64,
+    /// Longest wait for a proposal to commit before answering "no quorum" (default 5 s).
+    pub propose_timeout: Duration,
+    /// Raft heartbeat (ms); elections start after 4–8 missed heartbeats.
+    pub raft_heartbeat_ms: u64,
+}
+
+impl Default for MetaConfig {
+    fn default() -> Self {
+        MetaConfig {
+            down_after_ms: 5000,
+            heartbeat_interval_ms: 1000,
+            propose_timeout: Duration::from_secs(5),
+            raft_heartbeat_ms: 250,
+        }
+    }
+}
+
+/// Why a metadata operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MetaError {
+    #[error("this node is not the metadata leader")]
+    NotLeader { leader: Option<(u64, NodeAddr)> },
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    #[error("{0}")]
+    Rejected(#[from] StateError),
+    #[error("metadata service failed: {0}")]
+    Internal(String),
+}
+
+/// Measures the node's capacity and usage, for its heartbeats.
+pub type UsageProbe = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
+
+#[derive(Debug, Default)]
+struct Liveness {
+    last_seen: HashMap<u64, Instant>,
+    usage: HashMap<u64, NodeReport>,
+    /// Term in which this node last took office (to run the take-office steps once).
+    led_term: Option<u64>,
+}
+
+/// The metadata service of one node.
+pub struct MetaService<T: PeerTransport> {
+    id: u64,
+    addr: NodeAddr,
+    raft: Raft,
+    sm: StateMachineStore,
+    transport: T,
+    config: MetaConfig,
+    liveness: Mutex<Liveness>,
+    usage_probe: UsageProbe,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl<T: PeerTransport> std::fmt::Debug for MetaService<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaService").field("id", &self.id).field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<T: PeerTransport> MetaService<T> {
+    /// Opens the metadata database at `db_path` and starts this node's Raft instance and background
+    /// tasks. The node serves peers as soon as this returns; call [`Self::bootstrap`] or
+    /// [`Self::join`] to become part of a pool.
+    pub async fn start(
+        id: u64,
+        addr: NodeAddr,
+        db_path: &Path,
+        transport: T,
+        config: MetaConfig,
+        usage_probe: UsageProbe,
+    ) -> Result<Arc<Self>, MetaError> {
+        let db = open_db(db_path).map_err(|e| MetaError::Internal(format!("{}: {e}", db_path.display())))?;
+        let log = LogStore::new(db.clone());
+        let sm = StateMachineStore::open(db).map_err(|e| MetaError::Internal(e.to_string()))?;
+        let raft_config = openraft::Config {
+            cluster_name: "cairn".into(),
+            heartbeat_interval: config.raft_heartbeat_ms,
+            election_timeout_min: config.raft_heartbeat_ms * 4,
+            election_timeout_max: config.raft_heartbeat_ms * 8,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(500),
+            max_in_snapshot_log_to_keep: 100,
+            ..Default::default()
+        };
+        let raft_config = Arc::new(raft_config.validate().map_err(|e| MetaError::Internal(e.to_string()))?);
+        let raft = Raft::new(id, raft_config, Network { transport: transport.clone() }, log, sm.clone())
+            .await
+            .map_err(|e| MetaError::Internal(e.to_string()))?;
+        let service = Arc::new(MetaService {
+            id,
+            addr,
+            raft,
+            sm,
+            transport,
+            config,
+            liveness: Mutex::new(Liveness::default()),
+            usage_probe,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let leader_task = tokio::spawn(leader_loop(Arc::downgrade(&service)));
+        let heartbeat_task = tokio::spawn(heartbeat_loop(Arc::downgrade(&service)));
+        lock(&service.tasks).extend([leader_task, heartbeat_task]);
+        Ok(service)
+    }
+
+    /// Stops Raft and the background tasks.
+    pub async fn shutdown(&self) {
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+        let _ = self.raft.shutdown().await;
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn addr(&self) -> &NodeAddr {
+        &self.addr
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Forms a new pool from `voters` if this node has never been part of one. Only the voter with
+    /// the lowest id initialises Raft; the others wait to be contacted. Idempotent.
+    pub async fn bootstrap(&self, voters: BTreeMap<u64, NodeAddr>) -> Result<(), MetaError> {
+        let initialized = self.raft.is_initialized().await.map_err(|e| MetaError::Internal(e.to_string()))?;
+        if initialized || voters.keys().next() != Some(&self.id) {
+            return Ok(());
+        }
+        match self.raft.initialize(voters).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(MetaError::Internal(e.to_string())),
+        }
+    }
+
+    /// Whether this node is a member (voter or learner) of the metadata group.
+    pub fn is_member(&self) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().get_node(&self.id).is_some()
+    }
+
+    /// Asks the pool reachable at any of `seeds` to add this node. Follows "not the leader" answers;
+    /// returns once the leader accepted the request.
+    pub async fn join(&self, seeds: &[NodeAddr]) -> Result<(), MetaError> {
+        let mut last = String::from("no seed addresses");
+        let mut targets: Vec<NodeAddr> = seeds.to_vec();
+        for _ in 0..8 {
+            let mut next = Vec::new();
+            for seed in &targets {
+                let req = PeerRequest::Join { id: self.id, addr: self.addr.clone() };
+                match self.transport.call(seed, req, Duration::from_secs(10)).await {
+                    Ok(PeerReply::Join(Ok(()))) => return Ok(()),
+                    Ok(PeerReply::Join(Err(PeerError::NotLeader { leader: Some(l) }))) => next.push(l),
+                    Ok(PeerReply::Join(Err(e))) => last = e.to_string(),
+                    Ok(_) => last = "unexpected reply".into(),
+                    Err(e) => last = e,
+                }
+            }
+            if next.is_empty() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                next = seeds.to_vec();
+            }
+            targets = next;
+        }
+        Err(MetaError::NoQuorum(format!("could not join the pool: {last}")))
+    }
+
+    /// The current leader, as this node knows it.
+    pub fn leader(&self) -> Option<(u64, NodeAddr)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).cloned()?;
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// The current Raft term.
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// Reads the locally applied state (may lag the leader; see [`Self::linearizable`]).
+    pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
+        let d = self.sm.data.read().unwrap_or_else(|p| p.into_inner());
+        f(&d.cluster)
+    }
+
+    /// Waits until this node, as leader, has confirmed its leadership with a quorum and applied
+    /// everything committed before the call: reads after it see every earlier write.
+    pub async fn linearizable(&self) -> Result<(), MetaError> {
+        let r = tokio::time::timeout(self.config.propose_timeout, self.raft.ensure_linearizable()).await;
+        match r {
+            Err(_) => Err(MetaError::NoQuorum(format!(
+                "the leader could not reach a majority of the metadata voters within {:?}",
+                self.config.propose_timeout
+            ))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(self.not_leader())
+            }
+            Ok(Err(RaftError::APIError(e))) => Err(MetaError::NoQuorum(e.to_string())),
+            Ok(Err(RaftError::Fatal(e))) => Err(MetaError::Internal(e.to_string())),
+        }
+    }
+
+    fn not_leader(&self) -> MetaError {
+        match self.leader() {
+            Some((id, _)) if id == self.id => MetaError::NoQuorum("leadership is changing".into()),
+            leader => MetaError::NotLeader { leader },
+        }
+    }
+
+    /// Commits `command` and returns its result. Rejections come back as [`MetaError::Rejected`].
+    pub async fn propose(&self, command: Command) -> Result<CommandResult, MetaError> {
+        let r = tokio::time::timeout(self.config.propose_timeout, self.raft.client_write(command)).await;
+        match r {
+            Err(_) => Err(MetaError::NoQuorum(format!(
+                "the change was not committed within {:?}: fewer than a majority of the metadata voters are reachable",
+                self.config.propose_timeout
+            ))),
+            Ok(Ok(resp)) => match resp.data {
+                CommandResult::Rejected(e) => Err(MetaError::Rejected(e)),
+                other => Ok(other),
+            },
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(self.not_leader()),
+            Ok(Err(RaftError::APIError(e))) => Err(MetaError::Internal(e.to_string())),
+            Ok(Err(RaftError::Fatal(e))) => Err(MetaError::Internal(e.to_string())),
+        }
+    }
+
+    /// The latest report of a node's capacity and usage (known on the leader).
+    pub fn usage(&self, id: u64) -> Option<NodeReport> {
+        lock(&self.liveness).usage.get(&id).copied()
+    }
+
+    /// Milliseconds since the leader last heard from a node.
+    pub fn silent_ms(&self, id: u64) -> Option<u64> {
+        lock(&self.liveness).last_seen.get(&id).map(|t| t.elapsed().as_millis() as u64)
+    }
+
+    /// Handles a request from a peer.
+    pub async fn handle_peer(&self, request: PeerRequest) -> PeerReply {
+        match request {
+            PeerRequest::AppendEntries(r) => PeerReply::AppendEntries(self.raft.append_entries(r).await),
+            PeerRequest::Vote(r) => PeerReply::Vote(self.raft.vote(r).await),
+            PeerRequest::InstallSnapshot(r) => {
+                PeerReply::InstallSnapshot(self.raft.install_snapshot(r).await)
+            }
+            PeerRequest::Heartbeat(report) => {
+                if !self.is_leader() {
+                    return PeerReply::Heartbeat(Err(PeerError::NotLeader {
+                        leader: self.leader().map(|l| l.1),
+                    }));
+                }
+                self.record_heartbeat(report);
+                PeerReply::Heartbeat(Ok(()))
+            }
+            PeerRequest::Join { id, addr } => {
+                if !self.is_leader() {
+                    return PeerReply::Join(Err(PeerError::NotLeader { leader: self.leader().map(|l| l.1) }));
+                }
+                let r =
+                    tokio::time::timeout(self.config.propose_timeout, self.raft.add_learner(id, addr, false))
+                        .await;
+                PeerReply::Join(match r {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(PeerError::Failed(e.to_string())),
+                    Err(_) => Err(PeerError::Failed("adding the node did not commit in time".into())),
+                })
+            }
+        }
+    }
+
+    fn record_heartbeat(&self, report: NodeReport) {
+        let mut l = lock(&self.liveness);
+        l.last_seen.insert(report.id, Instant::now());
+        l.usage.insert(report.id, report);
+    }
+
+    /// One round of the leader's housekeeping (see the module documentation).
+    async fn lead(&self) -> Result<(), MetaError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            lock(&self.liveness).led_term = None;
+            return Ok(());
+        }
+        let term = metrics.current_term;
+        let took_office = {
+            let mut l = lock(&self.liveness);
+            if l.led_term != Some(term) {
+                // A new leader has not heard anyone yet: everyone starts a fresh grace period.
+                let now = Instant::now();
+                let ids: Vec<u64> = self.read(|s| s.nodes.keys().copied().collect());
+                for id in ids {
+                    l.last_seen.insert(id, now);
+                }
+                true
+            } else {
+                false
+            }
+        };
+        if took_office {
+            self.propose(Command::LeaderElected { id: self.id, term, time_ms: now_ms() }).await?;
+            lock(&self.liveness).led_term = Some(term);
+        }
+        // Register members the cluster map lacks (or whose addresses changed).
+        let membership = metrics.membership_config.membership().clone();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let missing: Vec<(u64, NodeAddr)> = self.read(|s| {
+            membership
+                .nodes()
+                .filter(|(id, addr)| s.nodes.get(id).is_none_or(|n| n.addr != **addr))
+                .map(|(id, addr)| (*id, addr.clone()))
+                .collect()
+        });
+        for (id, addr) in missing {
+            let capacity_bytes = self.usage(id).map(|u| u.capacity_bytes).unwrap_or(0);
+            let voter = voters.contains(&id);
+            lock(&self.liveness).last_seen.entry(id).or_insert_with(Instant::now);
+            self.propose(Command::RegisterNode { id, addr, voter, capacity_bytes, time_ms: now_ms() })
+                .await?;
+        }
+        // Liveness verdicts.
+        let changes: Vec<(u64, bool)> = {
+            let l = lock(&self.liveness);
+            self.read(|s| {
+                s.nodes
+                    .values()
+                    .filter_map(|n| {
+                        let silent = if n.id == self.id {
+                            0
+                        } else {
+                            l.last_seen.get(&n.id).map(|t| t.elapsed().as_millis() as u64).unwrap_or(u64::MAX)
+                        };
+                        let up = silent < self.config.down_after_ms;
+                        (up != n.up).then_some((n.id, up))
+                    })
+                    .collect()
+            })
+        };
+        for (id, up) in changes {
+            if up {
+                tracing::info!(node = id, "node is up");
+            } else {
+                tracing::warn!(node = id, "node is down: no heartbeat for {} ms", self.config.down_after_ms);
+            }
+            self.propose(Command::SetNodeLiveness { id, up, time_ms: now_ms() }).await?;
+        }
+        Ok(())
+    }
+
+    fn report(&self) -> NodeReport {
+        let (capacity_bytes, used_bytes) = (self.usage_probe)();
+        NodeReport { id: self.id, capacity_bytes, used_bytes }
+    }
+}
+
+async fn leader_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) {
+    loop {
+        let Some(s) = service.upgrade() else { return };
+        let interval = Duration::from_millis(s.config.raft_heartbeat_ms);
+        if let Err(e) = s.lead().await {
+            tracing::debug!("leader housekeeping: {e}");
+        }
+        drop(s);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn heartbeat_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) {
+    loop {
+        let Some(s) = service.upgrade() else { return };
+        let interval = Duration::from_millis(s.config.heartbeat_interval_ms);
+        let report = s.report();
+        if s.is_leader() {
+            s.record_heartbeat(report);
+        } else if let Some((_, leader)) = s.leader() {
+            let transport = s.transport.clone();
+            drop(s);
+            let _ = transport.call(&leader, PeerRequest::Heartbeat(report), interval).await;
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,495 @@
+//! The metadata state machine: what the pool knows, and the commands that change it.
+//!
+//! `apply` is deterministic: it depends only on the state and the command (time is a field of the
+//! command, set by the proposer). Invalid commands are rejected by `apply` itself, so every member
+//! rejects the same ones; the service may pre-check for quicker errors but `apply` is the authority.
+//!
+//! Invariants: volume ids are never reused (`next_volume_id` only grows, deleted ids are remembered);
+//! generations only grow (`last_generation`, one counter for the whole pool); the epoch grows with
+//! every change; the event log keeps the newest [`EVENTS_MAX`] events.
+
+use crate::placement::{PG_COUNT_DEFAULT, PG_WIDTH_MAX, pg_table};
+use cairn_types::ChunkSize;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+/// Events kept in the replicated log; older ones are dropped. 1000 events cover days of a quiet
+/// pool and hours of a busy one, and keep snapshots small.
+pub const EVENTS_MAX: usize = 1000;
+/// Largest volume: 1 PiB (2^50 bytes), far beyond any VM disk, small enough that byte offsets never
+/// overflow any arithmetic on them.
+pub const VOLUME_SIZE_MAX_BYTES: u64 = 1 << 50;
+/// Most replicas of a volume.
+pub const REPLICAS_MAX: u8 = PG_WIDTH_MAX as u8;
+/// Default replicas of a volume.
+pub const REPLICAS_DEFAULT: u8 = 3;
+/// Weight of a node unless set otherwise.
+pub const WEIGHT_DEFAULT: u32 = 100;
+
+/// Where a node listens. Also openraft's `Node` type: membership carries it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddr {
+    /// Node RPC, host:port.
+    pub rpc: String,
+    /// Admin HTTP API, host:port.
+    pub http: String,
+    /// NBD server, host:port.
+    pub nbd: String,
+}
+
+impl fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rpc {} http {} nbd {}", self.rpc, self.http, self.nbd)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: u64,
+    pub addr: NodeAddr,
+    /// Member of the metadata quorum (else a learner).
+    pub voter: bool,
+    /// Heard from within `down_after_ms` (as judged by the leader).
+    pub up: bool,
+    /// Holds data: "in" nodes appear in the PG table; "out" nodes are being emptied.
+    pub in_pool: bool,
+    pub weight: u32,
+    pub capacity_bytes: u64,
+    pub joined_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub chunk_size_bytes: u32,
+    pub replicas: u8,
+    /// Accepts writes from several connections under one generation.
+    pub shared: bool,
+    pub created_ms: u64,
+    /// Latest writer generation issued (0: never opened for writing).
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub time_ms: u64,
+    /// Dotted type, e.g. `node.down`, `volume.created`.
+    pub kind: String,
+    /// What it is about, e.g. `node 2`, `volume web01`.
+    pub subject: String,
+    pub details: String,
+}
+
+/// A change to the state, committed through Raft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Add a node (or update a known node's addresses and capacity).
+    RegisterNode {
+        id: u64,
+        addr: NodeAddr,
+        voter: bool,
+        capacity_bytes: u64,
+        time_ms: u64,
+    },
+    /// The leader's liveness verdict changed.
+    SetNodeLiveness {
+        id: u64,
+        up: bool,
+        time_ms: u64,
+    },
+    /// A new leader took office (proposed by itself).
+    LeaderElected {
+        id: u64,
+        term: u64,
+        time_ms: u64,
+    },
+    CreateVolume {
+        name: String,
+        size_bytes: u64,
+        chunk_size_bytes: u32,
+        replicas: u8,
+        shared: bool,
+        time_ms: u64,
+    },
+    ResizeVolume {
+        name: String,
+        size_bytes: u64,
+        allow_shrink: bool,
+        time_ms: u64,
+    },
+    DeleteVolume {
+        name: String,
+        time_ms: u64,
+    },
+    /// Issue a new writer generation for a volume.
+    OpenVolume {
+        name: String,
+        time_ms: u64,
+    },
+}
+
+/// Why a command was rejected. Every member rejects the same commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum StateError {
+    #[error("volume name {0:?} is invalid: use 1 to 64 characters from A-Z a-z 0-9 . _ -")]
+    InvalidName(String),
+    #[error("a volume named {0:?} already exists")]
+    NameTaken(String),
+    #[error("no volume named {0:?}")]
+    UnknownVolume(String),
+    #[error("invalid size {size_bytes}: {reason}")]
+    InvalidSize { size_bytes: u64, reason: String },
+    #[error("invalid chunk size: {0}")]
+    InvalidChunkSize(String),
+    #[error("{replicas} replicas requested but {reason}")]
+    InvalidReplicas { replicas: u8, reason: String },
+    #[error(
+        "shrinking volume {name:?} from {from} to {to} bytes destroys data; pass --allow-shrink to do it anyway"
+    )]
+    ShrinkRefused { name: String, from: u64, to: u64 },
+    #[error("unknown node {0}")]
+    UnknownNode(u64),
+}
+
+/// The outcome of applying a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    Done,
+    Volume(Volume),
+    Rejected(StateError),
+}
+
+/// Everything the metadata group agrees on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub epoch: u64,
+    pub pg_count: u32,
+    /// `pg_table[pg]`: ordered replica list (up to 5 distinct nodes); a volume with R replicas uses
+    /// the first R.
+    pub pg_table: Vec<Vec<u64>>,
+    pub nodes: BTreeMap<u64, NodeInfo>,
+    pub volumes: BTreeMap<String, Volume>,
+    pub next_volume_id: u64,
+    pub last_generation: u64,
+    /// Ids of deleted volumes: a node returning with their chunks purges them.
+    pub deleted_volumes: Vec<u64>,
+    pub events: VecDeque<Event>,
+    pub next_event_seq: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        ClusterState {
+            epoch: 0,
+            pg_count: PG_COUNT_DEFAULT,
+            pg_table: Vec::new(),
+            nodes: BTreeMap::new(),
+            volumes: BTreeMap::new(),
+            next_volume_id: 1,
+            last_generation: 0,
+            deleted_volumes: Vec::new(),
+            events: VecDeque::new(),
+            next_event_seq: 1,
+            leader: None,
+            term: 0,
+        }
+    }
+}
+
+/// Checks a volume name: 1–64 characters of `[A-Za-z0-9._-]`.
+pub fn validate_name(name: &str) -> Result<(), StateError> {
+    let ok = (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok { Ok(()) } else { Err(StateError::InvalidName(name.to_string())) }
+}
+
+/// Checks a volume size: a positive multiple of 4 KiB up to 1 PiB.
+pub fn validate_size(size_bytes: u64) -> Result<(), StateError> {
+    let reason = if size_bytes == 0 {
+        "a volume needs at least 4 KiB"
+    } else if !size_bytes.is_multiple_of(4096) {
+        "sizes must be a multiple of 4 KiB"
+    } else if size_bytes > VOLUME_SIZE_MAX_BYTES {
+        "the largest volume is 1 PiB"
+    } else {
+        return Ok(());
+    };
+    Err(StateError::InvalidSize { size_bytes, reason: reason.into() })
+}
+
+impl ClusterState {
+    fn event(&mut self, time_ms: u64, kind: &str, subject: String, details: String) {
+        self.events.push_back(Event {
+            seq: self.next_event_seq,
+            time_ms,
+            kind: kind.into(),
+            subject,
+            details,
+        });
+        self.next_event_seq += 1;
+        while self.events.len() > EVENTS_MAX {
+            self.events.pop_front();
+        }
+    }
+
+    fn rebalance(&mut self) {
+        let weights: BTreeMap<u64, u32> =
+            self.nodes.values().filter(|n| n.in_pool).map(|n| (n.id, n.weight)).collect();
+        self.pg_table = pg_table(&weights, self.pg_count, PG_WIDTH_MAX);
+    }
+
+    /// Nodes that hold data.
+    pub fn data_nodes(&self) -> usize {
+        self.nodes.values().filter(|n| n.in_pool).count()
+    }
+
+    /// Events with a sequence number above `since`.
+    pub fn events_since(&self, since: u64) -> Vec<Event> {
+        self.events.iter().filter(|e| e.seq > since).cloned().collect()
+    }
+
+    /// Applies one committed command.
+    pub fn apply(&mut self, command: Command) -> CommandResult {
+        match self.apply_inner(command) {
+            Ok(r) => {
+                self.epoch += 1;
+                r
+            }
+            Err(e) => CommandResult::Rejected(e),
+        }
+    }
+
+    fn apply_inner(&mut self, command: Command) -> Result<CommandResult, StateError> {
+        match command {
+            Command::RegisterNode { id, addr, voter, capacity_bytes, time_ms } => {
+                match self.nodes.get_mut(&id) {
+                    Some(n) => {
+                        n.addr = addr;
+                        n.capacity_bytes = capacity_bytes;
+                        n.voter |= voter;
+                    }
+                    None => {
+                        let details = format!("{addr}, {}", if voter { "voter" } else { "learner" });
+                        self.nodes.insert(
+                            id,
+                            NodeInfo {
+                                id,
+                                addr,
+                                voter,
+                                up: true,
+                                in_pool: true,
+                                weight: WEIGHT_DEFAULT,
+                                capacity_bytes,
+                                joined_ms: time_ms,
+                            },
+                        );
+                        self.rebalance();
+                        self.event(time_ms, "node.joined", format!("node {id}"), details);
+                    }
+                }
+                Ok(CommandResult::Done)
+            }
+            Command::SetNodeLiveness { id, up, time_ms } => {
+                let node = self.nodes.get_mut(&id).ok_or(StateError::UnknownNode(id))?;
+                if node.up != up {
+                    node.up = up;
+                    let kind = if up { "node.up" } else { "node.down" };
+                    self.event(time_ms, kind, format!("node {id}"), String::new());
+                }
+                Ok(CommandResult::Done)
+            }
+            Command::LeaderElected { id, term, time_ms } => {
+                self.leader = Some(id);
+                self.term = term;
+                self.event(time_ms, "leader.changed", format!("node {id}"), format!("term {term}"));
+                Ok(CommandResult::Done)
+            }
+            Command::CreateVolume { name, size_bytes, chunk_size_bytes, replicas, shared, time_ms } => {
+                validate_name(&name)?;
+                validate_size(size_bytes)?;
+                ChunkSize::new(chunk_size_bytes).map_err(|e| StateError::InvalidChunkSize(e.to_string()))?;
+                if !(1..=REPLICAS_MAX).contains(&replicas) {
+                    return Err(StateError::InvalidReplicas {
+                        replicas,
+                        reason: format!("a volume has 1 to {REPLICAS_MAX}"),
+                    });
+                }
+                let nodes = self.data_nodes();
+                if usize::from(replicas) > nodes {
+                    return Err(StateError::InvalidReplicas {
+                        replicas,
+                        reason: format!("the pool has only {nodes} storage node(s)"),
+                    });
+                }
+                if self.volumes.contains_key(&name) {
+                    return Err(StateError::NameTaken(name));
+                }
+                let volume = Volume {
+                    id: self.next_volume_id,
+                    name: name.clone(),
+                    size_bytes,
+                    chunk_size_bytes,
+                    replicas,
+                    shared,
+                    created_ms: time_ms,
+                    generation: 0,
+                };
+                self.next_volume_id += 1;
+                self.volumes.insert(name.clone(), volume.clone());
+                self.event(
+                    time_ms,
+                    "volume.created",
+                    format!("volume {name}"),
+                    format!("id {}, {size_bytes} bytes, {replicas} replicas", volume.id),
+                );
+                Ok(CommandResult::Volume(volume))
+            }
+            Command::ResizeVolume { name, size_bytes, allow_shrink, time_ms } => {
+                validate_size(size_bytes)?;
+                let volume =
+                    self.volumes.get_mut(&name).ok_or_else(|| StateError::UnknownVolume(name.clone()))?;
+                let from = volume.size_bytes;
+                if size_bytes < from && !allow_shrink {
+                    return Err(StateError::ShrinkRefused { name, from, to: size_bytes });
+                }
+                volume.size_bytes = size_bytes;
+                let volume = volume.clone();
+                self.event(
+                    time_ms,
+                    "volume.resized",
+                    format!("volume {name}"),
+                    format!("{from} -> {size_bytes} bytes"),
+                );
+                Ok(CommandResult::Volume(volume))
+            }
+            Command::DeleteVolume { name, time_ms } => {
+                let volume =
+                    self.volumes.remove(&name).ok_or_else(|| StateError::UnknownVolume(name.clone()))?;
+                self.deleted_volumes.push(volume.id);
+                self.event(time_ms, "volume.deleted", format!("volume {name}"), format!("id {}", volume.id));
+                Ok(CommandResult::Volume(volume))
+            }
+            Command::OpenVolume { name, time_ms } => {
+                let volume =
+                    self.volumes.get_mut(&name).ok_or_else(|| StateError::UnknownVolume(name.clone()))?;
+                self.last_generation += 1;
+                volume.generation = self.last_generation;
+                let volume = volume.clone();
+                self.event(
+                    time_ms,
+                    "volume.generation",
+                    format!("volume {name}"),
+                    format!("generation {}", volume.generation),
+                );
+                Ok(CommandResult::Volume(volume))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_nodes(n: u64) -> ClusterState {
+        let mut s = ClusterState::default();
+        for id in 1..=n {
+            let addr = NodeAddr { rpc: format!("127.0.0.1:{id}"), ..NodeAddr::default() };
+            s.apply(Command::RegisterNode { id, addr, voter: true, capacity_bytes: 1 << 30, time_ms: 1 });
+        }
+        s
+    }
+
+    fn create(s: &mut ClusterState, name: &str, size: u64, replicas: u8) -> CommandResult {
+        s.apply(Command::CreateVolume {
+            name: name.into(),
+            size_bytes: size,
+            chunk_size_bytes: 1 << 20,
+            replicas,
+            shared: false,
+            time_ms: 2,
+        })
+    }
+
+    #[test]
+    fn volumes_are_validated() {
+        let mut s = with_nodes(3);
+        assert!(matches!(create(&mut s, "web01", 1 << 30, 3), CommandResult::Volume(v) if v.id == 1));
+        assert_eq!(
+            create(&mut s, "web01", 1 << 30, 3),
+            CommandResult::Rejected(StateError::NameTaken("web01".into()))
+        );
+        assert!(matches!(
+            create(&mut s, "bad name", 4096, 1),
+            CommandResult::Rejected(StateError::InvalidName(_))
+        ));
+        assert!(matches!(
+            create(&mut s, &"x".repeat(65), 4096, 1),
+            CommandResult::Rejected(StateError::InvalidName(_))
+        ));
+        assert!(matches!(create(&mut s, "a", 0, 1), CommandResult::Rejected(StateError::InvalidSize { .. })));
+        assert!(matches!(
+            create(&mut s, "a", 1000, 1),
+            CommandResult::Rejected(StateError::InvalidSize { .. })
+        ));
+        assert!(matches!(
+            create(&mut s, "a", 4096, 4),
+            CommandResult::Rejected(StateError::InvalidReplicas { .. })
+        ));
+        assert!(matches!(
+            create(&mut s, "a", 4096, 0),
+            CommandResult::Rejected(StateError::InvalidReplicas { .. })
+        ));
+        let shrink =
+            Command::ResizeVolume { name: "web01".into(), size_bytes: 4096, allow_shrink: false, time_ms: 3 };
+        assert!(matches!(s.apply(shrink), CommandResult::Rejected(StateError::ShrinkRefused { .. })));
+        let grow = Command::ResizeVolume {
+            name: "web01".into(),
+            size_bytes: 2 << 30,
+            allow_shrink: false,
+            time_ms: 3,
+        };
+        assert!(matches!(s.apply(grow), CommandResult::Volume(v) if v.size_bytes == 2 << 30));
+    }
+
+    #[test]
+    fn ids_and_generations_never_repeat() {
+        let mut s = with_nodes(1);
+        create(&mut s, "a", 4096, 1);
+        s.apply(Command::DeleteVolume { name: "a".into(), time_ms: 3 });
+        let CommandResult::Volume(v) = create(&mut s, "a", 4096, 1) else { panic!() };
+        assert_eq!(v.id, 2, "ids are never reused");
+        assert_eq!(s.deleted_volumes, vec![1]);
+        let mut last = 0;
+        for _ in 0..5 {
+            let CommandResult::Volume(v) = s.apply(Command::OpenVolume { name: "a".into(), time_ms: 4 })
+            else {
+                panic!()
+            };
+            assert!(v.generation > last);
+            last = v.generation;
+        }
+    }
+
+    #[test]
+    fn epoch_events_and_pg_table() {
+        let mut s = with_nodes(3);
+        assert_eq!(s.pg_table.len(), PG_COUNT_DEFAULT as usize);
+        assert!(s.pg_table.iter().all(|r| r.len() == 3));
+        let e = s.epoch;
+        s.apply(Command::SetNodeLiveness { id: 2, up: false, time_ms: 5 });
+        assert!(s.epoch > e);
+        assert_eq!(s.events.back().map(|e| e.kind.as_str()), Some("node.down"));
+        for i in 0..(EVENTS_MAX + 10) {
+            s.apply(Command::SetNodeLiveness { id: 2, up: i % 2 == 0, time_ms: 6 });
+        }
+        assert_eq!(s.events.len(), EVENTS_MAX);
+        assert_eq!(s.events_since(s.next_event_seq - 3).len(), 2);
+    }
+}

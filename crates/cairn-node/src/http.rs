@@ -1,0 +1,382 @@
+//! The admin HTTP API (JSON in and out), served by every node.
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | /v1/status | this node's view: role, leader, term, epoch, counts (503 without quorum) |
+//! | GET | /v1/nodes | every node: addresses, up/down, in/out, weight, capacity, usage |
+//! | GET | /v1/volumes | every volume |
+//! | POST | /v1/volumes | create: `{"name", "size_bytes", "replicas"?, "chunk_size_bytes"?, "shared"?}` |
+//! | GET | /v1/volumes/{name} | one volume and the nodes holding its placement groups |
+//! | DELETE | /v1/volumes/{name} | delete |
+//! | POST | /v1/volumes/{name}/resize | `{"size_bytes", "allow_shrink"?}` |
+//! | POST | /v1/volumes/{name}/open | issue a new writer generation |
+//! | GET | /v1/events?since=N | events with sequence number above N |
+//! | GET | /v1/pgs | the placement-group table: `{"epoch", "pg_count", "table": [[node, …], …]}` |
+//!
+//! Everything but `/v1/status` is answered by the leader after confirming its leadership with a
+//! quorum (reads see every earlier write). A follower answers `307 Temporary Redirect` to the same
+//! path on the leader. Errors are `{"error": "message"}` with 400 (bad input), 404 (unknown volume),
+//! 409 (name taken), 503 (no leader or no quorum) or 500.
+
+use crate::transport::RpcPeerTransport;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cairn_meta::state::{ClusterState, Command, REPLICAS_DEFAULT, StateError, Volume};
+use cairn_meta::{CommandResult, MetaError, MetaService};
+use cairn_types::limits::CHUNK_SIZE_DEFAULT_BYTES;
+use cairn_types::placement::pg_of;
+use cairn_types::{ChunkIndex, VolumeId};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+type Meta = Arc<MetaService<RpcPeerTransport>>;
+
+/// The API's router.
+pub fn router(meta: Meta) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/volumes/{name}/open", post(open_volume))
+        .route("/v1/events", get(events))
+        .route("/v1/pgs", get(pgs))
+        .with_state(meta)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// An API error, rendered as `{"error": …}` with its status (or a redirect to the leader).
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    location: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), location: None }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(ErrorBody { error: &self.message });
+        match self.location {
+            Some(loc) => (self.status, [(header::LOCATION, loc)], body).into_response(),
+            None => (self.status, body).into_response(),
+        }
+    }
+}
+
+fn map_error(e: MetaError, uri: &Uri) -> ApiError {
+    match e {
+        MetaError::NotLeader { leader: Some((id, addr)) } => ApiError {
+            status: StatusCode::TEMPORARY_REDIRECT,
+            message: format!("not the leader; node {id} is"),
+            location: Some(format!(
+                "http://{}{}",
+                addr.http,
+                uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+            )),
+        },
+        MetaError::NotLeader { leader: None } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no quorum: there is no metadata leader (is a majority of the metadata voters up?)",
+        ),
+        MetaError::NoQuorum(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("no quorum: {m}")),
+        MetaError::Rejected(e) => {
+            let status = match &e {
+                StateError::UnknownVolume(_) | StateError::UnknownNode(_) => StatusCode::NOT_FOUND,
+                StateError::NameTaken(_) => StatusCode::CONFLICT,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            ApiError::new(status, e.to_string())
+        }
+        MetaError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),
+    }
+}
+
+/// Makes sure this node is the leader and up to date; otherwise the error redirects or says why not.
+async fn lead(meta: &Meta, uri: &Uri) -> Result<(), ApiError> {
+    if !meta.is_leader() {
+        let leader = meta.leader().filter(|(id, _)| *id != meta.id());
+        return Err(map_error(MetaError::NotLeader { leader }, uri));
+    }
+    meta.linearizable().await.map_err(|e| map_error(e, uri))
+}
+
+#[derive(Serialize)]
+struct LeaderJson {
+    id: u64,
+    http: String,
+}
+
+#[derive(Serialize)]
+struct StatusJson {
+    node_id: u64,
+    role: String,
+    leader: Option<LeaderJson>,
+    term: u64,
+    epoch: u64,
+    pg_count: u32,
+    nodes_total: usize,
+    nodes_up: usize,
+    volumes: usize,
+    events_last_seq: u64,
+}
+
+async fn status(State(meta): State<Meta>, uri: Uri) -> Result<Json<StatusJson>, ApiError> {
+    if meta.is_leader() {
+        meta.linearizable().await.map_err(|e| map_error(e, &uri))?;
+    } else if meta.leader().is_none() {
+        return Err(map_error(MetaError::NotLeader { leader: None }, &uri));
+    }
+    let role = format!("{:?}", meta.raft().metrics().borrow().state).to_lowercase();
+    let leader = meta.leader().map(|(id, addr)| LeaderJson { id, http: addr.http });
+    Ok(Json(meta.read(|s| StatusJson {
+        node_id: meta.id(),
+        role,
+        leader,
+        term: meta.term(),
+        epoch: s.epoch,
+        pg_count: s.pg_count,
+        nodes_total: s.nodes.len(),
+        nodes_up: s.nodes.values().filter(|n| n.up).count(),
+        volumes: s.volumes.len(),
+        events_last_seq: s.next_event_seq - 1,
+    })))
+}
+
+#[derive(Serialize)]
+struct NodeJson {
+    id: u64,
+    rpc: String,
+    http: String,
+    nbd: String,
+    voter: bool,
+    state: &'static str,
+    #[serde(rename = "in")]
+    in_pool: bool,
+    weight: u32,
+    capacity_bytes: u64,
+    used_bytes: u64,
+    last_heartbeat_ms_ago: Option<u64>,
+    pg_replicas: usize,
+}
+
+async fn nodes(State(meta): State<Meta>, uri: Uri) -> Result<Json<Vec<NodeJson>>, ApiError> {
+    lead(&meta, &uri).await?;
+    let nodes = meta.read(|s| {
+        s.nodes
+            .values()
+            .map(|n| {
+                let usage = meta.usage(n.id);
+                NodeJson {
+                    id: n.id,
+                    rpc: n.addr.rpc.clone(),
+                    http: n.addr.http.clone(),
+                    nbd: n.addr.nbd.clone(),
+                    voter: n.voter,
+                    state: if n.up { "up" } else { "down" },
+                    in_pool: n.in_pool,
+                    weight: n.weight,
+                    capacity_bytes: usage.map(|u| u.capacity_bytes).unwrap_or(n.capacity_bytes),
+                    used_bytes: usage.map(|u| u.used_bytes).unwrap_or(0),
+                    last_heartbeat_ms_ago: if n.id == meta.id() { Some(0) } else { meta.silent_ms(n.id) },
+                    pg_replicas: s
+                        .pg_table
+                        .iter()
+                        .filter(|row| row.iter().take(3).any(|x| *x == n.id))
+                        .count(),
+                }
+            })
+            .collect()
+    });
+    Ok(Json(nodes))
+}
+
+async fn list_volumes(State(meta): State<Meta>, uri: Uri) -> Result<Json<Vec<Volume>>, ApiError> {
+    lead(&meta, &uri).await?;
+    Ok(Json(meta.read(|s| s.volumes.values().cloned().collect())))
+}
+
+#[derive(Serialize)]
+struct PgJson {
+    pg: u32,
+    nodes: Vec<u64>,
+}
+
+#[derive(Serialize)]
+struct VolumeInfoJson {
+    #[serde(flatten)]
+    volume: Volume,
+    chunks: u64,
+    /// Per node: how many of the volume's placement groups it holds a replica of.
+    nodes: BTreeMap<u64, usize>,
+    pgs: Vec<PgJson>,
+}
+
+/// The placement groups a volume's chunks fall in, with the nodes holding each.
+fn placement(s: &ClusterState, v: &Volume) -> VolumeInfoJson {
+    let chunk = u64::from(v.chunk_size_bytes.max(1));
+    let chunks = v.size_bytes.div_ceil(chunk);
+    let mut used = vec![false; s.pg_count as usize];
+    // With 16 chunks per PG on average, every PG is used with overwhelming probability
+    // ((1 - 1/n)^(16n) < 1e-6); below that, find them exactly.
+    if chunks >= 16 * u64::from(s.pg_count) {
+        used.iter_mut().for_each(|u| *u = true);
+    } else if let Ok(id) = VolumeId::new(v.id) {
+        for c in 0..chunks {
+            used[pg_of(id, ChunkIndex(c), s.pg_count).0 as usize] = true;
+        }
+    }
+    let mut nodes = BTreeMap::new();
+    let mut pgs = Vec::new();
+    for (pg, in_use) in used.iter().enumerate() {
+        if !in_use {
+            continue;
+        }
+        let row: Vec<u64> = s
+            .pg_table
+            .get(pg)
+            .map(|r| r.iter().take(usize::from(v.replicas)).copied().collect())
+            .unwrap_or_default();
+        for n in &row {
+            *nodes.entry(*n).or_insert(0) += 1;
+        }
+        pgs.push(PgJson { pg: pg as u32, nodes: row });
+    }
+    VolumeInfoJson { volume: v.clone(), chunks, nodes, pgs }
+}
+
+async fn volume_info(
+    State(meta): State<Meta>,
+    uri: Uri,
+    Path(name): Path<String>,
+) -> Result<Json<VolumeInfoJson>, ApiError> {
+    lead(&meta, &uri).await?;
+    meta.read(|s| s.volumes.get(&name).map(|v| placement(s, v)))
+        .map(Json)
+        .ok_or_else(|| map_error(MetaError::Rejected(StateError::UnknownVolume(name)), &uri))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVolume {
+    name: String,
+    size_bytes: u64,
+    replicas: Option<u8>,
+    chunk_size_bytes: Option<u32>,
+    #[serde(default)]
+    shared: bool,
+}
+
+async fn propose_volume(meta: &Meta, uri: &Uri, command: Command) -> Result<Volume, ApiError> {
+    if !meta.is_leader() {
+        lead(meta, uri).await?;
+    }
+    match meta.propose(command).await.map_err(|e| map_error(e, uri))? {
+        CommandResult::Volume(v) => Ok(v),
+        other => {
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected result {other:?}")))
+        }
+    }
+}
+
+async fn create_volume(
+    State(meta): State<Meta>,
+    uri: Uri,
+    body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Volume>), ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let command = Command::CreateVolume {
+        name: req.name,
+        size_bytes: req.size_bytes,
+        chunk_size_bytes: req.chunk_size_bytes.unwrap_or(CHUNK_SIZE_DEFAULT_BYTES),
+        replicas: req.replicas.unwrap_or(REPLICAS_DEFAULT),
+        shared: req.shared,
+        time_ms: now_ms(),
+    };
+    Ok((StatusCode::CREATED, Json(propose_volume(&meta, &uri, command).await?)))
+}
+
+async fn delete_volume(
+    State(meta): State<Meta>,
+    uri: Uri,
+    Path(name): Path<String>,
+) -> Result<Json<Volume>, ApiError> {
+    Ok(Json(propose_volume(&meta, &uri, Command::DeleteVolume { name, time_ms: now_ms() }).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    size_bytes: u64,
+    #[serde(default)]
+    allow_shrink: bool,
+}
+
+async fn resize_volume(
+    State(meta): State<Meta>,
+    uri: Uri,
+    Path(name): Path<String>,
+    body: Result<Json<Resize>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Volume>, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let command = Command::ResizeVolume {
+        name,
+        size_bytes: req.size_bytes,
+        allow_shrink: req.allow_shrink,
+        time_ms: now_ms(),
+    };
+    Ok(Json(propose_volume(&meta, &uri, command).await?))
+}
+
+async fn open_volume(
+    State(meta): State<Meta>,
+    uri: Uri,
+    Path(name): Path<String>,
+) -> Result<Json<Volume>, ApiError> {
+    Ok(Json(propose_volume(&meta, &uri, Command::OpenVolume { name, time_ms: now_ms() }).await?))
+}
+
+#[derive(Deserialize)]
+struct Since {
+    since: Option<u64>,
+}
+
+async fn events(
+    State(meta): State<Meta>,
+    uri: Uri,
+    Query(q): Query<Since>,
+) -> Result<Json<Vec<cairn_meta::Event>>, ApiError> {
+    lead(&meta, &uri).await?;
+    Ok(Json(meta.read(|s| s.events_since(q.since.unwrap_or(0)))))
+}
+
+#[derive(Serialize)]
+struct PgTableJson {
+    epoch: u64,
+    pg_count: u32,
+    table: Vec<Vec<u64>>,
+}
+
+async fn pgs(State(meta): State<Meta>, uri: Uri) -> Result<Json<PgTableJson>, ApiError> {
+    lead(&meta, &uri).await?;
+    Ok(Json(meta.read(|s| PgTableJson { epoch: s.epoch, pg_count: s.pg_count, table: s.pg_table.clone() })))
+}

@@ -1,0 +1,150 @@
+//! A whole storage node: chunk store, node RPC server, metadata service and admin HTTP API.
+
+use crate::config::NodeConfig;
+use crate::server::{NodeError, PeerHandler, PeerSlot, RunningNode};
+use crate::transport::RpcPeerTransport;
+use cairn_meta::network::PeerRequest;
+use cairn_meta::{MetaConfig, MetaService, NodeAddr};
+use cairn_store::{Store, StoreConfig, StoreError};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// A started node.
+#[derive(Debug)]
+pub struct Node {
+    rpc: RunningNode,
+    meta: Arc<MetaService<RpcPeerTransport>>,
+    http_addr: SocketAddr,
+    http_stop: CancellationToken,
+    http_task: tokio::task::JoinHandle<()>,
+    join_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn usage(dir: &Path) -> (u64, u64) {
+    match rustix::fs::statvfs(dir) {
+        Ok(s) => {
+            let capacity = s.f_blocks.saturating_mul(s.f_frsize);
+            let free = s.f_bfree.saturating_mul(s.f_frsize);
+            (capacity, capacity.saturating_sub(free))
+        }
+        Err(_) => (0, 0),
+    }
+}
+
+fn node_addr(m: &crate::config::Member) -> NodeAddr {
+    NodeAddr { rpc: m.rpc.to_string(), http: m.http.to_string(), nbd: m.nbd.to_string() }
+}
+
+impl Node {
+    /// Starts every part of the node and joins or forms the pool its configuration names.
+    pub async fn start(config: &NodeConfig) -> Result<Node, NodeError> {
+        let store_config = StoreConfig { open_files_max: config.open_files_max };
+        let dir = config.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&dir, store_config))
+            .await
+            .map_err(|e| StoreError::InvalidRequest(format!("store open task failed: {e}")))??;
+        let store = Arc::new(store);
+        let http_listener = tokio::net::TcpListener::bind(config.http_addr())
+            .await
+            .map_err(|source| NodeError::Listen { addr: config.http_addr(), source })?;
+        let peer: PeerSlot = Arc::default();
+        let rpc = RunningNode::start(config, store.clone(), peer.clone()).await?;
+
+        let me = config.member();
+        let dir = config.data_dir.clone();
+        let meta_config = MetaConfig { down_after_ms: config.meta.down_after_ms, ..MetaConfig::default() };
+        let meta = MetaService::start(
+            me.id,
+            node_addr(&me),
+            &config.data_dir.join("meta.redb"),
+            RpcPeerTransport::default(),
+            meta_config,
+            Arc::new(move || usage(&dir)),
+        )
+        .await
+        .map_err(|e| NodeError::Meta(e.to_string()))?;
+        let handler_meta = meta.clone();
+        let handler: PeerHandler = Arc::new(move |body| {
+            let meta = handler_meta.clone();
+            Box::pin(async move {
+                let request: PeerRequest =
+                    serde_json::from_slice(&body).map_err(|e| format!("malformed peer request: {e}"))?;
+                let reply = meta.handle_peer(request).await;
+                serde_json::to_vec(&reply).map(bytes::Bytes::from).map_err(|e| e.to_string())
+            })
+        });
+        let _ = peer.set(handler);
+
+        // Form or join the pool.
+        let voters: BTreeMap<u64, NodeAddr> = if config.meta.voters.is_empty() && config.meta.join.is_empty()
+        {
+            [(me.id, node_addr(&me))].into()
+        } else {
+            config.meta.voters.iter().map(|m| (m.id, node_addr(m))).collect()
+        };
+        if voters.contains_key(&me.id) {
+            meta.bootstrap(voters).await.map_err(|e| NodeError::Meta(e.to_string()))?;
+        }
+        let join_task = (!config.meta.join.is_empty()).then(|| {
+            let meta = meta.clone();
+            let seeds: Vec<NodeAddr> = config
+                .meta
+                .join
+                .iter()
+                .map(|a| NodeAddr { rpc: a.to_string(), ..NodeAddr::default() })
+                .collect();
+            tokio::spawn(async move {
+                // Bounded by the node's lifetime: the task is aborted at shutdown.
+                while !meta.is_member() {
+                    match meta.join(&seeds).await {
+                        Ok(()) => tracing::info!("asked the pool to add this node"),
+                        Err(e) => tracing::warn!("joining the pool: {e}"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        });
+
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| NodeError::Listen { addr: config.http_addr(), source })?;
+        let http_stop = CancellationToken::new();
+        let stop = http_stop.clone();
+        let app = crate::http::router(meta.clone());
+        let http_task = tokio::spawn(async move {
+            let served = axum::serve(http_listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+            if let Err(e) = served {
+                tracing::error!("admin HTTP API stopped: {e}");
+            }
+        });
+        Ok(Node { rpc, meta, http_addr, http_stop, http_task, join_task })
+    }
+
+    pub fn rpc_addr(&self) -> SocketAddr {
+        self.rpc.rpc_addr()
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn meta(&self) -> &Arc<MetaService<RpcPeerTransport>> {
+        &self.meta
+    }
+
+    /// Stops cleanly: the HTTP API, the metadata service, then the RPC server (which finishes requests
+    /// in flight and flushes every volume).
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        self.http_stop.cancel();
+        if let Some(t) = self.join_task {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.http_task).await;
+        self.meta.shutdown().await;
+        self.rpc.shutdown().await
+    }
+}
