@@ -45,7 +45,7 @@ impl NodeProcess {
         let child = cairn()
             .args(["node", "run", "--config"])
             .arg(config)
-            .env("CAIRN_LOG", "warn")
+            .env("CAIRN_LOG", "warn,openraft=off")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -122,4 +122,216 @@ pub fn run_to_end(mut cmd: Command, within: Duration) -> Output {
         std::thread::sleep(Duration::from_millis(10));
     }
     child.wait_with_output().unwrap()
+}
+
+/// A whole local pool started with `cairn up`, in a temp dir, on random ports. Every process it
+/// started (and every node restarted through it) is killed when it is dropped.
+pub struct Pool {
+    pub dir: tempfile::TempDir,
+    pub up: Option<Child>,
+    pub port_base: u16,
+    pub nodes: usize,
+    pub restarted: Vec<Child>,
+    client: reqwest::blocking::Client,
+}
+
+fn ports_free(base: u16, count: usize) -> bool {
+    (0..count).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i as u16)).is_ok())
+}
+
+impl Pool {
+    pub fn start(nodes: usize) -> Pool {
+        let client = reqwest::blocking::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(15))
+            .build()
+            .unwrap();
+        for attempt in 0..1 {
+            let dir = tempfile::tempdir().unwrap();
+            let port_base = loop {
+                let b = 20000 + (rand::random::<u16>() % 3000) * 10;
+                if ports_free(b, nodes * 10 + 10) {
+                    break b;
+                }
+            };
+            let mut up = cairn()
+                .args(["up", "--nodes", &nodes.to_string(), "--port-base", &port_base.to_string(), "--dir"])
+                .arg(dir.path().join("cairn-data"))
+                .env("CAIRN_LOG", "info,openraft=warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            let stdout = up.stdout.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let done = line.starts_with("pool is up");
+                    if tx.send(line).is_err() || done {
+                        break;
+                    }
+                }
+            });
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let mut ok = false;
+            while Instant::now() < deadline {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(line) if line.starts_with("pool is up") => {
+                        ok = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(_) => break,
+                }
+                if up.try_wait().unwrap().is_some() {
+                    break;
+                }
+            }
+            let pool =
+                Pool { dir, up: Some(up), port_base, nodes, restarted: Vec::new(), client: client.clone() };
+            if ok {
+                return pool;
+            }
+            // (A port may have been taken between the check and the start.) Dropping kills it all.
+            eprintln!("pool start attempt {attempt} failed; retrying on other ports");
+            drop(pool);
+            return Pool::start_fresh(nodes, attempt + 1);
+        }
+        panic!("could not start a pool");
+    }
+
+    fn start_fresh(nodes: usize, attempt: usize) -> Pool {
+        assert!(attempt < 3, "could not start a pool in 3 attempts");
+        Pool::start(nodes)
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("cairn-data")
+    }
+
+    pub fn http(&self, k: u64) -> String {
+        format!("127.0.0.1:{}", self.port_base as u64 + 10 * (k - 1) + 2)
+    }
+
+    pub fn addrs(&self) -> String {
+        (1..=self.nodes as u64).map(|k| self.http(k)).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn pid(&self, k: u64) -> u32 {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.data().join("pool.json")).unwrap()).unwrap();
+        v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == k).unwrap()["pid"].as_u64().unwrap() as u32
+    }
+
+    pub fn sigkill(&self, k: u64) {
+        let pid = rustix::process::Pid::from_raw(self.pid(k) as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+        // Wait until it is gone (its ports free) so a restart can bind them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rustix::process::test_kill_process(pid).is_ok() {
+            // A child of `cairn up` stays a zombie until reaped; it no longer holds ports.
+            let stat =
+                std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z ") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {k} did not die");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Restarts node k with `cairn node run`, as an operator would.
+    pub fn restart(&mut self, k: u64) {
+        let config = self.data().join(format!("node-{k}/node.toml"));
+        let child = cairn()
+            .args(["node", "run", "--config"])
+            .arg(config)
+            .env("CAIRN_LOG", "warn,openraft=off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.restarted.push(child);
+    }
+
+    /// GET on node k's API without following redirects: (status, body).
+    pub fn get(&self, k: u64, path: &str) -> (u16, serde_json::Value) {
+        match self.client.get(format!("http://{}{path}", self.http(k))).send() {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, r.json().unwrap_or(serde_json::Value::Null))
+            }
+            Err(_) => (0, serde_json::Value::Null),
+        }
+    }
+
+    /// Runs the CLI against the pool (every node's address); returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let mut cmd = cairn();
+        cmd.arg("--addr").arg(self.addrs()).args(args).env("CAIRN_LOG", "off");
+        let out = run_to_end(cmd, Duration::from_secs(60));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Like `cli`, but the command must succeed; returns stdout parsed as JSON (pass --json).
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let (ok, out, err) = self.cli(&full);
+        assert!(ok, "cairn {args:?} failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("cairn {args:?} printed non-JSON ({e}): {out}"))
+    }
+
+    /// The leader as node k sees it (None if it knows none or does not answer).
+    pub fn leader_seen_by(&self, k: u64) -> Option<u64> {
+        let (status, v) = self.get(k, "/v1/status");
+        if status != 200 {
+            return None;
+        }
+        v["leader"]["id"].as_u64()
+    }
+}
+
+/// Polls `f` until it returns Some, with a deadline.
+pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for k in 1..=self.nodes as u64 {
+            if let Ok(text) = std::fs::read_to_string(self.data().join("pool.json"))
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+                && let Some(pid) = v["nodes"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|n| n["id"] == k))
+                    .and_then(|n| n["pid"].as_u64())
+                && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+        for c in &mut self.restarted {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut up) = self.up.take() {
+            let _ = up.kill();
+            let _ = up.wait();
+        }
+    }
 }

@@ -1,0 +1,244 @@
+//! Whole pools started with `cairn up` (separate node processes), driven with the CLI and the HTTP
+//! API: volume administration, leader failover, loss of quorum, generations, and a node joining.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[test]
+fn volumes_are_created_listed_resized_and_deleted() {
+    let pool = Pool::start(3);
+    let v = pool.cli_json(&["volume", "create", "web01", "--size", "40G"]);
+    assert_eq!(
+        (v["name"].as_str(), v["size_bytes"].as_u64(), v["replicas"].as_u64()),
+        (Some("web01"), Some(40 << 30), Some(3))
+    );
+    let v = pool.cli_json(&[
+        "volume",
+        "create",
+        "db.01",
+        "--size",
+        "100M",
+        "--replicas",
+        "2",
+        "--chunk-size",
+        "4M",
+    ]);
+    assert_eq!((v["replicas"].as_u64(), v["chunk_size_bytes"].as_u64()), (Some(2), Some(4 << 20)));
+    let ls = pool.cli_json(&["volume", "ls"]);
+    let names: Vec<&str> = ls.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["db.01", "web01"]);
+    // Info names the nodes holding the volume's placement groups.
+    let info = pool.cli_json(&["volume", "info", "web01"]);
+    assert_eq!(info["chunks"].as_u64(), Some(40 * 1024));
+    assert_eq!(info["nodes"].as_object().unwrap().len(), 3);
+    assert!(info["pgs"].as_array().unwrap().iter().all(|p| p["nodes"].as_array().unwrap().len() == 3));
+    // Human output is a table.
+    let (ok, out, _) = pool.cli(&["volume", "ls"]);
+    assert!(ok && out.lines().next().unwrap().starts_with("NAME"), "{out}");
+
+    // Validation, with the right errors.
+    for (args, needle) in [
+        (vec!["volume", "create", "web01", "--size", "1G"], "already exists (HTTP 409)"),
+        (vec!["volume", "create", "bad/name", "--size", "1G"], "is invalid"),
+        (vec!["volume", "create", &"x".repeat(65), "--size", "1G"], "is invalid"),
+        (vec!["volume", "create", "odd", "--size", "1000"], "multiple of 4 KiB"),
+        (vec!["volume", "create", "zero", "--size", "0"], "at least 4 KiB"),
+        (vec!["volume", "create", "many", "--size", "1G", "--replicas", "4"], "only 3 storage node"),
+        (vec!["volume", "create", "chunky", "--size", "1G", "--chunk-size", "3M"], "power of two"),
+        (vec!["volume", "create", "s", "--size", "12Q"], "unknown suffix"),
+        (vec!["volume", "resize", "web01", "--size", "20G"], "--allow-shrink"),
+        (vec!["volume", "info", "nope"], "no volume named \"nope\" (HTTP 404)"),
+        (vec!["volume", "rm", "nope"], "HTTP 404"),
+    ] {
+        let (ok, _, err) = pool.cli(&args);
+        assert!(!ok, "{args:?} must fail");
+        assert!(
+            err.starts_with("error: ") && err.contains(needle),
+            "{args:?}: {err:?} should contain {needle:?}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err:?}");
+    }
+
+    let v = pool.cli_json(&["volume", "resize", "web01", "--size", "50G"]);
+    assert_eq!(v["size_bytes"].as_u64(), Some(50 << 30));
+    let v = pool.cli_json(&["volume", "resize", "web01", "--size", "10G", "--allow-shrink"]);
+    assert_eq!(v["size_bytes"].as_u64(), Some(10 << 30));
+    let gone = pool.cli_json(&["volume", "rm", "db.01"]);
+    // Ids are never reused.
+    let again = pool.cli_json(&["volume", "create", "db.01", "--size", "1G"]);
+    assert!(again["id"].as_u64() > gone["id"].as_u64());
+
+    let status = pool.cli_json(&["status"]);
+    assert_eq!(status["status"]["nodes_up"].as_u64(), Some(3));
+    assert_eq!(status["status"]["volumes"].as_u64(), Some(2));
+    // `events --json` prints one JSON object per line (so that --follow can stream).
+    let (ok, out, _) = pool.cli(&["--json", "events"]);
+    assert!(ok);
+    let kinds: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().into())
+        .collect();
+    assert_eq!(kinds[0], "leader.changed");
+    let (ok, out, _) = pool.cli(&["events"]);
+    assert!(ok);
+    for kind in ["leader.changed", "node.joined", "volume.created", "volume.resized", "volume.deleted"] {
+        assert!(out.contains(kind), "events lack {kind}: {out}");
+    }
+}
+
+fn open(pool: &Pool, name: &str) -> u64 {
+    let v = pool.cli_json(&["volume", "info", name]);
+    assert!(v["generation"].is_u64());
+    // Opening for writing is an API call (the data path makes it); the CLI has no command for it.
+    let client = reqwest::blocking::Client::new();
+    for k in 1..=pool.nodes as u64 {
+        if let Ok(r) = client.post(format!("http://{}/v1/volumes/{name}/open", pool.http(k))).send()
+            && r.status().is_success()
+        {
+            return r.json::<serde_json::Value>().unwrap()["generation"].as_u64().unwrap();
+        }
+    }
+    panic!("no node opened {name}");
+}
+
+/// The leader all of `alive` agree on (and which is one of them).
+fn current_leader(pool: &Pool, alive: &[u64]) -> u64 {
+    wait_for("a leader", Duration::from_secs(20), || {
+        let seen: Vec<Option<u64>> = alive.iter().map(|k| pool.leader_seen_by(*k)).collect();
+        let first = seen[0]?;
+        (alive.contains(&first) && seen.iter().all(|s| *s == Some(first))).then_some(first)
+    })
+}
+
+#[test]
+fn leader_failover_keeps_volumes_and_generations_grow() {
+    let mut pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "vm1", "--size", "1G"]);
+    let mut generations = vec![open(&pool, "vm1")];
+    let leader = current_leader(&pool, &[1, 2, 3]);
+
+    // SIGKILL the leader: another takes over within a few seconds.
+    pool.sigkill(leader);
+    let killed_at = Instant::now();
+    let others: Vec<u64> = (1..=3).filter(|k| *k != leader).collect();
+    let new_leader = current_leader(&pool, &others);
+    let took = killed_at.elapsed();
+    assert_ne!(new_leader, leader);
+    assert!(took < Duration::from_secs(10), "failover took {took:?}");
+    eprintln!("new leader {new_leader} after {took:?}");
+
+    // The CLI keeps working through the other nodes; nothing committed was lost.
+    let ls = pool.cli_json(&["volume", "ls"]);
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+    pool.cli_json(&["volume", "create", "vm2", "--size", "2G"]);
+    generations.push(open(&pool, "vm1"));
+
+    // The killed node comes back as a follower of the new leader.
+    pool.restart(leader);
+    wait_for("the old leader to rejoin as follower", Duration::from_secs(20), || {
+        let (status, v) = pool.get(leader, "/v1/status");
+        (status == 200 && v["role"] == "follower" && v["leader"]["id"] == new_leader && v["volumes"] == 2)
+            .then_some(())
+    });
+    generations.push(open(&pool, "vm2"));
+
+    // Restart every node: the pool, its volumes and the generation counter survive.
+    for k in 1..=3 {
+        pool.sigkill(k);
+    }
+    for k in 1..=3 {
+        pool.restart(k);
+    }
+    current_leader(&pool, &[1, 2, 3]);
+    let ls = wait_for("volumes after a full restart", Duration::from_secs(20), || {
+        let (ok, out, _) = pool.cli(&["--json", "volume", "ls"]);
+        ok.then(|| serde_json::from_str::<serde_json::Value>(&out).unwrap())
+    });
+    assert_eq!(ls.as_array().unwrap().len(), 2);
+    generations.push(open(&pool, "vm1"));
+    assert!(
+        generations.windows(2).all(|w| w[0] < w[1]),
+        "generations must strictly increase: {generations:?}"
+    );
+}
+
+#[test]
+fn losing_quorum_answers_503_and_recovers() {
+    let mut pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "keep", "--size", "1G"]);
+    let leader = current_leader(&pool, &[1, 2, 3]);
+    // Kill the leader and one follower: the survivor has no quorum.
+    let follower = (1..=3).find(|k| *k != leader).unwrap();
+    let survivor = (1..=3).find(|k| *k != leader && *k != follower).unwrap();
+    pool.sigkill(leader);
+    pool.sigkill(follower);
+    let (status, body) = wait_for("503 from the survivor", Duration::from_secs(30), || {
+        let (status, body) = pool.get(survivor, "/v1/volumes");
+        (status == 503).then_some((status, body))
+    });
+    assert_eq!(status, 503);
+    let msg = body["error"].as_str().unwrap();
+    assert!(msg.contains("no quorum"), "{msg}");
+    let (ok, _, err) = pool.cli(&["volume", "create", "lost", "--size", "1G"]);
+    assert!(!ok && err.contains("no quorum"), "{err}");
+
+    // One comes back: the pool works again.
+    pool.restart(follower);
+    wait_for("the pool to accept writes again", Duration::from_secs(30), || {
+        let (ok, _, _) = pool.cli(&["volume", "create", "after", "--size", "1G"]);
+        ok.then_some(())
+    });
+    let ls = pool.cli_json(&["volume", "ls"]);
+    let names: Vec<&str> = ls.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["after", "keep"], "the failed create must not have happened");
+}
+
+#[test]
+fn a_fourth_node_joins_and_only_necessary_pgs_move() {
+    let mut pool = Pool::start(3);
+    let (_, before) = pool.get(current_leader(&pool, &[1, 2, 3]), "/v1/pgs");
+    let before: Vec<Vec<u64>> = serde_json::from_value(before["table"].clone()).unwrap();
+
+    // Node 4, configured to join through node 1.
+    let dir = pool.data().join("node-4");
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = |off: u16| pool.port_base + 30 + off;
+    let config = format!(
+        "node_id = 4\ndata_dir = \"{}\"\nrpc_listen_addr = \"127.0.0.1:{}\"\nnbd_listen_addr = \"127.0.0.1:{}\"\nhttp_listen_addr = \"127.0.0.1:{}\"\n[meta]\njoin = [\"127.0.0.1:{}\"]\n",
+        dir.join("data").display(),
+        port(0),
+        port(1),
+        port(2),
+        pool.port_base
+    );
+    std::fs::write(dir.join("node.toml"), config).unwrap();
+    pool.restart(4);
+    let leader = current_leader(&pool, &[1, 2, 3]);
+    wait_for("node 4 to be up", Duration::from_secs(30), || {
+        let (status, nodes) = pool.get(leader, "/v1/nodes");
+        let ok = status == 200
+            && nodes.as_array().unwrap().len() == 4
+            && nodes.as_array().unwrap().iter().all(|n| n["state"] == "up");
+        ok.then_some(())
+    });
+    let (_, nodes) = pool.get(leader, "/v1/nodes");
+    let n4 = nodes.as_array().unwrap().iter().find(|n| n["id"] == 4).unwrap();
+    assert_eq!(n4["voter"], false, "later nodes are learners");
+    let (_, after) = pool.get(leader, "/v1/pgs");
+    let after: Vec<Vec<u64>> = serde_json::from_value(after["table"].clone()).unwrap();
+
+    // A PG moves only if node 4 entered its replica set; everything else stays put.
+    let top3 = |row: &Vec<u64>| row.iter().take(3).copied().collect::<Vec<u64>>();
+    let moved = before.iter().zip(&after).filter(|(b, a)| top3(b) != top3(a)).count();
+    let gained = after.iter().filter(|a| top3(a).contains(&4)).count();
+    assert_eq!(moved, gained, "PGs that moved without node 4 entering them");
+    let expect: BTreeMap<u64, u32> = (1..=4).map(|n| (n, 100)).collect();
+    let expected = cairn_meta::placement::pg_table(&expect, 256, 5);
+    assert_eq!(after, expected, "the table is the balancer's");
+    eprintln!("{moved} of 256 PGs moved (about 3/4 expected)");
+    assert!((150..=230).contains(&moved), "{moved} PGs moved");
+}
