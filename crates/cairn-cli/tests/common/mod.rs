@@ -146,7 +146,7 @@ impl Pool {
             .timeout(Duration::from_secs(15))
             .build()
             .unwrap();
-        for attempt in 0..1 {
+        for attempt in 0..3 {
             let dir = tempfile::tempdir().unwrap();
             let port_base = loop {
                 let b = 20000 + (rand::random::<u16>() % 3000) * 10;
@@ -198,14 +198,8 @@ impl Pool {
             // (A port may have been taken between the check and the start.) Dropping kills it all.
             eprintln!("pool start attempt {attempt} failed; retrying on other ports");
             drop(pool);
-            return Pool::start_fresh(nodes, attempt + 1);
         }
-        panic!("could not start a pool");
-    }
-
-    fn start_fresh(nodes: usize, attempt: usize) -> Pool {
-        assert!(attempt < 3, "could not start a pool in 3 attempts");
-        Pool::start(nodes)
+        panic!("could not start a pool in 3 attempts");
     }
 
     pub fn data(&self) -> PathBuf {
