@@ -22,7 +22,9 @@ use openraft::{ServerState, SnapshotPolicy};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+// tokio's clock, so that a simulation (turmoil) controls liveness timing too.
+use tokio::time::Instant;
 
 /// Tunables of the metadata service.
 #[derive(Debug, Clone)]
