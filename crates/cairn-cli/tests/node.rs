@@ -33,6 +33,7 @@ fn write_req(v: u64, chunk: u64, blk: u32, data: Vec<u8>, generation: u64) -> Re
         stamp: Stamp { generation: Generation(generation), sequence: 1 },
         crcs: block_crcs(&data),
         data: Bytes::from(data),
+        missed_by: vec![],
     }
 }
 
@@ -274,6 +275,7 @@ async fn more_in_flight_than_the_byte_budget_completes() {
                 stamp: Stamp { generation: Generation(1), sequence: chunk },
                 crcs: block_crcs(&data),
                 data: Bytes::from(data),
+                missed_by: vec![],
             };
             assert_eq!(c.call(&req).await.unwrap(), Response::Done);
         });

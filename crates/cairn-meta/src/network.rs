@@ -17,11 +17,15 @@ use std::future::Future;
 use std::time::Duration;
 
 /// A node's periodic report to the leader: it is alive, and how full it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeReport {
     pub id: u64,
+    /// Changes every time the node's process starts.
+    pub boot_id: u64,
     pub capacity_bytes: u64,
     pub used_bytes: u64,
+    /// Peers this node holds writes for that they missed (it will copy them over).
+    pub missed_for: Vec<u64>,
 }
 
 /// A request from one metadata peer to another.

@@ -63,8 +63,17 @@ pub enum MetaError {
     Internal(String),
 }
 
-/// Measures the node's capacity and usage, for its heartbeats.
-pub type UsageProbe = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
+/// What a node measures for its heartbeats.
+#[derive(Debug, Clone, Default)]
+pub struct Probe {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    /// Peers this node holds missed writes for.
+    pub missed_for: Vec<u64>,
+}
+
+/// Measures the node's capacity, usage and pending catch-up work, for its heartbeats.
+pub type UsageProbe = Arc<dyn Fn() -> Probe + Send + Sync>;
 
 #[derive(Debug, Default)]
 struct Liveness {
@@ -72,6 +81,8 @@ struct Liveness {
     usage: HashMap<u64, NodeReport>,
     /// Term in which this node last took office (to run the take-office steps once).
     led_term: Option<u64>,
+    /// When this leader first saw each catching-up node as catching up.
+    catching_since: HashMap<u64, Instant>,
 }
 
 /// The metadata service of one node.
@@ -84,6 +95,7 @@ pub struct MetaService<T: PeerTransport> {
     config: MetaConfig,
     liveness: Mutex<Liveness>,
     usage_probe: UsageProbe,
+    boot_id: u64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -138,6 +150,12 @@ impl<T: PeerTransport> MetaService<T> {
             config,
             liveness: Mutex::new(Liveness::default()),
             usage_probe,
+            // Distinct for every start of the process (nanoseconds since the epoch, never 0).
+            boot_id: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                .max(1),
             tasks: Mutex::new(Vec::new()),
         });
         let leader_task = tokio::spawn(leader_loop(Arc::downgrade(&service)));
@@ -279,7 +297,18 @@ impl<T: PeerTransport> MetaService<T> {
 
     /// The latest report of a node's capacity and usage (known on the leader).
     pub fn usage(&self, id: u64) -> Option<NodeReport> {
-        lock(&self.liveness).usage.get(&id).copied()
+        lock(&self.liveness).usage.get(&id).cloned()
+    }
+
+    /// This process's boot id.
+    pub fn boot_id(&self) -> u64 {
+        self.boot_id
+    }
+
+    /// Whether this node may serve client IO: the cluster map knows its current process and it is
+    /// not catching up.
+    pub fn serves_clients(&self) -> bool {
+        self.read(|s| s.nodes.get(&self.id).is_some_and(|n| n.boot_id == self.boot_id && n.in_sync()))
     }
 
     /// Milliseconds since the leader last heard from a node.
@@ -387,6 +416,7 @@ impl<T: PeerTransport> MetaService<T> {
                     .collect()
             })
         };
+        self.track_catch_up().await?;
         for (id, up) in changes {
             if up {
                 tracing::info!(node = id, "node is up");
@@ -399,8 +429,81 @@ impl<T: PeerTransport> MetaService<T> {
     }
 
     fn report(&self) -> NodeReport {
-        let (capacity_bytes, used_bytes) = (self.usage_probe)();
-        NodeReport { id: self.id, capacity_bytes, used_bytes }
+        let p = (self.usage_probe)();
+        NodeReport {
+            id: self.id,
+            boot_id: self.boot_id,
+            capacity_bytes: p.capacity_bytes,
+            used_bytes: p.used_bytes,
+            missed_for: p.missed_for,
+        }
+    }
+
+    /// Boot ids and catch-up: record restarts; end a node's catch-up once every up peer has
+    /// reported since it started catching up and none holds writes it missed.
+    async fn track_catch_up(&self) -> Result<(), MetaError> {
+        let (boots, finished) = {
+            let mut l = lock(&self.liveness);
+            let now = Instant::now();
+            self.read(|s| {
+                let boots: Vec<(u64, u64)> = l
+                    .usage
+                    .values()
+                    .filter(|r| s.nodes.get(&r.id).is_some_and(|n| n.boot_id != r.boot_id))
+                    .map(|r| (r.id, r.boot_id))
+                    .collect();
+                let mut finished = Vec::new();
+                let catching: Vec<u64> =
+                    s.nodes.values().filter(|n| n.up && n.catching_up).map(|n| n.id).collect();
+                l.catching_since.retain(|id, _| catching.contains(id));
+                for id in catching {
+                    let since = *l.catching_since.entry(id).or_insert(now);
+                    let booted = l
+                        .usage
+                        .get(&id)
+                        .is_some_and(|r| Some(r.boot_id) == s.nodes.get(&id).map(|n| n.boot_id));
+                    let peers_done = s.nodes.values().filter(|p| p.up && p.id != id).all(|p| {
+                        let fresh = l.last_seen.get(&p.id).is_some_and(|t| *t > since) || p.id == self.id;
+                        let pending = l.usage.get(&p.id).is_some_and(|r| r.missed_for.contains(&id));
+                        fresh && !pending
+                    });
+                    let self_pending = l.usage.get(&self.id).is_some_and(|r| r.missed_for.contains(&id));
+                    if booted
+                        && peers_done
+                        && !self_pending
+                        && since.elapsed() >= Duration::from_millis(self.config.heartbeat_interval_ms)
+                    {
+                        finished.push(id);
+                    }
+                }
+                (boots, finished)
+            })
+        };
+        // A node the map shows in sync but that some node holds missed writes for (a write failed on
+        // it while it stayed up) must catch up before it serves reads again.
+        let behind: Vec<u64> = {
+            let l = lock(&self.liveness);
+            self.read(|s| {
+                s.nodes
+                    .values()
+                    .filter(|n| {
+                        n.in_sync() && l.usage.values().any(|r| r.id != n.id && r.missed_for.contains(&n.id))
+                    })
+                    .map(|n| n.id)
+                    .collect()
+            })
+        };
+        for id in behind {
+            self.propose(Command::SetCatchingUp { id, catching_up: true, time_ms: now_ms() }).await?;
+        }
+        for (id, boot_id) in boots {
+            self.propose(Command::NodeBooted { id, boot_id, time_ms: now_ms() }).await?;
+        }
+        for id in finished {
+            tracing::info!(node = id, "node caught up");
+            self.propose(Command::SetCatchingUp { id, catching_up: false, time_ms: now_ms() }).await?;
+        }
+        Ok(())
     }
 }
 

@@ -57,6 +57,20 @@ pub struct NodeInfo {
     pub weight: u32,
     pub capacity_bytes: u64,
     pub joined_ms: u64,
+    /// The node may lack writes made while it was away: clients neither read from it nor write to
+    /// it; its peers copy it what it missed, then the leader clears this.
+    #[serde(default)]
+    pub catching_up: bool,
+    /// Identifies the node's current process; a new value means it restarted.
+    #[serde(default)]
+    pub boot_id: u64,
+}
+
+impl NodeInfo {
+    /// Up and not catching up: may serve reads and must receive writes.
+    pub fn in_sync(&self) -> bool {
+        self.up && !self.catching_up
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +113,18 @@ pub enum Command {
     SetNodeLiveness {
         id: u64,
         up: bool,
+        time_ms: u64,
+    },
+    /// A node reported a new boot id: it restarted, and may have missed writes meanwhile.
+    NodeBooted {
+        id: u64,
+        boot_id: u64,
+        time_ms: u64,
+    },
+    /// Start or end a node's catch-up.
+    SetCatchingUp {
+        id: u64,
+        catching_up: bool,
         time_ms: u64,
     },
     /// A new leader took office (proposed by itself).
@@ -287,6 +313,8 @@ impl ClusterState {
                                 weight: WEIGHT_DEFAULT,
                                 capacity_bytes,
                                 joined_ms: time_ms,
+                                catching_up: false,
+                                boot_id: 0,
                             },
                         );
                         self.rebalance();
@@ -299,7 +327,40 @@ impl ClusterState {
                 let node = self.nodes.get_mut(&id).ok_or(StateError::UnknownNode(id))?;
                 if node.up != up {
                     node.up = up;
+                    // Back from down: it missed whatever was written meanwhile.
+                    let details = if up {
+                        node.catching_up = true;
+                        "catching up on writes it missed".to_string()
+                    } else {
+                        String::new()
+                    };
                     let kind = if up { "node.up" } else { "node.down" };
+                    self.event(time_ms, kind, format!("node {id}"), details);
+                }
+                Ok(CommandResult::Done)
+            }
+            Command::NodeBooted { id, boot_id, time_ms } => {
+                let node = self.nodes.get_mut(&id).ok_or(StateError::UnknownNode(id))?;
+                if node.boot_id != boot_id {
+                    let restarted = node.boot_id != 0;
+                    node.boot_id = boot_id;
+                    if restarted {
+                        node.catching_up = true;
+                        self.event(
+                            time_ms,
+                            "node.restarted",
+                            format!("node {id}"),
+                            "catching up on writes it missed".into(),
+                        );
+                    }
+                }
+                Ok(CommandResult::Done)
+            }
+            Command::SetCatchingUp { id, catching_up, time_ms } => {
+                let node = self.nodes.get_mut(&id).ok_or(StateError::UnknownNode(id))?;
+                if node.catching_up != catching_up {
+                    node.catching_up = catching_up;
+                    let kind = if catching_up { "node.catching_up" } else { "node.caught_up" };
                     self.event(time_ms, kind, format!("node {id}"), String::new());
                 }
                 Ok(CommandResult::Done)

@@ -89,7 +89,7 @@ async fn run_node(id: u64, dir: PathBuf, leaders: Leaders) -> turmoil::Result {
         &dir.join("meta.redb"),
         SimTransport,
         config,
-        Arc::new(|| (1 << 30, 0)),
+        Arc::new(|| cairn_meta::service::Probe { capacity_bytes: 1 << 30, ..Default::default() }),
     )
     .await
     .map_err(|e| e.to_string())?;

@@ -11,6 +11,7 @@
 //! | POST | /v1/volumes/{name}/resize | `{"size_bytes", "allow_shrink"?}` |
 //! | POST | /v1/volumes/{name}/open | issue a new writer generation |
 //! | GET | /v1/events?since=N | events with sequence number above N |
+//! | POST | /v1/nodes/{id}/catch-up | a client saw the node miss a write: it must catch up |
 //! | GET | /v1/pgs | the placement-group table: `{"epoch", "pg_count", "table": [[node, …], …]}` |
 //!
 //! Everything but `/v1/status` is answered by the leader after confirming its leadership with a
@@ -47,6 +48,7 @@ pub fn router(meta: Meta) -> Router {
         .route("/v1/volumes/{name}/open", post(open_volume))
         .route("/v1/events", get(events))
         .route("/v1/pgs", get(pgs))
+        .route("/v1/nodes/{id}/catch-up", post(catch_up))
         .with_state(meta)
 }
 
@@ -170,6 +172,7 @@ struct NodeJson {
     nbd: String,
     voter: bool,
     state: &'static str,
+    catching_up: bool,
     #[serde(rename = "in")]
     in_pool: bool,
     weight: u32,
@@ -193,10 +196,11 @@ async fn nodes(State(meta): State<Meta>, uri: Uri) -> Result<Json<Vec<NodeJson>>
                     nbd: n.addr.nbd.clone(),
                     voter: n.voter,
                     state: if n.up { "up" } else { "down" },
+                    catching_up: n.catching_up,
                     in_pool: n.in_pool,
                     weight: n.weight,
-                    capacity_bytes: usage.map(|u| u.capacity_bytes).unwrap_or(n.capacity_bytes),
-                    used_bytes: usage.map(|u| u.used_bytes).unwrap_or(0),
+                    capacity_bytes: usage.as_ref().map(|u| u.capacity_bytes).unwrap_or(n.capacity_bytes),
+                    used_bytes: usage.as_ref().map(|u| u.used_bytes).unwrap_or(0),
                     last_heartbeat_ms_ago: if n.id == meta.id() { Some(0) } else { meta.silent_ms(n.id) },
                     pg_replicas: s
                         .pg_table
@@ -379,4 +383,17 @@ struct PgTableJson {
 async fn pgs(State(meta): State<Meta>, uri: Uri) -> Result<Json<PgTableJson>, ApiError> {
     lead(&meta, &uri).await?;
     Ok(Json(meta.read(|s| PgTableJson { epoch: s.epoch, pg_count: s.pg_count, table: s.pg_table.clone() })))
+}
+
+async fn catch_up(
+    State(meta): State<Meta>,
+    uri: Uri,
+    Path(id): Path<u64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !meta.is_leader() {
+        lead(&meta, &uri).await?;
+    }
+    let command = Command::SetCatchingUp { id, catching_up: true, time_ms: now_ms() };
+    meta.propose(command).await.map_err(|e| map_error(e, &uri))?;
+    Ok(Json(serde_json::json!({ "id": id, "catching_up": true })))
 }

@@ -4,7 +4,9 @@
 pub mod config;
 mod errors;
 pub mod http;
+pub mod missed;
 pub mod node;
+mod recovery;
 pub mod server;
 pub mod transport;
 

@@ -1,9 +1,12 @@
 //! A whole storage node: chunk store, node RPC server, metadata service and admin HTTP API.
 
 use crate::config::NodeConfig;
+use crate::missed::MissedLog;
+use crate::server::ClientHooks;
 use crate::server::{NodeError, PeerHandler, PeerSlot, RunningNode};
 use crate::transport::RpcPeerTransport;
 use cairn_meta::network::PeerRequest;
+use cairn_meta::service::Probe;
 use cairn_meta::{MetaConfig, MetaService, NodeAddr};
 use cairn_store::{Store, StoreConfig, StoreError};
 use std::collections::BTreeMap;
@@ -22,6 +25,8 @@ pub struct Node {
     http_stop: CancellationToken,
     http_task: tokio::task::JoinHandle<()>,
     join_task: Option<tokio::task::JoinHandle<()>>,
+    recovery_stop: CancellationToken,
+    recovery_task: tokio::task::JoinHandle<()>,
 }
 
 fn usage(dir: &Path) -> (u64, u64) {
@@ -33,6 +38,11 @@ fn usage(dir: &Path) -> (u64, u64) {
         }
         Err(_) => (0, 0),
     }
+}
+
+fn probe(dir: &Path, missed: &MissedLog) -> Probe {
+    let (capacity_bytes, used_bytes) = usage(dir);
+    Probe { capacity_bytes, used_bytes, missed_for: missed.pending_peers() }
 }
 
 fn node_addr(m: &crate::config::Member) -> NodeAddr {
@@ -55,7 +65,13 @@ impl Node {
         let rpc = RunningNode::start(config, store.clone(), peer.clone()).await?;
 
         let me = config.member();
+        let missed_path = config.data_dir.join("missed.log");
+        let missed = Arc::new(
+            MissedLog::open(&missed_path)
+                .map_err(|e| NodeError::Meta(format!("{}: {e}", missed_path.display())))?,
+        );
         let dir = config.data_dir.clone();
+        let probe_missed = missed.clone();
         let meta_config = MetaConfig { down_after_ms: config.meta.down_after_ms, ..MetaConfig::default() };
         let meta = MetaService::start(
             me.id,
@@ -63,7 +79,7 @@ impl Node {
             &config.data_dir.join("meta.redb"),
             RpcPeerTransport::default(),
             meta_config,
-            Arc::new(move || usage(&dir)),
+            Arc::new(move || probe(&dir, &probe_missed)),
         )
         .await
         .map_err(|e| NodeError::Meta(e.to_string()))?;
@@ -77,7 +93,16 @@ impl Node {
                 serde_json::to_vec(&reply).map(bytes::Bytes::from).map_err(|e| e.to_string())
             })
         });
-        let _ = peer.set(handler);
+        let _ = peer.peer.set(handler);
+        let (m1, m2) = (meta.clone(), meta.clone());
+        let _ = peer.hooks.set(ClientHooks {
+            serves_clients: Box::new(move || m1.serves_clients()),
+            in_sync: Box::new(move |id| m2.read(|s| s.nodes.get(&id).is_some_and(|n| n.in_sync()))),
+            missed: missed.clone(),
+        });
+        let recovery_stop = CancellationToken::new();
+        let recovery_task =
+            tokio::spawn(crate::recovery::run(store.clone(), missed, meta.clone(), recovery_stop.clone()));
 
         // Form or join the pool.
         let voters: BTreeMap<u64, NodeAddr> = if config.meta.voters.is_empty() && config.meta.join.is_empty()
@@ -121,7 +146,7 @@ impl Node {
                 tracing::error!("admin HTTP API stopped: {e}");
             }
         });
-        Ok(Node { rpc, meta, http_addr, http_stop, http_task, join_task })
+        Ok(Node { rpc, meta, http_addr, http_stop, http_task, join_task, recovery_stop, recovery_task })
     }
 
     pub fn rpc_addr(&self) -> SocketAddr {
@@ -140,6 +165,8 @@ impl Node {
     /// in flight and flushes every volume).
     pub async fn shutdown(self) -> Result<(), StoreError> {
         self.http_stop.cancel();
+        self.recovery_stop.cancel();
+        let _ = self.recovery_task.await;
         if let Some(t) = self.join_task {
             t.abort();
         }

@@ -47,9 +47,38 @@ pub type PeerHandler = Arc<
     dyn Fn(bytes::Bytes) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, String>> + Send + Sync,
 >;
 
-/// Where the peer handler is installed once the metadata service runs (it needs the RPC server up
-/// first, to reach its peers); until then peer messages are answered "starting".
-pub type PeerSlot = Arc<std::sync::OnceLock<PeerHandler>>;
+/// What client IO needs from the rest of the node.
+pub struct ClientHooks {
+    /// Whether this node may serve client reads and writes now (the cluster map knows its current
+    /// process and it is not catching up).
+    pub serves_clients: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Whether a node is in sync (up, not catching up) in this node's cluster map.
+    pub in_sync: Box<dyn Fn(u64) -> bool + Send + Sync>,
+    /// Where missed writes of peers are recorded.
+    pub missed: Arc<crate::missed::MissedLog>,
+}
+
+impl std::fmt::Debug for ClientHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientHooks").finish_non_exhaustive()
+    }
+}
+
+/// Parts installed once the metadata service runs (it needs the RPC server up first, to reach its
+/// peers); until then peer messages and client IO are answered "starting".
+#[derive(Default)]
+pub struct Wiring {
+    pub peer: std::sync::OnceLock<PeerHandler>,
+    pub hooks: std::sync::OnceLock<ClientHooks>,
+}
+
+impl std::fmt::Debug for Wiring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wiring").finish_non_exhaustive()
+    }
+}
+
+pub type PeerSlot = Arc<Wiring>;
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -272,14 +301,14 @@ async fn serve_connection(
         let peer = peer.clone();
         tracker.spawn(async move {
             let response = match request {
-                Request::Peer { body } => match peer.get() {
+                Request::Peer { body } => match peer.peer.get() {
                     Some(handler) => match handler(body).await {
                         Ok(body) => Response::Peer { body },
                         Err(message) => Response::Error(RpcError::InvalidRequest { message }),
                     },
                     None => Response::Error(RpcError::Io { message: "metadata service is starting".into() }),
                 },
-                request => handle(store, request).await,
+                request => handle(store, peer, request).await,
             };
             send_response(&replies, version, id, response).await;
             drop(permit);
@@ -304,8 +333,28 @@ async fn send_response(replies: &mpsc::Sender<BytesMut>, version: u16, id: u64, 
 }
 
 /// Runs one request against the store on the blocking pool.
-async fn handle(store: Arc<Store>, request: Request) -> Response {
-    let result = tokio::task::spawn_blocking(move || run(&store, request)).await;
+async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Response {
+    let client_io = matches!(
+        request,
+        Request::Read { .. }
+            | Request::Write { .. }
+            | Request::Trim { .. }
+            | Request::WriteZeroes { .. }
+            | Request::Allocation { .. }
+    );
+    if client_io {
+        let unavailable = |message: &str| Response::Error(RpcError::Unavailable { message: message.into() });
+        let Some(hooks) = wiring.hooks.get() else { return unavailable("the node is starting") };
+        if !(hooks.serves_clients)() {
+            return unavailable("the node is catching up on writes it missed");
+        }
+        if let Request::Write { missed_by, .. } = &request
+            && let Some(p) = missed_by.iter().find(|p| (hooks.in_sync)(**p))
+        {
+            return unavailable(&format!("stale cluster map: node {p} is in sync; refresh the map"));
+        }
+    }
+    let result = tokio::task::spawn_blocking(move || run(&store, wiring.hooks.get(), request)).await;
     match result {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
@@ -321,15 +370,49 @@ async fn handle(store: Arc<Store>, request: Request) -> Response {
     }
 }
 
-fn run(store: &Store, request: Request) -> Result<Response, StoreError> {
+fn record_missed(
+    hooks: Option<&ClientHooks>,
+    peers: &[u64],
+    volume: cairn_types::VolumeId,
+    chunk: cairn_types::ChunkIndex,
+    chunk_size: cairn_types::ChunkSize,
+) -> Result<(), StoreError> {
+    if peers.is_empty() {
+        return Ok(());
+    }
+    let hooks = hooks.ok_or_else(|| StoreError::InvalidRequest("the node is starting".into()))?;
+    hooks.missed.record(peers, volume.get(), chunk.0, chunk_size.bytes()).map_err(|e| StoreError::Io {
+        context: format!("recording missed writes in {}", hooks.missed.path().display()),
+        source: e,
+    })
+}
+
+fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<Response, StoreError> {
     let stamp = |s: cairn_proto::Stamp| WriteStamp { generation: s.generation, sequence: s.sequence };
     Ok(match request {
         Request::Read { volume, chunk, chunk_size, offset, len } => {
             let r = store.read(volume, chunk, chunk_size, offset, len)?;
             Response::Read { crcs: r.crcs, data: r.data.into() }
         }
-        Request::Write { volume, chunk, chunk_size, offset, stamp: s, crcs, data } => {
+        Request::Write { volume, chunk, chunk_size, offset, stamp: s, crcs, data, missed_by } => {
             store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
+            // Before the acknowledgement: an acknowledged write a peer missed is never forgotten.
+            record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
+            Response::Done
+        }
+        Request::RecordMissed { volume, chunk, chunk_size, peers } => {
+            record_missed(hooks, &peers, volume, chunk, chunk_size)?;
+            Response::Done
+        }
+        Request::Allocation { volume, chunk, chunk_size, offset, len } => {
+            Response::Allocation { present: store.allocation(volume, chunk, chunk_size, offset, len)? }
+        }
+        Request::InstallRange { volume, chunk, chunk_size, offset, present, crcs, data } => {
+            store.install_range(volume, chunk, chunk_size, offset, &present, &data, &crcs)?;
+            Response::Done
+        }
+        Request::Repair { volume, chunk, chunk_size, offset, crcs, data } => {
+            store.repair(volume, chunk, chunk_size, offset, &data, &crcs)?;
             Response::Done
         }
         Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s } => {

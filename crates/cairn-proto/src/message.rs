@@ -48,6 +48,9 @@ pub enum Request {
         /// CRC-32C of each 4 KiB block of `data`.
         crcs: Vec<u32>,
         data: Bytes,
+        /// Replicas of this chunk the writer knows will not get this write (down or catching up):
+        /// the node records them so that it later brings them up to date.
+        missed_by: Vec<u64>,
     },
     Trim {
         volume: VolumeId,
@@ -80,6 +83,40 @@ pub enum Request {
     Peer {
         body: Bytes,
     },
+    /// Which blocks hold data (for NBD block status).
+    Allocation {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+    },
+    /// Record that `peers` missed writes to this chunk (they failed during a write).
+    RecordMissed {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        peers: Vec<u64>,
+    },
+    /// Catch-up: replace a range of a chunk with a peer's copy. `data` holds the present blocks.
+    InstallRange {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        present: Vec<bool>,
+        crcs: Vec<u32>,
+        data: Bytes,
+    },
+    /// Rewrite blocks this node holds corrupt with good copies read elsewhere.
+    Repair {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        crcs: Vec<u32>,
+        data: Bytes,
+    },
 }
 
 impl Request {
@@ -89,6 +126,7 @@ impl Request {
             Request::Read { len, .. } => u64::from(*len),
             Request::Write { data, .. } => data.len() as u64,
             Request::Peer { body } => body.len() as u64,
+            Request::InstallRange { data, .. } | Request::Repair { data, .. } => data.len() as u64,
             _ => 0,
         }
     }
@@ -120,6 +158,10 @@ pub enum Response {
     Peer {
         body: Bytes,
     },
+    /// Answer to `Allocation`: one entry per block, true if it holds data.
+    Allocation {
+        present: Vec<bool>,
+    },
 }
 
 /// Every error that crosses the wire. Messages are for humans; the variant is for code.
@@ -141,6 +183,8 @@ pub enum RpcError {
     UnsupportedVersion { peer_min: u16, peer_max: u16, ours_min: u16, ours_max: u16 },
     #[error("storage node is shutting down")]
     ShuttingDown,
+    #[error("storage node cannot serve this now: {message}")]
+    Unavailable { message: String },
 }
 
 /// Why a body could not be encoded or decoded.
@@ -202,7 +246,8 @@ mod tests {
                     offset,
                     stamp,
                     crcs,
-                    data: Bytes::from(data)
+                    data: Bytes::from(data),
+                    missed_by: vec![2, 3],
                 }),
             (vol(), any::<u64>(), size(), any::<u32>(), any::<u32>(), stamp()).prop_map(
                 |(volume, c, chunk_size, offset, len, stamp)| Request::Trim {

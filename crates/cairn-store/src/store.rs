@@ -632,6 +632,92 @@ impl Store {
         self.bump_version(&handle, &mut inner, stamp)
     }
 
+    /// Which blocks of `[offset, offset + len)` hold data (true) or are unwritten holes (false).
+    /// A chunk this node does not hold is all holes.
+    pub fn allocation(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+    ) -> Result<Vec<bool>, StoreError> {
+        let first_block = check_range(chunk_size, offset, u64::from(len))?;
+        let blocks = (len / BLOCK_SIZE_BYTES) as usize;
+        let state = self.volume(volume)?;
+        let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else {
+            return Ok(vec![false; blocks]);
+        };
+        let _inner = lock(&handle.inner);
+        let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
+        let at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
+        self.fault(IoOp::Read).and_then(|_| handle.file.read_exact_at(&mut table, at)).map_err(|e| {
+            StoreError::io(format!("reading {}", handle.path.display()), e, Some((volume, chunk)))
+        })?;
+        Ok(table.chunks_exact(TABLE_ENTRY_LEN).map(|e| TableEntry::decode(e).state == BLOCK_DATA).collect())
+    }
+
+    /// Replaces `[offset, offset + 4 KiB × present.len())` of a chunk with a copy from a peer
+    /// (catch-up): blocks whose entry in `present` is false become holes; `data` holds the present
+    /// blocks only, in order, with their checksums in `crcs`. Carries the generation the node has
+    /// already accepted, so it is never fenced and never raises the fence.
+    #[allow(clippy::too_many_arguments)]
+    pub fn install_range(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        present: &[bool],
+        data: &[u8],
+        crcs: &[u32],
+    ) -> Result<(), StoreError> {
+        check_range(chunk_size, offset, present.len() as u64 * BLOCK)?;
+        let n_present = present.iter().filter(|p| **p).count();
+        if data.len() != n_present * BLOCK as usize || crcs.len() != n_present {
+            return Err(StoreError::InvalidRequest(
+                "chunk install: data does not match the present blocks".into(),
+            ));
+        }
+        let stamp = WriteStamp { generation: self.highest_generation(volume)?, sequence: 0 };
+        // Runs of present / absent blocks, each applied as one write or one trim.
+        let (mut start, mut data_at, mut crc_at) = (0, 0usize, 0usize);
+        while start < present.len() {
+            let mut end = start + 1;
+            while end < present.len() && present[end] == present[start] {
+                end += 1;
+            }
+            let at = offset + start as u32 * BLOCK_SIZE_BYTES;
+            let n = end - start;
+            let len = n as u32 * BLOCK_SIZE_BYTES;
+            if present[start] {
+                let bytes = &data[data_at..data_at + len as usize];
+                self.write(volume, chunk, chunk_size, at, bytes, &crcs[crc_at..crc_at + n], stamp)?;
+                data_at += len as usize;
+                crc_at += n;
+            } else {
+                self.trim(volume, chunk, chunk_size, at, len, stamp)?;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Rewrites blocks found corrupt here with good copies read from a peer. Like
+    /// [`Store::install_chunk`] it carries the generation already accepted.
+    pub fn repair(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        data: &[u8],
+        crcs: &[u32],
+    ) -> Result<(), StoreError> {
+        let stamp = WriteStamp { generation: self.highest_generation(volume)?, sequence: 0 };
+        self.write(volume, chunk, chunk_size, offset, data, crcs, stamp)
+    }
+
     /// Reads `len` bytes at `offset` (block aligned). Never-written blocks read as zeros. Every data
     /// block is verified against its stored checksum; a mismatch is [`StoreError::Corrupt`].
     pub fn read(

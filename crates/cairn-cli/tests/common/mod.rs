@@ -91,7 +91,23 @@ impl NodeProcess {
                 panic!("node exited during startup: {status}");
             }
             match NodeConnection::connect(self.addr).await {
-                Ok(c) => return c,
+                // Serving clients starts once the node's own metadata knows it (about a second).
+                Ok(c) => {
+                    let probe = cairn_proto::Request::Read {
+                        volume: cairn_types::VolumeId::new(1).unwrap(),
+                        chunk: cairn_types::ChunkIndex(0),
+                        chunk_size: cairn_types::ChunkSize::DEFAULT,
+                        offset: 0,
+                        len: 4096,
+                    };
+                    match c.call(&probe).await {
+                        Ok(cairn_proto::Response::Error(cairn_proto::RpcError::Unavailable { .. })) => {
+                            assert!(Instant::now() < deadline, "node never served clients");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        _ => return c,
+                    }
+                }
                 Err(e) => {
                     assert!(Instant::now() < deadline, "node never answered: {e}");
                     tokio::time::sleep(Duration::from_millis(20)).await;
