@@ -30,6 +30,18 @@ enum Command {
     Up(up::UpArgs),
     /// Pool health: nodes, leader, volumes.
     Status,
+    /// Serve NBD on a hypervisor host that holds no storage, talking to the storage nodes directly.
+    Gateway {
+        /// Admin API addresses of pool nodes, comma separated.
+        #[arg(long)]
+        pool: String,
+        /// TCP address to serve NBD on (e.g. 127.0.0.1:10809).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Unix socket to serve NBD on.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Storage node commands.
     Node {
         #[command(subcommand)]
@@ -113,6 +125,7 @@ fn main() {
         Command::Node { command: NodeCommand::Run { config } } => run_node(config),
         Command::Node { command: NodeCommand::Ls } => api().and_then(|a| commands::node_ls(&a, json)),
         Command::Status => api().and_then(|a| commands::status(&a, json)),
+        Command::Gateway { pool, listen, socket } => run_gateway(&pool, listen, socket),
         Command::Events { follow, since } => api().and_then(|a| commands::events(&a, follow, since, json)),
         Command::Volume { command } => api().and_then(|a| match command {
             VolumeCommand::Create { name, size, replicas, chunk_size, shared } => {
@@ -159,6 +172,49 @@ fn run_node(config_path: PathBuf) -> anyhow::Result<()> {
         tracing::info!(node = %config.node_id, "stopping: finishing requests in flight, then flushing");
         node.shutdown().await.context("final flush")?;
         tracing::info!(node = %config.node_id, "stopped cleanly");
+        Ok(())
+    })
+}
+
+fn run_gateway(
+    pool: &str,
+    listen: Option<std::net::SocketAddr>,
+    socket: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    if listen.is_none() && socket.is_none() {
+        anyhow::bail!("give --listen ADDR, --socket PATH or both");
+    }
+    let addrs: Vec<String> = pool.split(',').filter(|s| !s.trim().is_empty()).map(str::to_string).collect();
+    let meta = cairn_client::MetaClient::new(&addrs)?;
+    runtime()?.block_on(async {
+        let exports = std::sync::Arc::new(cairn_nbd::Exports {
+            meta: std::sync::Arc::new(meta),
+            config: Default::default(),
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut tasks = Vec::new();
+        if let Some(addr) = listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::info!(%addr, "gateway serving NBD over TCP");
+            tasks.push(tokio::spawn(cairn_nbd::serve_tcp(l, exports.clone(), stop.clone())));
+        }
+        if let Some(path) = &socket {
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            tracing::info!(path = %path.display(), "gateway serving NBD on a unix socket");
+            tasks.push(tokio::spawn(cairn_nbd::serve_unix(l, exports.clone(), stop.clone())));
+        }
+        wait_for_stop_signal().await?;
+        stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        if let Some(path) = &socket {
+            let _ = std::fs::remove_file(path);
+        }
         Ok(())
     })
 }

@@ -1,6 +1,14 @@
-//! The volume client. This first piece is [`NodeConnection`]: one pipelined connection to a storage
-//! node. The routing, replication, ordering and fencing engine builds on it.
+//! The volume client: the data path's engine, used by the NBD server on every storage node and by
+//! `cairn gateway` on hypervisor hosts.
+//!
+//! * [`NodeConnection`] — one pipelined node-RPC connection.
+//! * [`MetaClient`] — the pool's admin API as the data path needs it (map, generations).
+//! * [`VolumeClient`] — byte-range IO on a volume: routing, replication, ordering, fencing, retries.
 
 mod connection;
+pub mod meta_client;
+pub mod volume;
 
 pub use connection::{ConnectionError, NodeConnection, REQUESTS_IN_FLIGHT_MAX};
+pub use meta_client::{MetaClient, MetaClientError, VolumeInfo};
+pub use volume::{ClientConfig, IoError, VolumeClient};

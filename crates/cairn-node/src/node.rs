@@ -27,6 +27,9 @@ pub struct Node {
     join_task: Option<tokio::task::JoinHandle<()>>,
     recovery_stop: CancellationToken,
     recovery_task: tokio::task::JoinHandle<()>,
+    nbd_addr: SocketAddr,
+    nbd_stop: CancellationToken,
+    nbd_task: tokio::task::JoinHandle<()>,
 }
 
 fn usage(dir: &Path) -> (u64, u64) {
@@ -61,6 +64,9 @@ impl Node {
         let http_listener = tokio::net::TcpListener::bind(config.http_addr())
             .await
             .map_err(|source| NodeError::Listen { addr: config.http_addr(), source })?;
+        let nbd_listener = tokio::net::TcpListener::bind(config.nbd_addr())
+            .await
+            .map_err(|source| NodeError::Listen { addr: config.nbd_addr(), source })?;
         let peer: PeerSlot = Arc::default();
         let rpc = RunningNode::start(config, store.clone(), peer.clone()).await?;
 
@@ -146,7 +152,36 @@ impl Node {
                 tracing::error!("admin HTTP API stopped: {e}");
             }
         });
-        Ok(Node { rpc, meta, http_addr, http_stop, http_task, join_task, recovery_stop, recovery_task })
+        // The NBD server reaches the metadata through the admin API: this node's first, then the
+        // voters' (the same path the gateway on a hypervisor host takes).
+        let mut api_addrs = vec![http_addr.to_string()];
+        api_addrs.extend(
+            config.meta.voters.iter().map(|m| m.http.to_string()).filter(|a| *a != http_addr.to_string()),
+        );
+        let meta_client =
+            cairn_client::MetaClient::new(&api_addrs).map_err(|e| NodeError::Meta(e.to_string()))?;
+        let exports = Arc::new(cairn_nbd::Exports {
+            meta: Arc::new(meta_client),
+            config: cairn_client::ClientConfig::default(),
+        });
+        let nbd_stop = CancellationToken::new();
+        let nbd_addr = nbd_listener
+            .local_addr()
+            .map_err(|source| NodeError::Listen { addr: config.nbd_addr(), source })?;
+        let nbd_task = tokio::spawn(cairn_nbd::serve_tcp(nbd_listener, exports, nbd_stop.clone()));
+        Ok(Node {
+            rpc,
+            meta,
+            http_addr,
+            http_stop,
+            http_task,
+            join_task,
+            recovery_stop,
+            recovery_task,
+            nbd_addr,
+            nbd_stop,
+            nbd_task,
+        })
     }
 
     pub fn rpc_addr(&self) -> SocketAddr {
@@ -157,6 +192,10 @@ impl Node {
         self.http_addr
     }
 
+    pub fn nbd_addr(&self) -> SocketAddr {
+        self.nbd_addr
+    }
+
     pub fn meta(&self) -> &Arc<MetaService<RpcPeerTransport>> {
         &self.meta
     }
@@ -164,6 +203,9 @@ impl Node {
     /// Stops cleanly: the HTTP API, the metadata service, then the RPC server (which finishes requests
     /// in flight and flushes every volume).
     pub async fn shutdown(self) -> Result<(), StoreError> {
+        // NBD first: its connections finish their requests while the data path is still whole.
+        self.nbd_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(25), self.nbd_task).await;
         self.http_stop.cancel();
         self.recovery_stop.cancel();
         let _ = self.recovery_task.await;

@@ -1,0 +1,158 @@
+//! A client of the admin HTTP API for the data path: volume descriptions, the placement-group
+//! table, node states, and writer generations. Tries every known address, follows the leader's
+//! redirect, and moves on when a node answers 503 (it may be cut off from the majority).
+
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Redirects followed per request (follower → leader).
+const REDIRECTS_MAX: usize = 3;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MetaClientError {
+    #[error("no volume named {0:?}")]
+    UnknownVolume(String),
+    #[error("metadata service: {0}")]
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub chunk_size_bytes: u32,
+    pub replicas: u8,
+    pub shared: bool,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PgTable {
+    pub epoch: u64,
+    pub pg_count: u32,
+    pub table: Vec<Vec<u64>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodeState {
+    pub id: u64,
+    pub rpc: String,
+    pub nbd: String,
+    pub state: String,
+    pub catching_up: bool,
+}
+
+impl NodeState {
+    pub fn in_sync(&self) -> bool {
+        self.state == "up" && !self.catching_up
+    }
+}
+
+#[derive(Debug)]
+pub struct MetaClient {
+    http: reqwest::Client,
+    bases: Vec<String>,
+}
+
+impl MetaClient {
+    /// `addrs`: HTTP API addresses (`host:port` or URLs) of any nodes of the pool.
+    pub fn new(addrs: &[String]) -> Result<MetaClient, MetaClientError> {
+        let bases: Vec<String> = addrs
+            .iter()
+            .map(|a| {
+                let a = a.trim().trim_end_matches('/');
+                if a.starts_with("http://") { a.to_string() } else { format!("http://{a}") }
+            })
+            .collect();
+        if bases.is_empty() {
+            return Err(MetaClientError::Failed("no pool address".into()));
+        }
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| MetaClientError::Failed(e.to_string()))?;
+        Ok(MetaClient { http, bases })
+    }
+
+    async fn request(&self, post: bool, path: &str) -> Result<(u16, serde_json::Value), MetaClientError> {
+        let mut failures = Vec::new();
+        for base in &self.bases {
+            let mut url = format!("{base}{path}");
+            for _ in 0..=REDIRECTS_MAX {
+                let req = if post {
+                    self.http.post(&url).json(&serde_json::json!({}))
+                } else {
+                    self.http.get(&url)
+                };
+                let resp = match req.send().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        failures.push(format!("{url}: {e}"));
+                        break;
+                    }
+                };
+                let status = resp.status().as_u16();
+                if status == 307
+                    && let Some(loc) =
+                        resp.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok())
+                {
+                    url = loc.to_string();
+                    continue;
+                }
+                let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+                if status == 503 {
+                    failures.push(format!("{url}: {}", body["error"].as_str().unwrap_or("unavailable")));
+                    break;
+                }
+                return Ok((status, body));
+            }
+        }
+        Err(MetaClientError::Failed(format!("no node of the pool answered: {}", failures.join("; "))))
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        post: bool,
+        path: &str,
+        name: &str,
+    ) -> Result<T, MetaClientError> {
+        let (status, body) = self.request(post, path).await?;
+        match status {
+            200 | 201 => serde_json::from_value(body).map_err(|e| MetaClientError::Failed(e.to_string())),
+            404 => Err(MetaClientError::UnknownVolume(name.to_string())),
+            _ => Err(MetaClientError::Failed(
+                body["error"].as_str().unwrap_or("unexpected answer").to_string(),
+            )),
+        }
+    }
+
+    pub async fn volume(&self, name: &str) -> Result<VolumeInfo, MetaClientError> {
+        self.get_json(false, &format!("/v1/volumes/{name}"), name).await
+    }
+
+    pub async fn volumes(&self) -> Result<Vec<VolumeInfo>, MetaClientError> {
+        self.get_json(false, "/v1/volumes", "").await
+    }
+
+    pub async fn pgs(&self) -> Result<PgTable, MetaClientError> {
+        self.get_json(false, "/v1/pgs", "").await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeState>, MetaClientError> {
+        self.get_json(false, "/v1/nodes", "").await
+    }
+
+    /// Obtains a new writer generation for the volume (committed before it is returned).
+    pub async fn open(&self, name: &str) -> Result<VolumeInfo, MetaClientError> {
+        self.get_json(true, &format!("/v1/volumes/{name}/open"), name).await
+    }
+
+    /// Tells the pool that a node missed a write while it stayed up: it must catch up.
+    pub async fn report_catch_up(&self, node: u64) -> Result<(), MetaClientError> {
+        let _: serde_json::Value = self.get_json(true, &format!("/v1/nodes/{node}/catch-up"), "").await?;
+        Ok(())
+    }
+}

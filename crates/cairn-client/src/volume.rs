@@ -1,0 +1,706 @@
+//! The volume IO engine: byte-range IO on a volume, replicated over its chunks' replicas.
+//!
+//! * Routing: byte range → chunks → placement group (`pg_of`) → the first R nodes of the PG's row in
+//!   the map. The map (PG table, node states, volume) is refreshed every second and after errors.
+//! * Writes go, in parallel, to every replica that is in sync (up, not catching up); the others are
+//!   named in the write (`missed_by`) so that the replicas that apply it record what they missed. A
+//!   write is acknowledged when every replica it was sent to applied it and at least a majority of
+//!   R did. A replica that fails during a write is recorded as having missed it and reported to the
+//!   pool (it must catch up); this client stops reading from it meanwhile.
+//! * Below a majority, IO waits (refreshing the map, retrying) up to `io_timeout`, then fails.
+//! * Mutations of one chunk are serialised by a per-chunk lock, so every replica applies them in the
+//!   same order; unaligned writes read-modify-write their edge blocks under that lock.
+//! * Reads go to one in-sync replica, rotating; a failed or corrupt read tries the next, and a corrupt
+//!   replica is repaired with the good data. Checksums are verified here on every read.
+//! * Fencing: the first mutation obtains a new generation from the pool (lazily, so that a migration
+//!   target that only connects does not disturb the source). A fenced client's mutations fail with
+//!   [`IoError::Fenced`] forever after. Shared volumes use the volume's current generation.
+
+use crate::connection::NodeConnection;
+use crate::meta_client::{MetaClient, MetaClientError, NodeState, VolumeInfo};
+use bytes::Bytes;
+use cairn_proto::{Request, Response, RpcError, Stamp};
+use cairn_types::checksum::block_crcs;
+use cairn_types::limits::RPC_IO_MAX_BYTES;
+use cairn_types::placement::pg_of;
+use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Generation, VolumeId, crc32c};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const BS: u64 = BLOCK_SIZE_BYTES as u64;
+
+/// Tunables of a volume client.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// How long IO may wait for enough replicas before failing (default 30 s).
+    pub io_timeout: Duration,
+    /// How long one request to one node may take before that node is given up on for it (5 s).
+    pub rpc_timeout: Duration,
+    /// How often the map is refreshed (1 s).
+    pub refresh_interval: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            io_timeout: Duration::from_secs(30),
+            rpc_timeout: Duration::from_secs(5),
+            refresh_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why volume IO failed. The NBD layer maps these onto errno values.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IoError {
+    #[error("this client was fenced: a newer writer holds the volume")]
+    Fenced,
+    #[error("no space left on a storage node")]
+    NoSpace,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("IO error: {0}")]
+    Io(String),
+}
+
+#[derive(Debug)]
+struct VolumeMap {
+    volume: VolumeInfo,
+    pg_count: u32,
+    table: Vec<Vec<u64>>,
+    nodes: HashMap<u64, NodeState>,
+}
+
+impl VolumeMap {
+    fn replicas(&self, chunk: u64) -> Vec<u64> {
+        let Ok(id) = VolumeId::new(self.volume.id) else { return Vec::new() };
+        let pg = pg_of(id, ChunkIndex(chunk), self.pg_count).0 as usize;
+        self.table
+            .get(pg)
+            .map(|r| r.iter().take(usize::from(self.volume.replicas)).copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn in_sync(&self, node: u64) -> bool {
+        self.nodes.get(&node).is_some_and(|n| n.in_sync())
+    }
+
+    fn quorum(&self) -> usize {
+        usize::from(self.volume.replicas) / 2 + 1
+    }
+}
+
+/// One chunk's share of a byte range.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    chunk: u64,
+    /// Offset of the piece within its chunk.
+    offset: u64,
+    len: u64,
+    /// Offset of the piece within the caller's buffer.
+    at: usize,
+}
+
+/// What a mutation does to an aligned range of a chunk.
+#[derive(Debug, Clone)]
+enum Mutation {
+    Write(Bytes),
+    Trim(u32),
+    Zero(u32, bool),
+}
+
+/// A volume opened by one client (one NBD connection).
+#[derive(Debug)]
+pub struct VolumeClient {
+    meta: Arc<MetaClient>,
+    name: String,
+    config: ClientConfig,
+    map: RwLock<Arc<VolumeMap>>,
+    connections: tokio::sync::Mutex<HashMap<SocketAddr, Arc<NodeConnection>>>,
+    generation: tokio::sync::Mutex<u64>,
+    fenced: AtomicBool,
+    sequence: AtomicU64,
+    chunk_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    rotation: AtomicUsize,
+    /// Nodes this client saw miss a write; not read from until the map shows them catching up.
+    suspects: Mutex<BTreeSet<u64>>,
+    refresher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for VolumeClient {
+    fn drop(&mut self) {
+        if let Some(t) = self.refresher.lock().ok().and_then(|mut g| g.take()) {
+            t.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn meta_err(e: MetaClientError) -> IoError {
+    IoError::Io(e.to_string())
+}
+
+impl VolumeClient {
+    /// Opens volume `name` through the pool's API (no generation is taken until the first write).
+    pub async fn open(
+        meta: Arc<MetaClient>,
+        name: &str,
+        config: ClientConfig,
+    ) -> Result<Arc<Self>, MetaClientError> {
+        let map = fetch_map(&meta, name).await?;
+        let client = Arc::new(VolumeClient {
+            meta,
+            name: name.to_string(),
+            config,
+            map: RwLock::new(Arc::new(map)),
+            connections: tokio::sync::Mutex::new(HashMap::new()),
+            generation: tokio::sync::Mutex::new(0),
+            fenced: AtomicBool::new(false),
+            sequence: AtomicU64::new(1),
+            chunk_locks: Mutex::new(HashMap::new()),
+            rotation: AtomicUsize::new(0),
+            suspects: Mutex::new(BTreeSet::new()),
+            refresher: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&client);
+        let interval = client.config.refresh_interval;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(c) = weak.upgrade() else { return };
+                let _ = c.refresh().await;
+            }
+        });
+        *lock(&client.refresher) = Some(task);
+        Ok(client)
+    }
+
+    fn map(&self) -> Arc<VolumeMap> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Fetches the map again now.
+    pub async fn refresh(&self) -> Result<(), IoError> {
+        let map = fetch_map(&self.meta, &self.name).await.map_err(meta_err)?;
+        lock(&self.suspects).retain(|n| map.in_sync(*n));
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+        Ok(())
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.map().volume.size_bytes
+    }
+
+    pub fn shared(&self) -> bool {
+        self.map().volume.shared
+    }
+
+    pub fn volume(&self) -> VolumeInfo {
+        self.map().volume.clone()
+    }
+
+    fn chunk_size(&self) -> u64 {
+        u64::from(self.map().volume.chunk_size_bytes)
+    }
+
+    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
+        let cs = self.chunk_size();
+        let mut out = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let chunk = pos / cs;
+            let in_chunk = pos % cs;
+            let n = (cs - in_chunk).min(end - pos).min(u64::from(RPC_IO_MAX_BYTES));
+            out.push(Piece { chunk, offset: in_chunk, len: n, at: (pos - offset) as usize });
+            pos += n;
+        }
+        out
+    }
+
+    fn ids(&self) -> Result<(VolumeId, ChunkSize), IoError> {
+        let v = self.map().volume.clone();
+        Ok((
+            VolumeId::new(v.id).map_err(|e| IoError::Invalid(e.to_string()))?,
+            ChunkSize::new(v.chunk_size_bytes).map_err(|e| IoError::Invalid(e.to_string()))?,
+        ))
+    }
+
+    async fn connection(&self, node: u64) -> Result<Arc<NodeConnection>, String> {
+        let addr: SocketAddr = {
+            let map = self.map();
+            let n = map.nodes.get(&node).ok_or_else(|| format!("unknown node {node}"))?;
+            n.rpc.parse().map_err(|e| format!("node {node} address {:?}: {e}", n.rpc))?
+        };
+        let mut pool = self.connections.lock().await;
+        if let Some(c) = pool.get(&addr) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(NodeConnection::connect(addr).await.map_err(|e| e.to_string())?);
+        pool.insert(addr, c.clone());
+        Ok(c)
+    }
+
+    /// One request to one node, bounded by the RPC timeout. `Err` is a transport failure.
+    async fn call(&self, node: u64, request: &Request) -> Result<Response, String> {
+        let conn = self.connection(node).await?;
+        match tokio::time::timeout(self.config.rpc_timeout, conn.call(request)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                let mut pool = self.connections.lock().await;
+                pool.retain(|_, c| !Arc::ptr_eq(c, &conn));
+                Err(e.to_string())
+            }
+            Err(_) => Err(format!("node {node} did not answer within {:?}", self.config.rpc_timeout)),
+        }
+    }
+
+    fn chunk_lock(&self, chunk: u64) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = lock(&self.chunk_locks);
+        // Drop locks nobody holds, so the table stays as small as the IO in flight.
+        if locks.len() > 1024 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(chunk).or_default().clone()
+    }
+
+    async fn generation(&self) -> Result<u64, IoError> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(IoError::Fenced);
+        }
+        let mut g = self.generation.lock().await;
+        if *g == 0 {
+            let v = if self.shared() {
+                let v = self.meta.volume(&self.name).await.map_err(meta_err)?;
+                if v.generation == 0 { self.meta.open(&self.name).await.map_err(meta_err)? } else { v }
+            } else {
+                self.meta.open(&self.name).await.map_err(meta_err)?
+            };
+            *g = v.generation;
+        }
+        Ok(*g)
+    }
+
+    /// A shared volume's writer was fenced by another shared writer's open: adopt the newest.
+    async fn on_fenced(&self, used: u64) -> Result<(), IoError> {
+        if !self.shared() {
+            self.fenced.store(true, Ordering::SeqCst);
+            return Err(IoError::Fenced);
+        }
+        let v = self.meta.volume(&self.name).await.map_err(meta_err)?;
+        let mut g = self.generation.lock().await;
+        if v.generation > used {
+            *g = v.generation;
+            Ok(())
+        } else {
+            Err(IoError::Fenced)
+        }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, IoError> {
+        let mut out = vec![0u8; len as usize];
+        let pieces = self.pieces(offset, len);
+        let reads = pieces.iter().map(|p| async move {
+            let a0 = p.offset / BS * BS;
+            let a1 = (p.offset + p.len).div_ceil(BS) * BS;
+            let data = self.read_aligned(p.chunk, a0, a1 - a0).await?;
+            Ok::<_, IoError>((p, data, (p.offset - a0) as usize))
+        });
+        for r in futures::future::join_all(reads).await {
+            let (p, data, skip) = r?;
+            out[p.at..p.at + p.len as usize].copy_from_slice(&data[skip..skip + p.len as usize]);
+        }
+        Ok(out)
+    }
+
+    async fn read_aligned(&self, chunk: u64, offset: u64, len: u64) -> Result<Vec<u8>, IoError> {
+        let (volume, chunk_size) = self.ids()?;
+        let request = Request::Read {
+            volume,
+            chunk: ChunkIndex(chunk),
+            chunk_size,
+            offset: offset as u32,
+            len: len as u32,
+        };
+        let deadline = Instant::now() + self.config.io_timeout;
+        let mut last = String::from("no replica in sync");
+        loop {
+            let map = self.map();
+            let suspects = lock(&self.suspects).clone();
+            let mut candidates: Vec<u64> = map
+                .replicas(chunk)
+                .into_iter()
+                .filter(|n| map.in_sync(*n) && !suspects.contains(n))
+                .collect();
+            if !candidates.is_empty() {
+                let start = self.rotation.fetch_add(1, Ordering::Relaxed) % candidates.len();
+                candidates.rotate_left(start);
+            }
+            let mut corrupt = Vec::new();
+            for node in candidates {
+                match self.call(node, &request).await {
+                    Ok(Response::Read { crcs, data }) => {
+                        let good = data.len() == len as usize
+                            && crcs.len() == data.len() / BS as usize
+                            && data.chunks_exact(BS as usize).zip(&crcs).all(|(b, c)| crc32c(b) == *c);
+                        if !good {
+                            last = format!("node {node} returned data failing its checksums");
+                            corrupt.push(node);
+                            continue;
+                        }
+                        if !corrupt.is_empty() {
+                            self.repair(&corrupt, volume, chunk, chunk_size, offset, &data, &crcs).await;
+                        }
+                        return Ok(data.to_vec());
+                    }
+                    Ok(Response::Error(RpcError::Corrupt { block, .. })) => {
+                        last = format!("node {node}: block {block} corrupt");
+                        corrupt.push(node);
+                    }
+                    Ok(Response::Error(RpcError::InvalidRequest { message })) => {
+                        return Err(IoError::Invalid(message));
+                    }
+                    Ok(Response::Error(e)) => last = format!("node {node}: {e}"),
+                    Ok(other) => last = format!("node {node}: unexpected reply {other:?}"),
+                    Err(e) => last = e,
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(IoError::Io(format!("read of chunk {chunk} failed: {last}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = self.refresh().await;
+        }
+    }
+
+    /// Rewrites a range on replicas that returned it corrupt, with data that verified.
+    #[allow(clippy::too_many_arguments)]
+    async fn repair(
+        &self,
+        nodes: &[u64],
+        volume: VolumeId,
+        chunk: u64,
+        chunk_size: ChunkSize,
+        offset: u64,
+        data: &Bytes,
+        crcs: &[u32],
+    ) {
+        for node in nodes {
+            let request = Request::Repair {
+                volume,
+                chunk: ChunkIndex(chunk),
+                chunk_size,
+                offset: offset as u32,
+                crcs: crcs.to_vec(),
+                data: data.clone(),
+            };
+            match self.call(*node, &request).await {
+                Ok(Response::Done) => tracing::warn!(node, chunk, "repaired a corrupt copy"),
+                Ok(other) => tracing::warn!(node, chunk, "repair refused: {other:?}"),
+                Err(e) => tracing::warn!(node, chunk, "repair failed: {e}"),
+            }
+        }
+    }
+
+    /// Writes `data` at `offset`; with `fua`, durable when it returns.
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        let pieces = self.pieces(offset, data.len() as u64);
+        let writes = pieces.iter().map(|p| self.write_piece(*p, &data[p.at..p.at + p.len as usize]));
+        for r in futures::future::join_all(writes).await {
+            r?;
+        }
+        if fua { self.flush().await } else { Ok(()) }
+    }
+
+    async fn write_piece(&self, p: Piece, data: &[u8]) -> Result<(), IoError> {
+        let lock = self.chunk_lock(p.chunk);
+        let _guard = lock.lock().await;
+        let a0 = p.offset / BS * BS;
+        let a1 = (p.offset + p.len).div_ceil(BS) * BS;
+        let buf = if a0 == p.offset && a1 == p.offset + p.len {
+            Bytes::copy_from_slice(data)
+        } else {
+            // Read-modify-write of the partial edge blocks, under the chunk lock.
+            let mut buf = vec![0u8; (a1 - a0) as usize];
+            if a0 < p.offset {
+                let head = self.read_aligned(p.chunk, a0, BS).await?;
+                buf[..BS as usize].copy_from_slice(&head);
+            }
+            // The last block is partial too, unless it is the first block, already read.
+            if a1 > p.offset + p.len && !(a1 - a0 == BS && a0 < p.offset) {
+                let tail = self.read_aligned(p.chunk, a1 - BS, BS).await?;
+                let n = buf.len();
+                buf[n - BS as usize..].copy_from_slice(&tail);
+            }
+            let skip = (p.offset - a0) as usize;
+            buf[skip..skip + data.len()].copy_from_slice(data);
+            Bytes::from(buf)
+        };
+        self.mutate(p.chunk, a0, Mutation::Write(buf)).await
+    }
+
+    /// Frees `len` bytes at `offset`; partial blocks at the edges are left as they are (a trim is a
+    /// hint).
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
+        for p in self.pieces(offset, len) {
+            let a0 = p.offset.div_ceil(BS) * BS;
+            let a1 = (p.offset + p.len) / BS * BS;
+            if a1 > a0 {
+                let lock = self.chunk_lock(p.chunk);
+                let _guard = lock.lock().await;
+                self.mutate(p.chunk, a0, Mutation::Trim((a1 - a0) as u32)).await?;
+            }
+        }
+        if fua { self.flush().await } else { Ok(()) }
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros; `no_hole` keeps them allocated.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> Result<(), IoError> {
+        for p in self.pieces(offset, len) {
+            let a0 = p.offset.div_ceil(BS) * BS;
+            let a1 = (p.offset + p.len) / BS * BS;
+            if a1 <= a0 {
+                // Entirely within one block: write zeros.
+                self.write_piece(p, &vec![0u8; p.len as usize]).await?;
+                continue;
+            }
+            if a0 > p.offset {
+                let head = Piece { chunk: p.chunk, offset: p.offset, len: a0 - p.offset, at: 0 };
+                self.write_piece(head, &vec![0u8; head.len as usize]).await?;
+            }
+            if p.offset + p.len > a1 {
+                let tail = Piece { chunk: p.chunk, offset: a1, len: p.offset + p.len - a1, at: 0 };
+                self.write_piece(tail, &vec![0u8; tail.len as usize]).await?;
+            }
+            let lock = self.chunk_lock(p.chunk);
+            let _guard = lock.lock().await;
+            self.mutate(p.chunk, a0, Mutation::Zero((a1 - a0) as u32, no_hole)).await?;
+        }
+        if fua { self.flush().await } else { Ok(()) }
+    }
+
+    /// Applies one aligned mutation to every in-sync replica of `chunk` (caller holds the chunk lock).
+    async fn mutate(&self, chunk: u64, offset: u64, mutation: Mutation) -> Result<(), IoError> {
+        let (volume, chunk_size) = self.ids()?;
+        let deadline = Instant::now() + self.config.io_timeout;
+        let mut last = String::new();
+        loop {
+            let generation = self.generation().await?;
+            let stamp = Stamp {
+                generation: Generation(generation),
+                sequence: self.sequence.fetch_add(1, Ordering::Relaxed),
+            };
+            let map = self.map();
+            let replicas = map.replicas(chunk);
+            let suspects = lock(&self.suspects).clone();
+            let (targets, missed): (Vec<u64>, Vec<u64>) =
+                replicas.iter().partition(|n| map.in_sync(**n) && !suspects.contains(n));
+            if targets.len() >= map.quorum() {
+                let request = match &mutation {
+                    Mutation::Write(data) => Request::Write {
+                        volume,
+                        chunk: ChunkIndex(chunk),
+                        chunk_size,
+                        offset: offset as u32,
+                        stamp,
+                        crcs: block_crcs(data),
+                        data: data.clone(),
+                        missed_by: missed.clone(),
+                    },
+                    Mutation::Trim(len) => Request::Trim {
+                        volume,
+                        chunk: ChunkIndex(chunk),
+                        chunk_size,
+                        offset: offset as u32,
+                        len: *len,
+                        stamp,
+                    },
+                    Mutation::Zero(len, allocate) => Request::WriteZeroes {
+                        volume,
+                        chunk: ChunkIndex(chunk),
+                        chunk_size,
+                        offset: offset as u32,
+                        len: *len,
+                        stamp,
+                        allocate: *allocate,
+                    },
+                };
+                let results =
+                    futures::future::join_all(targets.iter().map(|n| self.call(*n, &request))).await;
+                let mut ok = Vec::new();
+                let mut failed = Vec::new();
+                let mut stale_map = false;
+                for (node, r) in targets.iter().zip(results) {
+                    match r {
+                        Ok(Response::Done) => ok.push(*node),
+                        Ok(Response::Error(RpcError::Fenced { .. })) => {
+                            self.on_fenced(generation).await?;
+                            stale_map = true; // shared volume: retry with the newer generation
+                        }
+                        Ok(Response::Error(RpcError::NoSpace { .. })) => return Err(IoError::NoSpace),
+                        Ok(Response::Error(RpcError::InvalidRequest { message })) => {
+                            return Err(IoError::Invalid(message));
+                        }
+                        Ok(Response::Error(RpcError::Unavailable { message })) => {
+                            last = format!("node {node}: {message}");
+                            stale_map = true;
+                        }
+                        Ok(Response::Error(e)) => {
+                            last = format!("node {node}: {e}");
+                            failed.push(*node);
+                        }
+                        Ok(other) => {
+                            last = format!("node {node}: unexpected reply {other:?}");
+                            failed.push(*node);
+                        }
+                        Err(e) => {
+                            last = e;
+                            failed.push(*node);
+                        }
+                    }
+                }
+                // Replicas that applied it record who did not (those known in advance were named in
+                // a write; trims, write-zeroes and failures are recorded here).
+                let mut not_applied: Vec<u64> = failed.clone();
+                if !matches!(mutation, Mutation::Write(_)) {
+                    not_applied.extend(&missed);
+                }
+                if !ok.is_empty() && !not_applied.is_empty() {
+                    self.record_missed(&ok, &not_applied, volume, chunk, chunk_size).await;
+                }
+                for node in &failed {
+                    lock(&self.suspects).insert(*node);
+                    let meta = self.meta.clone();
+                    let node = *node;
+                    tokio::spawn(async move {
+                        if let Err(e) = meta.report_catch_up(node).await {
+                            tracing::warn!(node, "reporting a missed write: {e}");
+                        }
+                    });
+                }
+                // Acknowledged: a majority applied it, and every other replica is known not to have
+                // (recorded as missed, so it is caught up before it serves reads again).
+                if ok.len() >= map.quorum() && !stale_map {
+                    return Ok(());
+                }
+            } else {
+                last = format!(
+                    "only {} of {} replicas of chunk {chunk} are in sync",
+                    targets.len(),
+                    replicas.len()
+                );
+            }
+            if Instant::now() > deadline {
+                return Err(IoError::Io(format!("write to chunk {chunk} did not reach a majority: {last}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = self.refresh().await;
+        }
+    }
+
+    async fn record_missed(
+        &self,
+        on: &[u64],
+        peers: &[u64],
+        volume: VolumeId,
+        chunk: u64,
+        chunk_size: ChunkSize,
+    ) {
+        let request =
+            Request::RecordMissed { volume, chunk: ChunkIndex(chunk), chunk_size, peers: peers.to_vec() };
+        for node in on {
+            if let Err(e) = self.call(*node, &request).await {
+                tracing::warn!(node, chunk, "recording a missed write: {e}");
+            }
+        }
+    }
+
+    /// Makes every write acknowledged before it durable on a majority of each chunk's replicas.
+    pub async fn flush(&self) -> Result<(), IoError> {
+        let (volume, _) = self.ids()?;
+        let deadline = Instant::now() + self.config.io_timeout;
+        loop {
+            let map = self.map();
+            let nodes: Vec<u64> = map.nodes.values().filter(|n| n.in_sync()).map(|n| n.id).collect();
+            let request = Request::Flush { volume };
+            let results = futures::future::join_all(nodes.iter().map(|n| self.call(*n, &request))).await;
+            let flushed: BTreeSet<u64> = nodes
+                .iter()
+                .zip(results)
+                .filter(|(_, r)| matches!(r, Ok(Response::Done)))
+                .map(|(n, _)| *n)
+                .collect();
+            let replicas = usize::from(map.volume.replicas);
+            let all_pgs_durable = map
+                .table
+                .iter()
+                .all(|row| row.iter().take(replicas).filter(|n| flushed.contains(n)).count() >= map.quorum());
+            if all_pgs_durable {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(IoError::Io("flush did not reach a majority of replicas".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = self.refresh().await;
+        }
+    }
+
+    /// Allocation of `[offset, offset + len)`: runs of (length, is_hole), in order.
+    pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, IoError> {
+        let (volume, chunk_size) = self.ids()?;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut push = |n: u64, hole: bool| match runs.last_mut() {
+            Some((l, h)) if *h == hole => *l += n,
+            _ => runs.push((n, hole)),
+        };
+        for p in self.pieces(offset, len) {
+            let a0 = p.offset / BS * BS;
+            let a1 = (p.offset + p.len).div_ceil(BS) * BS;
+            let request = Request::Allocation {
+                volume,
+                chunk: ChunkIndex(p.chunk),
+                chunk_size,
+                offset: a0 as u32,
+                len: (a1 - a0) as u32,
+            };
+            let map = self.map();
+            let mut present = None;
+            for node in map.replicas(p.chunk).into_iter().filter(|n| map.in_sync(*n)) {
+                if let Ok(Response::Allocation { present: bits }) = self.call(node, &request).await {
+                    present = Some(bits);
+                    break;
+                }
+            }
+            // Without an answer, report data: claiming a hole that is not one would lose data.
+            let bits = present.unwrap_or_else(|| vec![true; ((a1 - a0) / BS) as usize]);
+            for (i, b) in bits.iter().enumerate() {
+                let block_start = a0 + i as u64 * BS;
+                let s = block_start.max(p.offset);
+                let e = (block_start + BS).min(p.offset + p.len);
+                if e > s {
+                    push(e - s, !b);
+                }
+            }
+        }
+        Ok(runs)
+    }
+}
+
+async fn fetch_map(meta: &MetaClient, name: &str) -> Result<VolumeMap, MetaClientError> {
+    let (volume, pgs, nodes) = tokio::try_join!(meta.volume(name), meta.pgs(), meta.nodes())?;
+    Ok(VolumeMap {
+        volume,
+        pg_count: pgs.pg_count,
+        table: pgs.table,
+        nodes: nodes.into_iter().map(|n| (n.id, n)).collect(),
+    })
+}
