@@ -581,8 +581,17 @@ impl VolumeClient {
                     let meta = self.meta.clone();
                     let node = *node;
                     tokio::spawn(async move {
-                        if let Err(e) = meta.report_catch_up(node).await {
-                            tracing::warn!(node, "reporting a missed write: {e}");
+                        // The failed node may have been the metadata leader: retry through the
+                        // election (bounded: 20 tries over ~10 s). The storage nodes' heartbeats
+                        // report the missed write to the leader too, so this only speeds things up.
+                        for attempt in 0..20 {
+                            match meta.report_catch_up(node).await {
+                                Ok(()) => return,
+                                Err(e) if attempt == 19 => {
+                                    tracing::warn!(node, "reporting a missed write: {e}")
+                                }
+                                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                            }
                         }
                     });
                 }

@@ -345,3 +345,70 @@ impl Drop for Pool {
         }
     }
 }
+
+impl Pool {
+    /// NBD address of node k.
+    pub fn nbd(&self, k: u64) -> String {
+        format!("127.0.0.1:{}", self.port_base as u64 + 10 * (k - 1) + 1)
+    }
+
+    /// RPC address of node k.
+    pub fn rpc(&self, k: u64) -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", self.port_base as u64 + 10 * (k - 1)).parse().unwrap()
+    }
+
+    /// Waits until every node is up and none is catching up.
+    pub fn wait_in_sync(&self, within: Duration) {
+        wait_for("every node up and in sync", within, || {
+            for k in 1..=self.nodes as u64 {
+                let (status, nodes) = self.get(k, "/v1/nodes");
+                if status == 200 {
+                    let all = nodes.as_array()?;
+                    let ok = all.len() == self.nodes
+                        && all.iter().all(|n| n["state"] == "up" && n["catching_up"] == false);
+                    return ok.then_some(());
+                }
+            }
+            None
+        });
+    }
+}
+
+/// Runs a program to completion with a deadline; returns (success, stdout + stderr).
+pub fn run_tool(program: &str, args: &[String], within: Duration) -> (bool, String) {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let out = run_to_end(cmd, within);
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// qemu-io commands writing 1 MiB blocks `[first, first + count)` with pattern `(block + round) % 251 + 1`.
+pub fn pattern_cmds(op: &str, first: u64, count: u64, round: u64) -> Vec<String> {
+    let mut v = Vec::new();
+    for b in first..first + count {
+        v.push("-c".to_string());
+        v.push(format!("{op} -P {} {} 1M", (b + round) % 251 + 1, b << 20));
+    }
+    v
+}
+
+/// Runs qemu-io on an NBD URL with the given command arguments; asserts it succeeded and that no
+/// pattern check failed.
+pub fn qemu_io(url: &str, cmds: Vec<String>) -> String {
+    let mut args = vec!["-f".to_string(), "raw".to_string(), url.to_string()];
+    args.extend(cmds);
+    let (ok, out) = run_tool("qemu-io", &args, Duration::from_secs(300));
+    assert!(ok, "qemu-io failed: {}", out.lines().rev().take(10).collect::<Vec<_>>().join(" | "));
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io reported: {}",
+        out.lines()
+            .filter(|l| l.contains("fail") || l.contains("error"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    out
+}
