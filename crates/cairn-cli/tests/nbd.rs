@@ -96,7 +96,7 @@ fn qemu_img_qemu_io_and_nbdinfo_see_a_correct_disk() {
     assert!(got == expect, "disk content differs from the oracle");
 
     // nbdinfo: size and flags, told truthfully.
-    let (ok, out) = run_tool("nbdinfo", &[url.clone()], Duration::from_secs(30));
+    let (ok, out) = run_tool("nbdinfo", std::slice::from_ref(&url), Duration::from_secs(30));
     assert!(ok, "{out}");
     for needle in [
         "export-size: 268435456",
