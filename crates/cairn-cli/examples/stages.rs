@@ -1,7 +1,8 @@
 //! Per-stage latency of the 4 KiB data path, against a running pool (used by bench/nbd.sh):
 //! 1. one node-RPC round trip that does no IO (ChunkVersion);
 //! 2. node-RPC 4 KiB read / write to one replica (RPC + store);
-//! 3. VolumeClient 4 KiB read (one replica) / write (all replicas in parallel, quorum);
+//! 3. VolumeClient 4 KiB read (one replica) / write (all replicas in parallel, quorum).
+//!
 //! The NBD layer on top is what fio measures; the difference is the NBD server's share.
 //!
 //! Usage: stages API_ADDR VOLUME [OPS]

@@ -226,3 +226,37 @@ async fn read_replies(
     tracing::debug!(%addr, error = %failure, "node connection ended");
     fail_all(&pending, failure);
 }
+
+/// Connections to many nodes, one each, opened on first use and dropped when they fail.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionPool {
+    connections: Arc<tokio::sync::Mutex<HashMap<SocketAddr, Arc<NodeConnection>>>>,
+}
+
+impl ConnectionPool {
+    /// The connection to `addr`, connecting if there is none.
+    pub async fn get(&self, addr: SocketAddr) -> Result<Arc<NodeConnection>, ConnectionError> {
+        let mut pool = self.connections.lock().await;
+        if let Some(c) = pool.get(&addr) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(NodeConnection::connect(addr).await?);
+        pool.insert(addr, c.clone());
+        Ok(c)
+    }
+
+    /// Forgets `conn` (it failed); the next `get` reconnects.
+    pub async fn forget(&self, conn: &Arc<NodeConnection>) {
+        self.connections.lock().await.retain(|_, c| !Arc::ptr_eq(c, conn));
+    }
+
+    /// Sends `request` on the pooled connection to `addr`, forgetting the connection if it fails.
+    pub async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, ConnectionError> {
+        let conn = self.get(addr).await?;
+        let r = conn.call(request).await;
+        if r.is_err() {
+            self.forget(&conn).await;
+        }
+        r
+    }
+}

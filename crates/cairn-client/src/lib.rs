@@ -9,6 +9,6 @@ mod connection;
 pub mod meta_client;
 pub mod volume;
 
-pub use connection::{ConnectionError, NodeConnection, REQUESTS_IN_FLIGHT_MAX};
+pub use connection::{ConnectionError, ConnectionPool, NodeConnection, REQUESTS_IN_FLIGHT_MAX};
 pub use meta_client::{MetaClient, MetaClientError, VolumeInfo};
 pub use volume::{ClientConfig, IoError, VolumeClient};

@@ -16,7 +16,7 @@
 //!   target that only connects does not disturb the source). A fenced client's mutations fail with
 //!   [`IoError::Fenced`] forever after. Shared volumes use the volume's current generation.
 
-use crate::connection::NodeConnection;
+use crate::connection::ConnectionPool;
 use crate::meta_client::{MetaClient, MetaClientError, NodeState, VolumeInfo};
 use bytes::Bytes;
 use cairn_proto::{Request, Response, RpcError, Stamp};
@@ -120,7 +120,7 @@ pub struct VolumeClient {
     name: String,
     config: ClientConfig,
     map: RwLock<Arc<VolumeMap>>,
-    connections: tokio::sync::Mutex<HashMap<SocketAddr, Arc<NodeConnection>>>,
+    connections: ConnectionPool,
     generation: tokio::sync::Mutex<u64>,
     fenced: AtomicBool,
     sequence: AtomicU64,
@@ -160,7 +160,7 @@ impl VolumeClient {
             name: name.to_string(),
             config,
             map: RwLock::new(Arc::new(map)),
-            connections: tokio::sync::Mutex::new(HashMap::new()),
+            connections: ConnectionPool::default(),
             generation: tokio::sync::Mutex::new(0),
             fenced: AtomicBool::new(false),
             sequence: AtomicU64::new(1),
@@ -233,31 +233,15 @@ impl VolumeClient {
         ))
     }
 
-    async fn connection(&self, node: u64) -> Result<Arc<NodeConnection>, String> {
+    /// One request to one node, bounded by the RPC timeout. `Err` is a transport failure.
+    async fn call(&self, node: u64, request: &Request) -> Result<Response, String> {
         let addr: SocketAddr = {
             let map = self.map();
             let n = map.nodes.get(&node).ok_or_else(|| format!("unknown node {node}"))?;
             n.rpc.parse().map_err(|e| format!("node {node} address {:?}: {e}", n.rpc))?
         };
-        let mut pool = self.connections.lock().await;
-        if let Some(c) = pool.get(&addr) {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(NodeConnection::connect(addr).await.map_err(|e| e.to_string())?);
-        pool.insert(addr, c.clone());
-        Ok(c)
-    }
-
-    /// One request to one node, bounded by the RPC timeout. `Err` is a transport failure.
-    async fn call(&self, node: u64, request: &Request) -> Result<Response, String> {
-        let conn = self.connection(node).await?;
-        match tokio::time::timeout(self.config.rpc_timeout, conn.call(request)).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => {
-                let mut pool = self.connections.lock().await;
-                pool.retain(|_, c| !Arc::ptr_eq(c, &conn));
-                Err(e.to_string())
-            }
+        match tokio::time::timeout(self.config.rpc_timeout, self.connections.call(addr, request)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!("node {node} did not answer within {:?}", self.config.rpc_timeout)),
         }
     }

@@ -40,42 +40,34 @@ impl Exports {
     }
 }
 
-/// Accepts NBD connections until `stop` is cancelled.
+/// Accepts NBD connections on TCP until `stop` is cancelled.
 pub async fn serve_tcp(listener: tokio::net::TcpListener, exports: Arc<Exports>, stop: CancellationToken) {
-    let tracker = TaskTracker::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let exports = exports.clone();
-                    let stop = stop.clone();
-                    tracker.spawn(async move {
-                        if let Err(e) = serve_connection(stream, exports, stop).await {
-                            tracing::info!(%peer, "NBD connection closed: {e}");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!("NBD accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-    tracker.close();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), tracker.wait()).await;
+    let accept = || async {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    };
+    accept_loop(accept, exports, stop).await;
 }
 
 /// Accepts NBD connections on a unix socket until `stop` is cancelled.
 pub async fn serve_unix(listener: tokio::net::UnixListener, exports: Arc<Exports>, stop: CancellationToken) {
+    accept_loop(|| async { listener.accept().await.map(|(s, _)| s) }, exports, stop).await;
+}
+
+/// Serves every accepted stream until `stop`; then waits (bounded) for connections to finish.
+async fn accept_loop<S, F, Fut>(mut accept: F, exports: Arc<Exports>, stop: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
     let tracker = TaskTracker::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+            accepted = accept() => match accepted {
+                Ok(stream) => {
                     let exports = exports.clone();
                     let stop = stop.clone();
                     tracker.spawn(async move {
@@ -85,6 +77,7 @@ pub async fn serve_unix(listener: tokio::net::UnixListener, exports: Arc<Exports
                     });
                 }
                 Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
                     tracing::warn!("NBD accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }

@@ -10,13 +10,12 @@
 use crate::missed::MissedLog;
 use crate::transport::RpcPeerTransport;
 use bytes::Bytes;
-use cairn_client::NodeConnection;
+use cairn_client::{ConnectionPool, NodeConnection};
 use cairn_meta::MetaService;
 use cairn_proto::{Request, Response};
 use cairn_store::Store;
 use cairn_types::limits::RPC_IO_MAX_BYTES;
 use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, VolumeId};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +34,7 @@ pub async fn run(
     meta: Arc<MetaService<RpcPeerTransport>>,
     stop: CancellationToken,
 ) {
-    let mut connections: HashMap<SocketAddr, Arc<NodeConnection>> = HashMap::new();
+    let connections = ConnectionPool::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -47,19 +46,12 @@ pub async fn run(
                 continue;
             }
             let Ok(addr) = node.addr.rpc.parse::<SocketAddr>() else { continue };
-            let conn = match connections.get(&addr) {
-                Some(c) => c.clone(),
-                None => match NodeConnection::connect(addr).await {
-                    Ok(c) => {
-                        let c = Arc::new(c);
-                        connections.insert(addr, c.clone());
-                        c
-                    }
-                    Err(e) => {
-                        tracing::debug!(peer, "catch-up: {e}");
-                        continue;
-                    }
-                },
+            let conn = match connections.get(addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(peer, "catch-up: {e}");
+                    continue;
+                }
             };
             let batch = missed.batch(peer, BATCH_CHUNKS);
             let mut copied = 0;
@@ -73,7 +65,7 @@ pub async fn run(
                     }
                     Err(e) => {
                         tracing::warn!(peer, volume, chunk, "catch-up copy failed: {e}");
-                        connections.remove(&addr);
+                        connections.forget(&conn).await;
                         break;
                     }
                 }

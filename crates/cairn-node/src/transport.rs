@@ -1,49 +1,29 @@
 //! Metadata peer messages over the node RPC: one pooled, pipelined connection per peer.
 
 use bytes::Bytes;
-use cairn_client::NodeConnection;
+use cairn_client::ConnectionPool;
 use cairn_meta::NodeAddr;
 use cairn_meta::network::{PeerReply, PeerRequest, PeerTransport};
 use cairn_proto::{Request, Response};
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Carries [`PeerRequest`]s as `Request::Peer` frames.
 #[derive(Debug, Clone, Default)]
 pub struct RpcPeerTransport {
-    connections: Arc<tokio::sync::Mutex<HashMap<SocketAddr, Arc<NodeConnection>>>>,
+    connections: ConnectionPool,
 }
 
 impl RpcPeerTransport {
-    async fn connection(&self, addr: SocketAddr) -> Result<Arc<NodeConnection>, String> {
-        let mut pool = self.connections.lock().await;
-        if let Some(c) = pool.get(&addr) {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(NodeConnection::connect(addr).await.map_err(|e| e.to_string())?);
-        pool.insert(addr, c.clone());
-        Ok(c)
-    }
-
-    async fn forget(&self, addr: SocketAddr) {
-        self.connections.lock().await.remove(&addr);
-    }
-
     async fn exchange(&self, addr: SocketAddr, body: Bytes) -> Result<PeerReply, String> {
-        let conn = self.connection(addr).await?;
-        match conn.call(&Request::Peer { body }).await {
+        match self.connections.call(addr, &Request::Peer { body }).await {
             Ok(Response::Peer { body }) => {
                 serde_json::from_slice(&body).map_err(|e| format!("bad peer reply: {e}"))
             }
             Ok(Response::Error(e)) => Err(e.to_string()),
             Ok(other) => Err(format!("unexpected reply {other:?}")),
-            Err(e) => {
-                self.forget(addr).await;
-                Err(e.to_string())
-            }
+            Err(e) => Err(e.to_string()),
         }
     }
 }
