@@ -11,4 +11,4 @@ pub mod volume;
 
 pub use connection::{ConnectionError, ConnectionPool, NodeConnection, REQUESTS_IN_FLIGHT_MAX};
 pub use meta_client::{MetaClient, MetaClientError, VolumeInfo};
-pub use volume::{ClientConfig, IoError, VolumeClient};
+pub use volume::{ClientConfig, IoError, LocalNode, VolumeClient};

@@ -33,9 +33,20 @@ use tokio::time::Instant;
 
 const BS: u64 = BLOCK_SIZE_BYTES as u64;
 
+/// The storage node this client runs inside, if any: requests for it are handled in-process (same
+/// checks and effects as over the RPC, without the network round trip).
+pub trait LocalNode: Send + Sync + std::fmt::Debug {
+    /// The node's id.
+    fn id(&self) -> u64;
+    /// Handles `request` as the node's RPC server would.
+    fn handle(&self, request: Request) -> futures::future::BoxFuture<'static, Response>;
+}
+
 /// Tunables of a volume client.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
+    /// The node this client runs in (the NBD server of a storage node); `None` in the gateway.
+    pub local: Option<Arc<dyn LocalNode>>,
     /// How long IO may wait for enough replicas before failing (default 30 s).
     pub io_timeout: Duration,
     /// How long one request to one node may take before that node is given up on for it (5 s).
@@ -47,6 +58,7 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
+            local: None,
             io_timeout: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(5),
             refresh_interval: Duration::from_secs(1),
@@ -235,6 +247,9 @@ impl VolumeClient {
 
     /// One request to one node, bounded by the RPC timeout. `Err` is a transport failure.
     async fn call(&self, node: u64, request: &Request) -> Result<Response, String> {
+        if let Some(local) = self.config.local.as_ref().filter(|l| l.id() == node) {
+            return Ok(local.handle(request.clone()).await);
+        }
         let addr: SocketAddr = {
             let map = self.map();
             let n = map.nodes.get(&node).ok_or_else(|| format!("unknown node {node}"))?;

@@ -332,7 +332,26 @@ async fn send_response(replies: &mpsc::Sender<BytesMut>, version: u16, id: u64, 
     let _ = replies.send(encode_frame(version, FrameKind::Response, id, body)).await;
 }
 
-/// Runs one request against the store on the blocking pool.
+/// This node as seen by a volume client running inside it (its NBD server).
+#[derive(Debug)]
+pub struct LocalHandler {
+    pub id: u64,
+    pub store: Arc<Store>,
+    pub wiring: PeerSlot,
+}
+
+impl cairn_client::LocalNode for LocalHandler {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn handle(&self, request: Request) -> futures::future::BoxFuture<'static, Response> {
+        Box::pin(handle(self.store.clone(), self.wiring.clone(), request))
+    }
+}
+
+/// Runs one client or peer-data request against the store on the blocking pool (the same path for
+/// requests from the network and from a volume client inside this node).
 async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Response {
     let client_io = matches!(
         request,
