@@ -291,25 +291,26 @@ fn a_corrupt_replica_is_detected_and_repaired() {
     let id = volume_id(&pool, "cv");
     let url = nbd_url(&pool.nbd(1), "cv");
     qemu_io(&url, vec!["-c".into(), "write -P 0x5a 0 1M".into(), "-c".into(), "flush".into()]);
-    // Flip bytes in node 2's copy of chunk 0, block 3 (the data region starts at 8 KiB).
-    let path = pool.data().join(format!("node-2/data/volumes/{id:016x}/0000000000000000.chunk"));
+    // Flip bytes in node 1's copy of chunk 0, block 3 (the data region starts at 8 KiB). Node 1 serves
+    // the NBD connection and reads its own replica first, so the damage is met at once.
+    let path = pool.data().join(format!("node-1/data/volumes/{id:016x}/0000000000000000.chunk"));
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
         f.write_all_at(&[0xff, 0x00, 0xff], 8192 + 3 * 4096 + 17).unwrap();
         f.sync_all().unwrap();
     }
-    // Reads rotate over the replicas: every read returns correct data, one of them meets the bad copy.
+    // Every read returns correct data (another replica's), and the bad copy is rewritten.
     let mut cmds = Vec::new();
     for _ in 0..6 {
         cmds.push("-c".to_string());
         cmds.push("read -P 0x5a 0 1M".to_string());
     }
     qemu_io(&url, cmds);
-    // Node 2's copy now reads back correct.
+    // Node 1's copy now reads back correct.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let c = NodeConnection::connect(pool.rpc(2)).await.unwrap();
+        let c = NodeConnection::connect(pool.rpc(1)).await.unwrap();
         let req = Request::Read {
             volume: VolumeId::new(id).unwrap(),
             chunk: ChunkIndex(0),
@@ -319,7 +320,7 @@ fn a_corrupt_replica_is_detected_and_repaired() {
         };
         match c.call(&req).await.unwrap() {
             Response::Read { data, .. } => assert!(data.iter().all(|b| *b == 0x5a), "not repaired"),
-            other => panic!("node 2 still fails: {other:?}"),
+            other => panic!("node 1 still fails: {other:?}"),
         }
     });
 }

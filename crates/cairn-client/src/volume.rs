@@ -343,6 +343,13 @@ impl VolumeClient {
                 let start = self.rotation.fetch_add(1, Ordering::Relaxed) % candidates.len();
                 candidates.rotate_left(start);
             }
+            // A replica in this very process is read first: no network round trip. (Clients on
+            // different nodes thus read different replicas; the gateway rotates.)
+            if let Some(local) = &self.config.local
+                && let Some(i) = candidates.iter().position(|n| *n == local.id())
+            {
+                candidates[..=i].rotate_right(1);
+            }
             let mut corrupt = Vec::new();
             for node in candidates {
                 match self.call(node, &request).await {
