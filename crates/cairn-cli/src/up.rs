@@ -26,6 +26,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long the pool may take to become healthy.
+/// Prints a status line; a closed stdout (e.g. `cairn up | head`) must not stop the pool.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 const POOL_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long stopping may take before `cairn up` gives up waiting.
 const POOL_STOP_TIMEOUT: Duration = Duration::from_secs(40);
@@ -176,9 +184,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     for n in &pool.nodes {
-        println!("node {}  rpc {}  nbd {}  http {}", n.id, n.rpc, n.nbd, n.http);
+        say!("node {}  rpc {}  nbd {}  http {}", n.id, n.rpc, n.nbd, n.http);
     }
-    println!("pool is up: {} nodes, data in {}; Ctrl-C stops it", pool.nodes.len(), dir.display());
+    say!("pool is up: {} nodes, data in {}; Ctrl-C stops it", pool.nodes.len(), dir.display());
     supervise(&dir, children)
 }
 
@@ -260,7 +268,7 @@ fn supervise(dir: &Path, mut children: Vec<(u64, PathBuf, Child)>) -> anyhow::Re
         running +=
             pids.iter().filter(|p| !children.iter().any(|(_, _, c)| c.id() == **p) && alive(**p)).count();
         if running == 0 {
-            println!("pool stopped");
+            say!("pool stopped");
             return Ok(());
         }
         if Instant::now() > deadline {

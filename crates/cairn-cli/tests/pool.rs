@@ -242,3 +242,19 @@ fn a_fourth_node_joins_and_only_necessary_pgs_move() {
     eprintln!("{moved} of 256 PGs moved (about 3/4 expected)");
     assert!((150..=230).contains(&moved), "{moved} PGs moved");
 }
+
+#[test]
+fn cairn_up_stops_cleanly_and_brings_the_same_pool_back() {
+    let mut pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "persist", "--size", "1G"]);
+    let first_id = pool.cli_json(&["volume", "info", "persist"])["id"].as_u64().unwrap();
+    pool.restart_up();
+    let ls = wait_for("the volumes after cairn up restarted", Duration::from_secs(30), || {
+        let (ok, out, _) = pool.cli(&["--json", "volume", "ls"]);
+        ok.then(|| serde_json::from_str::<serde_json::Value>(&out).unwrap())
+    });
+    let vols = ls.as_array().unwrap();
+    assert_eq!(vols.len(), 1);
+    assert_eq!(vols[0]["id"].as_u64(), Some(first_id));
+    assert_eq!(pool.cli_json(&["status"])["status"]["nodes_up"].as_u64(), Some(3));
+}

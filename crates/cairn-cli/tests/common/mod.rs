@@ -155,6 +155,42 @@ fn ports_free(base: u16, count: usize) -> bool {
     (0..count).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i as u16)).is_ok())
 }
 
+/// Runs `cairn up` and waits (90 s at most) until it prints "pool is up"; `None` if it does not.
+fn launch_up(dir: &Path, nodes: usize, port_base: u16) -> Option<Child> {
+    let mut up = cairn()
+        .args(["up", "--nodes", &nodes.to_string(), "--port-base", &port_base.to_string(), "--dir"])
+        .arg(dir)
+        .env("CAIRN_LOG", "info,openraft=warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        // Keeps reading after "pool is up" so that cairn up's later lines have somewhere to go.
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.starts_with("pool is up") => return Some(up),
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+        if up.try_wait().unwrap().is_some() {
+            break;
+        }
+    }
+    let _ = up.kill();
+    let _ = up.wait();
+    None
+}
+
 impl Pool {
     pub fn start(nodes: usize) -> Pool {
         let client = reqwest::blocking::Client::builder()
@@ -170,52 +206,42 @@ impl Pool {
                     break b;
                 }
             };
-            let mut up = cairn()
-                .args(["up", "--nodes", &nodes.to_string(), "--port-base", &port_base.to_string(), "--dir"])
-                .arg(dir.path().join("cairn-data"))
-                .env("CAIRN_LOG", "info,openraft=warn")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap();
-            let stdout = up.stdout.take().unwrap();
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                use std::io::BufRead;
-                for line in std::io::BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    let done = line.starts_with("pool is up");
-                    if tx.send(line).is_err() || done {
-                        break;
-                    }
-                }
-            });
-            let deadline = Instant::now() + Duration::from_secs(90);
-            let mut ok = false;
-            while Instant::now() < deadline {
-                match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(line) if line.starts_with("pool is up") => {
-                        ok = true;
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(_) => break,
-                }
-                if up.try_wait().unwrap().is_some() {
-                    break;
-                }
+            if let Some(up) = launch_up(&dir.path().join("cairn-data"), nodes, port_base) {
+                return Pool { dir, up: Some(up), port_base, nodes, restarted: Vec::new(), client };
             }
-            let pool =
-                Pool { dir, up: Some(up), port_base, nodes, restarted: Vec::new(), client: client.clone() };
-            if ok {
-                return pool;
-            }
-            // (A port may have been taken between the check and the start.) Dropping kills it all.
+            // (A port may have been taken between the check and the start.)
             eprintln!("pool start attempt {attempt} failed; retrying on other ports");
-            drop(pool);
         }
         panic!("could not start a pool in 3 attempts");
+    }
+
+    /// Stops `cairn up` with SIGTERM (it must exit 0 and stop every node), then runs it again on
+    /// the same directory and ports.
+    pub fn restart_up(&mut self) {
+        let pids: Vec<u32> = (1..=self.nodes as u64).map(|k| self.pid(k)).collect();
+        let up = self.up.as_mut().unwrap();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(up.id() as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = up.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "cairn up did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "cairn up exited with {status}");
+        for pid in pids {
+            let alive =
+                rustix::process::test_kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap())
+                    .is_ok();
+            assert!(!alive, "node process {pid} still running after cairn up stopped");
+        }
+        self.up =
+            Some(launch_up(&self.data(), self.nodes, self.port_base).expect("cairn up did not come back"));
     }
 
     pub fn data(&self) -> PathBuf {
