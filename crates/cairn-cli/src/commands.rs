@@ -38,6 +38,11 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// "up", "down", or "catching-up" (up, but still receiving writes it missed).
+fn node_state(n: &Value) -> String {
+    if n["state"] == "up" && n["catching_up"] == true { "catching-up".into() } else { s(&n["state"]) }
+}
+
 fn age(ms: &Value) -> String {
     ms.as_u64().map(|m| format!("{:.1}s", m as f64 / 1000.0)).unwrap_or_else(|| "-".into())
 }
@@ -63,7 +68,7 @@ pub fn status(api: &Api, json_out: bool) -> anyhow::Result<()> {
         .map(|n| {
             vec![
                 s(&n["id"]),
-                s(&n["state"]),
+                node_state(n),
                 if n["voter"].as_bool() == Some(true) { "voter".into() } else { "learner".into() },
                 s(&n["pg_replicas"]),
                 format!(
@@ -93,7 +98,7 @@ pub fn node_ls(api: &Api, json_out: bool) -> anyhow::Result<()> {
         .map(|n| {
             vec![
                 s(&n["id"]),
-                s(&n["state"]),
+                node_state(n),
                 if n["in"].as_bool() == Some(true) { "in".into() } else { "out".into() },
                 if n["voter"].as_bool() == Some(true) { "voter".into() } else { "learner".into() },
                 s(&n["weight"]),
