@@ -18,7 +18,7 @@ pub mod service;
 pub mod state;
 pub mod storage;
 
-pub use service::{MetaConfig, MetaError, MetaService};
+pub use service::{MetaConfig, MetaError, MetaService, MetadataStore};
 pub use state::{ClusterState, Command, CommandResult, Event, NodeAddr, NodeInfo, StateError, Volume};
 
 openraft::declare_raft_types!(

@@ -534,3 +534,75 @@ async fn heartbeat_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T
         tokio::time::sleep(interval).await;
     }
 }
+
+/// The metadata API the rest of Cairn programs against (the admin API, the node); openraft stays
+/// behind it, so the consensus library can change without touching its users.
+pub trait MetadataStore: Send + Sync + 'static {
+    /// This node's id.
+    fn id(&self) -> u64;
+    /// "leader", "follower", "candidate" or "learner".
+    fn role(&self) -> &'static str;
+    /// The current Raft term.
+    fn term(&self) -> u64;
+    /// The leader as this node knows it.
+    fn leader(&self) -> Option<(u64, NodeAddr)>;
+    fn is_leader(&self) -> bool;
+    /// A copy of the locally applied state (may lag the leader; see `linearizable`).
+    fn state(&self) -> ClusterState;
+    /// Latest heartbeat report of a node (known on the leader).
+    fn usage(&self, id: u64) -> Option<NodeReport>;
+    /// Milliseconds since the leader last heard from a node.
+    fn silent_ms(&self, id: u64) -> Option<u64>;
+    /// Commits a command; see [`MetaService::propose`].
+    fn propose(&self, command: Command) -> futures::future::BoxFuture<'_, Result<CommandResult, MetaError>>;
+    /// Confirms leadership with a quorum; see [`MetaService::linearizable`].
+    fn linearizable(&self) -> futures::future::BoxFuture<'_, Result<(), MetaError>>;
+}
+
+impl<T: PeerTransport> MetadataStore for MetaService<T> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn role(&self) -> &'static str {
+        match self.raft.metrics().borrow().state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        }
+    }
+
+    fn term(&self) -> u64 {
+        MetaService::term(self)
+    }
+
+    fn leader(&self) -> Option<(u64, NodeAddr)> {
+        MetaService::leader(self)
+    }
+
+    fn is_leader(&self) -> bool {
+        MetaService::is_leader(self)
+    }
+
+    fn state(&self) -> ClusterState {
+        self.read(|s| s.clone())
+    }
+
+    fn usage(&self, id: u64) -> Option<NodeReport> {
+        MetaService::usage(self, id)
+    }
+
+    fn silent_ms(&self, id: u64) -> Option<u64> {
+        MetaService::silent_ms(self, id)
+    }
+
+    fn propose(&self, command: Command) -> futures::future::BoxFuture<'_, Result<CommandResult, MetaError>> {
+        Box::pin(MetaService::propose(self, command))
+    }
+
+    fn linearizable(&self) -> futures::future::BoxFuture<'_, Result<(), MetaError>> {
+        Box::pin(MetaService::linearizable(self))
+    }
+}

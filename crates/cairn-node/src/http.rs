@@ -19,14 +19,13 @@
 //! path on the leader. Errors are `{"error": "message"}` with 400 (bad input), 404 (unknown volume),
 //! 409 (name taken), 503 (no leader or no quorum) or 500.
 
-use crate::transport::RpcPeerTransport;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cairn_meta::state::{ClusterState, Command, REPLICAS_DEFAULT, StateError, Volume};
-use cairn_meta::{CommandResult, MetaError, MetaService};
+use cairn_meta::{CommandResult, MetaError, MetadataStore};
 use cairn_types::limits::CHUNK_SIZE_DEFAULT_BYTES;
 use cairn_types::placement::pg_of;
 use cairn_types::{ChunkIndex, VolumeId};
@@ -35,7 +34,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-type Meta = Arc<MetaService<RpcPeerTransport>>;
+type Meta = Arc<dyn MetadataStore>;
 
 /// The API's router.
 pub fn router(meta: Meta) -> Router {
@@ -148,9 +147,10 @@ async fn status(State(meta): State<Meta>, uri: Uri) -> Result<Json<StatusJson>, 
     } else if meta.leader().is_none() {
         return Err(map_error(MetaError::NotLeader { leader: None }, &uri));
     }
-    let role = format!("{:?}", meta.raft().metrics().borrow().state).to_lowercase();
+    let role = meta.role().to_string();
     let leader = meta.leader().map(|(id, addr)| LeaderJson { id, http: addr.http });
-    Ok(Json(meta.read(|s| StatusJson {
+    let s = meta.state();
+    Ok(Json(StatusJson {
         node_id: meta.id(),
         role,
         leader,
@@ -161,7 +161,7 @@ async fn status(State(meta): State<Meta>, uri: Uri) -> Result<Json<StatusJson>, 
         nodes_up: s.nodes.values().filter(|n| n.up).count(),
         volumes: s.volumes.len(),
         events_last_seq: s.next_event_seq - 1,
-    })))
+    }))
 }
 
 #[derive(Serialize)]
@@ -184,7 +184,8 @@ struct NodeJson {
 
 async fn nodes(State(meta): State<Meta>, uri: Uri) -> Result<Json<Vec<NodeJson>>, ApiError> {
     lead(&meta, &uri).await?;
-    let nodes = meta.read(|s| {
+    let s = meta.state();
+    let nodes = {
         s.nodes
             .values()
             .map(|n| {
@@ -210,13 +211,13 @@ async fn nodes(State(meta): State<Meta>, uri: Uri) -> Result<Json<Vec<NodeJson>>
                 }
             })
             .collect()
-    });
+    };
     Ok(Json(nodes))
 }
 
 async fn list_volumes(State(meta): State<Meta>, uri: Uri) -> Result<Json<Vec<Volume>>, ApiError> {
     lead(&meta, &uri).await?;
-    Ok(Json(meta.read(|s| s.volumes.values().cloned().collect())))
+    Ok(Json(meta.state().volumes.values().cloned().collect()))
 }
 
 #[derive(Serialize)]
@@ -274,7 +275,10 @@ async fn volume_info(
     Path(name): Path<String>,
 ) -> Result<Json<VolumeInfoJson>, ApiError> {
     lead(&meta, &uri).await?;
-    meta.read(|s| s.volumes.get(&name).map(|v| placement(s, v)))
+    let s = meta.state();
+    s.volumes
+        .get(&name)
+        .map(|v| placement(&s, v))
         .map(Json)
         .ok_or_else(|| map_error(MetaError::Rejected(StateError::UnknownVolume(name)), &uri))
 }
@@ -370,7 +374,7 @@ async fn events(
     Query(q): Query<Since>,
 ) -> Result<Json<Vec<cairn_meta::Event>>, ApiError> {
     lead(&meta, &uri).await?;
-    Ok(Json(meta.read(|s| s.events_since(q.since.unwrap_or(0)))))
+    Ok(Json(meta.state().events_since(q.since.unwrap_or(0))))
 }
 
 #[derive(Serialize)]
@@ -382,7 +386,8 @@ struct PgTableJson {
 
 async fn pgs(State(meta): State<Meta>, uri: Uri) -> Result<Json<PgTableJson>, ApiError> {
     lead(&meta, &uri).await?;
-    Ok(Json(meta.read(|s| PgTableJson { epoch: s.epoch, pg_count: s.pg_count, table: s.pg_table.clone() })))
+    let s = meta.state();
+    Ok(Json(PgTableJson { epoch: s.epoch, pg_count: s.pg_count, table: s.pg_table }))
 }
 
 async fn catch_up(

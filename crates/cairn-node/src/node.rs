@@ -145,7 +145,7 @@ impl Node {
             .map_err(|source| NodeError::Listen { addr: config.http_addr(), source })?;
         let http_stop = CancellationToken::new();
         let stop = http_stop.clone();
-        let app = crate::http::router(meta.clone());
+        let app = crate::http::router(meta.clone() as Arc<dyn cairn_meta::MetadataStore>);
         let http_task = tokio::spawn(async move {
             let served = axum::serve(http_listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
             if let Err(e) = served {

@@ -250,6 +250,12 @@ impl Store {
             remove_stale_temp_files(&dir);
             for chunk in list_chunk_files(&dir)? {
                 let path = self.chunk_path(volume, chunk);
+                if unfinished_creation(&path) {
+                    // Created but never flushed before a power cut: it holds nothing a flush covered.
+                    tracing::warn!(path = %path.display(), "removing a chunk file whose creation never became durable");
+                    fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+                    continue;
+                }
                 let header = read_header(&path, volume, chunk)?;
                 if header.dirty {
                     dirty.insert(chunk, 0);
@@ -381,8 +387,10 @@ impl Store {
     }
 
     /// Creates a chunk file: header (dirty, since it is created by a mutation) and an allocated block
-    /// table in a temp file, fdatasync, rename into place, fsync the directory. A crash leaves either
-    /// no chunk file or a complete one.
+    /// table in a temp file, renamed into place. Nothing is synced here: the next flush fdatasyncs the
+    /// file (it is unsynced from its first mutation) and fsyncs the directory. A power cut before that
+    /// may leave no file, or a file whose header never reached the disk (all zeros or short); opening
+    /// the volume removes such a file — it held only writes no flush covered.
     fn create_chunk(
         &self,
         volume: VolumeId,
@@ -419,7 +427,6 @@ impl Store {
         let result = (|| {
             file.write_all_at(&prefix, 0)?;
             file.set_len(format::chunk_file_len(chunk_size))?;
-            rustix::fs::fdatasync(&file)?;
             fs::rename(&tmp, &path)
         })();
         if let Err(e) = result {
@@ -1000,6 +1007,8 @@ impl Store {
 
     /// Chunks of `volume` stored on this node, in index order.
     pub fn list_chunks(&self, volume: VolumeId) -> Result<Vec<ChunkIndex>, StoreError> {
+        // Loading the volume first drops chunk files whose creation never became durable.
+        self.volume(volume)?;
         let dir = self.volume_dir(volume);
         if !dir.exists() {
             return Ok(Vec::new());
@@ -1102,6 +1111,16 @@ fn read_header_from(
         });
     }
     Ok(header)
+}
+
+/// Whether a chunk file's header never reached the disk: shorter than a header, or all zeros.
+fn unfinished_creation(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else { return false };
+    let mut b = [0u8; HEADER_LEN];
+    match file.read_exact_at(&mut b, 0) {
+        Ok(()) => b.iter().all(|x| *x == 0),
+        Err(e) => e.kind() == ErrorKind::UnexpectedEof,
+    }
 }
 
 /// Removes chunk files a crash left half-created (never renamed into place: they hold nothing).
