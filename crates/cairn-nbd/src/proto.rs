@@ -175,6 +175,40 @@ pub fn validate(h: &RequestHeader, size: u64, structured: bool, meta_context: bo
     Ok(())
 }
 
+/// Parses `u32 len, string` at the front of `data`; returns the string and the rest.
+pub fn take_name(data: &[u8]) -> Option<(String, &[u8])> {
+    let len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    let end = len.checked_add(4)?;
+    let name = data.get(4..end)?;
+    Some((String::from_utf8(name.to_vec()).ok()?, &data[end..]))
+}
+
+/// Parses the data of NBD_OPT_INFO / NBD_OPT_GO: export name and the information types requested.
+pub fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
+    let (name, rest) = take_name(data)?;
+    let n = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
+    let reqs = rest.get(2..2 + 2 * n)?;
+    if rest.len() != 2 + 2 * n {
+        return None;
+    }
+    Some((name, reqs.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
+}
+
+/// Parses the data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: export name and queries.
+/// Bounded by the data: every query consumes at least 4 bytes.
+pub fn parse_meta_context_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let (name, rest) = take_name(data)?;
+    let n = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?) as usize;
+    let mut rest = &rest[4..];
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let (q, r2) = take_name(rest)?;
+        queries.push(q);
+        rest = r2;
+    }
+    rest.is_empty().then_some((name, queries))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,7 +248,33 @@ mod tests {
         assert_eq!(validate(&header(CMD_FLUSH, 0, 0, 0), size, false, false), Ok(()));
     }
 
+    #[test]
+    fn option_parsing() {
+        let mut go = 3u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"vol");
+        go.extend_from_slice(&2u16.to_be_bytes());
+        go.extend_from_slice(&INFO_NAME.to_be_bytes());
+        go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        assert_eq!(parse_info_request(&go), Some(("vol".to_string(), vec![INFO_NAME, INFO_BLOCK_SIZE])));
+        go.push(0);
+        assert_eq!(parse_info_request(&go), None, "trailing bytes");
+        let mut meta = 1u32.to_be_bytes().to_vec();
+        meta.extend_from_slice(b"v");
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&15u32.to_be_bytes());
+        meta.extend_from_slice(BASE_ALLOCATION.as_bytes());
+        assert_eq!(parse_meta_context_request(&meta), Some(("v".into(), vec![BASE_ALLOCATION.into()])));
+        assert_eq!(parse_meta_context_request(&meta[..meta.len() - 1]), None);
+        assert_eq!(take_name(&u32::MAX.to_be_bytes()), None);
+    }
+
     proptest! {
+        #[test]
+        fn option_parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_info_request(&bytes);
+            let _ = parse_meta_context_request(&bytes);
+        }
+
         #[test]
         fn decoding_never_panics(bytes in proptest::array::uniform28(any::<u8>()), size in any::<u64>(),
                                  s in any::<bool>(), m in any::<bool>()) {

@@ -103,13 +103,6 @@ async fn option_reply<W: AsyncWrite + Unpin>(
     w.write_all(&b).await
 }
 
-/// Parses `u32 len, name` at the front of `data`; returns the name and the rest.
-fn take_name(data: &[u8]) -> Option<(String, &[u8])> {
-    let len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
-    let name = data.get(4..4 + len)?;
-    Some((String::from_utf8(name.to_vec()).ok()?, &data[4 + len..]))
-}
-
 fn transmission_flags(shared: bool) -> u16 {
     let mut f = TF_HAS_FLAGS
         | TF_SEND_FLUSH
@@ -212,18 +205,7 @@ where
                 option_reply(&mut w, opt, REP_ACK, &[]).await?;
             }
             OPT_INFO | OPT_GO => {
-                let parsed = take_name(&data).and_then(|(name, rest)| {
-                    let n = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
-                    let reqs = rest.get(2..2 + 2 * n)?;
-                    (rest.len() == 2 + 2 * n).then(|| {
-                        (
-                            name,
-                            reqs.chunks_exact(2)
-                                .map(|c| u16::from_be_bytes([c[0], c[1]]))
-                                .collect::<Vec<u16>>(),
-                        )
-                    })
-                });
+                let parsed = parse_info_request(&data);
                 let Some((name, requests)) = parsed else {
                     option_reply(&mut w, opt, REP_ERR_INVALID, b"malformed INFO/GO request").await?;
                     continue;
@@ -271,17 +253,7 @@ where
                     option_reply(&mut w, opt, REP_ERR_INVALID, b"negotiate structured replies first").await?;
                     continue;
                 }
-                let parsed = take_name(&data).and_then(|(_, rest)| {
-                    let n = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?) as usize;
-                    let mut rest = &rest[4..];
-                    let mut queries = Vec::new();
-                    for _ in 0..n {
-                        let (q, r2) = take_name(rest)?;
-                        queries.push(q);
-                        rest = r2;
-                    }
-                    rest.is_empty().then_some(queries)
-                });
+                let parsed = parse_meta_context_request(&data).map(|(_, queries)| queries);
                 let Some(queries) = parsed else {
                     option_reply(&mut w, opt, REP_ERR_INVALID, b"malformed meta context request").await?;
                     continue;
