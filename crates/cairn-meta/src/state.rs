@@ -85,6 +85,10 @@ pub struct Volume {
     pub created_ms: u64,
     /// Latest writer generation issued (0: never opened for writing).
     pub generation: u64,
+    /// Set by a shrink: bytes from here on may still hold data from before the shrink (replicas are
+    /// not trimmed yet), so the volume may not grow past this point again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_from_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +183,10 @@ pub enum StateError {
     ShrinkRefused { name: String, from: u64, to: u64 },
     #[error("unknown node {0}")]
     UnknownNode(u64),
+    #[error(
+        "volume {name:?} was shrunk to {stale_from} bytes and its old data beyond that is not erased yet; it cannot grow past {stale_from} bytes (create a new volume instead)"
+    )]
+    GrowOverStale { name: String, stale_from: u64 },
 }
 
 /// The outcome of applying a command.
@@ -400,6 +408,7 @@ impl ClusterState {
                     shared,
                     created_ms: time_ms,
                     generation: 0,
+                    stale_from_bytes: None,
                 };
                 self.next_volume_id += 1;
                 self.volumes.insert(name.clone(), volume.clone());
@@ -418,6 +427,15 @@ impl ClusterState {
                 let from = volume.size_bytes;
                 if size_bytes < from && !allow_shrink {
                     return Err(StateError::ShrinkRefused { name, from, to: size_bytes });
+                }
+                if let Some(stale) = volume.stale_from_bytes
+                    && size_bytes > stale
+                {
+                    return Err(StateError::GrowOverStale { name, stale_from: stale });
+                }
+                if size_bytes < from {
+                    volume.stale_from_bytes =
+                        Some(volume.stale_from_bytes.map_or(size_bytes, |s| s.min(size_bytes)));
                 }
                 volume.size_bytes = size_bytes;
                 let volume = volume.clone();
@@ -552,5 +570,28 @@ mod tests {
         }
         assert_eq!(s.events.len(), EVENTS_MAX);
         assert_eq!(s.events_since(s.next_event_seq - 3).len(), 2);
+    }
+
+    #[test]
+    fn a_shrunk_volume_cannot_grow_back_over_old_data() {
+        let mut s = with_nodes(1);
+        create(&mut s, "v", 2 << 30, 1);
+        let resize = |size, allow_shrink| Command::ResizeVolume {
+            name: "v".into(),
+            size_bytes: size,
+            allow_shrink,
+            time_ms: 9,
+        };
+        assert!(
+            matches!(s.apply(resize(1 << 30, true)), CommandResult::Volume(v) if v.stale_from_bytes == Some(1 << 30))
+        );
+        assert!(matches!(
+            s.apply(resize(2 << 30, false)),
+            CommandResult::Rejected(StateError::GrowOverStale { .. })
+        ));
+        assert!(
+            matches!(s.apply(resize(1 << 29, true)), CommandResult::Volume(v) if v.stale_from_bytes == Some(1 << 29))
+        );
+        assert!(matches!(s.apply(resize(1 << 29, false)), CommandResult::Volume(_)));
     }
 }
