@@ -40,7 +40,7 @@ async fn main() {
     let crcs = block_crcs(&data);
     // Prefill the volume's first 64 MiB so reads hit data.
     for i in 0..64u64 {
-        vol.write(i << 20, &vec![1u8; 1 << 20], false).await.unwrap();
+        vol.write(i << 20, Bytes::from(vec![1u8; 1 << 20]), false).await.unwrap();
     }
     // The volume client took a generation; use it for direct writes too.
     let generation = meta.volume(&name).await.unwrap().generation;
@@ -83,7 +83,7 @@ async fn main() {
         vol.read(off, 4096).await.unwrap();
         r.push(s.elapsed().as_secs_f64() * 1e6);
         let s = Instant::now();
-        vol.write(off, &data, false).await.unwrap();
+        vol.write(off, data.clone(), false).await.unwrap();
         w.push(s.elapsed().as_secs_f64() * 1e6);
     }
     report(&format!("3a. VolumeClient 4K read ({} replicas)", info.replicas), r);

@@ -417,22 +417,23 @@ impl VolumeClient {
     }
 
     /// Writes `data` at `offset`; with `fua`, durable when it returns.
-    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+    /// `data` is shared, not copied: aligned pieces go to the replicas as slices of it.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         let pieces = self.pieces(offset, data.len() as u64);
-        let writes = pieces.iter().map(|p| self.write_piece(*p, &data[p.at..p.at + p.len as usize]));
+        let writes = pieces.iter().map(|p| self.write_piece(*p, data.slice(p.at..p.at + p.len as usize)));
         for r in futures::future::join_all(writes).await {
             r?;
         }
         if fua { self.flush().await } else { Ok(()) }
     }
 
-    async fn write_piece(&self, p: Piece, data: &[u8]) -> Result<(), IoError> {
+    async fn write_piece(&self, p: Piece, data: Bytes) -> Result<(), IoError> {
         let lock = self.chunk_lock(p.chunk);
         let _guard = lock.lock().await;
         let a0 = p.offset / BS * BS;
         let a1 = (p.offset + p.len).div_ceil(BS) * BS;
         let buf = if a0 == p.offset && a1 == p.offset + p.len {
-            Bytes::copy_from_slice(data)
+            data
         } else {
             // Read-modify-write of the partial edge blocks, under the chunk lock.
             let mut buf = vec![0u8; (a1 - a0) as usize];
@@ -447,7 +448,7 @@ impl VolumeClient {
                 buf[n - BS as usize..].copy_from_slice(&tail);
             }
             let skip = (p.offset - a0) as usize;
-            buf[skip..skip + data.len()].copy_from_slice(data);
+            buf[skip..skip + data.len()].copy_from_slice(&data);
             Bytes::from(buf)
         };
         self.mutate(p.chunk, a0, Mutation::Write(buf)).await
@@ -475,16 +476,16 @@ impl VolumeClient {
             let a1 = (p.offset + p.len) / BS * BS;
             if a1 <= a0 {
                 // Entirely within one block: write zeros.
-                self.write_piece(p, &vec![0u8; p.len as usize]).await?;
+                self.write_piece(p, Bytes::from(vec![0u8; p.len as usize])).await?;
                 continue;
             }
             if a0 > p.offset {
                 let head = Piece { chunk: p.chunk, offset: p.offset, len: a0 - p.offset, at: 0 };
-                self.write_piece(head, &vec![0u8; head.len as usize]).await?;
+                self.write_piece(head, Bytes::from(vec![0u8; head.len as usize])).await?;
             }
             if p.offset + p.len > a1 {
                 let tail = Piece { chunk: p.chunk, offset: a1, len: p.offset + p.len - a1, at: 0 };
-                self.write_piece(tail, &vec![0u8; tail.len as usize]).await?;
+                self.write_piece(tail, Bytes::from(vec![0u8; tail.len as usize])).await?;
             }
             let lock = self.chunk_lock(p.chunk);
             let _guard = lock.lock().await;

@@ -439,7 +439,7 @@ async fn execute(
             }
             Err(e) => Err(e),
         },
-        CMD_WRITE => client.write(h.offset, &payload, fua).await.map(|_| Vec::new()),
+        CMD_WRITE => client.write(h.offset, bytes::Bytes::from(payload), fua).await.map(|_| Vec::new()),
         CMD_FLUSH => client.flush().await.map(|_| Vec::new()),
         CMD_TRIM => client.trim(h.offset, len, fua).await.map(|_| Vec::new()),
         CMD_CACHE => Ok(Vec::new()),

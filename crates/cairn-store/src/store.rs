@@ -721,7 +721,7 @@ impl Store {
     }
 
     /// Rewrites blocks found corrupt here with good copies read from a peer. Like
-    /// [`Store::install_chunk`] it carries the generation already accepted.
+    /// [`Store::install_range`] it carries the generation already accepted.
     pub fn repair(
         &self,
         volume: VolumeId,

@@ -10,9 +10,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use cairn_store::{Store, StoreConfig, StoreError, WriteStamp};
 use cairn_types::checksum::block_crcs;
 use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Generation, VolumeId};
+use common::block_bytes;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -30,20 +33,6 @@ fn size() -> ChunkSize {
 
 fn vol() -> VolumeId {
     VolumeId::new(11).unwrap()
-}
-
-fn block_bytes(seed: u64, out: &mut [u8]) {
-    if seed == 0 {
-        out.fill(0);
-        return;
-    }
-    let mut x = seed;
-    for word in out.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        word.copy_from_slice(&x.to_le_bytes());
-    }
 }
 
 /// The child: writes, trims and flushes forever (until killed), logging intents and completions.

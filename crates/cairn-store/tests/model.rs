@@ -8,9 +8,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use cairn_store::{FaultInjector, IoOp, Store, StoreConfig, StoreError, WriteStamp};
 use cairn_types::checksum::block_crcs;
 use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Generation, VolumeId};
+use common::block_bytes;
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -69,21 +72,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
     ]
-}
-
-/// Content of a block made from a seed; seed 0 is the zero block.
-fn block_bytes(seed: u64, out: &mut [u8]) {
-    if seed == 0 {
-        out.fill(0);
-        return;
-    }
-    let mut x = seed;
-    for word in out.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        word.copy_from_slice(&x.to_le_bytes());
-    }
 }
 
 /// What a block may read as.
