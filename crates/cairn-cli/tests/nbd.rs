@@ -307,6 +307,13 @@ fn a_corrupt_replica_is_detected_and_repaired() {
         cmds.push("read -P 0x5a 0 1M".to_string());
     }
     qemu_io(&url, cmds);
+    // Node 1's NBD server read its own replica in-process (the local fast path is wired).
+    let (code, status) = pool.get(1, "/v1/status");
+    assert_eq!(code, 200);
+    assert!(
+        status["local_requests"].as_u64().is_some_and(|n| n > 0),
+        "node 1 handled no request in-process: {status}"
+    );
     // Node 1's copy now reads back correct.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -227,27 +227,45 @@ async fn read_replies(
     fail_all(&pending, failure);
 }
 
+/// One address's slot in the pool: its connection, if any. Callers to the same node wait on this
+/// slot's lock while one of them connects; callers to other nodes never do.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<NodeConnection>>>>;
+
 /// Connections to many nodes, one each, opened on first use and dropped when they fail.
+///
+/// Connecting happens outside the pool-wide lock (which guards only the address → slot table and is
+/// never held across an await), so a node that accepts TCP but never answers the hello delays only
+/// the callers that want that node, never calls to healthy ones.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectionPool {
-    connections: Arc<tokio::sync::Mutex<HashMap<SocketAddr, Arc<NodeConnection>>>>,
+    slots: Arc<Mutex<HashMap<SocketAddr, Slot>>>,
 }
 
 impl ConnectionPool {
+    fn slot(&self, addr: SocketAddr) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(addr).or_default().clone()
+    }
+
     /// The connection to `addr`, connecting if there is none.
     pub async fn get(&self, addr: SocketAddr) -> Result<Arc<NodeConnection>, ConnectionError> {
-        let mut pool = self.connections.lock().await;
-        if let Some(c) = pool.get(&addr) {
+        let slot = self.slot(addr);
+        let mut conn = slot.lock().await;
+        if let Some(c) = conn.as_ref() {
             return Ok(c.clone());
         }
         let c = Arc::new(NodeConnection::connect(addr).await?);
-        pool.insert(addr, c.clone());
+        *conn = Some(c.clone());
         Ok(c)
     }
 
     /// Forgets `conn` (it failed); the next `get` reconnects.
     pub async fn forget(&self, conn: &Arc<NodeConnection>) {
-        self.connections.lock().await.retain(|_, c| !Arc::ptr_eq(c, conn));
+        let slot = self.slot(conn.addr());
+        let mut current = slot.lock().await;
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            *current = None;
+        }
     }
 
     /// Sends `request` on the pooled connection to `addr`, forgetting the connection if it fails.
@@ -258,5 +276,38 @@ impl ConnectionPool {
             self.forget(&conn).await;
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node that accepts TCP but never answers must not delay calls to another node
+    /// (issue: one frozen node demoted healthy ones because connecting held the pool's lock).
+    #[tokio::test]
+    async fn a_frozen_node_does_not_block_connections_to_others() {
+        let frozen = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let frozen_addr = frozen.local_addr().unwrap();
+        // Accepts (the kernel's backlog does) and never reads or writes.
+        let pool = ConnectionPool::default();
+        let p = pool.clone();
+        let stuck = tokio::spawn(async move { p.get(frozen_addr).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A second address with nothing listening: the attempt must fail at once (refused), not
+        // wait behind the frozen node's 5 s connect timeout.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        let started = std::time::Instant::now();
+        let r = pool.get(closed_addr).await;
+        assert!(r.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a call to another node waited {:?} behind the frozen one",
+            started.elapsed()
+        );
+        stuck.abort();
+        drop(frozen);
     }
 }

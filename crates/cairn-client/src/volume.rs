@@ -88,11 +88,19 @@ struct VolumeMap {
 }
 
 impl VolumeMap {
+    fn pg(&self, chunk: u64) -> Option<u32> {
+        let id = VolumeId::new(self.volume.id).ok()?;
+        Some(pg_of(id, ChunkIndex(chunk), self.pg_count).0)
+    }
+
     fn replicas(&self, chunk: u64) -> Vec<u64> {
-        let Ok(id) = VolumeId::new(self.volume.id) else { return Vec::new() };
-        let pg = pg_of(id, ChunkIndex(chunk), self.pg_count).0 as usize;
+        let Some(pg) = self.pg(chunk) else { return Vec::new() };
+        self.replicas_of_pg(pg)
+    }
+
+    fn replicas_of_pg(&self, pg: u32) -> Vec<u64> {
         self.table
-            .get(pg)
+            .get(pg as usize)
             .map(|r| r.iter().take(usize::from(self.volume.replicas)).copied().collect())
             .unwrap_or_default()
     }
@@ -140,6 +148,9 @@ pub struct VolumeClient {
     rotation: AtomicUsize,
     /// Nodes this client saw miss a write; not read from until the map shows them catching up.
     suspects: Mutex<BTreeSet<u64>>,
+    /// PGs mutated since the last successful flush: a flush reaches only their replicas, so a PG
+    /// this client never wrote (perhaps without a majority) cannot stall it.
+    touched_pgs: Mutex<BTreeSet<u32>>,
     refresher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -179,6 +190,7 @@ impl VolumeClient {
             chunk_locks: Mutex::new(HashMap::new()),
             rotation: AtomicUsize::new(0),
             suspects: Mutex::new(BTreeSet::new()),
+            touched_pgs: Mutex::new(BTreeSet::new()),
             refresher: Mutex::new(None),
         });
         let weak = Arc::downgrade(&client);
@@ -499,6 +511,10 @@ impl VolumeClient {
         let (volume, chunk_size) = self.ids()?;
         let deadline = Instant::now() + self.config.io_timeout;
         let mut last = String::new();
+        // Before any replica can apply it: a later flush must cover this PG.
+        if let Some(pg) = self.map().pg(chunk) {
+            lock(&self.touched_pgs).insert(pg);
+        }
         loop {
             let generation = self.generation().await?;
             let stamp = Stamp {
@@ -640,12 +656,27 @@ impl VolumeClient {
     }
 
     /// Makes every write acknowledged before it durable on a majority of each chunk's replicas.
+    /// Only the PGs this client mutated since its last successful flush are involved.
     pub async fn flush(&self) -> Result<(), IoError> {
         let (volume, _) = self.ids()?;
+        let pgs: BTreeSet<u32> = std::mem::take(&mut *lock(&self.touched_pgs));
+        if pgs.is_empty() {
+            return Ok(());
+        }
+        let result = self.flush_pgs(volume, &pgs).await;
+        if result.is_err() {
+            // Not durable: the next flush must cover these PGs again.
+            lock(&self.touched_pgs).extend(pgs);
+        }
+        result
+    }
+
+    async fn flush_pgs(&self, volume: VolumeId, pgs: &BTreeSet<u32>) -> Result<(), IoError> {
         let deadline = Instant::now() + self.config.io_timeout;
         loop {
             let map = self.map();
-            let nodes: Vec<u64> = map.nodes.values().filter(|n| n.in_sync()).map(|n| n.id).collect();
+            let nodes: BTreeSet<u64> =
+                pgs.iter().flat_map(|pg| map.replicas_of_pg(*pg)).filter(|n| map.in_sync(*n)).collect();
             let request = Request::Flush { volume };
             let results = futures::future::join_all(nodes.iter().map(|n| self.call(*n, &request))).await;
             let flushed: BTreeSet<u64> = nodes
@@ -654,11 +685,9 @@ impl VolumeClient {
                 .filter(|(_, r)| matches!(r, Ok(Response::Done)))
                 .map(|(n, _)| *n)
                 .collect();
-            let replicas = usize::from(map.volume.replicas);
-            let all_pgs_durable = map
-                .table
-                .iter()
-                .all(|row| row.iter().take(replicas).filter(|n| flushed.contains(n)).count() >= map.quorum());
+            let all_pgs_durable = pgs.iter().all(|pg| {
+                map.replicas_of_pg(*pg).iter().filter(|n| flushed.contains(n)).count() >= map.quorum()
+            });
             if all_pgs_durable {
                 return Ok(());
             }

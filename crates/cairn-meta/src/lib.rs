@@ -7,11 +7,13 @@
 //!
 //! Layers:
 //! * `state` — the state machine (nodes, placement-group table, volumes, generations, events);
+//! * `authority` — per-PG authoritative members (active, joining, backfill) and intervals;
 //! * `placement` — the weighted rendezvous-hash balancer that computes the PG table;
 //! * `storage` — openraft's log and state-machine storage on redb;
 //! * `network` — openraft's network over any [`network::PeerTransport`];
 //! * `service` — [`service::MetaService`], the small API the rest of Cairn uses, plus liveness.
 
+pub mod authority;
 pub mod network;
 pub mod placement;
 pub mod service;

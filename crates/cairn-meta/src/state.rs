@@ -8,6 +8,7 @@
 //! generations only grow (`last_generation`, one counter for the whole pool); the epoch grows with
 //! every change; the event log keeps the newest [`EVENTS_MAX`] events.
 
+use crate::authority::{Member, PgAuthority, Phase, min_size};
 use crate::placement::{PG_COUNT_DEFAULT, PG_WIDTH_MAX, pg_table};
 use cairn_types::ChunkSize;
 use serde::{Deserialize, Serialize};
@@ -64,6 +65,10 @@ pub struct NodeInfo {
     /// Identifies the node's current process; a new value means it restarted.
     #[serde(default)]
     pub boot_id: u64,
+    /// Identifies the node's current *copy of its data*: a new value (committed by `NodeStarted`
+    /// before the node serves) means it may have lost unflushed writes, and voids its PG entries.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 impl NodeInfo {
@@ -160,6 +165,35 @@ pub enum Command {
         name: String,
         time_ms: u64,
     },
+    /// A node started with data-directory incarnation `incarnation` (a new value when it may have
+    /// lost unflushed writes). Its entries of another incarnation become void; it becomes a backfill
+    /// member of the PGs whose target it is in and where it has no entry.
+    NodeStarted {
+        id: u64,
+        incarnation: u64,
+        time_ms: u64,
+    },
+    /// Remove `node` from the listed PGs of the `replicas`-copy PG set, each judged at the given
+    /// interval (a PG whose interval moved is left alone). A removal that would leave fewer than
+    /// min_size valid active members is refused for that PG. `generation`, if set, is the writer
+    /// generation of the client asking: a fenced writer cannot remove members. The removed node
+    /// stays a backfill member where it is in the target, so that it recovers.
+    Degrade {
+        replicas: u8,
+        node: u64,
+        pgs: Vec<(u32, u64)>,
+        generation: Option<(String, u64)>,
+        time_ms: u64,
+    },
+    /// Promote `node` at `incarnation` in one PG: backfill (or void) → joining, or joining → active.
+    Admit {
+        replicas: u8,
+        pg: u32,
+        node: u64,
+        incarnation: u64,
+        phase: Phase,
+        time_ms: u64,
+    },
 }
 
 /// Why a command was rejected. Every member rejects the same commands.
@@ -183,6 +217,12 @@ pub enum StateError {
     ShrinkRefused { name: String, from: u64, to: u64 },
     #[error("unknown node {0}")]
     UnknownNode(u64),
+    #[error("no placement group {pg} in the {replicas}-copy set")]
+    UnknownPg { replicas: u8, pg: u32 },
+    #[error("volume {name:?}: generation {generation} is fenced by generation {current}")]
+    Fenced { name: String, generation: u64, current: u64 },
+    #[error("node {node} cannot be admitted to pg {pg} as {phase:?} (incarnation {incarnation})")]
+    NotAdmissible { pg: u32, node: u64, incarnation: u64, phase: Phase },
     #[error(
         "volume {name:?} was shrunk to {stale_from} bytes and its old data beyond that is not erased yet; it cannot grow past {stale_from} bytes (create a new volume instead)"
     )]
@@ -215,6 +255,10 @@ pub struct ClusterState {
     pub next_event_seq: u64,
     pub leader: Option<u64>,
     pub term: u64,
+    /// Per replica count R, the authority of each of the `pg_count` PGs (volumes with R copies use
+    /// the first R nodes of each target row). Created when the first volume with R copies is.
+    #[serde(default)]
+    pub pg_sets: BTreeMap<u8, Vec<PgAuthority>>,
 }
 
 impl Default for ClusterState {
@@ -232,6 +276,7 @@ impl Default for ClusterState {
             next_event_seq: 1,
             leader: None,
             term: 0,
+            pg_sets: BTreeMap::new(),
         }
     }
 }
@@ -276,6 +321,48 @@ impl ClusterState {
         let weights: BTreeMap<u64, u32> =
             self.nodes.values().filter(|n| n.in_pool).map(|n| (n.id, n.weight)).collect();
         self.pg_table = pg_table(&weights, self.pg_count, PG_WIDTH_MAX);
+    }
+
+    /// Every node's current incarnation.
+    pub fn incarnations(&self) -> BTreeMap<u64, u64> {
+        self.nodes.values().map(|n| (n.id, n.incarnation)).collect()
+    }
+
+    /// The target of PG `pg` for `replicas` copies: the first R nodes of its table row.
+    pub fn target(&self, replicas: u8, pg: u32) -> Vec<u64> {
+        self.pg_table
+            .get(pg as usize)
+            .map(|row| row.iter().take(usize::from(replicas)).copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The authority of PG `pg` of the `replicas`-copy set, if that set exists.
+    pub fn pg(&self, replicas: u8, pg: u32) -> Option<&PgAuthority> {
+        self.pg_sets.get(&replicas).and_then(|set| set.get(pg as usize))
+    }
+
+    /// Adds backfill entries for nodes that are in a PG's target but not its members (a joined or
+    /// restarted node), and drops void entries that are no longer needed.
+    fn reconcile_targets(&mut self) {
+        let incarnations = self.incarnations();
+        let targets: BTreeMap<(u8, u32), Vec<u64>> = self
+            .pg_sets
+            .iter()
+            .flat_map(|(r, set)| (0..set.len() as u32).map(move |pg| (*r, pg)))
+            .map(|(r, pg)| ((r, pg), self.target(r, pg)))
+            .collect();
+        for (r, set) in self.pg_sets.iter_mut() {
+            for (pg, authority) in set.iter_mut().enumerate() {
+                for node in targets.get(&(*r, pg as u32)).into_iter().flatten() {
+                    // A node is added only once it has started (incarnation 0: never started).
+                    if let Some(inc) = incarnations.get(node).filter(|i| **i != 0) {
+                        authority.add_backfill(*node, *inc);
+                    }
+                }
+                authority.prune_void(&incarnations, min_size(*r));
+                assert!(authority.check().is_ok(), "pg authority invariant broken: {:?}", authority.check());
+            }
+        }
     }
 
     /// Nodes that hold data.
@@ -323,9 +410,11 @@ impl ClusterState {
                                 joined_ms: time_ms,
                                 catching_up: false,
                                 boot_id: 0,
+                                incarnation: 0,
                             },
                         );
                         self.rebalance();
+                        self.reconcile_targets();
                         self.event(time_ms, "node.joined", format!("node {id}"), details);
                     }
                 }
@@ -412,6 +501,25 @@ impl ClusterState {
                 };
                 self.next_volume_id += 1;
                 self.volumes.insert(name.clone(), volume.clone());
+                if !self.pg_sets.contains_key(&replicas) {
+                    // A new PG set holds no data yet: its target members are authoritative at once.
+                    let incarnations = self.incarnations();
+                    let set = (0..self.pg_count)
+                        .map(|pg| PgAuthority {
+                            interval: 1,
+                            members: self
+                                .target(replicas, pg)
+                                .into_iter()
+                                .map(|node| Member {
+                                    node,
+                                    incarnation: incarnations.get(&node).copied().unwrap_or(0),
+                                    phase: Phase::Active,
+                                })
+                                .collect(),
+                        })
+                        .collect();
+                    self.pg_sets.insert(replicas, set);
+                }
                 self.event(
                     time_ms,
                     "volume.created",
@@ -467,6 +575,78 @@ impl ClusterState {
                     format!("generation {}", volume.generation),
                 );
                 Ok(CommandResult::Volume(volume))
+            }
+            Command::NodeStarted { id, incarnation, time_ms } => {
+                let node = self.nodes.get_mut(&id).ok_or(StateError::UnknownNode(id))?;
+                if node.incarnation != incarnation {
+                    let previous = node.incarnation;
+                    node.incarnation = incarnation;
+                    self.reconcile_targets();
+                    self.event(
+                        time_ms,
+                        "node.incarnation",
+                        format!("node {id}"),
+                        format!("{previous} -> {incarnation}: its copies recover before they serve"),
+                    );
+                }
+                Ok(CommandResult::Done)
+            }
+            Command::Degrade { replicas, node, pgs, generation, time_ms } => {
+                if let Some((name, g)) = &generation {
+                    let v = self.volumes.get(name).ok_or_else(|| StateError::UnknownVolume(name.clone()))?;
+                    if *g < v.generation {
+                        return Err(StateError::Fenced {
+                            name: name.clone(),
+                            generation: *g,
+                            current: v.generation,
+                        });
+                    }
+                }
+                let incarnations = self.incarnations();
+                let in_target: Vec<bool> =
+                    pgs.iter().map(|(pg, _)| self.target(replicas, *pg).contains(&node)).collect();
+                let set = self.pg_sets.get_mut(&replicas).ok_or(StateError::UnknownPg { replicas, pg: 0 })?;
+                let mut removed = Vec::new();
+                for ((pg, interval), in_target) in pgs.iter().zip(in_target) {
+                    let authority =
+                        set.get_mut(*pg as usize).ok_or(StateError::UnknownPg { replicas, pg: *pg })?;
+                    if authority.interval != *interval {
+                        continue;
+                    }
+                    if authority.remove(node, &incarnations, min_size(replicas)) {
+                        removed.push(*pg);
+                        // It stays in the target: it receives writes again and recovers.
+                        if in_target && let Some(inc) = incarnations.get(&node) {
+                            authority.add_backfill(node, *inc);
+                        }
+                    }
+                }
+                if !removed.is_empty() {
+                    self.event(
+                        time_ms,
+                        "pg.degraded",
+                        format!("node {node}"),
+                        format!("removed from {} pg(s) of the {replicas}-copy set", removed.len()),
+                    );
+                }
+                Ok(CommandResult::Done)
+            }
+            Command::Admit { replicas, pg, node, incarnation, phase, time_ms } => {
+                let current = self.nodes.get(&node).ok_or(StateError::UnknownNode(node))?.incarnation;
+                let incarnations = self.incarnations();
+                let authority = self
+                    .pg_sets
+                    .get_mut(&replicas)
+                    .and_then(|set| set.get_mut(pg as usize))
+                    .ok_or(StateError::UnknownPg { replicas, pg })?;
+                if current != incarnation || !authority.admit(node, incarnation, phase) {
+                    return Err(StateError::NotAdmissible { pg, node, incarnation, phase });
+                }
+                authority.prune_void(&incarnations, min_size(replicas));
+                if phase == Phase::Active {
+                    self.event(time_ms, "pg.member_active", format!("node {node}"), format!("pg {pg}"));
+                }
+                Ok(CommandResult::Done)
             }
         }
     }
@@ -593,5 +773,70 @@ mod tests {
             matches!(s.apply(resize(1 << 29, true)), CommandResult::Volume(v) if v.stale_from_bytes == Some(1 << 29))
         );
         assert!(matches!(s.apply(resize(1 << 29, false)), CommandResult::Volume(_)));
+    }
+
+    #[test]
+    fn a_joining_node_is_backfill_until_admitted() {
+        let mut s = with_nodes(3);
+        for id in 1..=3 {
+            s.apply(Command::NodeStarted { id, incarnation: 10 + id, time_ms: 1 });
+        }
+        create(&mut s, "v", 1 << 30, 3);
+        let before: Vec<Vec<u64>> =
+            (0..s.pg_count).map(|pg| s.pg(3, pg).unwrap().counted(&s.incarnations())).collect();
+        let addr = NodeAddr { rpc: "127.0.0.1:4".into(), ..NodeAddr::default() };
+        s.apply(Command::RegisterNode { id: 4, addr, voter: false, capacity_bytes: 1 << 30, time_ms: 5 });
+        s.apply(Command::NodeStarted { id: 4, incarnation: 44, time_ms: 5 });
+        let inc = s.incarnations();
+        let mut backfilled = 0;
+        for pg in 0..s.pg_count {
+            let a = s.pg(3, pg).unwrap();
+            assert_eq!(a.counted(&inc), before[pg as usize], "a join changes no counted set");
+            if s.target(3, pg).contains(&4) {
+                assert_eq!(a.role(4, 44), crate::authority::Role::Receiving);
+                backfilled += 1;
+            }
+        }
+        assert!(backfilled > 0);
+        let pg = (0..s.pg_count).find(|pg| s.target(3, *pg).contains(&4)).unwrap();
+        let admit = |phase| Command::Admit { replicas: 3, pg, node: 4, incarnation: 44, phase, time_ms: 6 };
+        assert!(matches!(s.apply(admit(Phase::Active)), CommandResult::Rejected(_)));
+        assert_eq!(s.apply(admit(Phase::Joining)), CommandResult::Done);
+        assert_eq!(s.apply(admit(Phase::Active)), CommandResult::Done);
+        assert_eq!(s.pg(3, pg).unwrap().active(&s.incarnations()).len(), 4);
+    }
+
+    #[test]
+    fn degrade_respects_intervals_min_size_and_fencing() {
+        let mut s = with_nodes(3);
+        for id in 1..=3 {
+            s.apply(Command::NodeStarted { id, incarnation: id, time_ms: 1 });
+        }
+        create(&mut s, "v", 1 << 30, 3);
+        let CommandResult::Volume(v) = s.apply(Command::OpenVolume { name: "v".into(), time_ms: 2 }) else {
+            panic!()
+        };
+        let interval = s.pg(3, 0).unwrap().interval;
+        let degrade = |node, interval, g| Command::Degrade {
+            replicas: 3,
+            node,
+            pgs: vec![(0, interval)],
+            generation: Some(("v".into(), g)),
+            time_ms: 3,
+        };
+        assert!(matches!(
+            s.apply(degrade(1, interval, v.generation - 1)),
+            CommandResult::Rejected(StateError::Fenced { .. })
+        ));
+        assert_eq!(s.apply(degrade(1, interval + 5, v.generation)), CommandResult::Done);
+        assert_eq!(s.pg(3, 0).unwrap().interval, interval, "a stale interval removes nothing");
+        s.apply(degrade(1, interval, v.generation));
+        let a = s.pg(3, 0).unwrap();
+        assert_eq!(a.counted(&s.incarnations()).len(), 2);
+        assert_eq!(a.role(1, 1), crate::authority::Role::Receiving, "it stays to recover");
+        let i2 = a.interval;
+        let first = a.active(&s.incarnations())[0];
+        s.apply(degrade(first, i2, v.generation));
+        assert_eq!(s.pg(3, 0).unwrap().active(&s.incarnations()).len(), 2, "never below min_size");
     }
 }

@@ -32,14 +32,19 @@ use cairn_types::{ChunkIndex, VolumeId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 type Meta = Arc<dyn MetadataStore>;
 
-/// The API's router.
-pub fn router(meta: Meta) -> Router {
+/// The API's router. `local_requests` counts the requests this node's own volume clients (its NBD
+/// server) handled in-process instead of over the RPC; `/v1/status` reports it.
+pub fn router(meta: Meta, local_requests: Arc<AtomicU64>) -> Router {
     Router::new()
-        .route("/v1/status", get(status))
+        .route(
+            "/v1/status",
+            get(move |state: State<Meta>, uri: Uri| status(state, uri, local_requests.clone())),
+        )
         .route("/v1/nodes", get(nodes))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
@@ -139,9 +144,15 @@ struct StatusJson {
     nodes_up: usize,
     volumes: usize,
     events_last_seq: u64,
+    /// Data-path requests this node's NBD server handled in-process (local fast path).
+    local_requests: u64,
 }
 
-async fn status(State(meta): State<Meta>, uri: Uri) -> Result<Json<StatusJson>, ApiError> {
+async fn status(
+    State(meta): State<Meta>,
+    uri: Uri,
+    local_requests: Arc<AtomicU64>,
+) -> Result<Json<StatusJson>, ApiError> {
     if meta.is_leader() {
         meta.linearizable().await.map_err(|e| map_error(e, &uri))?;
     } else if meta.leader().is_none() {
@@ -161,6 +172,7 @@ async fn status(State(meta): State<Meta>, uri: Uri) -> Result<Json<StatusJson>, 
         nodes_up: s.nodes.values().filter(|n| n.up).count(),
         volumes: s.volumes.len(),
         events_last_seq: s.next_event_seq - 1,
+        local_requests: local_requests.load(Ordering::Relaxed),
     }))
 }
 

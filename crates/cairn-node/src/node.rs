@@ -3,7 +3,7 @@
 use crate::config::NodeConfig;
 use crate::missed::MissedLog;
 use crate::server::ClientHooks;
-use crate::server::{NodeError, PeerHandler, PeerSlot, RunningNode};
+use crate::server::{LocalHandler, NodeError, PeerHandler, PeerSlot, RunningNode};
 use crate::transport::RpcPeerTransport;
 use cairn_meta::network::PeerRequest;
 use cairn_meta::service::Probe;
@@ -145,7 +145,14 @@ impl Node {
             .map_err(|source| NodeError::Listen { addr: config.http_addr(), source })?;
         let http_stop = CancellationToken::new();
         let stop = http_stop.clone();
-        let app = crate::http::router(meta.clone() as Arc<dyn cairn_meta::MetadataStore>);
+        let local = Arc::new(LocalHandler {
+            id: me.id,
+            store: store.clone(),
+            wiring: peer.clone(),
+            requests: Arc::default(),
+        });
+        let app =
+            crate::http::router(meta.clone() as Arc<dyn cairn_meta::MetadataStore>, local.requests.clone());
         let http_task = tokio::spawn(async move {
             let served = axum::serve(http_listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
             if let Err(e) = served {
@@ -162,7 +169,11 @@ impl Node {
             cairn_client::MetaClient::new(&api_addrs).map_err(|e| NodeError::Meta(e.to_string()))?;
         let exports = Arc::new(cairn_nbd::Exports {
             meta: Arc::new(meta_client),
-            config: cairn_client::ClientConfig::default(),
+            // Requests for this node's own replicas are handled in-process (the local fast path).
+            config: cairn_client::ClientConfig {
+                local: Some(local),
+                ..cairn_client::ClientConfig::default()
+            },
         });
         let nbd_stop = CancellationToken::new();
         let nbd_addr = nbd_listener

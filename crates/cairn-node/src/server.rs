@@ -338,6 +338,8 @@ pub struct LocalHandler {
     pub id: u64,
     pub store: Arc<Store>,
     pub wiring: PeerSlot,
+    /// Requests handled in-process (reported by `/v1/status` as `local_requests`).
+    pub requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl cairn_client::LocalNode for LocalHandler {
@@ -346,6 +348,7 @@ impl cairn_client::LocalNode for LocalHandler {
     }
 
     fn handle(&self, request: Request) -> futures::future::BoxFuture<'static, Response> {
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Box::pin(handle(self.store.clone(), self.wiring.clone(), request))
     }
 }
