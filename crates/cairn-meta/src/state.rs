@@ -353,13 +353,14 @@ impl ClusterState {
             .collect();
         for (r, set) in self.pg_sets.iter_mut() {
             for (pg, authority) in set.iter_mut().enumerate() {
+                // Void entries go first where they may, so that their nodes come back as backfill.
+                authority.prune_void(&incarnations, min_size(*r));
                 for node in targets.get(&(*r, pg as u32)).into_iter().flatten() {
                     // A node is added only once it has started (incarnation 0: never started).
                     if let Some(inc) = incarnations.get(node).filter(|i| **i != 0) {
                         authority.add_backfill(*node, *inc);
                     }
                 }
-                authority.prune_void(&incarnations, min_size(*r));
                 assert!(authority.check().is_ok(), "pg authority invariant broken: {:?}", authority.check());
             }
         }
@@ -633,7 +634,6 @@ impl ClusterState {
             }
             Command::Admit { replicas, pg, node, incarnation, phase, time_ms } => {
                 let current = self.nodes.get(&node).ok_or(StateError::UnknownNode(node))?.incarnation;
-                let incarnations = self.incarnations();
                 let authority = self
                     .pg_sets
                     .get_mut(&replicas)
@@ -642,7 +642,7 @@ impl ClusterState {
                 if current != incarnation || !authority.admit(node, incarnation, phase) {
                     return Err(StateError::NotAdmissible { pg, node, incarnation, phase });
                 }
-                authority.prune_void(&incarnations, min_size(replicas));
+                self.reconcile_targets();
                 if phase == Phase::Active {
                     self.event(time_ms, "pg.member_active", format!("node {node}"), format!("pg {pg}"));
                 }
