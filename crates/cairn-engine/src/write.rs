@@ -106,7 +106,10 @@ mod tests {
     fn authority(members: &[(u64, Phase)]) -> PgAuthority {
         PgAuthority {
             interval: 7,
-            members: members.iter().map(|(node, phase)| Member { node: *node, incarnation: 1, phase: *phase }).collect(),
+            members: members
+                .iter()
+                .map(|(node, phase)| Member { node: *node, incarnation: 1, phase: *phase })
+                .collect(),
         }
     }
 
@@ -116,7 +119,8 @@ mod tests {
 
     #[test]
     fn acknowledged_only_when_every_counted_member_applied() {
-        let a = authority(&[(1, Phase::Active), (2, Phase::Active), (3, Phase::Joining), (4, Phase::Backfill)]);
+        let a =
+            authority(&[(1, Phase::Active), (2, Phase::Active), (3, Phase::Joining), (4, Phase::Backfill)]);
         let mut r = WriteRound::new(&a, &incs(), 3);
         assert_eq!(r.targets(), &[1, 2, 3, 4]);
         assert_eq!(r.start(), Step::Wait);
