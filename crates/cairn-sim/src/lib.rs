@@ -164,7 +164,9 @@ struct Node {
     /// Per PG, the interval at which this node first saw itself joining.
     joined_at: BTreeMap<u32, u64>,
     /// Per PG, when its last recovery pass was asked for.
-    recovering: BTreeMap<u32, u64>,
+    /// Per PG, when its last recovery pass was asked for and this node's chunk versions then: a
+    /// pull installs only over a copy still at the version it had when the list was asked for.
+    recovering: BTreeMap<u32, (u64, BTreeMap<u64, Version>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -946,15 +948,10 @@ impl World {
             let pg = pg as u32;
             let role = authority.role(id, inc);
             let n = self.nodes.get_mut(&id).expect_node();
-            if role == Role::Joining {
-                n.joined_at.entry(pg).or_insert(authority.interval);
-            } else {
-                n.joined_at.remove(&pg);
-            }
             if !matches!(role, Role::Receiving | Role::Joining) {
                 continue;
             }
-            if n.recovering.get(&pg).is_some_and(|t| self.now < t + 2 * RPC_TIMEOUT) {
+            if n.recovering.get(&pg).is_some_and(|(t, _)| self.now < t + 2 * RPC_TIMEOUT) {
                 continue;
             }
             let sources: Vec<u64> =
@@ -964,7 +961,14 @@ impl World {
             }
             let source = sources[self.rng.below(sources.len() as u64) as usize];
             let n = self.nodes.get_mut(&id).expect_node();
-            n.recovering.insert(pg, self.now);
+            let snapshot: BTreeMap<u64, Version> = n
+                .disk
+                .cache
+                .iter()
+                .filter(|(c, _)| pg_of_chunk(**c, map.pg_count) == pg)
+                .map(|(c, copy)| (*c, copy.version))
+                .collect();
+            n.recovering.insert(pg, (self.now, snapshot));
             self.send(
                 Ep::Node(id),
                 Ep::Node(source),
@@ -980,6 +984,7 @@ impl World {
             Msg::Map(map) => {
                 if n.map.as_ref().is_none_or(|m| m.epoch < map.epoch) {
                     n.map = Some(map);
+                    n.note_joining();
                 }
             }
             Msg::Grant { until, epoch } => {
@@ -1075,6 +1080,12 @@ impl World {
                     }
                     InstallResult::Installed
                 };
+                if result == InstallResult::Installed {
+                    self.log(format!(
+                        "node {id}: installed chunk {chunk} at {:?} (pg {pg}, interval {interval}, {role:?})",
+                        self.nodes[&id].disk.version(chunk)
+                    ));
+                }
                 self.send(Ep::Node(id), from, Msg::InstallReply { op, node: id, result });
             }
             Msg::Fence { op, generation } => {
@@ -1102,7 +1113,7 @@ impl World {
                 self.send(Ep::Node(id), Ep::Node(target), Msg::ListReply { pg, copies });
             }
             Msg::ListReply { pg, copies } => {
-                n.recovering.remove(&pg);
+                let Some((_, mine)) = n.recovering.remove(&pg) else { return Ok(()) };
                 let Some(source) = copies else { return Ok(()) };
                 let (_, role) = n.pg_view(pg);
                 if !matches!(role, Role::Receiving | Role::Joining) {
@@ -1111,16 +1122,11 @@ impl World {
                 let pg_count = n.map.as_ref().map(|m| m.pg_count).unwrap_or(PG_COUNT);
                 let source_versions: BTreeMap<u64, Version> =
                     source.iter().map(|(c, copy)| (*c, copy.version)).collect();
-                let mine: BTreeMap<u64, Version> = n
-                    .disk
-                    .cache
-                    .iter()
-                    .filter(|(c, _)| pg_of_chunk(**c, pg_count) == pg)
-                    .map(|(c, copy)| (*c, copy.version))
-                    .collect();
                 let suspects: BTreeSet<u64> =
                     n.suspects.iter().copied().filter(|c| pg_of_chunk(*c, pg_count) == pg).collect();
                 let joined = n.joined_at.get(&pg).copied();
+                let mut pulled = Vec::new();
+                let mut skipped = 0;
                 for pull in recovery_plan(&source_versions, &mine, &suspects) {
                     let (chunk, expected, version) = match pull {
                         Pull::Copy { chunk, expected, version } => (chunk, expected, Some(version)),
@@ -1134,15 +1140,32 @@ impl World {
                     if touched_since_joining && older && !n.suspects.contains(&chunk) {
                         continue;
                     }
+                    // Make identical, conditionally: a copy changed since the list was asked for
+                    // (a write or an install that reached it meanwhile) is left for the next pass.
+                    if n.disk.version(chunk) != expected.unwrap_or(Version::NONE) {
+                        skipped += 1;
+                        continue;
+                    }
+                    let line = format!(
+                        "node {id}: pulled chunk {chunk} {expected:?} -> {version:?} (pg {pg}, {role:?})"
+                    );
                     match source.get(&chunk) {
                         Some(copy) => n.disk.put(chunk, copy.clone()),
                         None => n.disk.remove(chunk),
                     }
+                    pulled.push(line);
                     n.suspects.remove(&chunk);
                     n.touched_at.remove(&chunk);
                 }
                 let inc = n.incarnation;
+                for line in pulled {
+                    self.log(line);
+                }
                 let phase = if role == Role::Joining { Phase::Active } else { Phase::Joining };
+                if phase == Phase::Active && skipped > 0 {
+                    // The barrier pass must compare every chunk: try again.
+                    return Ok(());
+                }
                 self.send(Ep::Node(id), Ep::Meta, Msg::Admit { node: id, pg, incarnation: inc, phase });
             }
             _ => {}
@@ -1683,6 +1706,7 @@ impl World {
                 installs.push((i, pg, authority.interval, chunk, copy.clone()));
             }
         }
+        self.log(format!("client {c}: reconcile pass with {} install(s)", installs.len()));
         let attempt = self.new_attempt(c);
         if let Some(op) = self.clients[c].op.as_mut() {
             op.phase = OpPhase::Reconciling { pending: installs.iter().map(|(i, ..)| i.node).collect() };
@@ -1850,6 +1874,20 @@ impl Node {
             touched_at: BTreeMap::new(),
             joined_at: BTreeMap::new(),
             recovering: BTreeMap::new(),
+        }
+    }
+
+    /// Records, for each PG where the new map makes this node joining, the interval it first
+    /// saw (it applies nothing at an interval before it knows it, so every mutation it applied as
+    /// a joining member carries this interval or a later one).
+    fn note_joining(&mut self) {
+        let Some(map) = self.map.clone() else { return };
+        for (pg, authority) in map.pg_sets.get(&R).into_iter().flatten().enumerate() {
+            if authority.role(self.id, self.incarnation) == Role::Joining {
+                self.joined_at.entry(pg as u32).or_insert(authority.interval);
+            } else {
+                self.joined_at.remove(&(pg as u32));
+            }
         }
     }
 
