@@ -20,11 +20,24 @@ pub struct Install {
     pub version: Version,
 }
 
-/// The settle plan for one chunk: `versions` are each counted member's version. Returns the member
-/// whose copy wins and the installs that make the others identical to it (`version` is the winner's
-/// unless `restamp` gives a new one, which then goes to every member, the winner too).
-pub fn settle(versions: &BTreeMap<u64, Version>, restamp: Option<Version>) -> Option<(u64, Vec<Install>)> {
-    let (winner, top) = versions.iter().max_by_key(|(node, v)| (**v, std::cmp::Reverse(**node)))?;
+/// The settle plan for one chunk: `versions` are each counted member's version, `active` the
+/// members whose copy may win. Returns the member whose copy wins and the installs that make the
+/// others identical to it (`version` is the winner's unless `restamp` gives a new one, which then
+/// goes to every member, the winner too).
+///
+/// Only active copies win: they hold every acknowledged write (each was counted for it), and a
+/// joining copy may still hold a leftover of an earlier life (a write that failed while it was a
+/// member before) that its own recovery is about to replace with its source's copy — letting it
+/// win could cross that recovery and leave two active copies different (found by the simulation).
+pub fn settle(
+    versions: &BTreeMap<u64, Version>,
+    active: &BTreeSet<u64>,
+    restamp: Option<Version>,
+) -> Option<(u64, Vec<Install>)> {
+    let (winner, top) = versions
+        .iter()
+        .filter(|(node, _)| active.contains(node))
+        .max_by_key(|(node, v)| (**v, std::cmp::Reverse(**node)))?;
     let installs = versions
         .iter()
         .filter(|(node, v)| restamp.is_some() || (*node != winner && *v != top))
@@ -74,12 +87,23 @@ mod tests {
     #[test]
     fn the_highest_copy_wins_and_equal_copies_are_left_alone() {
         let versions: BTreeMap<u64, Version> = [(1, v(2, 3)), (2, v(2, 4)), (3, v(2, 4))].into();
-        let (winner, installs) = settle(&versions, None).unwrap();
+        let all: BTreeSet<u64> = [1, 2, 3].into();
+        let (winner, installs) = settle(&versions, &all, None).unwrap();
         assert_eq!(winner, 2);
         assert_eq!(installs, vec![Install { node: 1, expected: v(2, 3), version: v(2, 4) }]);
-        let (_, restamped) = settle(&versions, Some(v(2, 9))).unwrap();
+        let (_, restamped) = settle(&versions, &all, Some(v(2, 9))).unwrap();
         assert_eq!(restamped.len(), 3, "a restamp goes to every member");
-        assert!(settle(&BTreeMap::new(), None).is_none());
+        assert!(settle(&BTreeMap::new(), &all, None).is_none());
+    }
+
+    #[test]
+    fn a_joining_copy_never_wins() {
+        // Node 3 is joining with a leftover of a failed write (2, 9): the active copies win.
+        let versions: BTreeMap<u64, Version> = [(1, v(2, 4)), (2, v(2, 4)), (3, v(2, 9))].into();
+        let (winner, installs) = settle(&versions, &[1, 2].into(), None).unwrap();
+        assert_eq!(winner, 1);
+        assert_eq!(installs, vec![Install { node: 3, expected: v(2, 9), version: v(2, 4) }]);
+        assert!(settle(&versions, &BTreeSet::new(), None).is_none(), "no active copy, no winner");
     }
 
     #[test]

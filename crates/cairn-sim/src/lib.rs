@@ -238,6 +238,9 @@ enum Msg {
     FenceReply {
         op: u64,
         node: u64,
+        /// The node's incarnation: copies of an incarnation the opener's map does not know may
+        /// have lost writes and must not take part in the reconciliation.
+        incarnation: u64,
         copies: Option<BTreeMap<u64, ChunkCopy>>,
     },
     List {
@@ -1054,7 +1057,8 @@ impl World {
             }
             Msg::GetChunk { op, pg, interval, chunk } => {
                 let (known, role) = n.pg_view(pg);
-                let copy = (known == interval && role != Role::None)
+                // Only a counted copy (of this node's own incarnation) may be a settle's winner.
+                let copy = (known == interval && role.counted())
                     .then(|| n.disk.cache.get(&chunk).cloned().unwrap_or_default());
                 self.send(Ep::Node(id), from, Msg::ChunkReply { op, node: id, copy });
             }
@@ -1095,7 +1099,8 @@ impl World {
                     n.disk.fence = generation;
                     Some(n.disk.cache.clone())
                 };
-                self.send(Ep::Node(id), from, Msg::FenceReply { op, node: id, copies });
+                let incarnation = n.incarnation;
+                self.send(Ep::Node(id), from, Msg::FenceReply { op, node: id, incarnation, copies });
             }
             Msg::List { from: target, pg, min_interval } => {
                 let (known, role) = n.pg_view(pg);
@@ -1492,6 +1497,8 @@ impl World {
                 let Some(op) = self.clients[c].op.as_mut() else { return Ok(()) };
                 if matches!(op.phase, OpPhase::Opening) && op.opening == 0 {
                     op.opening = generation;
+                    // Sequence numbers start again with each generation (versions are (g, seq)).
+                    self.clients[c].next_seq = 1;
                     self.log(format!("client {c}: opening generation {generation}"));
                     self.send(Ep::Client(c), Ep::Meta, Msg::MapRequest);
                     self.wait(c, 5_000);
@@ -1517,7 +1524,9 @@ impl World {
             }
             Msg::ChunkReply { op, node, copy } => self.on_chunk_reply(c, op, node, copy),
             Msg::InstallReply { op, node, result } => self.on_install_reply(c, op, node, result)?,
-            Msg::FenceReply { op, node, copies } => self.on_fence_reply(c, op, node, copies),
+            Msg::FenceReply { op, node, incarnation, copies } => {
+                self.on_fence_reply(c, op, node, incarnation, copies)
+            }
             _ => {}
         }
         Ok(())
@@ -1590,7 +1599,11 @@ impl World {
         let client = &mut self.clients[c];
         let fresh = Version { generation: client.generation, seq: client.next_seq };
         client.next_seq += 1;
-        let Some((winner, installs)) = settle(&versions, Some(fresh)) else {
+        let map = self.clients[c].map.clone();
+        let active: BTreeSet<u64> =
+            map.pg(R, pg).map(|a| a.active(&map.incarnations())).unwrap_or_default().into_iter().collect();
+        let client = &mut self.clients[c];
+        let Some((winner, installs)) = settle(&versions, &active, Some(fresh)) else {
             self.wait(c, 10_000);
             return;
         };
@@ -1668,10 +1681,23 @@ impl World {
         Ok(())
     }
 
-    fn on_fence_reply(&mut self, c: usize, attempt: u64, node: u64, reply: Option<BTreeMap<u64, ChunkCopy>>) {
+    fn on_fence_reply(
+        &mut self,
+        c: usize,
+        attempt: u64,
+        node: u64,
+        incarnation: u64,
+        reply: Option<BTreeMap<u64, ChunkCopy>>,
+    ) {
         let map = self.clients[c].map.clone();
         let Some(op) = self.clients[c].op.as_mut() else { return };
         if op.attempt != attempt {
+            return;
+        }
+        if map.nodes.get(&node).is_none_or(|n| n.incarnation != incarnation) {
+            // The node restarted since this map: wait for the map that voids its old entries.
+            self.send(Ep::Client(c), Ep::Meta, Msg::MapRequest);
+            self.wait(c, 20_000);
             return;
         }
         let OpPhase::Fencing { generation, pending, copies } = &mut op.phase else { return };
@@ -1690,6 +1716,7 @@ impl World {
         let incarnations = map.incarnations();
         let mut installs = Vec::new();
         let mut versions = BTreeMap::new();
+        let mut seq = self.clients[c].next_seq;
         for chunk in 0..CHUNKS {
             let pg = pg_of_chunk(chunk, map.pg_count);
             let Some(authority) = map.pg(R, pg) else { continue };
@@ -1699,13 +1726,27 @@ impl World {
                 let v = copies.get(n).and_then(|m| m.get(&chunk)).map(|c| c.version).unwrap_or(Version::NONE);
                 held.insert(*n, v);
             }
-            let Some((winner, plan)) = settle(&held, None) else { continue };
-            let copy = copies.get(&winner).and_then(|m| m.get(&chunk)).cloned().unwrap_or_default();
+            let active: BTreeSet<u64> = authority.active(&incarnations).into_iter().collect();
+            let Some((winner, plan)) = settle(&held, &active, None) else { continue };
+            let mut copy = copies.get(&winner).and_then(|m| m.get(&chunk)).cloned().unwrap_or_default();
+            // Copies differ: the winner goes to every counted copy under a fresh version of the
+            // new generation, so that every counted copy changes version — a recovery pull planned
+            // before this (from a source's older state) then fails its condition instead of
+            // undoing the reconciliation on a member that already held the winner.
+            let plan = if plan.is_empty() {
+                plan
+            } else {
+                let fresh = Version { generation, seq };
+                seq += 1;
+                copy.version = fresh;
+                settle(&held, &active, Some(fresh)).map(|(_, p)| p).unwrap_or_default()
+            };
             versions.insert(chunk, copy.version);
             for i in plan {
                 installs.push((i, pg, authority.interval, chunk, copy.clone()));
             }
         }
+        self.clients[c].next_seq = seq;
         self.log(format!("client {c}: reconcile pass with {} install(s)", installs.len()));
         let attempt = self.new_attempt(c);
         if let Some(op) = self.clients[c].op.as_mut() {
@@ -1737,7 +1778,6 @@ impl World {
         client.generation = generation;
         client.fenced = false;
         client.unsettled.clear();
-        client.next_seq = 1;
         self.finish_op(c);
     }
 
