@@ -453,3 +453,54 @@ fn malformed_nbd_traffic_gets_errors_and_the_server_keeps_serving() {
         vec!["-c".into(), "write -P 9 0 4096".into(), "-c".into(), "read -P 9 0 4096".into()],
     );
 }
+
+/// Issue scenario 1: a fourth node joins a pool holding data. It enters the balancer's target of
+/// most PGs but holds nothing, so it must neither serve reads nor take part in read-modify-writes:
+/// every byte reads back right through every node, and 512-byte writes land on the real copies.
+#[test]
+fn a_node_joining_a_pool_with_data_serves_nothing_it_does_not_hold() {
+    let mut pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "jv", "--size", "64M"]);
+    qemu_io(&nbd_url(&pool.nbd(1), "jv"), pattern_cmds("write", 0, 64, 7));
+    pool.add_node(4);
+    let url = |k| nbd_url(&pool.nbd(k), "jv");
+    let info = pool.cli_json(&["volume", "info", "jv"]);
+    let holders_with_4 = info["pgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["nodes"].as_array().unwrap().contains(&4.into()))
+        .count();
+    assert_eq!(holders_with_4, 0, "node 4 holds no copy yet, so it is no PG's holder: {info}");
+    let (_, pgs) = pool.get(1, "/v1/pgs");
+    let targeted = pgs["table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r.as_array().unwrap()[..3].contains(&4.into()))
+        .count();
+    assert!(targeted > 100, "node 4 entered the target of {targeted} PGs only");
+    for k in [1, 2, 4] {
+        qemu_io(&url(k), pattern_cmds("read", 0, 64, 7));
+    }
+    // Unaligned writes inside every chunk: each is a read-modify-write of one 4 KiB block.
+    let mut cmds = Vec::new();
+    for b in 0..64u64 {
+        cmds.push("-c".to_string());
+        cmds.push(format!("write -P 0xee {} 512", (b << 20) + 1000));
+    }
+    qemu_io(&url(4), cmds);
+    let mut reads = Vec::new();
+    for b in 0..64u64 {
+        let p = (b + 7) % 251 + 1;
+        for c in [
+            format!("read -P {p} {} 1000", b << 20),
+            format!("read -P 0xee {} 512", (b << 20) + 1000),
+            format!("read -P {p} {} {}", (b << 20) + 1512, (1 << 20) - 1512),
+        ] {
+            reads.push("-c".to_string());
+            reads.push(c);
+        }
+    }
+    qemu_io(&url(2), reads);
+}

@@ -204,19 +204,7 @@ fn a_fourth_node_joins_and_only_necessary_pgs_move() {
     let before: Vec<Vec<u64>> = serde_json::from_value(before["table"].clone()).unwrap();
 
     // Node 4, configured to join through node 1.
-    let dir = pool.data().join("node-4");
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = |off: u16| pool.port_base + 30 + off;
-    let config = format!(
-        "node_id = 4\ndata_dir = \"{}\"\nrpc_listen_addr = \"127.0.0.1:{}\"\nnbd_listen_addr = \"127.0.0.1:{}\"\nhttp_listen_addr = \"127.0.0.1:{}\"\n[meta]\njoin = [\"127.0.0.1:{}\"]\n",
-        dir.join("data").display(),
-        port(0),
-        port(1),
-        port(2),
-        pool.port_base
-    );
-    std::fs::write(dir.join("node.toml"), config).unwrap();
-    pool.restart(4);
+    pool.add_node(4);
     let leader = current_leader(&pool, &[1, 2, 3]);
     wait_for("node 4 to be up", Duration::from_secs(30), || {
         let (status, nodes) = pool.get(leader, "/v1/nodes");

@@ -31,7 +31,11 @@ pub struct VolumeInfo {
 pub struct PgTable {
     pub epoch: u64,
     pub pg_count: u32,
+    /// The balancer's target rows.
     pub table: Vec<Vec<u64>>,
+    /// Per replica count in use, each PG's holders (the nodes that have its data).
+    #[serde(default)]
+    pub holders: std::collections::BTreeMap<u8, Vec<Vec<u64>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

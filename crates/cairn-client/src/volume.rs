@@ -83,6 +83,7 @@ pub enum IoError {
 struct VolumeMap {
     volume: VolumeInfo,
     pg_count: u32,
+    /// Per PG, the nodes that hold this volume's data (the holders for its replica count).
     table: Vec<Vec<u64>>,
     nodes: HashMap<u64, NodeState>,
 }
@@ -99,10 +100,7 @@ impl VolumeMap {
     }
 
     fn replicas_of_pg(&self, pg: u32) -> Vec<u64> {
-        self.table
-            .get(pg as usize)
-            .map(|r| r.iter().take(usize::from(self.volume.replicas)).copied().collect())
-            .unwrap_or_default()
+        self.table.get(pg as usize).cloned().unwrap_or_default()
     }
 
     fn in_sync(&self, node: u64) -> bool {
@@ -742,10 +740,18 @@ impl VolumeClient {
 
 async fn fetch_map(meta: &MetaClient, name: &str) -> Result<VolumeMap, MetaClientError> {
     let (volume, pgs, nodes) = tokio::try_join!(meta.volume(name), meta.pgs(), meta.nodes())?;
+    // Route by the holders (a node that joined later holds nothing of a PG until it has been given
+    // a copy); the target rows only for a pool whose metadata predates holders.
+    let table = match pgs.holders.get(&volume.replicas) {
+        Some(rows) => rows.clone(),
+        None => {
+            pgs.table.iter().map(|r| r.iter().take(usize::from(volume.replicas)).copied().collect()).collect()
+        }
+    };
     Ok(VolumeMap {
         volume,
         pg_count: pgs.pg_count,
-        table: pgs.table,
+        table,
         nodes: nodes.into_iter().map(|n| (n.id, n)).collect(),
     })
 }

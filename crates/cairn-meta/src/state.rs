@@ -336,6 +336,17 @@ impl ClusterState {
             .unwrap_or_default()
     }
 
+    /// The nodes that hold PG `pg`'s data for volumes of `replicas` copies: its authority's members
+    /// once the set exists (a node that joined later is not among them until it has a copy), else
+    /// the target. The data path routes by this, never by the bare target: the target changes the
+    /// moment a node joins, before the new node holds anything.
+    pub fn holders(&self, replicas: u8, pg: u32) -> Vec<u64> {
+        match self.pg(replicas, pg) {
+            Some(a) => a.all(),
+            None => self.target(replicas, pg),
+        }
+    }
+
     /// The authority of PG `pg` of the `replicas`-copy set, if that set exists.
     pub fn pg(&self, replicas: u8, pg: u32) -> Option<&PgAuthority> {
         self.pg_sets.get(&replicas).and_then(|set| set.get(pg as usize))
@@ -838,5 +849,18 @@ mod tests {
         let first = a.active(&s.incarnations())[0];
         s.apply(degrade(first, i2, v.generation));
         assert_eq!(s.pg(3, 0).unwrap().active(&s.incarnations()).len(), 2, "never below min_size");
+    }
+
+    #[test]
+    fn holders_do_not_change_when_a_node_joins() {
+        let mut s = with_nodes(3);
+        create(&mut s, "v", 1 << 30, 3);
+        let before: Vec<Vec<u64>> = (0..s.pg_count).map(|pg| s.holders(3, pg)).collect();
+        let addr = NodeAddr { rpc: "127.0.0.1:4".into(), ..NodeAddr::default() };
+        s.apply(Command::RegisterNode { id: 4, addr, voter: false, capacity_bytes: 1 << 30, time_ms: 5 });
+        let after: Vec<Vec<u64>> = (0..s.pg_count).map(|pg| s.holders(3, pg)).collect();
+        assert_eq!(before, after, "a joined node holds nothing yet, so it serves nothing");
+        assert!((0..s.pg_count).any(|pg| s.target(3, pg).contains(&4)), "the target moved");
+        assert_eq!(s.holders(2, 0), s.target(2, 0), "no 2-copy volume yet: the target");
     }
 }

@@ -215,11 +215,13 @@ async fn nodes(State(meta): State<Meta>, uri: Uri) -> Result<Json<Vec<NodeJson>>
                     capacity_bytes: usage.as_ref().map(|u| u.capacity_bytes).unwrap_or(n.capacity_bytes),
                     used_bytes: usage.as_ref().map(|u| u.used_bytes).unwrap_or(0),
                     last_heartbeat_ms_ago: if n.id == meta.id() { Some(0) } else { meta.silent_ms(n.id) },
-                    pg_replicas: s
-                        .pg_table
-                        .iter()
-                        .filter(|row| row.iter().take(3).any(|x| *x == n.id))
-                        .count(),
+                    // PG copies it holds, over every replica count in use (the target's for a
+                    // pool without volumes yet).
+                    pg_replicas: if s.pg_sets.is_empty() {
+                        s.pg_table.iter().filter(|row| row.iter().take(3).any(|x| *x == n.id)).count()
+                    } else {
+                        s.pg_sets.values().flatten().filter(|a| a.entry(n.id).is_some()).count()
+                    },
                 }
             })
             .collect()
@@ -268,11 +270,7 @@ fn placement(s: &ClusterState, v: &Volume) -> VolumeInfoJson {
         if !in_use {
             continue;
         }
-        let row: Vec<u64> = s
-            .pg_table
-            .get(pg)
-            .map(|r| r.iter().take(usize::from(v.replicas)).copied().collect())
-            .unwrap_or_default();
+        let row: Vec<u64> = s.holders(v.replicas, pg as u32);
         for n in &row {
             *nodes.entry(*n).or_insert(0) += 1;
         }
@@ -393,13 +391,18 @@ async fn events(
 struct PgTableJson {
     epoch: u64,
     pg_count: u32,
+    /// The balancer's target rows (up to 5 nodes; R copies use the first R).
     table: Vec<Vec<u64>>,
+    /// Per replica count in use, each PG's holders: the nodes the data path uses.
+    holders: BTreeMap<u8, Vec<Vec<u64>>>,
 }
 
 async fn pgs(State(meta): State<Meta>, uri: Uri) -> Result<Json<PgTableJson>, ApiError> {
     lead(&meta, &uri).await?;
     let s = meta.state();
-    Ok(Json(PgTableJson { epoch: s.epoch, pg_count: s.pg_count, table: s.pg_table }))
+    let holders =
+        s.pg_sets.keys().map(|r| (*r, (0..s.pg_count).map(|pg| s.holders(*r, pg)).collect())).collect();
+    Ok(Json(PgTableJson { epoch: s.epoch, pg_count: s.pg_count, table: s.pg_table.clone(), holders }))
 }
 
 async fn catch_up(

@@ -293,6 +293,30 @@ impl Pool {
         self.restarted.push(child);
     }
 
+    /// Starts node `k` (beyond the pool's own) configured to join through node 1, and waits until
+    /// node 1's map shows it up.
+    pub fn add_node(&mut self, k: u64) {
+        let dir = self.data().join(format!("node-{k}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = |off: u64| self.port_base as u64 + 10 * (k - 1) + off;
+        let config = format!(
+            "node_id = {k}\ndata_dir = \"{}\"\nrpc_listen_addr = \"127.0.0.1:{}\"\nnbd_listen_addr = \"127.0.0.1:{}\"\nhttp_listen_addr = \"127.0.0.1:{}\"\n[meta]\njoin = [\"127.0.0.1:{}\"]\n",
+            dir.join("data").display(),
+            port(0),
+            port(1),
+            port(2),
+            self.port_base
+        );
+        std::fs::write(dir.join("node.toml"), config).unwrap();
+        self.restart(k);
+        wait_for("the new node to be up", Duration::from_secs(30), || {
+            let (status, nodes) = self.get(1, "/v1/nodes");
+            let up =
+                status == 200 && nodes.as_array().unwrap().iter().any(|n| n["id"] == k && n["state"] == "up");
+            up.then_some(())
+        });
+    }
+
     /// GET on node k's API without following redirects: (status, body).
     pub fn get(&self, k: u64, path: &str) -> (u16, serde_json::Value) {
         match self.client.get(format!("http://{}{path}", self.http(k))).send() {
