@@ -166,7 +166,7 @@ struct Node {
     /// Per PG, when its last recovery pass was asked for.
     /// Per PG, when its last recovery pass was asked for and this node's chunk versions then: a
     /// pull installs only over a copy still at the version it had when the list was asked for.
-    recovering: BTreeMap<u32, (u64, BTreeMap<u64, Version>)>,
+    recovering: BTreeMap<u32, (u64, BTreeMap<u64, Version>, Role)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -954,7 +954,7 @@ impl World {
             if !matches!(role, Role::Receiving | Role::Joining) {
                 continue;
             }
-            if n.recovering.get(&pg).is_some_and(|(t, _)| self.now < t + 2 * RPC_TIMEOUT) {
+            if n.recovering.get(&pg).is_some_and(|(t, ..)| self.now < t + 2 * RPC_TIMEOUT) {
                 continue;
             }
             let sources: Vec<u64> =
@@ -971,7 +971,7 @@ impl World {
                 .filter(|(c, _)| pg_of_chunk(**c, map.pg_count) == pg)
                 .map(|(c, copy)| (*c, copy.version))
                 .collect();
-            n.recovering.insert(pg, (self.now, snapshot));
+            n.recovering.insert(pg, (self.now, snapshot, role));
             self.send(
                 Ep::Node(id),
                 Ep::Node(source),
@@ -1118,7 +1118,7 @@ impl World {
                 self.send(Ep::Node(id), Ep::Node(target), Msg::ListReply { pg, copies });
             }
             Msg::ListReply { pg, copies } => {
-                let Some((_, mine)) = n.recovering.remove(&pg) else { return Ok(()) };
+                let Some((_, mine, asked_as)) = n.recovering.remove(&pg) else { return Ok(()) };
                 let Some(source) = copies else { return Ok(()) };
                 let (_, role) = n.pg_view(pg);
                 if !matches!(role, Role::Receiving | Role::Joining) {
@@ -1167,7 +1167,9 @@ impl World {
                     self.log(line);
                 }
                 let phase = if role == Role::Joining { Phase::Active } else { Phase::Joining };
-                if phase == Phase::Active && skipped > 0 {
+                // Only a pass asked for as a joining member is the barrier (its source knew the
+                // joining interval); a pass asked for before, answered after, is not.
+                if phase == Phase::Active && (skipped > 0 || asked_as != Role::Joining) {
                     // The barrier pass must compare every chunk: try again.
                     return Ok(());
                 }
