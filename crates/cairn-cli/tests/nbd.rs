@@ -504,3 +504,55 @@ fn a_node_joining_a_pool_with_data_serves_nothing_it_does_not_hold() {
     }
     qemu_io(&url(2), reads);
 }
+
+/// Resumes a SIGSTOPped process when dropped (also when the test fails), so the pool can stop.
+struct Thaw(i32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
+        }
+    }
+}
+
+/// Issue scenario 5: a node that accepts TCP but never answers (SIGSTOP: the kernel still completes
+/// connections). Writes through a healthy node go on with the two others; the healthy nodes are
+/// never reported as having missed writes (nothing waits behind the frozen node's connection);
+/// once it is thawed, it catches up and holds every byte.
+#[test]
+fn a_frozen_node_does_not_demote_healthy_ones() {
+    let pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "fz", "--size", "32M"]);
+    let url = nbd_url(&pool.nbd(1), "fz");
+    qemu_io(&url, pattern_cmds("write", 0, 32, 1));
+    let pid = pool.pid(3) as i32;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::STOP,
+    )
+    .unwrap();
+    let thaw = Thaw(pid);
+    let mut cmds = pattern_cmds("write", 0, 32, 2);
+    cmds.extend(["-c".to_string(), "flush".to_string()]);
+    qemu_io(&url, cmds);
+    qemu_io(&nbd_url(&pool.nbd(2), "fz"), pattern_cmds("read", 0, 32, 2));
+    let leader = wait_for("a leader among the healthy nodes", Duration::from_secs(30), || {
+        [1, 2].into_iter().filter_map(|k| pool.leader_seen_by(k)).find(|l| *l != 3)
+    });
+    let (status, events) = pool.get(leader, "/v1/events");
+    assert_eq!(status, 200);
+    let demoted: Vec<&serde_json::Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            matches!(e["kind"].as_str(), Some("node.catching_up" | "node.down"))
+                && matches!(e["subject"].as_str(), Some("node 1" | "node 2"))
+        })
+        .collect();
+    assert!(demoted.is_empty(), "healthy nodes were demoted: {demoted:?}");
+    drop(thaw);
+    pool.wait_in_sync(Duration::from_secs(60));
+    verify_on_node(&pool, 3, volume_id(&pool, "fz"), 32, 2);
+}
