@@ -429,6 +429,8 @@ pub struct World {
     acked_floor: BTreeMap<(u64, usize), Vec<(u64, u64)>>,
     healing: bool,
     healed_at_open: bool,
+    /// The PG intervals when the final open started.
+    open_intervals: Option<Vec<u64>>,
     pub stats: Stats,
     trace: Vec<String>,
 }
@@ -497,6 +499,7 @@ impl World {
             acked_floor: BTreeMap::new(),
             healing: false,
             healed_at_open: false,
+            open_intervals: None,
             stats: Stats::default(),
             trace: Vec::new(),
         };
@@ -1189,7 +1192,10 @@ impl World {
         let client = &self.clients[c];
         let kind = if self.healing {
             // At the end the primary opens once more: its open reconciles every chunk.
-            if c != self.primary || self.final_open_done() {
+            // The final open reconciles a clean pool: a copy admitted before it may have come
+            // from an active copy holding a failed write's leftover (allowed until the next
+            // reconciliation), so only a reconciliation after the last admission proves I5.
+            if c != self.primary || self.final_open_done() || !self.clean() {
                 // Look again later: another writer's open may still supersede this one.
                 self.at(50_000, Event::Timer(Timer::ClientIdle(c)));
                 return Ok(());
@@ -1212,6 +1218,9 @@ impl World {
         } else {
             OpKind::Read { chunk: self.rng.below(CHUNKS) }
         };
+        if self.healing {
+            self.open_intervals = Some(self.intervals());
+        }
         self.log(format!("client {c}: starts {kind:?}"));
         self.clients[c].op =
             Some(Op { kind, started: self.now, phase: OpPhase::Waiting, attempt: 0, opening: 0 });
@@ -1774,7 +1783,8 @@ impl World {
         self.stats.opens += 1;
         self.opened_generation = self.opened_generation.max(generation);
         if self.healing {
-            self.healed_at_open = true;
+            // Valid only if no PG changed while the open ran (it started on a clean pool).
+            self.healed_at_open = self.clean() && self.open_intervals.as_ref() == Some(&self.intervals());
         }
         let client = &mut self.clients[c];
         client.generation = generation;
@@ -1853,13 +1863,23 @@ impl World {
         )
     }
 
-    fn done(&self) -> bool {
+    /// Every PG's members all active and valid, at least R of them.
+    fn clean(&self) -> bool {
         let incarnations = self.meta.incarnations();
-        let clean =
-            self.meta.pg_sets.get(&R).into_iter().flatten().all(|a| {
-                a.active(&incarnations).len() == a.members.len() && a.members.len() >= usize::from(R)
-            });
-        clean && self.final_open_done() && self.clients.iter().all(|c| c.op.is_none())
+        self.meta
+            .pg_sets
+            .get(&R)
+            .into_iter()
+            .flatten()
+            .all(|a| a.active(&incarnations).len() == a.members.len() && a.members.len() >= usize::from(R))
+    }
+
+    fn intervals(&self) -> Vec<u64> {
+        self.meta.pg_sets.get(&R).into_iter().flatten().map(|a| a.interval).collect()
+    }
+
+    fn done(&self) -> bool {
+        self.clean() && self.final_open_done() && self.clients.iter().all(|c| c.op.is_none())
     }
 
     /// I1, I5: every active copy of every chunk is identical and holds every acknowledged write.

@@ -32,7 +32,10 @@ fn seeds_keep_every_invariant() {
     }
     println!("{count} seeds from {first}: {total:?}");
     // The runs must exercise what they claim to: writes acknowledged and checked, faults injected,
-    // members degraded and re-admitted, writers fenced.
+    // members degraded and re-admitted, writers fenced (over many seeds; one replayed seed may not).
+    if count < 100 {
+        return;
+    }
     assert!(total.writes_acked > count * 10, "{total:?}");
     assert!(total.reads_checked > count * 5, "{total:?}");
     assert!(total.degrades > 0 && total.admissions > 0 && total.fenced_writes > 0, "{total:?}");
