@@ -556,3 +556,65 @@ fn a_frozen_node_does_not_demote_healthy_ones() {
     pool.wait_in_sync(Duration::from_secs(60));
     verify_on_node(&pool, 3, volume_id(&pool, "fz"), 32, 2);
 }
+
+/// Issue scenario 2, split-brain on handover. In a 4-node pool, chunk X's PG lies on nodes 1-3 and
+/// chunk Y's PG includes node 4. Writer B takes the volume over by writing X; writer A then
+/// writes Y. Fencing at open raises B's generation on every replica before B's first write, so
+/// A's write is refused by all of Y's replicas (EPERM) and none of them applies it: Y's copies
+/// stay identical. (With fencing only as writes arrive, node 4 had not seen B and applied it.)
+#[test]
+fn a_handover_fences_every_replica_before_the_new_writer_writes() {
+    let pool = Pool::start(4);
+    pool.cli_json(&["volume", "create", "sb", "--size", "64M"]);
+    let id = volume_id(&pool, "sb");
+    let info = pool.cli_json(&["volume", "info", "sb"]);
+    let pg_count = pool.get(1, "/v1/pgs").1["pg_count"].as_u64().unwrap() as u32;
+    let holders = |chunk: u64| -> Vec<u64> {
+        let pg = cairn_types::placement::pg_of(VolumeId::new(id).unwrap(), ChunkIndex(chunk), pg_count).0;
+        let row = info["pgs"].as_array().unwrap().iter().find(|p| p["pg"] == pg).unwrap();
+        row["nodes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect()
+    };
+    let x = (0..64).find(|c| !holders(*c).contains(&4)).expect("a chunk away from node 4");
+    let y = (0..64).find(|c| holders(*c).contains(&4)).expect("a chunk on node 4");
+    let script = format!(
+        r#"
+import nbd, errno
+a = nbd.NBD(); a.connect_uri("nbd://{a}/sb")
+a.pwrite(b"A" * 4096, {x})
+b = nbd.NBD(); b.connect_uri("nbd://{b}/sb")
+b.pwrite(b"B" * 4096, {x})
+try:
+    a.pwrite(b"Y" * 4096, {y})
+    print("A-WRITE-SUCCEEDED")
+except nbd.Error as e:
+    print("A-FENCED", e.errno in ("EPERM", errno.EPERM), e.string)
+"#,
+        a = pool.nbd(1),
+        b = pool.nbd(2),
+        x = x << 20,
+        y = y << 20,
+    );
+    let (ok, out) = run_tool("/usr/bin/python3", &["-c".to_string(), script], Duration::from_secs(120));
+    assert!(ok, "{out}");
+    assert!(out.contains("A-FENCED True"), "{out}");
+    // Every replica of Y holds the same bytes: zeros, the fenced write nowhere.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for k in holders(y) {
+            let c = NodeConnection::connect(pool.rpc(k)).await.unwrap();
+            let req = Request::Read {
+                volume: VolumeId::new(id).unwrap(),
+                chunk: ChunkIndex(y),
+                chunk_size: ChunkSize::DEFAULT,
+                offset: 0,
+                len: 4096,
+            };
+            match c.call(&req).await.unwrap() {
+                Response::Read { data, .. } => {
+                    assert!(data.iter().all(|b| *b == 0), "node {k} applied the fenced writer's write")
+                }
+                other => panic!("node {k}: {other:?}"),
+            }
+        }
+    });
+}

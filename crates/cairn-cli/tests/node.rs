@@ -81,7 +81,7 @@ async fn flushed_writes_survive_sigkill_and_restart() {
     let config = write_config(dir.path(), 1, addr);
     let mut node = NodeProcess::start(&config, addr);
     let c = Arc::new(node.connect().await);
-    assert_eq!(c.version(), 1);
+    assert_eq!(c.version(), cairn_proto::PROTOCOL_VERSION_MAX);
     write_all(&c, 1, 8, 32).await;
     assert_eq!(c.call(&Request::Flush { volume: vol(1) }).await.unwrap(), Response::Done);
     // A second round over half the blocks, not flushed.
@@ -214,9 +214,9 @@ async fn malformed_traffic_closes_only_that_connection() {
     closes(raw_frame(1, 0, 0, &hello));
     // A valid hello then a corrupted frame.
     let ok_hello =
-        cairn_proto::message::encode(&cairn_proto::Hello { version_min: 1, version_max: 1 }).unwrap();
+        cairn_proto::message::encode(&cairn_proto::Hello { version_min: 2, version_max: 2 }).unwrap();
     let mut bytes = raw_frame(1, 0, 0, &ok_hello);
-    let mut req = raw_frame(3, 1, 1, &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap());
+    let mut req = raw_frame(3, 2, 1, &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap());
     let last = req.len() - 1;
     req[last] ^= 0xff;
     bytes.extend_from_slice(&req);
@@ -226,8 +226,8 @@ async fn malformed_traffic_closes_only_that_connection() {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     s.write_all(&raw_frame(1, 0, 0, &ok_hello)).unwrap();
-    s.write_all(&raw_frame(3, 1, 42, &[0xff, 0xff, 0xff])).unwrap();
-    s.write_all(&raw_frame(3, 1, 43, &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap())).unwrap();
+    s.write_all(&raw_frame(3, 2, 42, &[0xff, 0xff, 0xff])).unwrap();
+    s.write_all(&raw_frame(3, 2, 43, &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap())).unwrap();
     let mut got = BytesMut::new();
     let mut replies = Vec::new();
     let mut buf = [0u8; 65536];

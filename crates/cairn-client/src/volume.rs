@@ -19,12 +19,14 @@
 use crate::connection::ConnectionPool;
 use crate::meta_client::{MetaClient, MetaClientError, NodeState, VolumeInfo};
 use bytes::Bytes;
+use cairn_engine::Version;
+use cairn_engine::reconcile::settle;
 use cairn_proto::{Request, Response, RpcError, Stamp};
 use cairn_types::checksum::block_crcs;
 use cairn_types::limits::RPC_IO_MAX_BYTES;
 use cairn_types::placement::pg_of;
 use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Generation, VolumeId, crc32c};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -286,15 +288,175 @@ impl VolumeClient {
         }
         let mut g = self.generation.lock().await;
         if *g == 0 {
-            let v = if self.shared() {
+            let adopted = if self.shared() {
                 let v = self.meta.volume(&self.name).await.map_err(meta_err)?;
-                if v.generation == 0 { self.meta.open(&self.name).await.map_err(meta_err)? } else { v }
+                (v.generation != 0).then_some(v.generation)
             } else {
-                self.meta.open(&self.name).await.map_err(meta_err)?
+                None
             };
-            *g = v.generation;
+            let generation = match adopted {
+                Some(generation) => generation,
+                None => {
+                    let generation = self.meta.open(&self.name).await.map_err(meta_err)?.generation;
+                    // Before the first write: no replica accepts the previous writer's mutations
+                    // from now on, and the chunks it may have left different are made identical.
+                    self.fence_and_reconcile(generation).await?;
+                    generation
+                }
+            };
+            *g = generation;
         }
         Ok(*g)
+    }
+
+    /// Fencing at open. Raises `generation` on every in-sync holder of the volume's PGs (each
+    /// persists it and waits out the mutations it admitted under the old one), then, for every
+    /// chunk any of them reports dirty, makes the in-sync holders' copies identical: the copy with
+    /// the highest (generation, sequence) wins (`cairn_engine::reconcile::settle`). A previous
+    /// writer's write that reached only some replicas before the fence thus either reaches all or
+    /// none. A holder that cannot be reached is reported as needing catch-up: it serves nothing
+    /// until it caught up, and by then its own map carries the new generation, so it refuses the
+    /// old writer too.
+    async fn fence_and_reconcile(&self, generation: u64) -> Result<(), IoError> {
+        let (volume, chunk_size) = self.ids()?;
+        let map = self.map();
+        let nodes: BTreeSet<u64> = map.table.iter().flatten().copied().filter(|n| map.in_sync(*n)).collect();
+        let request = Request::Fence { volume, generation: Generation(generation) };
+        let results = futures::future::join_all(nodes.iter().map(|n| self.call(*n, &request))).await;
+        let mut reached = BTreeSet::new();
+        let mut dirty: BTreeMap<u64, BTreeMap<u64, Version>> = BTreeMap::new();
+        for (node, r) in nodes.iter().zip(results) {
+            match r {
+                Ok(Response::FenceRaised { dirty: chunks }) => {
+                    reached.insert(*node);
+                    for (chunk, info) in chunks {
+                        let v = Version { generation: info.generation.0, seq: info.last_sequence };
+                        dirty.entry(chunk.0).or_default().insert(*node, v);
+                    }
+                }
+                Ok(Response::Error(RpcError::Fenced { .. })) => {
+                    self.fenced.store(true, Ordering::SeqCst);
+                    return Err(IoError::Fenced);
+                }
+                Ok(other) => self.suspect(*node, &format!("fence: unexpected reply {other:?}")),
+                Err(e) => self.suspect(*node, &format!("fence: {e}")),
+            }
+        }
+        let mut reconciled = 0usize;
+        for (chunk, reported) in dirty {
+            let mut live: BTreeSet<u64> =
+                map.replicas(chunk).into_iter().filter(|n| reached.contains(n)).collect();
+            // Each failure takes one holder out (suspected, caught up later), so this ends.
+            'settle: while !live.is_empty() {
+                let mut versions: BTreeMap<u64, Version> = BTreeMap::new();
+                for node in live.clone() {
+                    if let Some(v) = reported.get(&node) {
+                        versions.insert(node, *v);
+                        continue;
+                    }
+                    let ask = Request::ChunkVersion { volume, chunk: ChunkIndex(chunk) };
+                    match self.call(node, &ask).await {
+                        Ok(Response::ChunkVersion(info)) => {
+                            let v = info
+                                .map(|i| Version { generation: i.generation.0, seq: i.last_sequence })
+                                .unwrap_or(Version::NONE);
+                            versions.insert(node, v);
+                        }
+                        other => {
+                            self.suspect(node, &format!("open: chunk {chunk} version: {other:?}"));
+                            live.remove(&node);
+                            continue 'settle;
+                        }
+                    }
+                }
+                let Some((winner, installs)) = settle(&versions, &live, None) else { break };
+                for install in installs {
+                    if let Err((failed, why)) =
+                        self.copy_chunk(winner, install.node, volume, chunk, chunk_size).await
+                    {
+                        self.suspect(failed, &format!("open: copying chunk {chunk}: {why}"));
+                        live.remove(&failed);
+                        continue 'settle;
+                    }
+                    reconciled += 1;
+                }
+                break;
+            }
+        }
+        if reconciled > 0 {
+            tracing::info!(volume = %volume, generation, reconciled, "open: made dirty chunks identical");
+        }
+        Ok(())
+    }
+
+    /// `node` failed during IO: stop reading from it and have the pool catch it up.
+    fn suspect(&self, node: u64, why: &str) {
+        tracing::warn!(node, "{why}");
+        lock(&self.suspects).insert(node);
+        let meta = self.meta.clone();
+        tokio::spawn(async move {
+            // Bounded: 20 tries over ~10 s (the node may have been the metadata leader).
+            for attempt in 0..20 {
+                match meta.report_catch_up(node).await {
+                    Ok(()) => return,
+                    Err(e) if attempt == 19 => tracing::warn!(node, "reporting a missed write: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        });
+    }
+
+    /// Copies chunk `chunk` whole from node `from` to node `to` (present blocks with their
+    /// checksums, holes as holes), in pieces of at most one RPC.
+    async fn copy_chunk(
+        &self,
+        from: u64,
+        to: u64,
+        volume: VolumeId,
+        chunk: u64,
+        chunk_size: ChunkSize,
+    ) -> Result<(), (u64, String)> {
+        let fail = |node: u64, what: String| (node, format!("from node {from} to node {to}: {what}"));
+        let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
+        for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
+            let (c, o) = (ChunkIndex(chunk), offset);
+            let alloc = Request::Allocation { volume, chunk: c, chunk_size, offset: o, len: piece };
+            let present = match self.call(from, &alloc).await {
+                Ok(Response::Allocation { present }) => present,
+                other => return Err(fail(from, format!("{other:?}"))),
+            };
+            let read = Request::Read { volume, chunk: c, chunk_size, offset: o, len: piece };
+            let (crcs, data) = match self.call(from, &read).await {
+                Ok(Response::Read { crcs, data }) => (crcs, data),
+                other => return Err(fail(from, format!("{other:?}"))),
+            };
+            let bs = BS as usize;
+            if present.len() != crcs.len() || data.len() != present.len() * bs {
+                return Err(fail(from, "reply sizes do not match".into()));
+            }
+            let mut kept = Vec::new();
+            let mut kept_crcs = Vec::new();
+            for (i, p) in present.iter().enumerate() {
+                if *p {
+                    kept.extend_from_slice(&data[i * bs..(i + 1) * bs]);
+                    kept_crcs.push(crcs[i]);
+                }
+            }
+            let install = Request::InstallRange {
+                volume,
+                chunk: c,
+                chunk_size,
+                offset: o,
+                present,
+                crcs: kept_crcs,
+                data: Bytes::from(kept),
+            };
+            match self.call(to, &install).await {
+                Ok(Response::Done) => {}
+                other => return Err(fail(to, format!("{other:?}"))),
+            }
+        }
+        Ok(())
     }
 
     /// A shared volume's writer was fenced by another shared writer's open: adopt the newest.
@@ -598,23 +760,9 @@ impl VolumeClient {
                     self.record_missed(&ok, &not_applied, volume, chunk, chunk_size).await;
                 }
                 for node in &failed {
-                    lock(&self.suspects).insert(*node);
-                    let meta = self.meta.clone();
-                    let node = *node;
-                    tokio::spawn(async move {
-                        // The failed node may have been the metadata leader: retry through the
-                        // election (bounded: 20 tries over ~10 s). The storage nodes' heartbeats
-                        // report the missed write to the leader too, so this only speeds things up.
-                        for attempt in 0..20 {
-                            match meta.report_catch_up(node).await {
-                                Ok(()) => return,
-                                Err(e) if attempt == 19 => {
-                                    tracing::warn!(node, "reporting a missed write: {e}")
-                                }
-                                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-                            }
-                        }
-                    });
+                    // The storage nodes' heartbeats report the missed write to the leader too;
+                    // this only speeds things up.
+                    self.suspect(*node, &format!("write to chunk {chunk} failed: {last}"));
                 }
                 // Acknowledged: a majority applied it, and every other replica is known not to have
                 // (recorded as missed, so it is caught up before it serves reads again).

@@ -100,11 +100,25 @@ impl Node {
             })
         });
         let _ = peer.peer.set(handler);
-        let (m1, m2) = (meta.clone(), meta.clone());
+        let (m1, m2, m3) = (meta.clone(), meta.clone(), meta.clone());
         let _ = peer.hooks.set(ClientHooks {
             serves_clients: Box::new(move || m1.serves_clients()),
             in_sync: Box::new(move |id| m2.read(|s| s.nodes.get(&id).is_some_and(|n| n.in_sync()))),
             missed: missed.clone(),
+            volume_generation: {
+                // Per-mutation lookup by volume id: an index rebuilt when the map's epoch moves,
+                // so a write costs a lock and a hash lookup, not a scan of every volume.
+                let index: std::sync::Mutex<(u64, std::collections::HashMap<u64, u64>)> = Default::default();
+                Box::new(move |id| {
+                    let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
+                    let epoch = m3.read(|s| s.epoch);
+                    if index.0 != epoch || index.1.is_empty() {
+                        *index = m3
+                            .read(|s| (s.epoch, s.volumes.values().map(|v| (v.id, v.generation)).collect()));
+                    }
+                    index.1.get(&id).copied().unwrap_or(0)
+                })
+            },
         });
         let recovery_stop = CancellationToken::new();
         let recovery_task =

@@ -56,6 +56,9 @@ pub struct ClientHooks {
     pub in_sync: Box<dyn Fn(u64) -> bool + Send + Sync>,
     /// Where missed writes of peers are recorded.
     pub missed: Arc<crate::missed::MissedLog>,
+    /// The newest writer generation of a volume in this node's cluster map (0 if unknown): a
+    /// mutation of an older generation is refused even if its `Fence` never reached this node.
+    pub volume_generation: Box<dyn Fn(u64) -> u64 + Send + Sync>,
 }
 
 impl std::fmt::Debug for ClientHooks {
@@ -375,6 +378,22 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
         {
             return unavailable(&format!("stale cluster map: node {p} is in sync; refresh the map"));
         }
+        let stamped = match &request {
+            Request::Write { volume, stamp, .. }
+            | Request::Trim { volume, stamp, .. }
+            | Request::WriteZeroes { volume, stamp, .. } => Some((*volume, *stamp)),
+            _ => None,
+        };
+        if let Some((volume, stamp)) = stamped {
+            let highest = (hooks.volume_generation)(volume.get());
+            if stamp.generation.0 < highest {
+                return Response::Error(RpcError::Fenced {
+                    volume,
+                    generation: stamp.generation,
+                    highest: cairn_types::Generation(highest),
+                });
+            }
+        }
     }
     let result = tokio::task::spawn_blocking(move || run(&store, wiring.hooks.get(), request)).await;
     match result {
@@ -451,6 +470,22 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
         }
         Request::Peer { .. } => {
             return Err(StoreError::InvalidRequest("peer message routed to the store".into()));
+        }
+        Request::Fence { volume, generation } => {
+            store.raise_fence(volume, generation)?;
+            let mut dirty = Vec::new();
+            for chunk in store.dirty_chunks(volume)? {
+                if let Some(s) = store.chunk_state(volume, chunk)? {
+                    let info = ChunkInfo {
+                        generation: s.generation,
+                        version: s.version,
+                        last_sequence: s.last_sequence,
+                        dirty: s.dirty,
+                    };
+                    dirty.push((chunk, info));
+                }
+            }
+            Response::FenceRaised { dirty }
         }
         Request::ChunkVersion { volume, chunk } => {
             Response::ChunkVersion(store.chunk_state(volume, chunk)?.map(|s| ChunkInfo {

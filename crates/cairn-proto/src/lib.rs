@@ -6,7 +6,9 @@
 //! version. Requests carry a request id chosen by the client; the server may answer out of order,
 //! and many requests may be in flight on one connection.
 //!
-//! Versions: 1 — read, write, trim, write-zeroes, flush, chunk version query.
+//! Versions: 1 — read, write, trim, write-zeroes, flush, chunk version query. 2 — `Fence` (a new
+//! writer raises its generation on every replica at open and collects their dirty chunks); version
+//! 1 peers are refused (a version-1 client would write without fencing at open).
 //!
 //! Invariants: decoding never panics and never allocates more than [`frame::FRAME_BODY_MAX_BYTES`]
 //! for one frame; every frame's header and body are covered by a CRC-32C.
@@ -18,9 +20,9 @@ pub use frame::{Frame, FrameCodec, FrameError, FrameKind};
 pub use message::{BodyError, ChunkInfo, Hello, HelloReply, Request, Response, RpcError, Stamp};
 
 /// Oldest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MIN: u16 = 1;
+pub const PROTOCOL_VERSION_MIN: u16 = 2;
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 
 /// Picks the version to speak with a peer speaking `[min, max]`: the highest both speak.
 pub fn negotiate(min: u16, max: u16) -> Option<u16> {
@@ -34,9 +36,10 @@ mod tests {
 
     #[test]
     fn negotiation() {
-        assert_eq!(negotiate(1, 1), Some(1));
-        assert_eq!(negotiate(1, 9), Some(1));
-        assert_eq!(negotiate(2, 9), None);
+        assert_eq!(negotiate(2, 2), Some(2));
+        assert_eq!(negotiate(1, 9), Some(2));
+        assert_eq!(negotiate(1, 1), None, "version 1 has no fencing at open");
+        assert_eq!(negotiate(3, 9), None);
         assert_eq!(negotiate(0, 0), None);
         assert_eq!(negotiate(3, 1), None);
     }

@@ -117,6 +117,13 @@ pub enum Request {
         crcs: Vec<u32>,
         data: Bytes,
     },
+    /// A new writer opened the volume with `generation` (version 2): persist it as the volume's
+    /// fence, wait for mutations admitted under the old fence to finish, and report the chunks
+    /// that are dirty here (they may differ between replicas).
+    Fence {
+        volume: VolumeId,
+        generation: Generation,
+    },
 }
 
 impl Request {
@@ -161,6 +168,10 @@ pub enum Response {
     /// Answer to `Allocation`: one entry per block, true if it holds data.
     Allocation {
         present: Vec<bool>,
+    },
+    /// Answer to `Fence`: the fence is raised; the volume's chunks dirty on this node.
+    FenceRaised {
+        dirty: Vec<(ChunkIndex, ChunkInfo)>,
     },
 }
 
@@ -274,6 +285,8 @@ mod tests {
             ),
             vol().prop_map(|volume| Request::Flush { volume }),
             (vol(), any::<u64>())
+                .prop_map(|(volume, g)| Request::Fence { volume, generation: Generation(g) }),
+            (vol(), any::<u64>())
                 .prop_map(|(volume, c)| Request::ChunkVersion { volume, chunk: ChunkIndex(c) }),
         ]
     }
@@ -317,6 +330,22 @@ mod tests {
             rpc_error().prop_map(Response::Error),
             proptest::collection::vec(any::<u8>(), 0..64)
                 .prop_map(|b| Response::Peer { body: Bytes::from(b) }),
+            proptest::collection::vec((any::<u64>(), any::<u64>(), any::<u64>()), 0..8).prop_map(|v| {
+                Response::FenceRaised {
+                    dirty: v
+                        .into_iter()
+                        .map(|(c, g, s)| {
+                            let info = ChunkInfo {
+                                generation: Generation(g),
+                                version: 1,
+                                last_sequence: s,
+                                dirty: true,
+                            };
+                            (ChunkIndex(c), info)
+                        })
+                        .collect(),
+                }
+            }),
         ]
     }
 

@@ -674,6 +674,16 @@ impl Store {
         Ok(table.chunks_exact(TABLE_ENTRY_LEN).map(|e| TableEntry::decode(e).state == BLOCK_DATA).collect())
     }
 
+    /// Raises the volume's fence to `generation` (persisted before this returns) and waits for the
+    /// mutations admitted under the old fence to finish: from then on only `generation` or newer
+    /// mutates the volume here. Raising it to the current value is a no-op; a lower one is
+    /// [`StoreError::Fenced`].
+    pub fn raise_fence(&self, volume: VolumeId, generation: Generation) -> Result<(), StoreError> {
+        let state = self.volume(volume)?;
+        let _admitted = self.admit(volume, &state, WriteStamp { generation, sequence: 0 })?;
+        Ok(())
+    }
+
     /// Replaces `[offset, offset + 4 KiB × present.len())` of a chunk with a copy from a peer
     /// (catch-up): blocks whose entry in `present` is false become holes; `data` holds the present
     /// blocks only, in order, with their checksums in `crcs`. Carries the generation the node has

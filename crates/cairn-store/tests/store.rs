@@ -50,6 +50,26 @@ fn lower_generation_is_fenced_and_changes_nothing() {
 }
 
 #[test]
+fn raising_the_fence_persists_it_and_refuses_older_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+        write(&store, 1, 0, 0, &pattern(1, 4096), 3).unwrap();
+        store.raise_fence(vol(1), Generation(7)).unwrap();
+        store.raise_fence(vol(1), Generation(7)).unwrap();
+        assert!(matches!(store.raise_fence(vol(1), Generation(6)), Err(StoreError::Fenced { .. })));
+        assert!(matches!(write(&store, 1, 0, 0, &pattern(2, 4096), 3), Err(StoreError::Fenced { .. })));
+        // A volume this node holds nothing of yet is fenced too.
+        store.raise_fence(vol(2), Generation(7)).unwrap();
+        assert!(matches!(write(&store, 2, 0, 0, &pattern(2, 4096), 6), Err(StoreError::Fenced { .. })));
+    }
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    assert_eq!(store.highest_generation(vol(1)).unwrap(), Generation(7), "the fence survives a restart");
+    assert!(matches!(write(&store, 1, 0, 0, &pattern(2, 4096), 3), Err(StoreError::Fenced { .. })));
+    write(&store, 1, 0, 0, &pattern(2, 4096), 7).unwrap();
+}
+
+#[test]
 fn flipped_bytes_on_disk_are_reported_as_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
