@@ -217,6 +217,8 @@ pub enum StateError {
     ShrinkRefused { name: String, from: u64, to: u64 },
     #[error("unknown node {0}")]
     UnknownNode(u64),
+    #[error("node {id} reported incarnation {incarnation}, older than its current {current}")]
+    StaleIncarnation { id: u64, incarnation: u64, current: u64 },
     #[error("no placement group {pg} in the {replicas}-copy set")]
     UnknownPg { replicas: u8, pg: u32 },
     #[error("volume {name:?}: generation {generation} is fenced by generation {current}")]
@@ -590,6 +592,12 @@ impl ClusterState {
             }
             Command::NodeStarted { id, incarnation, time_ms } => {
                 let node = self.nodes.get_mut(&id).ok_or(StateError::UnknownNode(id))?;
+                // Incarnations only grow: a late report from an earlier process must not bring
+                // back entries a newer incarnation voided (found by the simulation: a delayed
+                // report revived a power-lost node's old copies).
+                if incarnation < node.incarnation {
+                    return Err(StateError::StaleIncarnation { id, incarnation, current: node.incarnation });
+                }
                 if node.incarnation != incarnation {
                     let previous = node.incarnation;
                     node.incarnation = incarnation;
@@ -862,5 +870,16 @@ mod tests {
         assert_eq!(before, after, "a joined node holds nothing yet, so it serves nothing");
         assert!((0..s.pg_count).any(|pg| s.target(3, pg).contains(&4)), "the target moved");
         assert_eq!(s.holders(2, 0), s.target(2, 0), "no 2-copy volume yet: the target");
+    }
+
+    #[test]
+    fn incarnations_only_grow() {
+        let mut s = with_nodes(1);
+        assert_eq!(s.apply(Command::NodeStarted { id: 1, incarnation: 5, time_ms: 1 }), CommandResult::Done);
+        assert!(matches!(
+            s.apply(Command::NodeStarted { id: 1, incarnation: 4, time_ms: 2 }),
+            CommandResult::Rejected(StateError::StaleIncarnation { current: 5, .. })
+        ));
+        assert_eq!(s.nodes[&1].incarnation, 5);
     }
 }
