@@ -21,6 +21,7 @@ use crate::meta_client::{MetaClient, MetaClientError, NodeState, VolumeInfo};
 use bytes::Bytes;
 use cairn_engine::Version;
 use cairn_engine::reconcile::settle;
+use cairn_proto::message::present_blocks;
 use cairn_proto::{Request, Response, RpcError, Stamp};
 use cairn_types::checksum::block_crcs;
 use cairn_types::limits::RPC_IO_MAX_BYTES;
@@ -430,18 +431,9 @@ impl VolumeClient {
                 Ok(Response::Read { crcs, data }) => (crcs, data),
                 other => return Err(fail(from, format!("{other:?}"))),
             };
-            let bs = BS as usize;
-            if present.len() != crcs.len() || data.len() != present.len() * bs {
+            let Some((kept, kept_crcs)) = present_blocks(&present, &data, &crcs) else {
                 return Err(fail(from, "reply sizes do not match".into()));
-            }
-            let mut kept = Vec::new();
-            let mut kept_crcs = Vec::new();
-            for (i, p) in present.iter().enumerate() {
-                if *p {
-                    kept.extend_from_slice(&data[i * bs..(i + 1) * bs]);
-                    kept_crcs.push(crcs[i]);
-                }
-            }
+            };
             let install = Request::InstallRange {
                 volume,
                 chunk: c,
@@ -449,7 +441,7 @@ impl VolumeClient {
                 offset: o,
                 present,
                 crcs: kept_crcs,
-                data: Bytes::from(kept),
+                data: kept,
             };
             match self.call(to, &install).await {
                 Ok(Response::Done) => {}

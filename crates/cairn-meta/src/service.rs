@@ -468,9 +468,12 @@ impl<T: PeerTransport> MetaService<T> {
                         fresh && !pending
                     });
                     let self_pending = l.usage.get(&self.id).is_some_and(|r| r.missed_for.contains(&id));
+                    // The node itself may hold chunks to pull back (after a power loss).
+                    let own_pending = l.usage.get(&id).is_some_and(|r| r.missed_for.contains(&id));
                     if booted
                         && peers_done
                         && !self_pending
+                        && !own_pending
                         && since.elapsed() >= Duration::from_millis(self.config.heartbeat_interval_ms)
                     {
                         finished.push(id);
@@ -487,7 +490,9 @@ impl<T: PeerTransport> MetaService<T> {
                 s.nodes
                     .values()
                     .filter(|n| {
-                        n.in_sync() && l.usage.values().any(|r| r.id != n.id && r.missed_for.contains(&n.id))
+                        // Its own report counts too: a node that must pull chunks back after a
+                        // power loss serves nothing until it has.
+                        n.in_sync() && l.usage.values().any(|r| r.missed_for.contains(&n.id))
                     })
                     .map(|n| n.id)
                     .collect()

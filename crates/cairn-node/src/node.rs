@@ -76,6 +76,14 @@ impl Node {
             MissedLog::open(&missed_path)
                 .map_err(|e| NodeError::Meta(format!("{}: {e}", missed_path.display())))?,
         );
+        let resync = crate::recovery::note_power_loss(&config.data_dir, &store, &missed, me.id)
+            .map_err(|e| NodeError::Meta(format!("checking for a power loss: {e}")))?;
+        if resync > 0 {
+            tracing::warn!(
+                chunks = resync,
+                "the machine restarted since this node last ran: its {resync} dirty chunk(s) may have lost unflushed writes and are copied back from in-sync replicas before it serves"
+            );
+        }
         let dir = config.data_dir.clone();
         let probe_missed = missed.clone();
         let meta_config = MetaConfig { down_after_ms: config.meta.down_after_ms, ..MetaConfig::default() };
@@ -121,8 +129,13 @@ impl Node {
             },
         });
         let recovery_stop = CancellationToken::new();
-        let recovery_task =
-            tokio::spawn(crate::recovery::run(store.clone(), missed, meta.clone(), recovery_stop.clone()));
+        let recovery_task = tokio::spawn(crate::recovery::run(
+            store.clone(),
+            missed,
+            meta.clone(),
+            me.id,
+            recovery_stop.clone(),
+        ));
 
         // Form or join the pool.
         let voters: BTreeMap<u64, NodeAddr> = if config.meta.voters.is_empty() && config.meta.join.is_empty()

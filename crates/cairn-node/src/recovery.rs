@@ -1,4 +1,12 @@
-//! The recovery worker: copies to catching-up peers the chunks they missed (see `missed`).
+//! The recovery worker: copies to catching-up peers the chunks they missed (see `missed`), and
+//! copies back to this node the chunks a power loss may have reverted here.
+//!
+//! Power loss: the node acknowledges writes before they are flushed, so after the machine
+//! restarted (a new OS boot id, [`note_power_loss`]) every chunk whose dirty flag is set may hold
+//! older data than its replicas. Those chunks are recorded in the missed-writes log *for this node
+//! itself* before the node first reports to the pool; this node is then catching up, serves no
+//! client IO, reports itself as pending, and the worker pulls each such chunk whole from an in-sync
+//! replica. (A process kill keeps the page cache: nothing to pull then.)
 //!
 //! Every round (300 ms) it takes, for each peer with pending chunks that the cluster map shows up
 //! and catching up, a batch of chunks and copies each whole chunk (present blocks with their
@@ -12,9 +20,11 @@ use crate::transport::RpcPeerTransport;
 use bytes::Bytes;
 use cairn_client::{ConnectionPool, NodeConnection};
 use cairn_meta::MetaService;
+use cairn_proto::message::present_blocks;
 use cairn_proto::{Request, Response};
 use cairn_store::Store;
 use cairn_types::limits::RPC_IO_MAX_BYTES;
+use cairn_types::placement::pg_of;
 use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, VolumeId};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,10 +38,58 @@ const ROUND_INTERVAL: Duration = Duration::from_millis(300);
 /// Longest a single range copy may take.
 const COPY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Where the OS boot id of the node's last start is kept.
+const OS_BOOT_ID_FILE: &str = "os-boot-id";
+
+fn os_boot_id() -> std::io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?.trim().to_string())
+}
+
+/// At start, before the node reports to the pool: if the machine restarted since the node last
+/// ran, records every dirty chunk as missed by this node itself (so it is pulled back before the
+/// node serves). Then remembers this boot. Returns how many chunks were recorded.
+pub fn note_power_loss(
+    data_dir: &std::path::Path,
+    store: &Store,
+    missed: &MissedLog,
+    me: u64,
+) -> Result<usize, String> {
+    let path = data_dir.join(OS_BOOT_ID_FILE);
+    let now = os_boot_id().map_err(|e| format!("reading the OS boot id: {e}"))?;
+    let last = std::fs::read_to_string(&path).ok().map(|s| s.trim().to_string());
+    let mut recorded = 0;
+    // No file: a new data directory (nothing dirty) or one from before this check (treated as
+    // a reboot: pulling back what may be stale is the safe side).
+    if last.as_deref() != Some(now.as_str()) {
+        for volume in store.list_volumes().map_err(|e| e.to_string())? {
+            for chunk in store.dirty_chunks(volume).map_err(|e| e.to_string())? {
+                if let Some(state) = store.chunk_state(volume, chunk).map_err(|e| e.to_string())? {
+                    missed
+                        .record(&[me], volume.get(), chunk.0, state.chunk_size.bytes())
+                        .map_err(|e| format!("{}: {e}", missed.path().display()))?;
+                    recorded += 1;
+                }
+            }
+        }
+    }
+    // Durable before the node serves: a later start must compare with this boot.
+    let tmp = data_dir.join(format!("{OS_BOOT_ID_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        let f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut &f, now.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(data_dir)?.sync_all()
+    };
+    write().map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(recorded)
+}
+
 pub async fn run(
     store: Arc<Store>,
     missed: Arc<MissedLog>,
     meta: Arc<MetaService<RpcPeerTransport>>,
+    me: u64,
     stop: CancellationToken,
 ) {
     let connections = ConnectionPool::default();
@@ -40,7 +98,13 @@ pub async fn run(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(ROUND_INTERVAL) => {}
         }
+        if missed.pending(me) > 0 {
+            pull_own(&store, &missed, &meta, &connections, me).await;
+        }
         for peer in missed.pending_peers() {
+            if peer == me {
+                continue;
+            }
             let Some(node) = meta.read(|s| s.nodes.get(&peer).cloned()) else { continue };
             if !node.up || !node.catching_up {
                 continue;
@@ -77,6 +141,113 @@ pub async fn run(
     }
 }
 
+/// Pulls back, from in-sync replicas, a batch of the chunks this node recorded as missed by itself.
+async fn pull_own(
+    store: &Arc<Store>,
+    missed: &MissedLog,
+    meta: &MetaService<RpcPeerTransport>,
+    connections: &ConnectionPool,
+    me: u64,
+) {
+    let mut pulled = 0;
+    for (volume, chunk, chunk_size, seq) in missed.batch(me, BATCH_CHUNKS) {
+        // The in-sync holders of the chunk's PG other than this node; none if the volume is gone.
+        let sources: Option<Vec<SocketAddr>> = meta.read(|s| {
+            let v = s.volumes.values().find(|v| v.id == volume)?;
+            let pg = pg_of(VolumeId::new(volume).ok()?, ChunkIndex(chunk), s.pg_count).0;
+            Some(
+                s.holders(v.replicas, pg)
+                    .into_iter()
+                    .filter(|n| *n != me)
+                    .filter_map(|n| s.nodes.get(&n))
+                    .filter(|n| n.in_sync())
+                    .filter_map(|n| n.addr.rpc.parse().ok())
+                    .collect(),
+            )
+        });
+        let Some(sources) = sources else {
+            // A deleted volume: nothing to pull (its chunks are purged with it).
+            if let Err(e) = missed.done(me, volume, chunk, seq) {
+                tracing::error!("missed-writes log: {e}");
+            }
+            continue;
+        };
+        let Some(addr) = sources.first() else {
+            tracing::warn!(volume, chunk, "power-loss resync: no in-sync replica to copy from yet");
+            continue;
+        };
+        let conn = match connections.get(*addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(volume, chunk, "power-loss resync: {e}");
+                continue;
+            }
+        };
+        match pull_chunk(store, &conn, volume, chunk, chunk_size).await {
+            Ok(()) => {
+                pulled += 1;
+                if let Err(e) = missed.done(me, volume, chunk, seq) {
+                    tracing::error!("missed-writes log: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(volume, chunk, "power-loss resync: {e}");
+                connections.forget(&conn).await;
+            }
+        }
+    }
+    if pulled > 0 {
+        tracing::info!(pulled, remaining = missed.pending(me), "power-loss resync: copied chunks back");
+    }
+}
+
+/// A missed-writes log entry's ids, checked.
+fn checked(volume: u64, chunk: u64, size: u32) -> Result<(VolumeId, ChunkIndex, ChunkSize), String> {
+    let volume = VolumeId::new(volume).map_err(|e| e.to_string())?;
+    Ok((volume, ChunkIndex(chunk), ChunkSize::new(size).map_err(|e| e.to_string())?))
+}
+
+/// Replaces this node's copy of a chunk with a peer's, whole (present blocks, holes as holes).
+async fn pull_chunk(
+    store: &Arc<Store>,
+    conn: &NodeConnection,
+    volume: u64,
+    chunk: u64,
+    size: u32,
+) -> Result<(), String> {
+    let (volume, chunk, chunk_size) = checked(volume, chunk, size)?;
+    let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
+    for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
+        let call = |request: Request| async move {
+            match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            }
+        };
+        let present =
+            match call(Request::Allocation { volume, chunk, chunk_size, offset, len: piece }).await? {
+                Response::Allocation { present } => present,
+                other => return Err(format!("allocation: unexpected reply {other:?}")),
+            };
+        let (crcs, data) = match call(Request::Read { volume, chunk, chunk_size, offset, len: piece }).await?
+        {
+            Response::Read { crcs, data } => (crcs, data),
+            other => return Err(format!("read: unexpected reply {other:?}")),
+        };
+        let (kept, kept_crcs) =
+            present_blocks(&present, &data, &crcs).ok_or_else(|| "reply sizes do not match".to_string())?;
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || {
+            s.install_range(volume, chunk, chunk_size, offset, &present, &kept, &kept_crcs)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 async fn copy_chunk(
     store: &Arc<Store>,
     conn: &NodeConnection,
@@ -84,9 +255,7 @@ async fn copy_chunk(
     chunk: u64,
     size: u32,
 ) -> Result<(), String> {
-    let volume = VolumeId::new(volume).map_err(|e| e.to_string())?;
-    let chunk = ChunkIndex(chunk);
-    let chunk_size = ChunkSize::new(size).map_err(|e| e.to_string())?;
+    let (volume, chunk, chunk_size) = checked(volume, chunk, size)?;
     let s = store.clone();
     let (present, reply) = tokio::task::spawn_blocking(move || {
         let present = s.allocation(volume, chunk, chunk_size, 0, chunk_size.bytes())?;

@@ -198,6 +198,25 @@ pub enum RpcError {
     Unavailable { message: String },
 }
 
+/// The payload of an `InstallRange` from a read of the same range: the blocks `present` marks
+/// (in order) and their checksums. `data` holds every block of the range, `crcs` one per block.
+/// `None` if the sizes do not match.
+pub fn present_blocks(present: &[bool], data: &[u8], crcs: &[u32]) -> Option<(Bytes, Vec<u32>)> {
+    let bs = cairn_types::BLOCK_SIZE_BYTES as usize;
+    if crcs.len() != present.len() || data.len() != present.len() * bs {
+        return None;
+    }
+    let mut kept = Vec::new();
+    let mut kept_crcs = Vec::new();
+    for (i, p) in present.iter().enumerate() {
+        if *p {
+            kept.extend_from_slice(&data[i * bs..(i + 1) * bs]);
+            kept_crcs.push(crcs[i]);
+        }
+    }
+    Some((Bytes::from(kept), kept_crcs))
+}
+
 /// Why a body could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 #[error("malformed message body: {0}")]

@@ -65,6 +65,7 @@ pub struct ChunkState {
     pub version: u64,
     pub last_sequence: u64,
     pub dirty: bool,
+    pub chunk_size: ChunkSize,
 }
 
 type ChunkKey = (VolumeId, ChunkIndex);
@@ -973,6 +974,7 @@ impl Store {
                 version: inner.header.version,
                 last_sequence: inner.header.last_sequence,
                 dirty: inner.header.dirty,
+                chunk_size: inner.header.chunk_size,
             }
         }))
     }
