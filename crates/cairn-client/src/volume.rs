@@ -328,7 +328,12 @@ impl VolumeClient {
         let mut dirty: BTreeMap<u64, BTreeMap<u64, Version>> = BTreeMap::new();
         for (node, r) in nodes.iter().zip(results) {
             match r {
-                Ok(Response::FenceRaised { dirty: chunks }) => {
+                Ok(Response::FenceRaised { serving: false, .. }) => {
+                    // Fenced, but catching up (perhaps after a power loss): its copies may be
+                    // stale or torn and take no part; it is caught up before it serves.
+                    self.suspect(*node, "fence: the node is catching up")
+                }
+                Ok(Response::FenceRaised { dirty: chunks, .. }) => {
                     reached.insert(*node);
                     for (chunk, info) in chunks {
                         let v = Version { generation: info.generation.0, seq: info.last_sequence };

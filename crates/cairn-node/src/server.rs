@@ -485,7 +485,8 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
                     dirty.push((chunk, info));
                 }
             }
-            Response::FenceRaised { dirty }
+            let serving = hooks.is_some_and(|h| (h.serves_clients)());
+            Response::FenceRaised { dirty, serving }
         }
         Request::ChunkVersion { volume, chunk } => {
             Response::ChunkVersion(store.chunk_state(volume, chunk)?.map(|s| ChunkInfo {

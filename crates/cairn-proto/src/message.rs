@@ -169,9 +169,11 @@ pub enum Response {
     Allocation {
         present: Vec<bool>,
     },
-    /// Answer to `Fence`: the fence is raised; the volume's chunks dirty on this node.
+    /// Answer to `Fence`: the fence is raised; the volume's chunks dirty on this node, and whether
+    /// this node serves client IO now (a catching-up node's copies must not win a reconciliation).
     FenceRaised {
         dirty: Vec<(ChunkIndex, ChunkInfo)>,
+        serving: bool,
     },
 }
 
@@ -351,6 +353,7 @@ mod tests {
                 .prop_map(|b| Response::Peer { body: Bytes::from(b) }),
             proptest::collection::vec((any::<u64>(), any::<u64>(), any::<u64>()), 0..8).prop_map(|v| {
                 Response::FenceRaised {
+                    serving: true,
                     dirty: v
                         .into_iter()
                         .map(|(c, g, s)| {

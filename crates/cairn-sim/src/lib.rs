@@ -241,6 +241,9 @@ enum Msg {
         /// The node's incarnation: copies of an incarnation the opener's map does not know may
         /// have lost writes and must not take part in the reconciliation.
         incarnation: u64,
+        /// Per PG, the interval the node knows and whether it is counted there (by its own
+        /// incarnation): a copy is trusted only if that matches the opener's map.
+        views: BTreeMap<u32, (u64, bool)>,
         copies: Option<BTreeMap<u64, ChunkCopy>>,
     },
     List {
@@ -327,8 +330,11 @@ enum OpPhase {
     Opening,
     Fencing {
         generation: u64,
+        /// The map this pass was started from: counted members and intervals come from it.
+        map: Rc<ClusterState>,
         pending: BTreeSet<u64>,
         copies: BTreeMap<u64, BTreeMap<u64, ChunkCopy>>,
+        views: BTreeMap<u64, BTreeMap<u32, (u64, bool)>>,
     },
     Reconciling {
         pending: BTreeSet<u64>,
@@ -1103,7 +1109,13 @@ impl World {
                     Some(n.disk.cache.clone())
                 };
                 let incarnation = n.incarnation;
-                self.send(Ep::Node(id), from, Msg::FenceReply { op, node: id, incarnation, copies });
+                let views = (0..n.map.as_ref().map(|m| m.pg_count).unwrap_or(0))
+                    .map(|pg| {
+                        let (interval, role) = n.pg_view(pg);
+                        (pg, (interval, role.counted()))
+                    })
+                    .collect();
+                self.send(Ep::Node(id), from, Msg::FenceReply { op, node: id, incarnation, views, copies });
             }
             Msg::List { from: target, pg, min_interval } => {
                 let (known, role) = n.pg_view(pg);
@@ -1441,7 +1453,13 @@ impl World {
             map.pg_sets.get(&R).into_iter().flatten().flat_map(|a| a.all()).collect();
         let attempt = self.new_attempt(c);
         if let Some(op) = self.clients[c].op.as_mut() {
-            op.phase = OpPhase::Fencing { generation, pending: members.clone(), copies: BTreeMap::new() };
+            op.phase = OpPhase::Fencing {
+                generation,
+                map: map.clone(),
+                pending: members.clone(),
+                copies: BTreeMap::new(),
+                views: BTreeMap::new(),
+            };
         }
         for node in members {
             self.send(Ep::Client(c), Ep::Node(node), Msg::Fence { op: attempt, generation });
@@ -1535,8 +1553,8 @@ impl World {
             }
             Msg::ChunkReply { op, node, copy } => self.on_chunk_reply(c, op, node, copy),
             Msg::InstallReply { op, node, result } => self.on_install_reply(c, op, node, result)?,
-            Msg::FenceReply { op, node, incarnation, copies } => {
-                self.on_fence_reply(c, op, node, incarnation, copies)
+            Msg::FenceReply { op, node, incarnation, views, copies } => {
+                self.on_fence_reply(c, op, node, incarnation, views, copies)
             }
             _ => {}
         }
@@ -1698,33 +1716,51 @@ impl World {
         attempt: u64,
         node: u64,
         incarnation: u64,
+        node_views: BTreeMap<u32, (u64, bool)>,
         reply: Option<BTreeMap<u64, ChunkCopy>>,
     ) {
-        let map = self.clients[c].map.clone();
         let Some(op) = self.clients[c].op.as_mut() else { return };
         if op.attempt != attempt {
             return;
         }
+        let OpPhase::Fencing { map, .. } = &op.phase else { return };
+        let map = map.clone();
         if map.nodes.get(&node).is_none_or(|n| n.incarnation != incarnation) {
             // The node restarted since this map: wait for the map that voids its old entries.
             self.send(Ep::Client(c), Ep::Meta, Msg::MapRequest);
             self.wait(c, 20_000);
             return;
         }
-        let OpPhase::Fencing { generation, pending, copies } = &mut op.phase else { return };
+        let Some(op) = self.clients[c].op.as_mut() else { return };
+        let OpPhase::Fencing { generation, pending, copies, views, .. } = &mut op.phase else { return };
         let Some(reply) = reply else {
             self.fail_op(c, "a newer writer opened meanwhile");
             return;
         };
         pending.remove(&node);
         copies.insert(node, reply);
+        views.insert(node, node_views);
         if !pending.is_empty() {
             return;
         }
         let generation = *generation;
         let copies = std::mem::take(copies);
-        // Reconcile: per chunk, among the counted members of its PG, the highest copy wins.
+        let views = std::mem::take(views);
+        // Every counted member must have answered as counted at the pass's interval: a member
+        // whose own view differs (it was recovering when it answered, or the PG changed) would
+        // bring an untrusted copy or miss the reconciliation. Start the pass again from a new map.
         let incarnations = map.incarnations();
+        let consistent = map.pg_sets.get(&R).into_iter().flatten().enumerate().all(|(pg, a)| {
+            a.counted(&incarnations)
+                .iter()
+                .all(|n| views.get(n).and_then(|v| v.get(&(pg as u32))) == Some(&(a.interval, true)))
+        });
+        if !consistent {
+            self.send(Ep::Client(c), Ep::Meta, Msg::MapRequest);
+            self.wait(c, 20_000);
+            return;
+        }
+        // Reconcile: per chunk, among the counted members of its PG, the highest copy wins.
         let mut installs = Vec::new();
         let mut versions = BTreeMap::new();
         let mut seq = self.clients[c].next_seq;
@@ -1739,6 +1775,15 @@ impl World {
             }
             let active: BTreeSet<u64> = authority.active(&incarnations).into_iter().collect();
             let Some((winner, plan)) = settle(&held, &active, None) else { continue };
+            if !plan.is_empty() {
+                let seen: Vec<String> = counted
+                    .iter()
+                    .map(|n| format!("{n}:{:?}", copies.get(n).and_then(|m| m.get(&chunk))))
+                    .collect();
+                self.log(format!(
+                    "client {c}: open reconciles chunk {chunk}: winner {winner}, copies {seen:?}"
+                ));
+            }
             let mut copy = copies.get(&winner).and_then(|m| m.get(&chunk)).cloned().unwrap_or_default();
             // Copies differ: the winner goes to every counted copy under a fresh version of the
             // new generation, so that every counted copy changes version — a recovery pull planned
