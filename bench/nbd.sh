@@ -83,3 +83,11 @@ for t, j, iops, bw, mean, p99 in rows:
     ratio = float(iops) / base[j] if base.get(j) else 0
     print(f"{t:<10} {j:<18} {iops:>9} {bw:>8} {mean:>9} {p99:>9} {ratio:>12.2f}")
 PY
+
+# The local fast path is on the path when node 1's NBD server handled requests in-process.
+HTTP1="127.0.0.1:$((PORT_BASE + 2))"
+python3 - "$HTTP1" <<'PY' || true
+import json, sys, urllib.request
+status = json.load(urllib.request.urlopen(f"http://{sys.argv[1]}/v1/status"))
+print(f"node 1 handled {status.get('local_requests', 'n/a')} requests in-process (local fast path)")
+PY
