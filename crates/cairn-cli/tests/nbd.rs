@@ -680,3 +680,80 @@ fn a_power_cut_node_copies_its_dirty_chunks_back_before_serving() {
     verify_on_node(&pool, 2, id, 32, 2);
     qemu_io(&nbd_url(&pool.nbd(2), "pc"), pattern_cmds("read", 0, 32, 2));
 }
+
+/// Issue scenario 3, two failures in sequence. In a 5-node pool (voters 1-3), chunk X's PG is on
+/// nodes 3, 4 and 5. Node 3 dies; X is rewritten (4 and 5 record that 3 missed it); 4 and 5 die;
+/// 3 restarts. Nodes 1 and 2 hold nothing for 3, but they are not X's holders: 3 must stay
+/// catching up (serving nothing) instead of serving its old copy, until 4 and 5 return and copy it
+/// the write it missed.
+#[test]
+fn a_node_whose_peers_died_after_it_stays_catching_up_until_they_return() {
+    let mut pool = Pool::start(5);
+    pool.cli_json(&["volume", "create", "sq", "--size", "256M"]);
+    let id = volume_id(&pool, "sq");
+    let info = pool.cli_json(&["volume", "info", "sq"]);
+    let pg_count = pool.get(1, "/v1/pgs").1["pg_count"].as_u64().unwrap() as u32;
+    let x = (0..256u64)
+        .find(|c| {
+            let pg = cairn_types::placement::pg_of(VolumeId::new(id).unwrap(), ChunkIndex(*c), pg_count).0;
+            let row = info["pgs"].as_array().unwrap().iter().find(|p| p["pg"] == pg).unwrap();
+            let mut nodes: Vec<u64> =
+                row["nodes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+            nodes.sort();
+            nodes == [3, 4, 5]
+        })
+        .expect("a chunk on nodes 3, 4 and 5");
+    let url = nbd_url(&pool.nbd(1), "sq");
+    qemu_io(&url, pattern_cmds("write", x, 1, 1));
+    pool.sigkill(3);
+    qemu_io(&url, pattern_cmds("write", x, 1, 2));
+    pool.sigkill(4);
+    pool.sigkill(5);
+    pool.restart(3);
+    let node3 = |pool: &Pool| -> Option<serde_json::Value> {
+        let leader = [1, 2].into_iter().filter_map(|k| pool.leader_seen_by(k)).next()?;
+        let (status, nodes) = pool.get(leader, "/v1/nodes");
+        (status == 200).then_some(())?;
+        nodes.as_array()?.iter().find(|n| n["id"] == 3).cloned()
+    };
+    wait_for("node 3 up and catching up", Duration::from_secs(60), || {
+        node3(&pool).filter(|n| n["state"] == "up" && n["catching_up"] == true).map(|_| ())
+    });
+    // Its up peers (1, 2) hold nothing for it, and it must still not be declared caught up.
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        if let Some(n) = node3(&pool)
+            && n["catching_up"] != true
+        {
+            let leader = [1, 2].into_iter().filter_map(|k| pool.leader_seen_by(k)).next().unwrap();
+            let events = pool.get(leader, "/v1/events").1;
+            panic!(
+                "node 3 was declared caught up while the peers holding its missed write were down: {events}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    pool.restart(4);
+    pool.restart(5);
+    wait_for("node 3 caught up", Duration::from_secs(60), || {
+        node3(&pool).filter(|n| n["state"] == "up" && n["catching_up"] == false).map(|_| ())
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = NodeConnection::connect(pool.rpc(3)).await.unwrap();
+        let req = Request::Read {
+            volume: VolumeId::new(id).unwrap(),
+            chunk: ChunkIndex(x),
+            chunk_size: ChunkSize::DEFAULT,
+            offset: 0,
+            len: 1 << 20,
+        };
+        match c.call(&req).await.unwrap() {
+            Response::Read { data, .. } => {
+                let want = ((x + 2) % 251 + 1) as u8;
+                assert!(data.iter().all(|b| *b == want), "node 3 holds a stale copy of chunk {x}");
+            }
+            other => panic!("node 3: {other:?}"),
+        }
+    });
+}

@@ -329,9 +329,10 @@ impl VolumeClient {
         for (node, r) in nodes.iter().zip(results) {
             match r {
                 Ok(Response::FenceRaised { serving: false, .. }) => {
-                    // Fenced, but catching up (perhaps after a power loss): its copies may be
-                    // stale or torn and take no part; it is caught up before it serves.
-                    self.suspect(*node, "fence: the node is catching up")
+                    // Fenced, but catching up or still starting (perhaps after a power loss): its
+                    // copies may be stale or torn and take no part. Nothing to report: it serves
+                    // nothing until the pool has it in sync.
+                    tracing::debug!(node, "fence: the node does not serve yet; its copies take no part");
                 }
                 Ok(Response::FenceRaised { dirty: chunks, .. }) => {
                     reached.insert(*node);

@@ -82,7 +82,9 @@ struct Liveness {
     /// Term in which this node last took office (to run the take-office steps once).
     led_term: Option<u64>,
     /// When this leader first saw each catching-up node as catching up.
-    catching_since: HashMap<u64, Instant>,
+    /// When each catching-up node started catching up, and its boot id then: a restart while
+    /// catching up starts the wait again (peers' reports from before it prove nothing about it).
+    catching_since: HashMap<u64, (Instant, u64)>,
 }
 
 /// The metadata service of one node.
@@ -457,7 +459,12 @@ impl<T: PeerTransport> MetaService<T> {
                     s.nodes.values().filter(|n| n.up && n.catching_up).map(|n| n.id).collect();
                 l.catching_since.retain(|id, _| catching.contains(id));
                 for id in catching {
-                    let since = *l.catching_since.entry(id).or_insert(now);
+                    let boot = s.nodes.get(&id).map(|n| n.boot_id).unwrap_or(0);
+                    let entry = l.catching_since.entry(id).or_insert((now, boot));
+                    if entry.1 != boot {
+                        *entry = (now, boot);
+                    }
+                    let since = entry.0;
                     let booted = l
                         .usage
                         .get(&id)
@@ -467,11 +474,40 @@ impl<T: PeerTransport> MetaService<T> {
                         let pending = l.usage.get(&p.id).is_some_and(|r| r.missed_for.contains(&id));
                         fresh && !pending
                     });
+                    // Per PG it holds: enough of the other holders have reported since its
+                    // catch-up began and hold nothing for it that every write it missed is known
+                    // to have been copied. A write acknowledged without it was applied by at least
+                    // a majority q of the R holders, all among the R − 1 others, each recording it
+                    // durably before the acknowledgement; so any R − q such peers cover every one.
+                    // Peers that are down count for nothing: two failures in sequence must not let
+                    // a node that missed writes serve its old copy (it waits for them instead).
+                    let covered = s.pg_sets.keys().all(|r| {
+                        let need = usize::from(*r).saturating_sub(usize::from(*r) / 2 + 1);
+                        (0..s.pg_count).all(|pg| {
+                            let holders = s.holders(*r, pg);
+                            if !holders.contains(&id) {
+                                return true;
+                            }
+                            let good = holders
+                                .iter()
+                                .filter(|p| **p != id)
+                                .filter(|p| {
+                                    let up = s.nodes.get(p).is_some_and(|n| n.up);
+                                    let fresh =
+                                        l.last_seen.get(p).is_some_and(|t| *t > since) || **p == self.id;
+                                    let pending = l.usage.get(p).is_some_and(|r| r.missed_for.contains(&id));
+                                    up && fresh && !pending
+                                })
+                                .count();
+                            good >= need
+                        })
+                    });
                     let self_pending = l.usage.get(&self.id).is_some_and(|r| r.missed_for.contains(&id));
                     // The node itself may hold chunks to pull back (after a power loss).
                     let own_pending = l.usage.get(&id).is_some_and(|r| r.missed_for.contains(&id));
                     if booted
                         && peers_done
+                        && covered
                         && !self_pending
                         && !own_pending
                         && since.elapsed() >= Duration::from_millis(self.config.heartbeat_interval_ms)
