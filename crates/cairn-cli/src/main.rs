@@ -5,6 +5,7 @@
 mod api;
 mod commands;
 mod up;
+mod verify;
 
 use anyhow::Context;
 use cairn_node::{Node, NodeConfig};
@@ -107,6 +108,9 @@ enum VolumeCommand {
     },
     /// Delete a volume and its data.
     Rm { name: String },
+    /// Compare every replica of every chunk (which blocks hold data, their checksums); fails if
+    /// any differ or cannot be read.
+    Verify { name: String },
 }
 
 fn main() {
@@ -137,6 +141,7 @@ fn main() {
                 commands::volume_resize(&a, &name, &size, allow_shrink, json)
             }
             VolumeCommand::Rm { name } => commands::volume_rm(&a, &name, json),
+            VolumeCommand::Verify { name } => verify::run(&a, &name, json),
         }),
     };
     if let Err(e) = result {

@@ -244,6 +244,7 @@ fn gateway_rides_through_each_node_failing_in_turn() {
     // The unix socket serves the same volume.
     let unix_url = format!("nbd+unix:///web?socket={}", socket.display());
     qemu_io(&unix_url, pattern_cmds("read", 0, 64, 3));
+    pool.assert_converged("web");
     let _ = gw.kill();
     let _ = gw.wait();
 }
@@ -503,6 +504,7 @@ fn a_node_joining_a_pool_with_data_serves_nothing_it_does_not_hold() {
         }
     }
     qemu_io(&url(2), reads);
+    pool.assert_converged("jv");
 }
 
 /// Resumes a SIGSTOPped process when dropped (also when the test fails), so the pool can stop.
@@ -555,6 +557,7 @@ fn a_frozen_node_does_not_demote_healthy_ones() {
     drop(thaw);
     pool.wait_in_sync(Duration::from_secs(60));
     verify_on_node(&pool, 3, volume_id(&pool, "fz"), 32, 2);
+    pool.assert_converged("fz");
 }
 
 /// Issue scenario 2, split-brain on handover. In a 4-node pool, chunk X's PG lies on nodes 1-3 and
@@ -617,6 +620,41 @@ except nbd.Error as e:
             }
         }
     });
+    pool.assert_converged("sb");
+}
+
+/// `cairn volume verify` proves convergence and catches a replica that differs: one block written
+/// straight to one node (bypassing the volume client) makes it fail and name that chunk.
+#[test]
+fn verify_finds_a_replica_that_differs() {
+    let pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "vf", "--size", "16M"]);
+    qemu_io(&nbd_url(&pool.nbd(1), "vf"), pattern_cmds("write", 0, 16, 1));
+    pool.assert_converged("vf");
+    let info = pool.cli_json(&["volume", "info", "vf"]);
+    let id = info["id"].as_u64().unwrap();
+    let generation = info["generation"].as_u64().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = NodeConnection::connect(pool.rpc(2)).await.unwrap();
+        let data = vec![0x5a_u8; 4096];
+        let req = Request::Write {
+            volume: VolumeId::new(id).unwrap(),
+            chunk: ChunkIndex(5),
+            chunk_size: ChunkSize::DEFAULT,
+            offset: 8192,
+            stamp: cairn_proto::Stamp { generation: cairn_types::Generation(generation), sequence: u64::MAX },
+            crcs: cairn_types::checksum::block_crcs(&data),
+            data: data.into(),
+            missed_by: Vec::new(),
+        };
+        assert_eq!(c.call(&req).await.unwrap(), Response::Done);
+    });
+    let (ok, report) = pool.verify("vf");
+    assert!(!ok, "verify passed over a differing replica: {report}");
+    let differing = report["chunks_differing"].as_array().unwrap();
+    assert_eq!(differing.len(), 1, "{report}");
+    assert_eq!(differing[0]["chunk"], 5);
 }
 
 /// Issue scenario 4: a node loses its unflushed writes in a power cut. Simulated on a real pool:
@@ -679,6 +717,7 @@ fn a_power_cut_node_copies_its_dirty_chunks_back_before_serving() {
     pool.wait_in_sync(Duration::from_secs(60));
     verify_on_node(&pool, 2, id, 32, 2);
     qemu_io(&nbd_url(&pool.nbd(2), "pc"), pattern_cmds("read", 0, 32, 2));
+    pool.assert_converged("pc");
 }
 
 /// Issue scenario 3, two failures in sequence. In a 5-node pool (voters 1-3), chunk X's PG is on
@@ -756,4 +795,6 @@ fn a_node_whose_peers_died_after_it_stays_catching_up_until_they_return() {
             other => panic!("node 3: {other:?}"),
         }
     });
+    pool.wait_in_sync(Duration::from_secs(60));
+    pool.assert_converged("sq");
 }

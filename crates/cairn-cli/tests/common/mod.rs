@@ -317,6 +317,20 @@ impl Pool {
         });
     }
 
+    /// `cairn volume verify NAME --json`: (exit success, report).
+    pub fn verify(&self, name: &str) -> (bool, serde_json::Value) {
+        let (ok, out, err) = self.cli(&["--json", "volume", "verify", name]);
+        let report =
+            serde_json::from_str(&out).unwrap_or_else(|_| panic!("verify printed no report: {out} {err}"));
+        (ok, report)
+    }
+
+    /// Asserts that every replica of every chunk of `name` is identical.
+    pub fn assert_converged(&self, name: &str) {
+        let (ok, report) = self.verify(name);
+        assert!(ok && report["consistent"] == true, "replicas of {name} differ: {report}");
+    }
+
     /// GET on node k's API without following redirects: (status, body).
     pub fn get(&self, k: u64, path: &str) -> (u16, serde_json::Value) {
         match self.client.get(format!("http://{}{path}", self.http(k))).send() {
