@@ -480,7 +480,7 @@ impl VolumeClient {
         let reads = pieces.iter().map(|p| async move {
             let a0 = p.offset / BS * BS;
             let a1 = (p.offset + p.len).div_ceil(BS) * BS;
-            let data = self.read_aligned(p.chunk, a0, a1 - a0).await?;
+            let data = self.read_aligned(p.chunk, a0, a1 - a0, false).await?;
             Ok::<_, IoError>((p, data, (p.offset - a0) as usize))
         });
         for r in futures::future::join_all(reads).await {
@@ -490,7 +490,16 @@ impl VolumeClient {
         Ok(out)
     }
 
-    async fn read_aligned(&self, chunk: u64, offset: u64, len: u64) -> Result<Vec<u8>, IoError> {
+    /// Reads an aligned range from one replica. `chunk_locked`: the caller holds the chunk's lock
+    /// (a read-modify-write); else a repair of a corrupt replica takes it, so that a repair never
+    /// writes data older than a write that completed meanwhile.
+    async fn read_aligned(
+        &self,
+        chunk: u64,
+        offset: u64,
+        len: u64,
+        chunk_locked: bool,
+    ) -> Result<Vec<u8>, IoError> {
         let (volume, chunk_size) = self.ids()?;
         let request = Request::Read {
             volume,
@@ -524,16 +533,27 @@ impl VolumeClient {
             for node in candidates {
                 match self.call(node, &request).await {
                     Ok(Response::Read { crcs, data }) => {
-                        let good = data.len() == len as usize
-                            && crcs.len() == data.len() / BS as usize
-                            && data.chunks_exact(BS as usize).zip(&crcs).all(|(b, c)| crc32c(b) == *c);
+                        let good = verified(&data, &crcs, len);
                         if !good {
                             last = format!("node {node} returned data failing its checksums");
                             corrupt.push(node);
                             continue;
                         }
                         if !corrupt.is_empty() {
-                            self.repair(&corrupt, volume, chunk, chunk_size, offset, &data, &crcs).await;
+                            if chunk_locked {
+                                self.repair(&corrupt, volume, chunk, chunk_size, offset, &data, &crcs).await;
+                            } else {
+                                // Under the chunk lock, from a fresh read of the good replica: the
+                                // data read above may be older than a write completed since.
+                                let lock = self.chunk_lock(chunk);
+                                let _guard = lock.lock().await;
+                                if let Ok(Response::Read { crcs, data }) = self.call(node, &request).await
+                                    && verified(&data, &crcs, len)
+                                {
+                                    self.repair(&corrupt, volume, chunk, chunk_size, offset, &data, &crcs)
+                                        .await;
+                                }
+                            }
                         }
                         return Ok(data.to_vec());
                     }
@@ -608,12 +628,12 @@ impl VolumeClient {
             // Read-modify-write of the partial edge blocks, under the chunk lock.
             let mut buf = vec![0u8; (a1 - a0) as usize];
             if a0 < p.offset {
-                let head = self.read_aligned(p.chunk, a0, BS).await?;
+                let head = self.read_aligned(p.chunk, a0, BS, true).await?;
                 buf[..BS as usize].copy_from_slice(&head);
             }
             // The last block is partial too, unless it is the first block, already read.
             if a1 > p.offset + p.len && !(a1 - a0 == BS && a0 < p.offset) {
-                let tail = self.read_aligned(p.chunk, a1 - BS, BS).await?;
+                let tail = self.read_aligned(p.chunk, a1 - BS, BS, true).await?;
                 let n = buf.len();
                 buf[n - BS as usize..].copy_from_slice(&tail);
             }
@@ -703,6 +723,7 @@ impl VolumeClient {
                         offset: offset as u32,
                         len: *len,
                         stamp,
+                        missed_by: missed.clone(),
                     },
                     Mutation::Zero(len, allocate) => Request::WriteZeroes {
                         volume,
@@ -712,6 +733,7 @@ impl VolumeClient {
                         len: *len,
                         stamp,
                         allocate: *allocate,
+                        missed_by: missed.clone(),
                     },
                 };
                 let results =
@@ -748,14 +770,18 @@ impl VolumeClient {
                         }
                     }
                 }
-                // Replicas that applied it record who did not (those known in advance were named in
-                // a write; trims, write-zeroes and failures are recorded here).
-                let mut not_applied: Vec<u64> = failed.clone();
-                if !matches!(mutation, Mutation::Write(_)) {
-                    not_applied.extend(&missed);
-                }
-                if !ok.is_empty() && !not_applied.is_empty() {
-                    self.record_missed(&ok, &not_applied, volume, chunk, chunk_size).await;
+                // Replicas that applied it record who did not: those known in advance were named in
+                // the request itself (recorded durably before the reply); replicas that failed
+                // during it are recorded here. Every applier must confirm before the mutation is
+                // acknowledged: the catch-up relies on each of them holding the record.
+                let mut recorded = true;
+                if !ok.is_empty() && !failed.is_empty() {
+                    let confirmed = self.record_missed(&ok, &failed, volume, chunk, chunk_size).await;
+                    for node in ok.iter().filter(|n| !confirmed.contains(n)) {
+                        recorded = false;
+                        last = format!("node {node} could not record that node(s) {failed:?} missed a write");
+                        self.suspect(*node, &last);
+                    }
                 }
                 for node in &failed {
                     // The storage nodes' heartbeats report the missed write to the leader too;
@@ -764,7 +790,7 @@ impl VolumeClient {
                 }
                 // Acknowledged: a majority applied it, and every other replica is known not to have
                 // (recorded as missed, so it is caught up before it serves reads again).
-                if ok.len() >= map.quorum() && !stale_map {
+                if ok.len() >= map.quorum() && !stale_map && recorded {
                     return Ok(());
                 }
             } else {
@@ -789,14 +815,20 @@ impl VolumeClient {
         volume: VolumeId,
         chunk: u64,
         chunk_size: ChunkSize,
-    ) {
+    ) -> BTreeSet<u64> {
         let request =
             Request::RecordMissed { volume, chunk: ChunkIndex(chunk), chunk_size, peers: peers.to_vec() };
-        for node in on {
-            if let Err(e) = self.call(*node, &request).await {
-                tracing::warn!(node, chunk, "recording a missed write: {e}");
+        let results = futures::future::join_all(on.iter().map(|n| self.call(*n, &request))).await;
+        let mut confirmed = BTreeSet::new();
+        for (node, r) in on.iter().zip(results) {
+            match r {
+                Ok(Response::Done) => {
+                    confirmed.insert(*node);
+                }
+                other => tracing::warn!(node, chunk, "recording a missed write: {other:?}"),
             }
         }
+        confirmed
     }
 
     /// Makes every write acknowledged before it durable on a majority of each chunk's replicas.
@@ -882,6 +914,13 @@ impl VolumeClient {
         }
         Ok(runs)
     }
+}
+
+/// Whether a read reply holds `len` bytes whose every block matches its checksum.
+fn verified(data: &[u8], crcs: &[u32], len: u64) -> bool {
+    data.len() as u64 == len
+        && crcs.len() == data.len() / BS as usize
+        && data.chunks_exact(BS as usize).zip(crcs).all(|(b, c)| crc32c(b) == *c)
 }
 
 async fn fetch_map(meta: &MetaClient, name: &str) -> Result<VolumeMap, MetaClientError> {

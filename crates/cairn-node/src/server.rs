@@ -373,7 +373,9 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
         if !(hooks.serves_clients)() {
             return unavailable("the node is catching up on writes it missed");
         }
-        if let Request::Write { missed_by, .. } = &request
+        if let Request::Write { missed_by, .. }
+        | Request::Trim { missed_by, .. }
+        | Request::WriteZeroes { missed_by, .. } = &request
             && let Some(p) = missed_by.iter().find(|p| (hooks.in_sync)(**p))
         {
             return unavailable(&format!("stale cluster map: node {p} is in sync; refresh the map"));
@@ -456,12 +458,14 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             store.repair(volume, chunk, chunk_size, offset, &data, &crcs)?;
             Response::Done
         }
-        Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s } => {
+        Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s, missed_by } => {
             store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
+            record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
             Response::Done
         }
-        Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate } => {
+        Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate, missed_by } => {
             store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
+            record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
             Response::Done
         }
         Request::Flush { volume } => {

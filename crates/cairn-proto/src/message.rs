@@ -59,6 +59,8 @@ pub enum Request {
         offset: u32,
         len: u32,
         stamp: Stamp,
+        /// As for `Write` (version 2).
+        missed_by: Vec<u64>,
     },
     WriteZeroes {
         volume: VolumeId,
@@ -69,6 +71,8 @@ pub enum Request {
         stamp: Stamp,
         /// Keep the blocks allocated (NBD's NO_HOLE) instead of punching a hole.
         allocate: bool,
+        /// As for `Write` (version 2).
+        missed_by: Vec<u64>,
     },
     /// Make every mutation of the volume acknowledged before this request durable.
     Flush {
@@ -288,7 +292,8 @@ mod tests {
                     chunk_size,
                     offset,
                     len,
-                    stamp
+                    stamp,
+                    missed_by: vec![3]
                 }
             ),
             (vol(), any::<u64>(), size(), any::<u32>(), any::<u32>(), stamp(), any::<bool>()).prop_map(
@@ -301,6 +306,7 @@ mod tests {
                         len,
                         stamp,
                         allocate,
+                        missed_by: Vec::new(),
                     }
                 }
             ),
