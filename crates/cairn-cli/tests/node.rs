@@ -178,7 +178,9 @@ fn raw_frame(kind: u16, version: u16, id: u64, body: &[u8]) -> Vec<u8> {
         _ => cairn_proto::FrameKind::Response,
     };
     let mut buf = BytesMut::new();
-    cairn_proto::Frame { version, kind, request_id: id, body: Bytes::copy_from_slice(body) }.encode(&mut buf);
+    cairn_proto::Frame { version, kind, request_id: id, body: Bytes::copy_from_slice(body) }
+        .encode(&mut buf)
+        .unwrap();
     buf.to_vec()
 }
 

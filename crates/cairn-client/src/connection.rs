@@ -91,7 +91,9 @@ impl NodeConnection {
         let hello = Hello { version_min: PROTOCOL_VERSION_MIN, version_max: PROTOCOL_VERSION_MAX };
         let body = encode(&hello).map_err(|e| connect_err(e.to_string()))?;
         let mut buf = BytesMut::new();
-        Frame { version: 0, kind: FrameKind::Hello, request_id: 0, body }.encode(&mut buf);
+        Frame { version: 0, kind: FrameKind::Hello, request_id: 0, body }
+            .encode(&mut buf)
+            .map_err(|e| connect_err(e.to_string()))?;
         let mut frames = FramedRead::new(read, FrameCodec);
         let version = tokio::time::timeout(CONNECT_TIMEOUT, async {
             write.write_all(&buf).await.map_err(|e| connect_err(e.to_string()))?;
@@ -153,7 +155,11 @@ impl NodeConnection {
             table.waiters.insert(id, tx);
         }
         let mut buf = BytesMut::new();
-        Frame { version: self.version, kind: FrameKind::Request, request_id: id, body }.encode(&mut buf);
+        let frame = Frame { version: self.version, kind: FrameKind::Request, request_id: id, body };
+        if let Err(e) = frame.encode(&mut buf) {
+            lock(&self.pending).waiters.remove(&id);
+            return Err(ConnectionError::Protocol { addr: self.addr, message: e.to_string() });
+        }
         if self.outgoing.send(buf).await.is_err() {
             lock(&self.pending).waiters.remove(&id);
             return Err(lost("writer task ended".into()));

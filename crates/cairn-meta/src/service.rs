@@ -137,6 +137,7 @@ impl<T: PeerTransport> MetaService<T> {
             election_timeout_max: config.raft_heartbeat_ms * 8,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(500),
             max_in_snapshot_log_to_keep: 100,
+            snapshot_max_chunk_size: crate::network::SNAPSHOT_CHUNK_MAX_BYTES,
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| MetaError::Internal(e.to_string()))?);

@@ -196,7 +196,14 @@ enum ConnError {
 
 fn encode_frame(version: u16, kind: FrameKind, request_id: u64, body: bytes::Bytes) -> BytesMut {
     let mut buf = BytesMut::new();
-    Frame { version, kind, request_id, body }.encode(&mut buf);
+    if let Err(e) = (Frame { version, kind, request_id, body }).encode(&mut buf) {
+        // A reply too large for a frame (a bug: replies are bounded) becomes an error reply.
+        tracing::error!(request_id, "cannot send a reply: {e}");
+        let error = Response::Error(RpcError::Io { message: format!("reply not sent: {e}") });
+        let body = encode(&error).unwrap_or_default();
+        buf.clear();
+        let _ = (Frame { version, kind, request_id, body }).encode(&mut buf);
+    }
     buf
 }
 

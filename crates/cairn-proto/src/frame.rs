@@ -88,11 +88,14 @@ fn frame_crc(header: &[u8], body: &[u8]) -> u32 {
 }
 
 impl Frame {
-    /// Appends the encoded frame to `dst`. Panics if the body exceeds the limit: callers build bodies
-    /// from bounded requests, so an oversized body is a bug, not input.
-    pub fn encode(&self, dst: &mut BytesMut) {
+    /// Appends the encoded frame to `dst`. A body over the limit is refused with
+    /// [`FrameError::TooLarge`] and nothing is appended (a sender with an oversized message gets an
+    /// error to handle, never a panic).
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
         let len = u32::try_from(self.body.len()).unwrap_or(u32::MAX);
-        assert!(len <= FRAME_BODY_MAX_BYTES, "frame body of {len} bytes exceeds the limit");
+        if len > FRAME_BODY_MAX_BYTES {
+            return Err(FrameError::TooLarge { len });
+        }
         dst.reserve(FRAME_HEADER_BYTES + self.body.len());
         let mut header = [0u8; 20];
         header[0..4].copy_from_slice(&FRAME_MAGIC);
@@ -103,6 +106,7 @@ impl Frame {
         dst.put_slice(&header);
         dst.put_u32_le(frame_crc(&header, &self.body));
         dst.put_slice(&self.body);
+        Ok(())
     }
 
     /// Decodes one frame from the front of `src`, consuming it. `Ok(None)` means more bytes are
@@ -159,11 +163,7 @@ impl tokio_util::codec::Encoder<Frame> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
-        if frame.body.len() > FRAME_BODY_MAX_BYTES as usize {
-            return Err(FrameError::TooLarge { len: u32::try_from(frame.body.len()).unwrap_or(u32::MAX) });
-        }
-        frame.encode(dst);
-        Ok(())
+        frame.encode(dst)
     }
 }
 
@@ -187,7 +187,7 @@ mod tests {
                       body in proptest::collection::vec(any::<u8>(), 0..2048), split in 0usize..4096) {
             let frame = Frame { version, kind, request_id: id, body: Bytes::from(body) };
             let mut buf = BytesMut::new();
-            frame.encode(&mut buf);
+            frame.encode(&mut buf).unwrap();
             // Fed in two pieces, as a socket would.
             let split = split.min(buf.len());
             let mut partial = BytesMut::from(&buf[..split]);
@@ -207,7 +207,7 @@ mod tests {
                                      bit in any::<proptest::sample::Index>()) {
             let frame = Frame { version: 1, kind: FrameKind::Request, request_id: id, body: Bytes::from(body) };
             let mut buf = BytesMut::new();
-            frame.encode(&mut buf);
+            frame.encode(&mut buf).unwrap();
             let bit = bit.index(buf.len() * 8);
             // Flipping a length bit may make the frame look incomplete; that is not acceptance.
             buf[bit / 8] ^= 1 << (bit % 8);
@@ -232,5 +232,14 @@ mod tests {
         buf.put_u32_le(FRAME_BODY_MAX_BYTES + 1);
         buf.put_u32_le(0);
         assert!(matches!(Frame::decode(&mut buf), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn an_oversized_body_is_an_error_to_send_not_a_panic() {
+        let body = Bytes::from(vec![0u8; FRAME_BODY_MAX_BYTES as usize + 1]);
+        let mut buf = BytesMut::new();
+        let frame = Frame { version: 1, kind: FrameKind::Response, request_id: 7, body };
+        assert!(matches!(frame.encode(&mut buf), Err(FrameError::TooLarge { .. })));
+        assert!(buf.is_empty(), "nothing of a refused frame is written");
     }
 }
