@@ -36,6 +36,11 @@ use tokio::time::Instant;
 
 const BS: u64 = BLOCK_SIZE_BYTES as u64;
 
+/// How long a node this client saw fail stays excluded without the pool's map confirming it: long
+/// enough for a report to reach the leader through an election (~10 s), short enough that a lost
+/// report costs seconds, not the connection.
+const SUSPECT_TTL: Duration = Duration::from_secs(15);
+
 /// The storage node this client runs inside, if any: requests for it are handled in-process (same
 /// checks and effects as over the RPC, without the network round trip).
 pub trait LocalNode: Send + Sync + std::fmt::Debug {
@@ -148,7 +153,7 @@ pub struct VolumeClient {
     chunk_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     rotation: AtomicUsize,
     /// Nodes this client saw miss a write; not read from until the map shows them catching up.
-    suspects: Mutex<BTreeSet<u64>>,
+    suspects: Mutex<BTreeMap<u64, Instant>>,
     /// PGs mutated since the last successful flush: a flush reaches only their replicas, so a PG
     /// this client never wrote (perhaps without a majority) cannot stall it.
     touched_pgs: Mutex<BTreeSet<u32>>,
@@ -190,7 +195,7 @@ impl VolumeClient {
             sequence: AtomicU64::new(1),
             chunk_locks: Mutex::new(HashMap::new()),
             rotation: AtomicUsize::new(0),
-            suspects: Mutex::new(BTreeSet::new()),
+            suspects: Mutex::new(BTreeMap::new()),
             touched_pgs: Mutex::new(BTreeSet::new()),
             refresher: Mutex::new(None),
         });
@@ -214,7 +219,10 @@ impl VolumeClient {
     /// Fetches the map again now.
     pub async fn refresh(&self) -> Result<(), IoError> {
         let map = fetch_map(&self.meta, &self.name).await.map_err(meta_err)?;
-        lock(&self.suspects).retain(|n| map.in_sync(*n));
+        // A suspect is dropped once the map shows it out of sync (the pool took over), or after
+        // SUSPECT_TTL: if the pool never heard of its failure (the report was lost), naming it as
+        // missing forever would make every write to its PGs fail as "stale map".
+        lock(&self.suspects).retain(|n, since| map.in_sync(*n) && since.elapsed() < SUSPECT_TTL);
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
         Ok(())
     }
@@ -379,8 +387,19 @@ impl VolumeClient {
                 let Some((winner, installs)) = settle(&versions, &live, None) else { break };
                 for install in installs {
                     if let Err((failed, why)) =
-                        self.copy_chunk(winner, install.node, volume, chunk, chunk_size).await
+                        self.copy_chunk(winner, install.node, volume, chunk, chunk_size, generation).await
                     {
+                        if failed == install.node {
+                            // The target may now hold a torn copy: the winner records that it
+                            // missed the chunk, so it is copied whole before it serves again.
+                            let confirmed =
+                                self.record_missed(&[winner], &[failed], volume, chunk, chunk_size).await;
+                            if !confirmed.contains(&winner) {
+                                return Err(IoError::Io(format!(
+                                    "open: chunk {chunk}: copying to node {failed} failed ({why}) and node {winner} could not record it"
+                                )));
+                            }
+                        }
                         self.suspect(failed, &format!("open: copying chunk {chunk}: {why}"));
                         live.remove(&failed);
                         continue 'settle;
@@ -399,7 +418,7 @@ impl VolumeClient {
     /// `node` failed during IO: stop reading from it and have the pool catch it up.
     fn suspect(&self, node: u64, why: &str) {
         tracing::warn!(node, "{why}");
-        lock(&self.suspects).insert(node);
+        lock(&self.suspects).insert(node, Instant::now());
         let meta = self.meta.clone();
         tokio::spawn(async move {
             // Bounded: 20 tries over ~10 s (the node may have been the metadata leader).
@@ -414,7 +433,8 @@ impl VolumeClient {
     }
 
     /// Copies chunk `chunk` whole from node `from` to node `to` (present blocks with their
-    /// checksums, holes as holes), in pieces of at most one RPC.
+    /// checksums, holes as holes), in pieces of at most one RPC, as writer `generation` (a node
+    /// fenced by a newer writer refuses it).
     async fn copy_chunk(
         &self,
         from: u64,
@@ -422,6 +442,7 @@ impl VolumeClient {
         volume: VolumeId,
         chunk: u64,
         chunk_size: ChunkSize,
+        generation: u64,
     ) -> Result<(), (u64, String)> {
         let fail = |node: u64, what: String| (node, format!("from node {from} to node {to}: {what}"));
         let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
@@ -448,6 +469,7 @@ impl VolumeClient {
                 present,
                 crcs: kept_crcs,
                 data: kept,
+                generation: Generation(generation),
             };
             match self.call(to, &install).await {
                 Ok(Response::Done) => {}
@@ -512,7 +534,7 @@ impl VolumeClient {
         let mut last = String::from("no replica in sync");
         loop {
             let map = self.map();
-            let suspects = lock(&self.suspects).clone();
+            let suspects: BTreeSet<u64> = lock(&self.suspects).keys().copied().collect();
             let mut candidates: Vec<u64> = map
                 .replicas(chunk)
                 .into_iter()
@@ -701,7 +723,7 @@ impl VolumeClient {
             };
             let map = self.map();
             let replicas = map.replicas(chunk);
-            let suspects = lock(&self.suspects).clone();
+            let suspects: BTreeSet<u64> = lock(&self.suspects).keys().copied().collect();
             let (targets, missed): (Vec<u64>, Vec<u64>) =
                 replicas.iter().partition(|n| map.in_sync(**n) && !suspects.contains(n));
             if targets.len() >= map.quorum() {

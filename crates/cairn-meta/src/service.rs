@@ -81,7 +81,6 @@ struct Liveness {
     usage: HashMap<u64, NodeReport>,
     /// Term in which this node last took office (to run the take-office steps once).
     led_term: Option<u64>,
-    /// When this leader first saw each catching-up node as catching up.
     /// When each catching-up node started catching up, and its boot id then: a restart while
     /// catching up starts the wait again (peers' reports from before it prove nothing about it).
     catching_since: HashMap<u64, (Instant, u64)>,
@@ -375,6 +374,10 @@ impl<T: PeerTransport> MetaService<T> {
                 for id in ids {
                     l.last_seen.insert(id, now);
                 }
+                // Reports and catch-up clocks from an earlier term prove nothing now: a node
+                // caught up only on reports received in this term.
+                l.usage.clear();
+                l.catching_since.clear();
                 true
             } else {
                 false

@@ -30,6 +30,7 @@ pub struct Node {
     nbd_addr: SocketAddr,
     nbd_stop: CancellationToken,
     nbd_task: tokio::task::JoinHandle<()>,
+    data_dir: std::path::PathBuf,
 }
 
 fn usage(dir: &Path) -> (u64, u64) {
@@ -219,6 +220,7 @@ impl Node {
             nbd_addr,
             nbd_stop,
             nbd_task,
+            data_dir: config.data_dir.clone(),
         })
     }
 
@@ -252,6 +254,11 @@ impl Node {
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.http_task).await;
         self.meta.shutdown().await;
-        self.rpc.shutdown().await
+        self.rpc.shutdown().await?;
+        // Every acknowledged write is durable now: the next start needs no power-loss resync.
+        crate::recovery::note_clean_shutdown(&self.data_dir).map_err(|e| StoreError::Io {
+            context: format!("recording a clean shutdown in {}", self.data_dir.display()),
+            source: e,
+        })
     }
 }

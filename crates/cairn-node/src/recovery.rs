@@ -40,6 +40,24 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Where the OS boot id of the node's last start is kept.
 const OS_BOOT_ID_FILE: &str = "os-boot-id";
+/// Written after a clean shutdown's final flush succeeded (every acknowledged write is durable),
+/// removed at the next start.
+const CLEAN_SHUTDOWN_FILE: &str = "clean-shutdown";
+
+fn write_durably(dir: &std::path::Path, name: &str, content: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut &f, content)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Records that the node stopped cleanly with everything flushed: its next start needs no
+/// power-loss resync even if the machine restarts meanwhile.
+pub fn note_clean_shutdown(data_dir: &std::path::Path) -> std::io::Result<()> {
+    write_durably(data_dir, CLEAN_SHUTDOWN_FILE, b"clean\n")
+}
 
 fn os_boot_id() -> std::io::Result<String> {
     Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?.trim().to_string())
@@ -57,10 +75,17 @@ pub fn note_power_loss(
     let path = data_dir.join(OS_BOOT_ID_FILE);
     let now = os_boot_id().map_err(|e| format!("reading the OS boot id: {e}"))?;
     let last = std::fs::read_to_string(&path).ok().map(|s| s.trim().to_string());
+    let clean_path = data_dir.join(CLEAN_SHUTDOWN_FILE);
+    let clean = clean_path.exists();
     let mut recorded = 0;
-    // No file: a new data directory (nothing dirty) or one from before this check (treated as
-    // a reboot: pulling back what may be stale is the safe side).
-    if last.as_deref() != Some(now.as_str()) {
+    // A resync only when the machine restarted since the last start and the node had not stopped
+    // cleanly. No boot-id file (a new data directory, or one from a version before this check):
+    // no resync — assuming a power loss there would make every node of an upgraded pool wait for
+    // a source none of them can be.
+    if let Some(last) = last
+        && last != now
+        && !clean
+    {
         for volume in store.list_volumes().map_err(|e| e.to_string())? {
             for chunk in store.dirty_chunks(volume).map_err(|e| e.to_string())? {
                 if let Some(state) = store.chunk_state(volume, chunk).map_err(|e| e.to_string())? {
@@ -72,16 +97,15 @@ pub fn note_power_loss(
             }
         }
     }
-    // Durable before the node serves: a later start must compare with this boot.
-    let tmp = data_dir.join(format!("{OS_BOOT_ID_FILE}.tmp"));
-    let write = || -> std::io::Result<()> {
-        let f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut &f, now.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(data_dir)?.sync_all()
-    };
-    write().map_err(|e| format!("{}: {e}", path.display()))?;
+    // Durable before the node serves: a later start must compare with this boot, and must not
+    // take this run's end for a clean one unless it is.
+    write_durably(data_dir, OS_BOOT_ID_FILE, now.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if clean {
+        std::fs::remove_file(&clean_path)
+            .and_then(|_| std::fs::File::open(data_dir)?.sync_all())
+            .map_err(|e| format!("{}: {e}", clean_path.display()))?;
+    }
     Ok(recorded)
 }
 
@@ -100,6 +124,9 @@ pub async fn run(
         }
         if missed.pending(me) > 0 {
             pull_own(&store, &missed, &meta, &connections, me).await;
+            // Its own copies may be the reverted ones: it copies nothing to others until it
+            // has pulled them all back.
+            continue;
         }
         for peer in missed.pending_peers() {
             if peer == me {
@@ -141,6 +168,9 @@ pub async fn run(
     }
 }
 
+/// Rounds of `pull_own` so far: picks which source each chunk is pulled from.
+static PULL_ROUNDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Pulls back, from in-sync replicas, a batch of the chunks this node recorded as missed by itself.
 async fn pull_own(
     store: &Arc<Store>,
@@ -150,8 +180,10 @@ async fn pull_own(
     me: u64,
 ) {
     let mut pulled = 0;
+    let round = PULL_ROUNDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for (volume, chunk, chunk_size, seq) in missed.batch(me, BATCH_CHUNKS) {
         // The in-sync holders of the chunk's PG other than this node; none if the volume is gone.
+        let deleted = meta.read(|s| s.deleted_volumes.contains(&volume));
         let sources: Option<Vec<SocketAddr>> = meta.read(|s| {
             let v = s.volumes.values().find(|v| v.id == volume)?;
             let pg = pg_of(VolumeId::new(volume).ok()?, ChunkIndex(chunk), s.pg_count).0;
@@ -166,13 +198,15 @@ async fn pull_own(
             )
         });
         let Some(sources) = sources else {
-            // A deleted volume: nothing to pull (its chunks are purged with it).
-            if let Err(e) = missed.done(me, volume, chunk, seq) {
+            // A deleted volume: nothing to pull (its chunks are purged with it). A volume this
+            // node's map does not know yet (it is still catching up on the log) waits.
+            if deleted && let Err(e) = missed.done(me, volume, chunk, seq) {
                 tracing::error!("missed-writes log: {e}");
             }
             continue;
         };
-        let Some(addr) = sources.first() else {
+        // Rotate over the sources: one unreachable source must not stall the resync.
+        let Some(addr) = sources.get((chunk as usize + round) % sources.len().max(1)) else {
             tracing::warn!(volume, chunk, "power-loss resync: no in-sync replica to copy from yet");
             continue;
         };
@@ -239,7 +273,9 @@ async fn pull_chunk(
             present_blocks(&present, &data, &crcs).ok_or_else(|| "reply sizes do not match".to_string())?;
         let s = store.clone();
         tokio::task::spawn_blocking(move || {
-            s.install_range(volume, chunk, chunk_size, offset, &present, &kept, &kept_crcs)
+            // Its own fence: a local copy never raises or fails it.
+            let generation = s.highest_generation(volume)?;
+            s.install_range(volume, chunk, chunk_size, offset, &present, &kept, &kept_crcs, generation)
         })
         .await
         .map_err(|e| e.to_string())?
@@ -257,10 +293,12 @@ async fn copy_chunk(
 ) -> Result<(), String> {
     let (volume, chunk, chunk_size) = checked(volume, chunk, size)?;
     let s = store.clone();
-    let (present, reply) = tokio::task::spawn_blocking(move || {
+    let (present, reply, generation) = tokio::task::spawn_blocking(move || {
         let present = s.allocation(volume, chunk, chunk_size, 0, chunk_size.bytes())?;
         let reply = s.read(volume, chunk, chunk_size, 0, chunk_size.bytes())?;
-        Ok::<_, cairn_store::StoreError>((present, reply))
+        // The generation this node accepted: a target fenced by a newer writer refuses the copy.
+        let generation = s.highest_generation(volume)?;
+        Ok::<_, cairn_store::StoreError>((present, reply, generation))
     })
     .await
     .map_err(|e| e.to_string())?
@@ -286,6 +324,7 @@ async fn copy_chunk(
             present: flags.to_vec(),
             crcs,
             data: Bytes::from(data),
+            generation,
         };
         match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
             Ok(Ok(Response::Done)) => {}

@@ -457,12 +457,15 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
         Request::Allocation { volume, chunk, chunk_size, offset, len } => {
             Response::Allocation { present: store.allocation(volume, chunk, chunk_size, offset, len)? }
         }
-        Request::InstallRange { volume, chunk, chunk_size, offset, present, crcs, data } => {
-            store.install_range(volume, chunk, chunk_size, offset, &present, &data, &crcs)?;
+        Request::InstallRange { volume, chunk, chunk_size, offset, present, crcs, data, generation } => {
+            store.install_range(volume, chunk, chunk_size, offset, &present, &data, &crcs, generation)?;
             Response::Done
         }
         Request::Repair { volume, chunk, chunk_size, offset, crcs, data } => {
-            store.repair(volume, chunk, chunk_size, offset, &data, &crcs)?;
+            let rewritten = store.repair(volume, chunk, chunk_size, offset, &data, &crcs)?;
+            if rewritten > 0 {
+                tracing::warn!(volume = %volume, chunk = chunk.0, rewritten, "repaired corrupt blocks from a replica");
+            }
             Response::Done
         }
         Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s, missed_by } => {

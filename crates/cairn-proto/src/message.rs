@@ -111,6 +111,9 @@ pub enum Request {
         present: Vec<bool>,
         crcs: Vec<u32>,
         data: Bytes,
+        /// The sender's writer generation (version 2): refused below the volume's fence, so a
+        /// superseded writer's reconciliation cannot overwrite a newer writer's data.
+        generation: Generation,
     },
     /// Rewrite blocks this node holds corrupt with good copies read elsewhere.
     Repair {

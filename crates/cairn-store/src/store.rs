@@ -521,20 +521,7 @@ impl Store {
         stamp: WriteStamp,
     ) -> Result<(), StoreError> {
         let first_block = check_range(chunk_size, offset, data.len() as u64)?;
-        let blocks = data.len() / BLOCK as usize;
-        if crcs.len() != blocks {
-            return Err(StoreError::InvalidRequest(format!("{} checksums for {blocks} blocks", crcs.len())));
-        }
-        for (i, (block, crc)) in data.chunks_exact(BLOCK as usize).zip(crcs).enumerate() {
-            if crc32c(block) != *crc {
-                return Err(StoreError::Corrupt {
-                    volume,
-                    chunk,
-                    block: first_block + i as u32,
-                    reason: "checksum of received data does not match the writer's".into(),
-                });
-            }
-        }
+        let blocks = check_received(volume, chunk, first_block, data, crcs)?;
         let state = self.volume(volume)?;
         let _fence = self.admit(volume, &state, stamp)?;
         let handle = self
@@ -686,9 +673,9 @@ impl Store {
     }
 
     /// Replaces `[offset, offset + 4 KiB × present.len())` of a chunk with a copy from a peer
-    /// (catch-up): blocks whose entry in `present` is false become holes; `data` holds the present
-    /// blocks only, in order, with their checksums in `crcs`. Carries the generation the node has
-    /// already accepted, so it is never fenced and never raises the fence.
+    /// (catch-up, reconciliation): blocks whose entry in `present` is false become holes; `data`
+    /// holds the present blocks only, in order, with their checksums in `crcs`. Fenced like a write:
+    /// refused if `generation` is below the volume's fence (raised if above).
     #[allow(clippy::too_many_arguments)]
     pub fn install_range(
         &self,
@@ -699,6 +686,7 @@ impl Store {
         present: &[bool],
         data: &[u8],
         crcs: &[u32],
+        generation: Generation,
     ) -> Result<(), StoreError> {
         check_range(chunk_size, offset, present.len() as u64 * BLOCK)?;
         let n_present = present.iter().filter(|p| **p).count();
@@ -707,7 +695,7 @@ impl Store {
                 "chunk install: data does not match the present blocks".into(),
             ));
         }
-        let stamp = WriteStamp { generation: self.highest_generation(volume)?, sequence: 0 };
+        let stamp = WriteStamp { generation, sequence: 0 };
         // Runs of present / absent blocks, each applied as one write or one trim.
         let (mut start, mut data_at, mut crc_at) = (0, 0usize, 0usize);
         while start < present.len() {
@@ -731,8 +719,11 @@ impl Store {
         Ok(())
     }
 
-    /// Rewrites blocks found corrupt here with good copies read from a peer. Like
-    /// [`Store::install_range`] it carries the generation already accepted.
+    /// Rewrites, with good copies read from a peer, the blocks of the range that are corrupt here
+    /// *now*: under the chunk's lock, a block is replaced only if its stored data fails its stored
+    /// checksum (or its table entry is damaged). A block a newer write replaced meanwhile verifies
+    /// and is left alone, so a repair never puts older data over newer. Returns how many blocks
+    /// were rewritten. Never raises the fence and never changes the chunk's version.
     pub fn repair(
         &self,
         volume: VolumeId,
@@ -741,9 +732,49 @@ impl Store {
         offset: u32,
         data: &[u8],
         crcs: &[u32],
-    ) -> Result<(), StoreError> {
+    ) -> Result<u32, StoreError> {
+        let first_block = check_range(chunk_size, offset, data.len() as u64)?;
+        let blocks = check_received(volume, chunk, first_block, data, crcs)?;
+        let state = self.volume(volume)?;
         let stamp = WriteStamp { generation: self.highest_generation(volume)?, sequence: 0 };
-        self.write(volume, chunk, chunk_size, offset, data, crcs, stamp)
+        let _fence = self.admit(volume, &state, stamp)?;
+        let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else { return Ok(0) };
+        let key = (volume, chunk);
+        let mut inner = lock(&handle.inner);
+        let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
+        let table_at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
+        let mut stored = vec![0u8; data.len()];
+        let data_at = format::data_offset(chunk_size) + u64::from(offset);
+        let read_ctx = || format!("reading {}", handle.path.display());
+        self.fault(IoOp::Read)
+            .and_then(|_| handle.file.read_exact_at(&mut table, table_at))
+            .and_then(|_| handle.file.read_exact_at(&mut stored, data_at))
+            .map_err(|e| StoreError::io(read_ctx(), e, Some(key)))?;
+        let damaged: Vec<usize> = table
+            .chunks_exact(TABLE_ENTRY_LEN)
+            .map(TableEntry::decode)
+            .enumerate()
+            .filter(|(i, e)| match e.state {
+                BLOCK_UNWRITTEN => false,
+                BLOCK_DATA => crc32c(&stored[i * BLOCK as usize..(i + 1) * BLOCK as usize]) != e.crc,
+                _ => true,
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if damaged.is_empty() {
+            return Ok(0);
+        }
+        self.begin_mutation(&state, &handle, &mut inner)?;
+        for i in &damaged {
+            let b = &data[i * BLOCK as usize..(i + 1) * BLOCK as usize];
+            self.fault(IoOp::WriteData)
+                .and_then(|_| handle.file.write_all_at(b, data_at + *i as u64 * BLOCK))
+                .map_err(|e| StoreError::io(format!("repairing {}", handle.path.display()), e, Some(key)))?;
+            let mut entry = [0u8; TABLE_ENTRY_LEN];
+            TableEntry::data(crcs[*i]).encode_into(&mut entry);
+            self.write_table(&handle, first_block + *i as u32, &entry, key)?;
+        }
+        Ok(damaged.len() as u32)
     }
 
     /// Reads `len` bytes at `offset` (block aligned). Never-written blocks read as zeros. Every data
@@ -1187,3 +1218,29 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 const _: () = assert!(VOLUME_META_LEN <= BLOCK_SIZE_BYTES as usize);
+
+/// Verifies data received from a peer before anything is stored: one checksum per 4 KiB block,
+/// each matching. Returns the number of blocks.
+fn check_received(
+    volume: VolumeId,
+    chunk: ChunkIndex,
+    first_block: u32,
+    data: &[u8],
+    crcs: &[u32],
+) -> Result<usize, StoreError> {
+    let blocks = data.len() / BLOCK as usize;
+    if crcs.len() != blocks {
+        return Err(StoreError::InvalidRequest(format!("{} checksums for {blocks} blocks", crcs.len())));
+    }
+    for (i, (block, crc)) in data.chunks_exact(BLOCK as usize).zip(crcs).enumerate() {
+        if crc32c(block) != *crc {
+            return Err(StoreError::Corrupt {
+                volume,
+                chunk,
+                block: first_block + i as u32,
+                reason: "checksum of received data does not match the sender's".into(),
+            });
+        }
+    }
+    Ok(blocks)
+}
