@@ -166,7 +166,7 @@ struct Node {
     /// Per PG, when its last recovery pass was asked for.
     /// Per PG, when its last recovery pass was asked for and this node's chunk versions then: a
     /// pull installs only over a copy still at the version it had when the list was asked for.
-    recovering: BTreeMap<u32, (u64, BTreeMap<u64, Version>, Role)>,
+    recovering: BTreeMap<u32, (u64, BTreeMap<u64, Version>, Role, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -250,9 +250,13 @@ enum Msg {
         from: u64,
         pg: u32,
         min_interval: u64,
+        /// Matches the reply to this request (as an RPC connection does: a reply to a request of
+        /// an earlier process of the node must never be taken for the current one's).
+        nonce: u64,
     },
     ListReply {
         pg: u32,
+        nonce: u64,
         copies: Option<BTreeMap<u64, ChunkCopy>>,
     },
     Heartbeat {
@@ -980,11 +984,14 @@ impl World {
                 .filter(|(c, _)| pg_of_chunk(**c, map.pg_count) == pg)
                 .map(|(c, copy)| (*c, copy.version))
                 .collect();
-            n.recovering.insert(pg, (self.now, snapshot, role));
+            self.seq += 1;
+            let nonce = self.seq;
+            let n = self.nodes.get_mut(&id).expect_node();
+            n.recovering.insert(pg, (self.now, snapshot, role, nonce));
             self.send(
                 Ep::Node(id),
                 Ep::Node(source),
-                Msg::List { from: id, pg, min_interval: authority.interval },
+                Msg::List { from: id, pg, min_interval: authority.interval, nonce },
             );
         }
     }
@@ -1117,7 +1124,7 @@ impl World {
                     .collect();
                 self.send(Ep::Node(id), from, Msg::FenceReply { op, node: id, incarnation, views, copies });
             }
-            Msg::List { from: target, pg, min_interval } => {
+            Msg::List { from: target, pg, min_interval, nonce } => {
                 let (known, role) = n.pg_view(pg);
                 let pg_count = n.map.as_ref().map(|m| m.pg_count).unwrap_or(PG_COUNT);
                 // The barrier: a source that knows the target's interval has finished every
@@ -1130,10 +1137,13 @@ impl World {
                         .map(|(c, copy)| (*c, copy.clone()))
                         .collect()
                 });
-                self.send(Ep::Node(id), Ep::Node(target), Msg::ListReply { pg, copies });
+                self.send(Ep::Node(id), Ep::Node(target), Msg::ListReply { pg, nonce, copies });
             }
-            Msg::ListReply { pg, copies } => {
-                let Some((_, mine, asked_as)) = n.recovering.remove(&pg) else { return Ok(()) };
+            Msg::ListReply { pg, nonce, copies } => {
+                if n.recovering.get(&pg).is_none_or(|r| r.3 != nonce) {
+                    return Ok(());
+                }
+                let Some((_, mine, asked_as, _)) = n.recovering.remove(&pg) else { return Ok(()) };
                 let Some(source) = copies else { return Ok(()) };
                 let (_, role) = n.pg_view(pg);
                 if !matches!(role, Role::Receiving | Role::Joining) {
