@@ -309,8 +309,16 @@ impl VolumeClient {
                     let generation = self.meta.open(&self.name).await.map_err(meta_err)?.generation;
                     // Before the first write: no replica accepts the previous writer's mutations
                     // from now on, and the chunks it may have left different are made identical.
-                    self.fence_and_reconcile(generation).await?;
-                    generation
+                    match self.fence_and_reconcile(generation).await {
+                        Ok(()) => generation,
+                        // Two first writers of a shared volume opened at once: the later
+                        // generation fenced this one; a shared writer adopts it.
+                        Err(IoError::Fenced) if self.shared() => {
+                            self.fenced.store(false, Ordering::SeqCst);
+                            self.meta.volume(&self.name).await.map_err(meta_err)?.generation
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             };
             *g = generation;
