@@ -217,6 +217,8 @@ enum Msg {
         op: u64,
         node: u64,
         verdict: Verdict,
+        /// When the node decided (oracle bookkeeping, not protocol).
+        at: u64,
     },
     ReadReply {
         op: u64,
@@ -348,6 +350,8 @@ enum OpPhase {
         pending: BTreeSet<u64>,
         pg: u32,
         new: Version,
+        /// Latest time a member applied this round's mutation (oracle bookkeeping).
+        last_apply: u64,
     },
     Settling {
         pending: BTreeSet<u64>,
@@ -439,6 +443,8 @@ pub struct World {
     acked_floor: BTreeMap<(u64, usize), Vec<(u64, u64)>>,
     healing: bool,
     healed_at_open: bool,
+    /// When each generation's open returned.
+    opened_at: BTreeMap<u64, u64>,
     /// The PG intervals when the final open started.
     open_intervals: Option<Vec<u64>>,
     pub stats: Stats,
@@ -510,6 +516,7 @@ impl World {
             healing: false,
             healed_at_open: false,
             open_intervals: None,
+            opened_at: BTreeMap::new(),
             stats: Stats::default(),
             trace: Vec::new(),
         };
@@ -1026,10 +1033,19 @@ impl World {
                 if verdict == Verdict::UnknownInterval {
                     self.send(Ep::Node(id), Ep::Meta, Msg::MapRequest);
                 }
-                // I3: once a newer writer's open returned, no copy applies an older generation's
-                // mutation (an acknowledgement arriving later is of a write every counted copy
-                // applied before the open fenced them, so the open reconciled it in).
-                if verdict == Verdict::Apply && generation < self.opened_generation {
+                // I3: once a newer writer's open returned, no copy that is counted — in the
+                // metadata and in its own view — applies an older generation's mutation. (A node
+                // the metadata removed, behind a partition with a stale map, may still apply one to
+                // its copy: that copy serves nothing and is recovered before it counts again.)
+                let meta_counted = {
+                    let incarnations = self.meta.incarnations();
+                    self.meta.pg(R, pg).is_some_and(|a| a.counted(&incarnations).contains(&id))
+                };
+                if verdict == Verdict::Apply
+                    && generation < self.opened_generation
+                    && role.counted()
+                    && meta_counted
+                {
                     return Err(format!(
                         "I3: node {id} applied a write of generation {generation} after generation {} was opened",
                         self.opened_generation
@@ -1048,7 +1064,7 @@ impl World {
                         n.touched_at.insert(chunk, interval);
                     }
                 }
-                self.send(Ep::Node(id), from, Msg::Verdict { op, node: id, verdict });
+                self.send(Ep::Node(id), from, Msg::Verdict { op, node: id, verdict, at: self.now });
             }
             Msg::Read { op, pg, interval, chunk } => {
                 let (known, role) = n.pg_view(pg);
@@ -1080,9 +1096,13 @@ impl World {
             }
             Msg::Install { op, pg, interval, generation, chunk, expected, copy } => {
                 let (known, role) = n.pg_view(pg);
+                let meta_counted = {
+                    let incarnations = self.meta.incarnations();
+                    self.meta.pg(R, pg).is_some_and(|a| a.counted(&incarnations).contains(&id))
+                };
                 let result = if generation < n.fence() {
                     InstallResult::Fenced
-                } else if generation < self.opened_generation {
+                } else if generation < self.opened_generation && role.counted() && meta_counted {
                     return Err(format!(
                         "I3: node {id} would install a copy for generation {generation} after generation {} was opened",
                         self.opened_generation
@@ -1411,7 +1431,13 @@ impl World {
         let interval = round.interval;
         self.clients[c].next_seq += 1;
         if let Some(op) = self.clients[c].op.as_mut() {
-            op.phase = OpPhase::Writing { round, pending: targets.iter().copied().collect(), pg, new };
+            op.phase = OpPhase::Writing {
+                round,
+                pending: targets.iter().copied().collect(),
+                pg,
+                new,
+                last_apply: 0,
+            };
         }
         for node in targets {
             let msg = Msg::Write {
@@ -1543,7 +1569,14 @@ impl World {
                     self.wait(c, 5_000);
                 }
             }
-            Msg::Verdict { op, node, verdict } => {
+            Msg::Verdict { op, node, verdict, at } => {
+                if matches!(verdict, Verdict::Apply | Verdict::AlreadyApplied)
+                    && let Some(Op { attempt, phase: OpPhase::Writing { last_apply, .. }, .. }) =
+                        self.clients[c].op.as_mut()
+                    && *attempt == op
+                {
+                    *last_apply = (*last_apply).max(at);
+                }
                 if self.clients[c].op.as_ref().is_some_and(|o| o.attempt == op) {
                     self.on_write_reply(c, node, Reply::Verdict(verdict))?;
                 }
@@ -1573,15 +1606,26 @@ impl World {
 
     fn on_write_reply(&mut self, c: usize, node: u64, reply: Reply) -> Result<(), String> {
         let Some(op) = self.clients[c].op.as_mut() else { return Ok(()) };
-        let OpPhase::Writing { round, pending, pg, new } = &mut op.phase else { return Ok(()) };
+        let OpPhase::Writing { round, pending, pg, new, last_apply } = &mut op.phase else { return Ok(()) };
         pending.remove(&node);
-        let (pg, new) = (*pg, *new);
+        let (pg, new, last_apply) = (*pg, *new, *last_apply);
         let step = round.on_reply(node, reply);
         let OpKind::Write { chunk, ref blocks } = op.kind else { return Ok(()) };
         let blocks = blocks.clone();
         match step {
             Step::Wait => {}
             Step::Acked => {
+                // I3: a write of an older generation is acknowledged only if every apply counted
+                // for it happened before any newer writer's open returned (then that open fenced
+                // and reconciled after it; the acknowledgement merely arrived late).
+                let generation = self.clients[c].generation;
+                if let Some((g, t)) =
+                    self.opened_at.iter().find(|(g, t)| **g > generation && **t < last_apply)
+                {
+                    return Err(format!(
+                        "I3: client {c} acknowledged a write of generation {generation} applied at {last_apply}, after generation {g}'s open returned at {t}"
+                    ));
+                }
                 self.log(format!("client {c}: write to chunk {chunk} acked at {new:?}"));
                 self.stats.writes_acked += 1;
                 for (b, id) in blocks {
@@ -1837,6 +1881,7 @@ impl World {
         self.log(format!("client {c}: open of generation {generation} returned"));
         self.stats.opens += 1;
         self.opened_generation = self.opened_generation.max(generation);
+        self.opened_at.entry(generation).or_insert(self.now);
         if self.healing {
             // Valid only if no PG changed while the open ran (it started on a clean pool).
             self.healed_at_open = self.clean() && self.open_intervals.as_ref() == Some(&self.intervals());
