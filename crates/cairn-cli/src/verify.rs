@@ -11,6 +11,7 @@
 use crate::api::Api;
 use anyhow::{Context, anyhow, bail};
 use cairn_client::NodeConnection;
+use cairn_client::piece::read_piece;
 use cairn_proto::{Request, Response};
 use cairn_types::limits::RPC_IO_MAX_BYTES;
 use cairn_types::placement::pg_of;
@@ -69,19 +70,10 @@ async fn read_copy(
     let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
     let mut copy = Vec::new();
     for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
-        let present =
-            match call(conn, &Request::Allocation { volume, chunk, chunk_size, offset, len: piece }).await? {
-                Response::Allocation { present } => present,
-                other => return Err(format!("unexpected reply {other:?}")),
-            };
-        let crcs = match call(conn, &Request::Read { volume, chunk, chunk_size, offset, len: piece }).await? {
-            Response::Read { crcs, .. } => crcs,
-            other => return Err(format!("unexpected reply {other:?}")),
-        };
-        if crcs.len() != present.len() {
-            return Err("allocation and read disagree on the block count".into());
-        }
-        copy.extend(present.into_iter().zip(crcs).map(|(p, c)| (p, if p { c } else { 0 })));
+        let read =
+            read_piece(|r| async move { call(conn, &r).await }, volume, chunk, chunk_size, offset, piece)
+                .await?;
+        copy.extend(read.present.into_iter().zip(read.crcs).map(|(p, c)| (p, if p { c } else { 0 })));
     }
     Ok(Some(copy))
 }

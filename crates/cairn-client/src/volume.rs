@@ -18,10 +18,10 @@
 
 use crate::connection::ConnectionPool;
 use crate::meta_client::{MetaClient, MetaClientError, NodeState, VolumeInfo};
+use crate::piece::read_piece;
 use bytes::Bytes;
 use cairn_engine::Version;
 use cairn_engine::reconcile::settle;
-use cairn_proto::message::present_blocks;
 use cairn_proto::{Request, Response, RpcError, Stamp};
 use cairn_types::checksum::block_crcs;
 use cairn_types::limits::RPC_IO_MAX_BYTES;
@@ -456,25 +456,17 @@ impl VolumeClient {
         let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
         for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
             let (c, o) = (ChunkIndex(chunk), offset);
-            let alloc = Request::Allocation { volume, chunk: c, chunk_size, offset: o, len: piece };
-            let present = match self.call(from, &alloc).await {
-                Ok(Response::Allocation { present }) => present,
-                other => return Err(fail(from, format!("{other:?}"))),
-            };
-            let read = Request::Read { volume, chunk: c, chunk_size, offset: o, len: piece };
-            let (crcs, data) = match self.call(from, &read).await {
-                Ok(Response::Read { crcs, data }) => (crcs, data),
-                other => return Err(fail(from, format!("{other:?}"))),
-            };
-            let Some((kept, kept_crcs)) = present_blocks(&present, &data, &crcs) else {
-                return Err(fail(from, "reply sizes do not match".into()));
-            };
+            let copy =
+                read_piece(|r| async move { self.call(from, &r).await }, volume, c, chunk_size, o, piece)
+                    .await
+                    .map_err(|e| fail(from, e))?;
+            let (kept, kept_crcs) = copy.present_only();
             let install = Request::InstallRange {
                 volume,
                 chunk: c,
                 chunk_size,
                 offset: o,
-                present,
+                present: copy.present,
                 crcs: kept_crcs,
                 data: kept,
                 generation: Generation(generation),

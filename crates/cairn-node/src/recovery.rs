@@ -18,9 +18,9 @@
 use crate::missed::MissedLog;
 use crate::transport::RpcPeerTransport;
 use bytes::Bytes;
+use cairn_client::piece::read_piece;
 use cairn_client::{ConnectionPool, NodeConnection};
 use cairn_meta::MetaService;
-use cairn_proto::message::present_blocks;
 use cairn_proto::{Request, Response};
 use cairn_store::Store;
 use cairn_types::limits::RPC_IO_MAX_BYTES;
@@ -259,18 +259,9 @@ async fn pull_chunk(
                 Err(_) => Err("timed out".to_string()),
             }
         };
-        let present =
-            match call(Request::Allocation { volume, chunk, chunk_size, offset, len: piece }).await? {
-                Response::Allocation { present } => present,
-                other => return Err(format!("allocation: unexpected reply {other:?}")),
-            };
-        let (crcs, data) = match call(Request::Read { volume, chunk, chunk_size, offset, len: piece }).await?
-        {
-            Response::Read { crcs, data } => (crcs, data),
-            other => return Err(format!("read: unexpected reply {other:?}")),
-        };
-        let (kept, kept_crcs) =
-            present_blocks(&present, &data, &crcs).ok_or_else(|| "reply sizes do not match".to_string())?;
+        let copy = read_piece(call, volume, chunk, chunk_size, offset, piece).await?;
+        let (kept, kept_crcs) = copy.present_only();
+        let present = copy.present;
         let s = store.clone();
         tokio::task::spawn_blocking(move || {
             // Its own fence: a local copy never raises or fails it.

@@ -1,0 +1,54 @@
+//! One range of a chunk read as a copy (for reconciliation, catch-up and verification): which
+//! blocks hold data, with every block's bytes and checksum. Holes stay holes in a copy.
+
+use bytes::Bytes;
+use cairn_proto::message::present_blocks;
+use cairn_proto::{Request, Response};
+use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, VolumeId};
+
+/// A range of a chunk as one node holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// Per block: holds data (else a hole).
+    pub present: Vec<bool>,
+    /// Per block: its checksum (the zero block's for holes).
+    pub crcs: Vec<u32>,
+    /// Every block's bytes.
+    pub data: Bytes,
+}
+
+impl Piece {
+    /// The payload of an `InstallRange` for this piece: the present blocks and their checksums.
+    pub fn present_only(&self) -> (Bytes, Vec<u32>) {
+        // Sizes were checked when the piece was read.
+        present_blocks(&self.present, &self.data, &self.crcs).unwrap_or_default()
+    }
+}
+
+/// Reads `[offset, offset + len)` of a chunk through `call` (one request to one node): its
+/// allocation, then its data. An error reply, an unexpected reply or inconsistent sizes are `Err`.
+pub async fn read_piece<F, Fut>(
+    call: F,
+    volume: VolumeId,
+    chunk: ChunkIndex,
+    chunk_size: ChunkSize,
+    offset: u32,
+    len: u32,
+) -> Result<Piece, String>
+where
+    F: Fn(Request) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, String>>,
+{
+    let present = match call(Request::Allocation { volume, chunk, chunk_size, offset, len }).await? {
+        Response::Allocation { present } => present,
+        other => return Err(format!("allocation: unexpected reply {other:?}")),
+    };
+    let (crcs, data) = match call(Request::Read { volume, chunk, chunk_size, offset, len }).await? {
+        Response::Read { crcs, data } => (crcs, data),
+        other => return Err(format!("read: unexpected reply {other:?}")),
+    };
+    if crcs.len() != present.len() || data.len() != present.len() * BLOCK_SIZE_BYTES as usize {
+        return Err("allocation and read replies do not match in size".into());
+    }
+    Ok(Piece { present, crcs, data })
+}
