@@ -195,6 +195,7 @@ fn run_gateway(
         let exports = std::sync::Arc::new(cairn_nbd::Exports {
             meta: std::sync::Arc::new(meta),
             config: Default::default(),
+            limits: Default::default(),
         });
         let stop = tokio_util::sync::CancellationToken::new();
         let mut tasks = Vec::new();

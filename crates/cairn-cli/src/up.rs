@@ -145,6 +145,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                         join: if k < voters_n { Vec::new() } else { voters.iter().map(|v| v.rpc).collect() },
                         ..MetaSection::default()
                     },
+                    limits: Default::default(),
                 };
                 std::fs::write(&config_path, config.to_toml())
                     .with_context(|| format!("writing {}", config_path.display()))?;

@@ -360,3 +360,223 @@ fn startup_errors_are_one_clear_line() {
     .unwrap();
     check(&second, "already in use");
 }
+
+fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// The largest RSS of `pid` over `window` (sampled every 50 ms): how much a misbehaving client
+/// made it pin. A bound over time, not a wait for a condition.
+fn peak_rss(pid: i32, window: Duration) -> u64 {
+    let end = std::time::Instant::now() + window;
+    let mut peak = 0;
+    while std::time::Instant::now() < end {
+        peak = peak.max(rss_bytes(pid));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    peak
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_pins_at_most_its_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), 1, addr);
+    let text = "in_flight_bytes_max = 16777216\n".to_string() + &std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text).unwrap();
+    let mut node = NodeProcess::start(&config, addr);
+    let c = node.connect().await;
+    let size = ChunkSize::new(4 << 20).unwrap();
+    let data = vec![7u8; 4 << 20];
+    let write = Request::Write {
+        volume: vol(3),
+        chunk: ChunkIndex(0),
+        chunk_size: size,
+        offset: 0,
+        stamp: Stamp { generation: Generation(1), sequence: 1 },
+        crcs: block_crcs(&data),
+        data: Bytes::from(data),
+        missed_by: vec![],
+    };
+    assert_eq!(c.call(&write).await.unwrap(), Response::Done);
+    let before = rss_bytes(node.pid());
+
+    // 200 reads of 4 MiB (800 MiB of replies) on a connection whose replies are never read.
+    let read =
+        Request::Read { volume: vol(3), chunk: ChunkIndex(0), chunk_size: size, offset: 0, len: 4 << 20 };
+    let hello = cairn_proto::message::encode(&cairn_proto::Hello { version_min: 2, version_max: 2 }).unwrap();
+    let mut bytes = raw_frame(1, 0, 0, &hello);
+    for id in 1..=200u64 {
+        bytes.extend_from_slice(&raw_frame(3, 2, id, &cairn_proto::message::encode(&read).unwrap()));
+    }
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(&bytes).unwrap();
+    let peak = peak_rss(node.pid(), Duration::from_secs(3));
+    // The budget is 16 MiB; socket buffers and allocator slack come on top. Without the bound the
+    // node would hold the replies queued for the writer: hundreds of MiB.
+    assert!(peak < before + (96 << 20), "node RSS grew from {} MiB to {} MiB", before >> 20, peak >> 20);
+
+    // Reading now gets every reply: the node was waiting, not stuck.
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut got = BytesMut::new();
+    let mut replies = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while replies < 201 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed after {replies} replies");
+        got.put_slice(&buf[..n]);
+        while let Some(f) = cairn_proto::Frame::decode(&mut got).unwrap() {
+            if f.kind == cairn_proto::FrameKind::Response {
+                let r: Response = cairn_proto::message::decode(&f.body).unwrap();
+                assert!(matches!(&r, Response::Read { data, .. } if data.iter().all(|b| *b == 7)));
+            }
+            replies += 1;
+        }
+    }
+    // The well-behaved client never noticed.
+    assert!(matches!(c.call(&read).await.unwrap(), Response::Read { .. }));
+}
+
+/// Whether the server closes `s` within `within` (EOF or reset) without it sending anything more.
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn connections_are_capped_and_handshakes_time_out_on_every_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), 1, addr);
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "[limits]\nconnections_max = 16\nhandshake_timeout_ms = 1500\n";
+    std::fs::write(&config, text).unwrap();
+    let node = NodeProcess::start(&config, addr);
+    let cfg = cairn_node::config::NodeConfig::load(&config).unwrap();
+    let status = format!("http://{}/v1/status", cfg.http_addr());
+    wait_for("the admin API", Duration::from_secs(30), || {
+        reqwest::blocking::get(&status).ok().filter(|r| r.status().is_success())
+    });
+
+    for (listener, at) in [("rpc", addr), ("nbd", cfg.nbd_addr()), ("http", cfg.http_addr())] {
+        // Sixteen silent connections fill the listener; the seventeenth is closed at once.
+        let mut idle: Vec<std::net::TcpStream> =
+            (0..16).map(|_| std::net::TcpStream::connect(at).unwrap()).collect();
+        // Let the node accept them all before the extra one (accepts are in order).
+        std::thread::sleep(Duration::from_millis(200));
+        let mut extra = std::net::TcpStream::connect(at).unwrap();
+        assert!(closed_within(&mut extra, Duration::from_millis(1000)), "{listener}: 17th connection kept");
+        // None of them finished a handshake: each is closed once the timeout passes.
+        let started = std::time::Instant::now();
+        for s in &mut idle {
+            assert!(closed_within(s, Duration::from_secs(10)), "{listener}: a silent connection was kept");
+        }
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(1000), "{listener}: closed after {took:?}, before the timeout");
+        // A half-sent HTTP request (headers never finished) is closed the same way.
+        if listener == "http" {
+            let mut half = std::net::TcpStream::connect(at).unwrap();
+            half.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n").unwrap();
+            assert!(closed_within(&mut half, Duration::from_secs(10)), "a half-sent request was kept");
+        }
+        // Once they are gone, the listener serves again.
+        wait_for("a free slot", Duration::from_secs(10), || {
+            let mut s = std::net::TcpStream::connect(at).ok()?;
+            (!closed_within(&mut s, Duration::from_millis(300))).then_some(())
+        });
+    }
+    // The API answers JSON errors for bad paths and bodies, and 413 for a body over the limit.
+    let client = reqwest::blocking::Client::new();
+    let base = format!("http://{}", cfg.http_addr());
+    let r = client.get(format!("{base}/v1/nope")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert!(r.json::<serde_json::Value>().unwrap()["error"].is_string());
+    let r = client.post(format!("{base}/v1/nodes/abc/catch-up")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.json::<serde_json::Value>().unwrap()["error"].is_string());
+    let r = client.get(format!("{base}/v1/events?since=x")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.json::<serde_json::Value>().unwrap()["error"].is_string());
+    // (Raw: the node answers from the length alone and closes, so a client still sending the body
+    // would see a broken pipe instead of the answer.)
+    let mut s = std::net::TcpStream::connect(cfg.http_addr()).unwrap();
+    s.write_all(
+        b"POST /v1/volumes HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 104857600\r\n\r\n",
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("{\"error\":"), "{answer}");
+    drop(node);
+}
+
+#[test]
+fn an_nbd_client_that_never_reads_its_replies_pins_at_most_its_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), 1, addr);
+    let node = NodeProcess::start(&config, addr);
+    let cfg = cairn_node::config::NodeConfig::load(&config).unwrap();
+    let client = reqwest::blocking::Client::new();
+    let create = format!("http://{}/v1/volumes", cfg.http_addr());
+    wait_for("the volume to be created", Duration::from_secs(30), || {
+        let body = serde_json::json!({ "name": "v", "size_bytes": 64u64 << 20, "replicas": 1 });
+        client.post(&create).json(&body).send().ok().filter(|r| r.status().as_u16() == 201)
+    });
+    let before = rss_bytes(node.pid());
+
+    // 40 reads of 32 MiB (1.25 GiB of replies) on a connection whose replies are never read.
+    let mut s = std::net::TcpStream::connect(cfg.nbd_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
+    let mut opt = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+    opt.extend_from_slice(&1u32.to_be_bytes()); // EXPORT_NAME
+    opt.extend_from_slice(&1u32.to_be_bytes());
+    opt.push(b'v');
+    s.write_all(&opt).unwrap();
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), 64 << 20);
+    let len: u32 = 32 << 20;
+    for handle in 0..40u64 {
+        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes()); // flags
+        r.extend_from_slice(&0u16.to_be_bytes()); // READ
+        r.extend_from_slice(&handle.to_be_bytes());
+        r.extend_from_slice(&((handle % 2) * u64::from(len)).to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        s.write_all(&r).unwrap();
+    }
+    let peak = peak_rss(node.pid(), Duration::from_secs(4));
+    // The budget is 128 MiB per connection; the volume client's buffers come on top. Without the
+    // bound the queued replies alone would be 1.25 GiB.
+    assert!(peak < before + (320 << 20), "node RSS grew from {} MiB to {} MiB", before >> 20, peak >> 20);
+    // Reading now gets every reply (zeros: nothing was written).
+    let mut reply = vec![0u8; 16 + len as usize];
+    for _ in 0..40 {
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0, "read failed");
+        assert!(reply[16..].iter().all(|b| *b == 0));
+    }
+    drop(node);
+}

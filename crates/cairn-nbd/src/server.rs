@@ -19,11 +19,35 @@ pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
 /// Payload bytes in flight per connection: four maximal requests.
 pub const IN_FLIGHT_BYTES_MAX: u32 = 4 * PAYLOAD_MAX;
 
+/// How long one reply may take to be written: a client that stops reading its replies for this
+/// long is cut off (its requests' permits would otherwise stay pinned).
+const REPLY_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A request's slot and byte permits, held until its reply is written.
+type Permits = (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit);
+
+/// Limits of one NBD listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Connections served at once; a connection beyond it is accepted and closed at once (so the
+    /// client sees a clean end instead of waiting in the backlog), and logged.
+    pub connections_max: usize,
+    /// How long a client may take from connecting to choosing its export.
+    pub handshake_timeout: std::time::Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits { connections_max: 1024, handshake_timeout: std::time::Duration::from_secs(10) }
+    }
+}
+
 /// The volumes a server exports: every volume of the pool, by name.
 #[derive(Debug)]
 pub struct Exports {
     pub meta: Arc<MetaClient>,
     pub config: ClientConfig,
+    pub limits: ServerLimits,
 }
 
 impl Exports {
@@ -63,17 +87,32 @@ where
     Fut: std::future::Future<Output = std::io::Result<S>>,
 {
     let tracker = TaskTracker::new();
+    let connections = Arc::new(Semaphore::new(exports.limits.connections_max));
+    let mut refused: u64 = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             accepted = accept() => match accepted {
                 Ok(stream) => {
+                    let Ok(slot) = connections.clone().try_acquire_owned() else {
+                        // Dropping the stream closes it. Logged for the first and every 1000th.
+                        if refused.is_multiple_of(1000) {
+                            tracing::warn!(
+                                "NBD connection refused: {} connections already open (connections_max); {} refused so far",
+                                exports.limits.connections_max,
+                                refused + 1
+                            );
+                        }
+                        refused += 1;
+                        continue;
+                    };
                     let exports = exports.clone();
                     let stop = stop.clone();
                     tracker.spawn(async move {
                         if let Err(e) = serve_connection(stream, exports, stop).await {
                             tracing::info!("NBD connection closed: {e}");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -137,6 +176,31 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut r, mut w) = tokio::io::split(stream);
+    let limit = exports.limits.handshake_timeout;
+    let negotiated = match tokio::time::timeout(limit, handshake(&mut r, &mut w, &exports)).await {
+        Ok(n) => n?,
+        Err(_) => {
+            return Err(NbdError::Protocol(format!(
+                "handshake not finished within {} s (handshake_timeout)",
+                limit.as_secs_f64()
+            )));
+        }
+    };
+    let Some((client, structured, meta_context)) = negotiated else { return Ok(()) };
+    transmit(r, w, client, structured, meta_context, stop).await
+}
+
+/// The option haggling phase: the volume the client chose, whether it asked for structured replies
+/// and the `base:allocation` context, or `None` if it aborted.
+async fn handshake<R, W>(
+    r: &mut R,
+    w: &mut W,
+    exports: &Exports,
+) -> Result<Option<(Arc<VolumeClient>, bool, bool)>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     w.write_all(&NBDMAGIC.to_be_bytes()).await?;
     w.write_all(&IHAVEOPT.to_be_bytes()).await?;
     w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes()).await?;
@@ -176,12 +240,12 @@ where
                 break client;
             }
             OPT_ABORT => {
-                option_reply(&mut w, opt, REP_ACK, &[]).await?;
-                return Ok(());
+                option_reply(w, opt, REP_ACK, &[]).await?;
+                return Ok(None);
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    option_reply(&mut w, opt, REP_ERR_INVALID, b"LIST takes no data").await?;
+                    option_reply(w, opt, REP_ERR_INVALID, b"LIST takes no data").await?;
                     continue;
                 }
                 match exports.list().await {
@@ -189,73 +253,68 @@ where
                         for name in names {
                             let mut d = (name.len() as u32).to_be_bytes().to_vec();
                             d.extend_from_slice(name.as_bytes());
-                            option_reply(&mut w, opt, REP_SERVER, &d).await?;
+                            option_reply(w, opt, REP_SERVER, &d).await?;
                         }
-                        option_reply(&mut w, opt, REP_ACK, &[]).await?;
+                        option_reply(w, opt, REP_ACK, &[]).await?;
                     }
-                    Err(e) => option_reply(&mut w, opt, REP_ERR_UNSUP, e.as_bytes()).await?,
+                    Err(e) => option_reply(w, opt, REP_ERR_UNSUP, e.as_bytes()).await?,
                 }
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    option_reply(&mut w, opt, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data").await?;
+                    option_reply(w, opt, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data").await?;
                     continue;
                 }
                 structured = true;
-                option_reply(&mut w, opt, REP_ACK, &[]).await?;
+                option_reply(w, opt, REP_ACK, &[]).await?;
             }
             OPT_INFO | OPT_GO => {
                 let parsed = parse_info_request(&data);
                 let Some((name, requests)) = parsed else {
-                    option_reply(&mut w, opt, REP_ERR_INVALID, b"malformed INFO/GO request").await?;
+                    option_reply(w, opt, REP_ERR_INVALID, b"malformed INFO/GO request").await?;
                     continue;
                 };
                 let client = match exports.open(&name).await {
                     Ok(Some(c)) => c,
                     Ok(None) => {
-                        option_reply(
-                            &mut w,
-                            opt,
-                            REP_ERR_UNKNOWN,
-                            format!("no volume named {name:?}").as_bytes(),
-                        )
-                        .await?;
+                        option_reply(w, opt, REP_ERR_UNKNOWN, format!("no volume named {name:?}").as_bytes())
+                            .await?;
                         continue;
                     }
                     Err(e) => {
-                        option_reply(&mut w, opt, REP_ERR_UNSUP, e.as_bytes()).await?;
+                        option_reply(w, opt, REP_ERR_UNSUP, e.as_bytes()).await?;
                         continue;
                     }
                 };
                 let mut d = INFO_EXPORT.to_be_bytes().to_vec();
                 d.extend_from_slice(&client.size_bytes().to_be_bytes());
                 d.extend_from_slice(&transmission_flags(client.shared()).to_be_bytes());
-                option_reply(&mut w, opt, REP_INFO, &d).await?;
+                option_reply(w, opt, REP_INFO, &d).await?;
                 if requests.contains(&INFO_NAME) {
                     let mut d = INFO_NAME.to_be_bytes().to_vec();
                     d.extend_from_slice(name.as_bytes());
-                    option_reply(&mut w, opt, REP_INFO, &d).await?;
+                    option_reply(w, opt, REP_INFO, &d).await?;
                 }
                 if requests.contains(&INFO_BLOCK_SIZE) {
                     let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
                     for v in [BLOCK_SIZE_MIN, BLOCK_SIZE_PREFERRED, PAYLOAD_MAX] {
                         d.extend_from_slice(&v.to_be_bytes());
                     }
-                    option_reply(&mut w, opt, REP_INFO, &d).await?;
+                    option_reply(w, opt, REP_INFO, &d).await?;
                 }
-                option_reply(&mut w, opt, REP_ACK, &[]).await?;
+                option_reply(w, opt, REP_ACK, &[]).await?;
                 if opt == OPT_GO {
                     break client;
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 if opt == OPT_SET_META_CONTEXT && !structured {
-                    option_reply(&mut w, opt, REP_ERR_INVALID, b"negotiate structured replies first").await?;
+                    option_reply(w, opt, REP_ERR_INVALID, b"negotiate structured replies first").await?;
                     continue;
                 }
                 let parsed = parse_meta_context_request(&data).map(|(_, queries)| queries);
                 let Some(queries) = parsed else {
-                    option_reply(&mut w, opt, REP_ERR_INVALID, b"malformed meta context request").await?;
+                    option_reply(w, opt, REP_ERR_INVALID, b"malformed meta context request").await?;
                     continue;
                 };
                 let matched = if opt == OPT_LIST_META_CONTEXT && queries.is_empty() {
@@ -268,25 +327,20 @@ where
                 if matched {
                     let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
                     d.extend_from_slice(BASE_ALLOCATION.as_bytes());
-                    option_reply(&mut w, opt, REP_META_CONTEXT, &d).await?;
+                    option_reply(w, opt, REP_META_CONTEXT, &d).await?;
                 }
                 if opt == OPT_SET_META_CONTEXT {
                     meta_context = matched;
                 }
-                option_reply(&mut w, opt, REP_ACK, &[]).await?;
+                option_reply(w, opt, REP_ACK, &[]).await?;
             }
             other => {
-                option_reply(
-                    &mut w,
-                    other,
-                    REP_ERR_UNSUP,
-                    format!("option {other} is not supported").as_bytes(),
-                )
-                .await?;
+                option_reply(w, other, REP_ERR_UNSUP, format!("option {other} is not supported").as_bytes())
+                    .await?;
             }
         }
     };
-    transmit(r, w, client, structured, meta_context, stop).await
+    Ok(Some((client, structured, meta_context)))
 }
 
 fn errno(e: &IoError) -> u32 {
@@ -343,10 +397,15 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let size = client.size_bytes();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(REQUESTS_IN_FLIGHT_MAX);
+    // Each queued reply carries its request's slot and byte permits, released once it is written:
+    // a client that sends requests but never reads replies stops being read from (the limits
+    // bound what it pins), and one that stops reading for REPLY_WRITE_TIMEOUT is cut off.
+    let (tx, mut rx) = mpsc::channel::<(Vec<u8>, Option<Permits>)>(REQUESTS_IN_FLIGHT_MAX);
     let writer = tokio::spawn(async move {
-        while let Some(buf) = rx.recv().await {
-            if w.write_all(&buf).await.is_err() {
+        while let Some((buf, permits)) = rx.recv().await {
+            let written = tokio::time::timeout(REPLY_WRITE_TIMEOUT, w.write_all(&buf)).await;
+            drop(permits);
+            if !matches!(written, Ok(Ok(()))) {
                 while rx.recv().await.is_some() {}
                 return;
             }
@@ -384,7 +443,8 @@ where
                             break Err(NbdError::Io(e));
                         }
                     }
-                    let _ = tx.send(error_reply(h.handle, e, "invalid request", structured_read)).await;
+                    let _ =
+                        tx.send((error_reply(h.handle, e, "invalid request", structured_read), None)).await;
                     continue;
                 }
             }
@@ -406,8 +466,7 @@ where
         let tx = tx.clone();
         tracker.spawn(async move {
             let reply = execute(&client, h, payload, structured_read).await;
-            let _ = tx.send(reply).await;
-            drop((slot, budget));
+            let _ = tx.send((reply, Some((slot, budget)))).await;
         });
     };
     // Finish the requests already started (NBD_CMD_DISC requires it), then close.

@@ -27,6 +27,15 @@
 //! join = ["127.0.0.1:7400"]
 //! # A node silent this long is marked down (default 5000, at least 1000).
 //! down_after_ms = 5000
+//!
+//! [limits]
+//! # Connections each listener (node RPC, NBD, admin HTTP) serves at once (default 1024); one
+//! # beyond it is closed at once. The node raises its open-file limit to fit them.
+//! connections_max = 1024
+//! # How long a new connection may take to finish its handshake: the RPC hello, the NBD option
+//! # haggling, an HTTP request's head (also the most an HTTP connection may stay idle between
+//! # requests) (default 10000, at least 100).
+//! handshake_timeout_ms = 10000
 //! ```
 //!
 //! Without `voters` or `join` the node forms a one-node pool of its own. Unknown keys are errors, so
@@ -62,6 +71,41 @@ pub struct NodeConfig {
     pub in_flight_bytes_max: u64,
     #[serde(default)]
     pub meta: MetaSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// The `[limits]` section: bounds on connections.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    #[serde(default = "default_connections_max")]
+    pub connections_max: usize,
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            connections_max: default_connections_max(),
+            handshake_timeout_ms: default_handshake_timeout(),
+        }
+    }
+}
+
+impl LimitsSection {
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+fn default_connections_max() -> usize {
+    1024
+}
+
+fn default_handshake_timeout() -> u64 {
+    10_000
 }
 
 /// The `[meta]` section.
@@ -113,8 +157,9 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// `addr` with its port raised by `by`; ports past 65535 are refused when the file is loaded.
 fn offset(addr: SocketAddr, by: u16) -> SocketAddr {
-    SocketAddr::new(addr.ip(), addr.port().wrapping_add(by))
+    SocketAddr::new(addr.ip(), addr.port().saturating_add(by))
 }
 
 fn quote(s: &str) -> String {
@@ -140,6 +185,23 @@ impl NodeConfig {
         }
         if config.in_flight_bytes_max < IN_FLIGHT_BYTES_MIN {
             return Err(invalid(format!("in_flight_bytes_max must be at least {IN_FLIGHT_BYTES_MIN}")));
+        }
+        for (derived, by, given) in
+            [("http_listen_addr", 2, config.http_listen_addr), ("nbd_listen_addr", 1, config.nbd_listen_addr)]
+        {
+            if given.is_none() && config.rpc_listen_addr.port().checked_add(by).is_none() {
+                return Err(invalid(format!(
+                    "rpc_listen_addr port {} leaves no room for the default {derived} (RPC port + {by}); \
+                     give {derived} or a lower RPC port",
+                    config.rpc_listen_addr.port()
+                )));
+            }
+        }
+        if config.limits.connections_max == 0 {
+            return Err(invalid("limits.connections_max must be at least 1".into()));
+        }
+        if config.limits.handshake_timeout_ms < 100 {
+            return Err(invalid("limits.handshake_timeout_ms must be at least 100".into()));
         }
         if config.meta.down_after_ms < 1000 {
             return Err(invalid("meta.down_after_ms must be at least 1000".into()));
@@ -209,7 +271,12 @@ impl NodeConfig {
              # RPC addresses of members to join (nodes added to a running pool).\n\
              join = [{}]\n\
              # A node silent this long is marked down.\n\
-             down_after_ms = {}\n",
+             down_after_ms = {}\n\
+             \n\
+             [limits]\n\
+             # Connections each listener serves at once; how long a handshake may take.\n\
+             connections_max = {}\n\
+             handshake_timeout_ms = {}\n",
             self.node_id,
             quote(&self.data_dir.display().to_string()),
             self.rpc_listen_addr,
@@ -218,6 +285,8 @@ impl NodeConfig {
             voters.concat(),
             join.join(", "),
             self.meta.down_after_ms,
+            self.limits.connections_max,
+            self.limits.handshake_timeout_ms,
         )
     }
 }
@@ -258,6 +327,11 @@ mod tests {
             (format!("{base}colour = 1\n"), "colour"),
             (format!("{base}in_flight_bytes_max = 5\n"), "at least"),
             (format!("{base}[meta]\ndown_after_ms = 10\n"), "down_after_ms"),
+            (format!("{base}[limits]\nconnections_max = 0\n"), "connections_max"),
+            (
+                "node_id = 1\ndata_dir = \"/x\"\nrpc_listen_addr = \"127.0.0.1:65535\"\n".to_string(),
+                "no room",
+            ),
             (
                 format!(
                     "{base}[meta]\nvoters = [{{ id = 1, rpc = \"127.0.0.1:1\", http = \"127.0.0.1:2\", nbd = \"127.0.0.1:3\" }}, {{ id = 2, rpc = \"127.0.0.1:1\", http = \"127.0.0.1:2\", nbd = \"127.0.0.1:3\" }}]\n"
@@ -293,6 +367,7 @@ mod tests {
                 join: vec!["127.0.0.1:9".parse().unwrap()],
                 down_after_ms: 3000,
             },
+            limits: LimitsSection { connections_max: 7, handshake_timeout_ms: 500 },
         };
         let path = dir.path().join("node.toml");
         std::fs::write(&path, c.to_toml()).unwrap();
@@ -303,5 +378,6 @@ mod tests {
         assert_eq!(back.meta.voters, c.meta.voters);
         assert_eq!(back.meta.join, c.meta.join);
         assert_eq!(back.meta.down_after_ms, 3000);
+        assert_eq!(back.limits, c.limits);
     }
 }

@@ -16,8 +16,9 @@
 //!
 //! Everything but `/v1/status` is answered by the leader after confirming its leadership with a
 //! quorum (reads see every earlier write). A follower answers `307 Temporary Redirect` to the same
-//! path on the leader. Errors are `{"error": "message"}` with 400 (bad input), 404 (unknown volume),
-//! 409 (name taken), 503 (no leader or no quorum) or 500.
+//! path on the leader. Errors are `{"error": "message"}` with 400 (bad input), 404 (unknown volume or path),
+//! 408 (request not done in 30 s), 409 (name taken), 413 (body over 64 KiB), 503 (no leader or no
+//! quorum) or 500.
 
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri, header};
@@ -53,7 +54,42 @@ pub fn router(meta: Meta, local_requests: Arc<AtomicU64>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/pgs", get(pgs))
         .route("/v1/nodes/{id}/catch-up", post(catch_up))
+        .fallback(|uri: Uri| async move {
+            ApiError::new(StatusCode::NOT_FOUND, format!("no such API path: {}", uri.path()))
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this path")
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_MAX_BYTES))
+        .layer(axum::middleware::from_fn(bounded))
         .with_state(meta)
+}
+
+/// Largest request body accepted: requests are small JSON documents.
+pub const BODY_MAX_BYTES: usize = 64 * 1024;
+/// Longest a request may take, its body included (a proposal waits at most 5 s for a quorum).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Refuses a body announced larger than [`BODY_MAX_BYTES`] before reading it (413), and answers
+/// 408 to a request not done within [`REQUEST_TIMEOUT`] (a body sent slowly, say).
+async fn bounded(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = announced.filter(|l| *l > BODY_MAX_BYTES as u64) {
+        let message = format!("request body of {len} bytes exceeds the limit of {BODY_MAX_BYTES}");
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request not completed within {} s", REQUEST_TIMEOUT.as_secs()),
+        )
+        .into_response(),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -321,7 +357,7 @@ async fn create_volume(
     uri: Uri,
     body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let command = Command::CreateVolume {
         name: req.name,
         size_bytes: req.size_bytes,
@@ -355,7 +391,7 @@ async fn resize_volume(
     Path(name): Path<String>,
     body: Result<Json<Resize>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Volume>, ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let command = Command::ResizeVolume {
         name,
         size_bytes: req.size_bytes,
@@ -381,8 +417,9 @@ struct Since {
 async fn events(
     State(meta): State<Meta>,
     uri: Uri,
-    Query(q): Query<Since>,
+    q: Result<Query<Since>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<cairn_meta::Event>>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     lead(&meta, &uri).await?;
     Ok(Json(meta.state().events_since(q.since.unwrap_or(0))))
 }
@@ -408,12 +445,79 @@ async fn pgs(State(meta): State<Meta>, uri: Uri) -> Result<Json<PgTableJson>, Ap
 async fn catch_up(
     State(meta): State<Meta>,
     uri: Uri,
-    Path(id): Path<u64>,
+    id: Result<Path<u64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     if !meta.is_leader() {
         lead(&meta, &uri).await?;
     }
     let command = Command::SetCatchingUp { id, catching_up: true, time_ms: now_ms() };
     meta.propose(command).await.map_err(|e| map_error(e, &uri))?;
     Ok(Json(serde_json::json!({ "id": id, "catching_up": true })))
+}
+
+/// Serves the API on `listener` until `stop`: at most `limits.connections_max` connections at
+/// once (one beyond it is closed at once), and a connection that does not send a complete request
+/// head within `limits.handshake_timeout_ms` — a half-sent request, or an idle keep-alive
+/// connection — is closed. On `stop`, idle connections close and requests in progress finish
+/// (bounded by 10 s).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: crate::config::LimitsSection,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let tracker = tokio_util::task::TaskTracker::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let mut refused: u64 = 0;
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("HTTP accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            if refused.is_multiple_of(1000) {
+                tracing::warn!(
+                    %remote,
+                    "HTTP connection refused: {} connections already open (limits.connections_max); {} refused so far",
+                    limits.connections_max,
+                    refused + 1
+                );
+            }
+            refused += 1;
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.handshake_timeout());
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let outcome = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(std::time::Duration::from_secs(10), conn.as_mut())
+                        .await
+                        .unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = outcome {
+                tracing::debug!(%remote, "HTTP connection closed: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tracker.wait()).await;
 }

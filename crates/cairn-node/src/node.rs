@@ -56,6 +56,7 @@ fn node_addr(m: &crate::config::Member) -> NodeAddr {
 impl Node {
     /// Starts every part of the node and joins or forms the pool its configuration names.
     pub async fn start(config: &NodeConfig) -> Result<Node, NodeError> {
+        reserve_files(config);
         let store_config = StoreConfig { open_files_max: config.open_files_max };
         let dir = config.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&dir, store_config))
@@ -181,11 +182,9 @@ impl Node {
         });
         let app =
             crate::http::router(meta.clone() as Arc<dyn cairn_meta::MetadataStore>, local.requests.clone());
+        let limits = config.limits;
         let http_task = tokio::spawn(async move {
-            let served = axum::serve(http_listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-            if let Err(e) = served {
-                tracing::error!("admin HTTP API stopped: {e}");
-            }
+            crate::http::serve(http_listener, app, limits, stop).await;
         });
         // The NBD server reaches the metadata through the admin API: this node's first, then the
         // voters' (the same path the gateway on a hypervisor host takes).
@@ -201,6 +200,10 @@ impl Node {
             config: cairn_client::ClientConfig {
                 local: Some(local),
                 ..cairn_client::ClientConfig::default()
+            },
+            limits: cairn_nbd::server::ServerLimits {
+                connections_max: config.limits.connections_max,
+                handshake_timeout: config.limits.handshake_timeout(),
             },
         });
         let nbd_stop = CancellationToken::new();
@@ -260,5 +263,34 @@ impl Node {
             context: format!("recording a clean shutdown in {}", self.data_dir.display()),
             source: e,
         })
+    }
+}
+
+/// File descriptors the node needs at most besides its connections: metadata files, sockets to
+/// peers, logs, the blocking pool's transient files.
+const FILES_RESERVED: u64 = 512;
+
+/// Raises the open-file limit to its hard maximum and says so if the configured limits do not fit
+/// under it: three listeners of `connections_max` each, `open_files_max` chunk files and a reserve,
+/// so that a flood of connections is refused by the caps before accept fails for lack of files.
+fn reserve_files(config: &NodeConfig) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let Some(hard) = limit.maximum
+        && limit.current != Some(hard)
+    {
+        limit.current = Some(hard);
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!("cannot raise the open-file limit to {hard}: {e}");
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current;
+    let needed = 3 * config.limits.connections_max as u64 + config.open_files_max as u64 + FILES_RESERVED;
+    if let Some(soft) = soft.filter(|s| *s < needed) {
+        tracing::warn!(
+            "the open-file limit ({soft}) is below what the configured limits need ({needed} = 3 × \
+             limits.connections_max + open_files_max + {FILES_RESERVED}): lower them or raise the limit \
+             (ulimit -n / LimitNOFILE=)"
+        );
     }
 }

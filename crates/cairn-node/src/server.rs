@@ -34,13 +34,20 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long a new connection may take to send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for requests already started before flushing and exiting anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-/// Replies queued for a connection's writer. Each holds its request's byte permits, so the byte
-/// budget, not this count, bounds memory; the count only bounds the queue's bookkeeping.
+/// Replies queued for a connection's writer. Each holds its request's byte permits until the
+/// writer has written it to the socket, so the byte budget, not this count, bounds memory (a
+/// client that never reads its replies stops being read from); the count only bounds the queue's
+/// bookkeeping.
 const REPLIES_QUEUED_MAX: usize = 256;
+
+/// How long one reply may take to be written: a peer that stops reading for this long is cut off
+/// (its requests' byte permits would otherwise stay pinned forever).
+const REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A reply on its way to the socket, with the byte permits of its request (released once written).
+type Queued = (BytesMut, Option<tokio::sync::OwnedSemaphorePermit>);
 
 /// Handles metadata peer messages (`Request::Peer`): body in, body out.
 pub type PeerHandler = Arc<
@@ -116,7 +123,11 @@ impl RunningNode {
             .local_addr()
             .map_err(|source| NodeError::Listen { addr: config.rpc_listen_addr, source })?;
         let shutdown = CancellationToken::new();
-        let limits = Limits { in_flight_bytes_max: config.in_flight_bytes_max };
+        let limits = Limits {
+            in_flight_bytes_max: config.in_flight_bytes_max,
+            connections_max: config.limits.connections_max,
+            hello_timeout: config.limits.handshake_timeout(),
+        };
         let task = tokio::spawn(serve(listener, store, limits, shutdown.clone(), peer));
         Ok(RunningNode { rpc_addr, shutdown, task })
     }
@@ -136,6 +147,8 @@ impl RunningNode {
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     in_flight_bytes_max: u64,
+    connections_max: usize,
+    hello_timeout: Duration,
 }
 
 async fn serve(
@@ -146,11 +159,26 @@ async fn serve(
     peer: PeerSlot,
 ) -> Result<(), StoreError> {
     let tracker = TaskTracker::new();
+    let connections = Arc::new(Semaphore::new(limits.connections_max));
+    let mut refused: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
+                    let Ok(slot) = connections.clone().try_acquire_owned() else {
+                        // Dropping the stream closes it. Logged for the first and every 1000th.
+                        if refused.is_multiple_of(1000) {
+                            tracing::warn!(
+                                %remote,
+                                "RPC connection refused: {} connections already open (limits.connections_max); {} refused so far",
+                                limits.connections_max,
+                                refused + 1
+                            );
+                        }
+                        refused += 1;
+                        continue;
+                    };
                     let store = store.clone();
                     let shutdown = shutdown.clone();
                     let conn_tracker = tracker.clone();
@@ -160,6 +188,7 @@ async fn serve(
                             Ok(()) | Err(ConnError::Closed) => tracing::debug!(%remote, "connection closed"),
                             Err(e) => tracing::info!(%remote, "connection closed: {e}"),
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -220,7 +249,7 @@ async fn serve_connection(
     let mut frames = FramedRead::new(read, FrameCodec);
 
     // Hello: agree on a version or refuse.
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, frames.next())
+    let hello = tokio::time::timeout(limits.hello_timeout, frames.next())
         .await
         .map_err(|_| ConnError::Protocol("no hello within the timeout".into()))?
         .ok_or(ConnError::Closed)??;
@@ -247,10 +276,12 @@ async fn serve_connection(
         )));
     };
 
-    let (replies, mut queue) = mpsc::channel::<BytesMut>(REPLIES_QUEUED_MAX);
+    let (replies, mut queue) = mpsc::channel::<Queued>(REPLIES_QUEUED_MAX);
     let writer = tokio::spawn(async move {
-        while let Some(buf) = queue.recv().await {
-            if write.write_all(&buf).await.is_err() {
+        while let Some((buf, permit)) = queue.recv().await {
+            let written = tokio::time::timeout(REPLY_WRITE_TIMEOUT, write.write_all(&buf)).await;
+            drop(permit);
+            if !matches!(written, Ok(Ok(()))) {
                 // The peer is gone; the reader notices too. Drain so senders never block.
                 while queue.recv().await.is_some() {}
                 return;
@@ -283,6 +314,7 @@ async fn serve_connection(
                     version,
                     id,
                     Response::Error(RpcError::InvalidRequest { message: e.to_string() }),
+                    None,
                 )
                 .await;
                 continue;
@@ -293,7 +325,8 @@ async fn serve_connection(
                 "request of {} bytes exceeds the limit of {RPC_IO_MAX_BYTES}",
                 request.payload_bytes()
             );
-            send_response(&replies, version, id, Response::Error(RpcError::InvalidRequest { message })).await;
+            let response = Response::Error(RpcError::InvalidRequest { message });
+            send_response(&replies, version, id, response, None).await;
             continue;
         }
         let cost =
@@ -320,8 +353,7 @@ async fn serve_connection(
                 },
                 request => handle(store, peer, request).await,
             };
-            send_response(&replies, version, id, response).await;
-            drop(permit);
+            send_response(&replies, version, id, response, Some(permit)).await;
         });
     };
     drop(replies);
@@ -330,7 +362,13 @@ async fn serve_connection(
     result
 }
 
-async fn send_response(replies: &mpsc::Sender<BytesMut>, version: u16, id: u64, response: Response) {
+async fn send_response(
+    replies: &mpsc::Sender<Queued>,
+    version: u16,
+    id: u64,
+    response: Response,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
     let body = match encode(&response) {
         Ok(b) => b,
         Err(e) => {
@@ -339,7 +377,7 @@ async fn send_response(replies: &mpsc::Sender<BytesMut>, version: u16, id: u64, 
         }
     };
     // If the writer is gone the connection is closing; the reply has nowhere to go.
-    let _ = replies.send(encode_frame(version, FrameKind::Response, id, body)).await;
+    let _ = replies.send((encode_frame(version, FrameKind::Response, id, body), permit)).await;
 }
 
 /// This node as seen by a volume client running inside it (its NBD server).
