@@ -528,11 +528,28 @@ fn connections_are_capped_and_handshakes_time_out_on_every_listener() {
     drop(node);
 }
 
-#[test]
-fn an_nbd_client_that_never_reads_its_replies_pins_at_most_its_byte_budget() {
-    let dir = tempfile::tempdir().unwrap();
+/// An NBD connection past the handshake (EXPORT_NAME) to volume `name` of `size` bytes.
+fn nbd_open(at: std::net::SocketAddr, name: &str, size: u64) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(at).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
+    let mut opt = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+    opt.extend_from_slice(&1u32.to_be_bytes()); // EXPORT_NAME
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name.as_bytes());
+    s.write_all(&opt).unwrap();
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), size);
+    s
+}
+
+/// Starts a one-node pool with volume "v" (64 MiB, one replica); returns it and its config.
+fn node_with_volume(dir: &std::path::Path) -> (NodeProcess, cairn_node::config::NodeConfig) {
     let addr = free_addr();
-    let config = write_config(dir.path(), 1, addr);
+    let config = write_config(dir, 1, addr);
     let node = NodeProcess::start(&config, addr);
     let cfg = cairn_node::config::NodeConfig::load(&config).unwrap();
     let client = reqwest::blocking::Client::new();
@@ -541,22 +558,40 @@ fn an_nbd_client_that_never_reads_its_replies_pins_at_most_its_byte_budget() {
         let body = serde_json::json!({ "name": "v", "size_bytes": 64u64 << 20, "replicas": 1 });
         client.post(&create).json(&body).send().ok().filter(|r| r.status().as_u16() == 201)
     });
+    (node, cfg)
+}
+
+fn status_counter(cfg: &cairn_node::config::NodeConfig, name: &str) -> u64 {
+    let url = format!("http://{}/v1/status", cfg.http_addr());
+    let v: serde_json::Value = reqwest::blocking::get(url).unwrap().json().unwrap();
+    v[name].as_u64().unwrap()
+}
+
+#[test]
+fn idle_nbd_connections_cost_the_metadata_almost_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, cfg) = node_with_volume(dir.path());
+    let conns: Vec<std::net::TcpStream> = (0..50).map(|_| nbd_open(cfg.nbd_addr(), "v", 64 << 20)).collect();
+    let before = status_counter(&cfg, "nbd_meta_requests");
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(3)); // the window measured, not a wait for a condition
+    let sent = status_counter(&cfg, "nbd_meta_requests") - before;
+    let secs = started.elapsed().as_secs_f64();
+    // Shared by all connections: the pool view (2 requests) once a second, the volume once per
+    // metadata change. Per connection it would be 3 requests a second each: 450.
+    assert!(sent as f64 <= 4.0 * secs + 4.0, "{sent} admin requests in {secs:.1} s for 50 idle connections");
+    drop(conns);
+    drop(node);
+}
+
+#[test]
+fn an_nbd_client_that_never_reads_its_replies_pins_at_most_its_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, cfg) = node_with_volume(dir.path());
     let before = rss_bytes(node.pid());
 
     // 40 reads of 32 MiB (1.25 GiB of replies) on a connection whose replies are never read.
-    let mut s = std::net::TcpStream::connect(cfg.nbd_addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).unwrap();
-    s.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
-    let mut opt = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-    opt.extend_from_slice(&1u32.to_be_bytes()); // EXPORT_NAME
-    opt.extend_from_slice(&1u32.to_be_bytes());
-    opt.push(b'v');
-    s.write_all(&opt).unwrap();
-    let mut export = [0u8; 10];
-    s.read_exact(&mut export).unwrap();
-    assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), 64 << 20);
+    let mut s = nbd_open(cfg.nbd_addr(), "v", 64 << 20);
     let len: u32 = 32 << 20;
     for handle in 0..40u64 {
         let mut r = 0x2560_9513u32.to_be_bytes().to_vec();

@@ -57,6 +57,25 @@ impl NodeState {
 pub struct MetaClient {
     http: reqwest::Client,
     bases: Vec<String>,
+    /// The PG table and node states, shared by every volume client of this `MetaClient` (all
+    /// connections of one NBD server): fetched at most once per refresh interval however many
+    /// volumes are open, one fetch at a time.
+    view: tokio::sync::Mutex<Option<PoolView>>,
+    /// Volume descriptions by name with the metadata epoch they are at least as new as, shared
+    /// like `view`; an entry no volume client holds is dropped at the next insert.
+    volumes: std::sync::Mutex<std::collections::HashMap<String, VolumeSlot>>,
+    /// Admin API requests sent (each counts once, redirects included).
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+type VolumeSlot = std::sync::Arc<tokio::sync::Mutex<Option<(u64, VolumeInfo)>>>;
+
+/// The pool-wide part of a volume's map, as fetched at `fetched` (taken before the requests).
+#[derive(Debug, Clone)]
+pub struct PoolView {
+    pub fetched: tokio::time::Instant,
+    pub pgs: std::sync::Arc<PgTable>,
+    pub nodes: std::sync::Arc<Vec<NodeState>>,
 }
 
 impl MetaClient {
@@ -78,7 +97,13 @@ impl MetaClient {
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| MetaClientError::Failed(e.to_string()))?;
-        Ok(MetaClient { http, bases })
+        Ok(MetaClient {
+            http,
+            bases,
+            view: tokio::sync::Mutex::new(None),
+            volumes: Default::default(),
+            requests: Default::default(),
+        })
     }
 
     async fn request(&self, post: bool, path: &str) -> Result<(u16, serde_json::Value), MetaClientError> {
@@ -91,6 +116,7 @@ impl MetaClient {
                 } else {
                     self.http.get(&url)
                 };
+                self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let resp = match req.send().await {
                     Ok(r) => r,
                     Err(e) => {
@@ -139,6 +165,44 @@ impl MetaClient {
 
     pub async fn volumes(&self) -> Result<Vec<VolumeInfo>, MetaClientError> {
         self.get_json(false, "/v1/volumes", "").await
+    }
+
+    /// The PG table and node states as fetched no earlier than `fresher_than`: the shared copy if
+    /// it is recent enough, else a new fetch (callers waiting meanwhile share it).
+    pub async fn pool_view(&self, fresher_than: tokio::time::Instant) -> Result<PoolView, MetaClientError> {
+        let mut view = self.view.lock().await;
+        if let Some(v) = view.as_ref().filter(|v| v.fetched >= fresher_than) {
+            return Ok(v.clone());
+        }
+        let fetched = tokio::time::Instant::now();
+        let (pgs, nodes) = tokio::try_join!(self.pgs(), self.nodes())?;
+        let v = PoolView { fetched, pgs: std::sync::Arc::new(pgs), nodes: std::sync::Arc::new(nodes) };
+        *view = Some(v.clone());
+        Ok(v)
+    }
+
+    /// Volume `name` as of metadata epoch `epoch` or later: the shared copy if it is that new,
+    /// else fetched (once for every caller waiting on the same name).
+    pub async fn volume_at(&self, name: &str, epoch: u64) -> Result<VolumeInfo, MetaClientError> {
+        let slot = {
+            let mut volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
+            if !volumes.contains_key(name) {
+                volumes.retain(|_, slot| std::sync::Arc::strong_count(slot) > 1);
+            }
+            volumes.entry(name.to_string()).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some((_, v)) = slot.as_ref().filter(|(at, _)| *at >= epoch) {
+            return Ok(v.clone());
+        }
+        let v = self.volume(name).await?;
+        *slot = Some((epoch, v.clone()));
+        Ok(v)
+    }
+
+    /// The count of admin API requests this client has sent.
+    pub fn counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.requests.clone()
     }
 
     pub async fn pgs(&self) -> Result<PgTable, MetaClientError> {

@@ -90,6 +90,9 @@ pub enum IoError {
 #[derive(Debug)]
 struct VolumeMap {
     volume: VolumeInfo,
+    /// The metadata epoch of the PG table this map was built from: the volume's description is
+    /// fetched again only when the epoch moved (or on a refresh after an error).
+    epoch: u64,
     pg_count: u32,
     /// Per PG, the nodes that hold this volume's data (the holders for its replica count).
     table: Vec<Vec<u64>>,
@@ -183,7 +186,7 @@ impl VolumeClient {
         name: &str,
         config: ClientConfig,
     ) -> Result<Arc<Self>, MetaClientError> {
-        let map = fetch_map(&meta, name).await?;
+        let map = fetch_map(&meta, name, Instant::now(), None).await?;
         let client = Arc::new(VolumeClient {
             meta,
             name: name.to_string(),
@@ -205,7 +208,7 @@ impl VolumeClient {
             loop {
                 tokio::time::sleep(interval).await;
                 let Some(c) = weak.upgrade() else { return };
-                let _ = c.refresh().await;
+                let _ = c.refresh_within(interval).await;
             }
         });
         *lock(&client.refresher) = Some(task);
@@ -218,7 +221,17 @@ impl VolumeClient {
 
     /// Fetches the map again now.
     pub async fn refresh(&self) -> Result<(), IoError> {
-        let map = fetch_map(&self.meta, &self.name).await.map_err(meta_err)?;
+        self.refresh_within(Duration::ZERO).await
+    }
+
+    /// Refreshes the map from a pool view at most `max_age` old (shared with the other volume
+    /// clients of this `MetaClient`); the volume's own description is fetched again only if the
+    /// metadata changed since (`max_age` zero: always).
+    async fn refresh_within(&self, max_age: Duration) -> Result<(), IoError> {
+        let now = Instant::now();
+        let fresher_than = now.checked_sub(max_age).unwrap_or(now);
+        let known = (!max_age.is_zero()).then(|| self.map()).map(|m| (m.epoch, m.volume.clone()));
+        let map = fetch_map(&self.meta, &self.name, fresher_than, known).await.map_err(meta_err)?;
         // A suspect is dropped once the map shows it out of sync (the pool took over), or after
         // SUSPECT_TTL: if the pool never heard of its failure (the report was lost), naming it as
         // missing forever would make every write to its PGs fail as "stale map".
@@ -945,8 +958,23 @@ fn verified(data: &[u8], crcs: &[u32], len: u64) -> bool {
         && data.chunks_exact(BS as usize).zip(crcs).all(|(b, c)| crc32c(b) == *c)
 }
 
-async fn fetch_map(meta: &MetaClient, name: &str) -> Result<VolumeMap, MetaClientError> {
-    let (volume, pgs, nodes) = tokio::try_join!(meta.volume(name), meta.pgs(), meta.nodes())?;
+/// Builds a volume's map from a pool view fetched no earlier than `fresher_than`; `known` is the
+/// volume's description as of an epoch, reused if the view's epoch is the same.
+async fn fetch_map(
+    meta: &MetaClient,
+    name: &str,
+    fresher_than: Instant,
+    known: Option<(u64, VolumeInfo)>,
+) -> Result<VolumeMap, MetaClientError> {
+    let view = meta.pool_view(fresher_than).await?;
+    let (pgs, nodes) = (&view.pgs, &view.nodes);
+    let volume = match known {
+        Some((epoch, volume)) if epoch == pgs.epoch => volume,
+        // The shared copy if it is as new as the view, else fetched after the view: at least as
+        // new as its epoch.
+        Some(_) => meta.volume_at(name, pgs.epoch).await?,
+        None => meta.volume(name).await?,
+    };
     // Route by the holders (a node that joined later holds nothing of a PG until it has been given
     // a copy); the target rows only for a pool whose metadata predates holders.
     let table = match pgs.holders.get(&volume.replicas) {
@@ -957,8 +985,9 @@ async fn fetch_map(meta: &MetaClient, name: &str) -> Result<VolumeMap, MetaClien
     };
     Ok(VolumeMap {
         volume,
+        epoch: pgs.epoch,
         pg_count: pgs.pg_count,
         table,
-        nodes: nodes.into_iter().map(|n| (n.id, n)).collect(),
+        nodes: nodes.iter().map(|n| (n.id, n.clone())).collect(),
     })
 }

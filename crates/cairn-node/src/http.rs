@@ -38,14 +38,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 type Meta = Arc<dyn MetadataStore>;
 
-/// The API's router. `local_requests` counts the requests this node's own volume clients (its NBD
-/// server) handled in-process instead of over the RPC; `/v1/status` reports it.
-pub fn router(meta: Meta, local_requests: Arc<AtomicU64>) -> Router {
+/// Counters `/v1/status` reports.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    /// Requests this node's own volume clients (its NBD server) handled in-process.
+    pub local_requests: Arc<AtomicU64>,
+    /// Admin API requests this node's NBD server sent (map refreshes of every connection).
+    pub nbd_meta_requests: Arc<AtomicU64>,
+}
+
+/// The API's router; `/v1/status` reports the counters.
+pub fn router(meta: Meta, counters: Counters) -> Router {
     Router::new()
-        .route(
-            "/v1/status",
-            get(move |state: State<Meta>, uri: Uri| status(state, uri, local_requests.clone())),
-        )
+        .route("/v1/status", get(move |state: State<Meta>, uri: Uri| status(state, uri, counters.clone())))
         .route("/v1/nodes", get(nodes))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
@@ -182,12 +187,14 @@ struct StatusJson {
     events_last_seq: u64,
     /// Data-path requests this node's NBD server handled in-process (local fast path).
     local_requests: u64,
+    /// Admin API requests this node's NBD server sent (map refreshes, opens).
+    nbd_meta_requests: u64,
 }
 
 async fn status(
     State(meta): State<Meta>,
     uri: Uri,
-    local_requests: Arc<AtomicU64>,
+    counters: Counters,
 ) -> Result<Json<StatusJson>, ApiError> {
     if meta.is_leader() {
         meta.linearizable().await.map_err(|e| map_error(e, &uri))?;
@@ -208,7 +215,8 @@ async fn status(
         nodes_up: s.nodes.values().filter(|n| n.up).count(),
         volumes: s.volumes.len(),
         events_last_seq: s.next_event_seq - 1,
-        local_requests: local_requests.load(Ordering::Relaxed),
+        local_requests: counters.local_requests.load(Ordering::Relaxed),
+        nbd_meta_requests: counters.nbd_meta_requests.load(Ordering::Relaxed),
     }))
 }
 

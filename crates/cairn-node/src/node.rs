@@ -180,12 +180,6 @@ impl Node {
             wiring: peer.clone(),
             requests: Arc::default(),
         });
-        let app =
-            crate::http::router(meta.clone() as Arc<dyn cairn_meta::MetadataStore>, local.requests.clone());
-        let limits = config.limits;
-        let http_task = tokio::spawn(async move {
-            crate::http::serve(http_listener, app, limits, stop).await;
-        });
         // The NBD server reaches the metadata through the admin API: this node's first, then the
         // voters' (the same path the gateway on a hypervisor host takes).
         let mut api_addrs = vec![http_addr.to_string()];
@@ -193,9 +187,18 @@ impl Node {
             config.meta.voters.iter().map(|m| m.http.to_string()).filter(|a| *a != http_addr.to_string()),
         );
         let meta_client =
-            cairn_client::MetaClient::new(&api_addrs).map_err(|e| NodeError::Meta(e.to_string()))?;
+            Arc::new(cairn_client::MetaClient::new(&api_addrs).map_err(|e| NodeError::Meta(e.to_string()))?);
+        let counters = crate::http::Counters {
+            local_requests: local.requests.clone(),
+            nbd_meta_requests: meta_client.counter(),
+        };
+        let app = crate::http::router(meta.clone() as Arc<dyn cairn_meta::MetadataStore>, counters);
+        let limits = config.limits;
+        let http_task = tokio::spawn(async move {
+            crate::http::serve(http_listener, app, limits, stop).await;
+        });
         let exports = Arc::new(cairn_nbd::Exports {
-            meta: Arc::new(meta_client),
+            meta: meta_client,
             // Requests for this node's own replicas are handled in-process (the local fast path).
             config: cairn_client::ClientConfig {
                 local: Some(local),
