@@ -823,3 +823,60 @@ print("SHARED-OK")
     assert!(ok && out.contains("SHARED-OK"), "{out}");
     pool.assert_converged("sh");
 }
+
+#[test]
+fn deleting_a_volume_removes_its_data_everywhere_and_fails_the_io_of_open_clients() {
+    let pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "d", "--size", "16M"]);
+    let id = volume_id(&pool, "d");
+    let dirs: Vec<std::path::PathBuf> =
+        (1..=3).map(|k| pool.data().join(format!("node-{k}/data/volumes/{id:016x}"))).collect();
+    let script = format!(
+        r#"
+import nbd, os, subprocess, time
+h = nbd.NBD(); h.connect_uri("nbd://{a}/d")
+for i in range(8):
+    h.pwrite(bytes([i + 1]) * (1 << 20), i << 20)
+h.flush()
+for d in {dirs:?}:
+    assert os.path.isdir(d), d + " holds no data"
+subprocess.run([{bin:?}, "--addr", {addrs:?}, "volume", "rm", "d"], check=True,
+               env=dict(os.environ, CAIRN_LOG="off"), stdout=subprocess.DEVNULL)
+# The connection that still holds the volume open: every operation fails from now on.
+res = {{}}
+for op in ("write", "read", "flush"):
+    deadline = time.time() + 10
+    while True:
+        try:
+            if op == "write":
+                h.pwrite(b"x" * 4096, 0)
+            elif op == "read":
+                h.pread(4096, 0)
+            else:
+                h.flush()
+        except nbd.Error as e:
+            res[op] = "FAILED"
+            break
+        if time.time() > deadline:
+            res[op] = "STILL-ACKNOWLEDGED"
+            break
+        time.sleep(0.1)
+print("RESULT", res["write"], res["read"], res["flush"])
+"#,
+        a = pool.nbd(1),
+        dirs = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
+        bin = env!("CARGO_BIN_EXE_cairn"),
+        addrs = pool.addrs(),
+    );
+    let (ok, out) = run_tool("/usr/bin/python3", &["-c".to_string(), script], Duration::from_secs(120));
+    assert!(ok, "{out}");
+    assert!(out.contains("RESULT FAILED FAILED FAILED"), "{out}");
+    // Every node removes the volume's chunks in the background.
+    wait_for("the deleted volume's data to go from every node", Duration::from_secs(30), || {
+        dirs.iter().all(|d| !d.exists()).then_some(())
+    });
+    // A new volume of the same name is a new volume: it reads zeros.
+    pool.cli_json(&["volume", "create", "d", "--size", "16M"]);
+    let out = qemu_io(&nbd_url(&pool.nbd(2), "d"), vec!["-c".into(), "read -P 0 0 8M".into()]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}

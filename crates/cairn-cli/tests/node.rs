@@ -13,6 +13,9 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The protocol version raw frames speak.
+const V: u16 = cairn_proto::PROTOCOL_VERSION_MAX;
+
 fn vol(v: u64) -> VolumeId {
     VolumeId::new(v).unwrap()
 }
@@ -216,9 +219,9 @@ async fn malformed_traffic_closes_only_that_connection() {
     closes(raw_frame(1, 0, 0, &hello));
     // A valid hello then a corrupted frame.
     let ok_hello =
-        cairn_proto::message::encode(&cairn_proto::Hello { version_min: 2, version_max: 2 }).unwrap();
+        cairn_proto::message::encode(&cairn_proto::Hello { version_min: V, version_max: V }).unwrap();
     let mut bytes = raw_frame(1, 0, 0, &ok_hello);
-    let mut req = raw_frame(3, 2, 1, &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap());
+    let mut req = raw_frame(3, V, 1, &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap());
     let last = req.len() - 1;
     req[last] ^= 0xff;
     bytes.extend_from_slice(&req);
@@ -228,8 +231,8 @@ async fn malformed_traffic_closes_only_that_connection() {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     s.write_all(&raw_frame(1, 0, 0, &ok_hello)).unwrap();
-    s.write_all(&raw_frame(3, 2, 42, &[0xff, 0xff, 0xff])).unwrap();
-    s.write_all(&raw_frame(3, 2, 43, &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap())).unwrap();
+    s.write_all(&raw_frame(3, V, 42, &[0xff, 0xff, 0xff])).unwrap();
+    s.write_all(&raw_frame(3, V, 43, &cairn_proto::message::encode(&read_req(1, 0, 0, 1)).unwrap())).unwrap();
     let mut got = BytesMut::new();
     let mut replies = Vec::new();
     let mut buf = [0u8; 65536];
@@ -411,10 +414,10 @@ async fn a_client_that_never_reads_its_replies_pins_at_most_its_byte_budget() {
     // 200 reads of 4 MiB (800 MiB of replies) on a connection whose replies are never read.
     let read =
         Request::Read { volume: vol(3), chunk: ChunkIndex(0), chunk_size: size, offset: 0, len: 4 << 20 };
-    let hello = cairn_proto::message::encode(&cairn_proto::Hello { version_min: 2, version_max: 2 }).unwrap();
+    let hello = cairn_proto::message::encode(&cairn_proto::Hello { version_min: V, version_max: V }).unwrap();
     let mut bytes = raw_frame(1, 0, 0, &hello);
     for id in 1..=200u64 {
-        bytes.extend_from_slice(&raw_frame(3, 2, id, &cairn_proto::message::encode(&read).unwrap()));
+        bytes.extend_from_slice(&raw_frame(3, V, id, &cairn_proto::message::encode(&read).unwrap()));
     }
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.write_all(&bytes).unwrap();

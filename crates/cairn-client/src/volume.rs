@@ -85,6 +85,8 @@ pub enum IoError {
     Invalid(String),
     #[error("IO error: {0}")]
     Io(String),
+    #[error("volume {0:?} was deleted")]
+    Deleted(String),
 }
 
 #[derive(Debug)]
@@ -152,6 +154,8 @@ pub struct VolumeClient {
     connections: ConnectionPool,
     generation: tokio::sync::Mutex<u64>,
     fenced: AtomicBool,
+    /// The volume was deleted: every operation fails from then on.
+    deleted: AtomicBool,
     sequence: AtomicU64,
     chunk_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     rotation: AtomicUsize,
@@ -195,6 +199,7 @@ impl VolumeClient {
             connections: ConnectionPool::default(),
             generation: tokio::sync::Mutex::new(0),
             fenced: AtomicBool::new(false),
+            deleted: AtomicBool::new(false),
             sequence: AtomicU64::new(1),
             chunk_locks: Mutex::new(HashMap::new()),
             rotation: AtomicUsize::new(0),
@@ -231,7 +236,14 @@ impl VolumeClient {
         let now = Instant::now();
         let fresher_than = now.checked_sub(max_age).unwrap_or(now);
         let known = (!max_age.is_zero()).then(|| self.map()).map(|m| (m.epoch, m.volume.clone()));
-        let map = fetch_map(&self.meta, &self.name, fresher_than, known).await.map_err(meta_err)?;
+        let map = match fetch_map(&self.meta, &self.name, fresher_than, known).await {
+            Ok(m) => m,
+            Err(MetaClientError::UnknownVolume(_)) => {
+                self.deleted.store(true, Ordering::SeqCst);
+                return Err(IoError::Deleted(self.name.clone()));
+            }
+            Err(e) => return Err(meta_err(e)),
+        };
         // A suspect is dropped once the map shows it out of sync (the pool took over), or after
         // SUSPECT_TTL: if the pool never heard of its failure (the report was lost), naming it as
         // missing forever would make every write to its PGs fail as "stale map".
@@ -272,6 +284,7 @@ impl VolumeClient {
     }
 
     fn ids(&self) -> Result<(VolumeId, ChunkSize), IoError> {
+        self.check_deleted()?;
         let v = self.map().volume.clone();
         Ok((
             VolumeId::new(v.id).map_err(|e| IoError::Invalid(e.to_string()))?,
@@ -279,19 +292,39 @@ impl VolumeClient {
         ))
     }
 
+    /// Fails once the volume is known to be deleted (a node refused a request for it, or the
+    /// pool no longer knows it): its data is going away, nothing may be acknowledged any more.
+    fn check_deleted(&self) -> Result<(), IoError> {
+        if self.deleted.load(Ordering::SeqCst) {
+            return Err(IoError::Deleted(self.name.clone()));
+        }
+        Ok(())
+    }
+
     /// One request to one node, bounded by the RPC timeout. `Err` is a transport failure.
     async fn call(&self, node: u64, request: &Request) -> Result<Response, String> {
         if let Some(local) = self.config.local.as_ref().filter(|l| l.id() == node) {
-            return Ok(local.handle(request.clone()).await);
+            let reply = Ok(local.handle(request.clone()).await);
+            self.note_deleted(&reply);
+            return reply;
         }
         let addr: SocketAddr = {
             let map = self.map();
             let n = map.nodes.get(&node).ok_or_else(|| format!("unknown node {node}"))?;
             n.rpc.parse().map_err(|e| format!("node {node} address {:?}: {e}", n.rpc))?
         };
-        match tokio::time::timeout(self.config.rpc_timeout, self.connections.call(addr, request)).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("node {node} did not answer within {:?}", self.config.rpc_timeout)),
+        let reply =
+            match tokio::time::timeout(self.config.rpc_timeout, self.connections.call(addr, request)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("node {node} did not answer within {:?}", self.config.rpc_timeout)),
+            };
+        self.note_deleted(&reply);
+        reply
+    }
+
+    fn note_deleted(&self, reply: &Result<Response, String>) {
+        if let Ok(Response::Error(RpcError::Deleted { .. })) = reply {
+            self.deleted.store(true, Ordering::SeqCst);
         }
     }
 
@@ -546,6 +579,7 @@ impl VolumeClient {
         let deadline = Instant::now() + self.config.io_timeout;
         let mut last = String::from("no replica in sync");
         loop {
+            self.check_deleted()?;
             let map = self.map();
             let suspects: BTreeSet<u64> = lock(&self.suspects).keys().copied().collect();
             let mut candidates: Vec<u64> = map
@@ -729,6 +763,7 @@ impl VolumeClient {
             lock(&self.touched_pgs).insert(pg);
         }
         loop {
+            self.check_deleted()?;
             let generation = self.generation().await?;
             let stamp = Stamp {
                 generation: Generation(generation),
@@ -885,6 +920,7 @@ impl VolumeClient {
     async fn flush_pgs(&self, volume: VolumeId, pgs: &BTreeSet<u32>) -> Result<(), IoError> {
         let deadline = Instant::now() + self.config.io_timeout;
         loop {
+            self.check_deleted()?;
             let map = self.map();
             let nodes: BTreeSet<u64> =
                 pgs.iter().flat_map(|pg| map.replicas_of_pg(*pg)).filter(|n| map.in_sync(*n)).collect();

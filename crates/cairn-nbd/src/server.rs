@@ -348,7 +348,7 @@ fn errno(e: &IoError) -> u32 {
         IoError::Fenced => EPERM,
         IoError::NoSpace => ENOSPC,
         IoError::Invalid(_) => EINVAL,
-        IoError::Io(_) => EIO,
+        IoError::Io(_) | IoError::Deleted(_) => EIO,
     }
 }
 

@@ -3,7 +3,7 @@
 use crate::config::NodeConfig;
 use crate::missed::MissedLog;
 use crate::server::ClientHooks;
-use crate::server::{LocalHandler, NodeError, PeerHandler, PeerSlot, RunningNode};
+use crate::server::{LocalHandler, NodeError, PeerHandler, PeerSlot, RunningNode, VolumeState};
 use crate::transport::RpcPeerTransport;
 use cairn_meta::network::PeerRequest;
 use cairn_meta::service::Probe;
@@ -115,18 +115,26 @@ impl Node {
             serves_clients: Box::new(move || m1.serves_clients()),
             in_sync: Box::new(move |id| m2.read(|s| s.nodes.get(&id).is_some_and(|n| n.in_sync()))),
             missed: missed.clone(),
-            volume_generation: {
-                // Per-mutation lookup by volume id: an index rebuilt when the map's epoch moves,
-                // so a write costs a lock and a hash lookup, not a scan of every volume.
-                let index: std::sync::Mutex<(u64, std::collections::HashMap<u64, u64>)> = Default::default();
+            volume_state: {
+                // Per-request lookup by volume id: an index (live volumes' generations, deleted
+                // ids) rebuilt when the map's epoch moves, so a request costs a lock and a hash
+                // lookup, not a scan of every volume.
+                type Index = (u64, std::collections::HashMap<u64, VolumeState>);
+                let index: std::sync::Mutex<Option<Index>> = Default::default();
                 Box::new(move |id| {
                     let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
                     let epoch = m3.read(|s| s.epoch);
-                    if index.0 != epoch || index.1.is_empty() {
-                        *index = m3
-                            .read(|s| (s.epoch, s.volumes.values().map(|v| (v.id, v.generation)).collect()));
+                    if index.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                        *index = Some(m3.read(|s| {
+                            let live = s
+                                .volumes
+                                .values()
+                                .map(|v| (v.id, VolumeState::Live { generation: v.generation }));
+                            let deleted = s.deleted_volumes.iter().map(|id| (*id, VolumeState::Deleted));
+                            (s.epoch, live.chain(deleted).collect())
+                        }));
                     }
-                    index.1.get(&id).copied().unwrap_or(0)
+                    index.as_ref().and_then(|(_, m)| m.get(&id).copied()).unwrap_or(VolumeState::Unknown)
                 })
             },
         });

@@ -117,10 +117,15 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let connections = ConnectionPool::default();
+    let mut reaped = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(ROUND_INTERVAL) => {}
+        }
+        if reaped.elapsed() >= REAP_INTERVAL {
+            reap_deleted(&store, &meta, &stop).await;
+            reaped = tokio::time::Instant::now();
         }
         if missed.pending(me) > 0 {
             pull_own(&store, &missed, &meta, &connections, me).await;
@@ -147,6 +152,13 @@ pub async fn run(
             let batch = missed.batch(peer, BATCH_CHUNKS);
             let mut copied = 0;
             for (volume, chunk, chunk_size, seq) in batch {
+                if meta.read(|s| s.deleted_volumes.contains(&volume)) {
+                    // Deleted meanwhile: nothing to copy (its chunks are purged everywhere).
+                    if let Err(e) = missed.done(peer, volume, chunk, seq) {
+                        tracing::error!("missed-writes log: {e}");
+                    }
+                    continue;
+                }
                 match copy_chunk(&store, &conn, volume, chunk, chunk_size).await {
                     Ok(()) => {
                         copied += 1;
@@ -163,6 +175,51 @@ pub async fn run(
             }
             if copied > 0 {
                 tracing::info!(peer, copied, remaining = missed.pending(peer), "catch-up: copied chunks");
+            }
+        }
+    }
+}
+
+/// How often the node looks for data of deleted volumes to remove.
+const REAP_INTERVAL: Duration = Duration::from_secs(2);
+/// Chunk files removed per step; steps are [`REAP_PAUSE`] apart, so deleting data costs the disk
+/// at most ~2 500 unlinks a second however much was deleted.
+const REAP_FILES_PER_STEP: usize = 256;
+const REAP_PAUSE: Duration = Duration::from_millis(100);
+
+/// Removes, in the background and bounded in rate, the chunks of every volume the pool deleted.
+async fn reap_deleted(store: &Arc<Store>, meta: &MetaService<RpcPeerTransport>, stop: &CancellationToken) {
+    let store2 = store.clone();
+    let Ok(Ok(local)) = tokio::task::spawn_blocking(move || store2.list_volumes()).await else { return };
+    let deleted: Vec<cairn_types::VolumeId> =
+        meta.read(|s| local.into_iter().filter(|v| s.deleted_volumes.contains(&v.get())).collect());
+    for volume in deleted {
+        let mut removed = 0;
+        loop {
+            let store = store.clone();
+            let step =
+                tokio::task::spawn_blocking(move || store.delete_volume_step(volume, REAP_FILES_PER_STEP))
+                    .await;
+            match step {
+                Ok(Ok((n, done))) => {
+                    removed += n;
+                    if done {
+                        tracing::info!(%volume, removed, "removed the data of a deleted volume");
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(%volume, "removing the data of a deleted volume: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(%volume, "removing the data of a deleted volume: task failed: {e}");
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(REAP_PAUSE) => {}
             }
         }
     }

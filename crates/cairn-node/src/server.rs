@@ -63,9 +63,21 @@ pub struct ClientHooks {
     pub in_sync: Box<dyn Fn(u64) -> bool + Send + Sync>,
     /// Where missed writes of peers are recorded.
     pub missed: Arc<crate::missed::MissedLog>,
-    /// The newest writer generation of a volume in this node's cluster map (0 if unknown): a
-    /// mutation of an older generation is refused even if its `Fence` never reached this node.
-    pub volume_generation: Box<dyn Fn(u64) -> u64 + Send + Sync>,
+    /// A volume as this node's cluster map knows it: a mutation of a generation older than the
+    /// newest is refused even if its `Fence` never reached this node; every request for a deleted
+    /// volume is refused.
+    pub volume_state: Box<dyn Fn(u64) -> VolumeState + Send + Sync>,
+}
+
+/// A volume in a node's cluster map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeState {
+    /// Not (yet) in the map: created after the map this node has, or never.
+    Unknown,
+    Live {
+        generation: u64,
+    },
+    Deleted,
 }
 
 impl std::fmt::Debug for ClientHooks {
@@ -404,6 +416,11 @@ impl cairn_client::LocalNode for LocalHandler {
 /// Runs one client or peer-data request against the store on the blocking pool (the same path for
 /// requests from the network and from a volume client inside this node).
 async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Response {
+    if let (Some(volume), Some(hooks)) = (request.volume(), wiring.hooks.get())
+        && (hooks.volume_state)(volume.get()) == VolumeState::Deleted
+    {
+        return Response::Error(RpcError::Deleted { volume });
+    }
     let client_io = matches!(
         request,
         Request::Read { .. }
@@ -432,8 +449,12 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
             _ => None,
         };
         if let Some((volume, stamp)) = stamped {
-            let highest = (hooks.volume_generation)(volume.get());
+            let highest = match (hooks.volume_state)(volume.get()) {
+                VolumeState::Live { generation } => generation,
+                _ => 0,
+            };
             if stamp.generation.0 < highest {
+                log_fenced(volume, stamp.generation.0, highest);
                 return Response::Error(RpcError::Fenced {
                     volume,
                     generation: stamp.generation,
@@ -455,6 +476,21 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
             Response::Error(to_rpc(e))
         }
         Err(e) => Response::Error(RpcError::Io { message: format!("request task failed: {e}") }),
+    }
+}
+
+/// Logs a refused mutation of a superseded writer: the first of each second (a fenced writer
+/// may keep trying), so the refusal leaves a trace without flooding the log.
+fn log_fenced(volume: cairn_types::VolumeId, generation: u64, highest: u64) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    if LAST.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+        tracing::info!(
+            %volume,
+            "refused a mutation of writer generation {generation}: the volume's writer is generation \
+             {highest} (the old writer was fenced)"
+        );
     }
 }
 

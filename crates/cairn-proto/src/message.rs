@@ -134,6 +134,24 @@ pub enum Request {
 }
 
 impl Request {
+    /// The volume the request is about (`None` for metadata peer messages).
+    pub fn volume(&self) -> Option<VolumeId> {
+        match self {
+            Request::Read { volume, .. }
+            | Request::Write { volume, .. }
+            | Request::Trim { volume, .. }
+            | Request::WriteZeroes { volume, .. }
+            | Request::Flush { volume }
+            | Request::ChunkVersion { volume, .. }
+            | Request::Allocation { volume, .. }
+            | Request::RecordMissed { volume, .. }
+            | Request::InstallRange { volume, .. }
+            | Request::Repair { volume, .. }
+            | Request::Fence { volume, .. } => Some(*volume),
+            Request::Peer { .. } => None,
+        }
+    }
+
     /// Bytes of data this request carries or asks for: what it pins in memory while in flight.
     pub fn payload_bytes(&self) -> u64 {
         match self {
@@ -205,6 +223,9 @@ pub enum RpcError {
     ShuttingDown,
     #[error("storage node cannot serve this now: {message}")]
     Unavailable { message: String },
+    /// The volume was deleted (version 3): its data is going away on every node.
+    #[error("volume {volume} was deleted")]
+    Deleted { volume: VolumeId },
 }
 
 /// The payload of an `InstallRange` from a read of the same range: the blocks `present` marks

@@ -1076,6 +1076,54 @@ impl Store {
         Ok(out)
     }
 
+    /// Removes up to `max_files` chunk files of `volume` and, once none are left, its directory
+    /// and metadata (durably). Returns the files removed and whether the volume is gone. For a
+    /// deleted volume's data, removed in steps so that deleting a large volume does not monopolise
+    /// the disk; a volume whose files are damaged is removed all the same.
+    pub fn delete_volume_step(
+        &self,
+        volume: VolumeId,
+        max_files: usize,
+    ) -> Result<(usize, bool), StoreError> {
+        let dir = self.volume_dir(volume);
+        let state = match self.volume(volume) {
+            Ok(s) => s,
+            // Unreadable metadata: nothing can be served from it anyway.
+            Err(_) if dir.exists() => {
+                fs::remove_dir_all(&dir).map_err(io_err(format!("deleting {}", dir.display())))?;
+                fsync_dir(&self.volumes_dir)?;
+                return Ok((0, true));
+            }
+            Err(e) => return Err(e),
+        };
+        let chunks = {
+            // Exclusive fence: no mutation of the volume is running while its files go away.
+            let _fence = state.fence.write().unwrap_or_else(|p| p.into_inner());
+            let chunks = if dir.exists() { list_chunk_files(&dir)? } else { Vec::new() };
+            for chunk in chunks.iter().take(max_files) {
+                lock(&self.open_files).pop(&(volume, *chunk));
+                {
+                    // Nothing left to flush of it.
+                    let mut inner = lock(&state.inner);
+                    inner.dirty.remove(chunk);
+                    inner.unsynced.remove(chunk);
+                }
+                let path = self.chunk_path(volume, *chunk);
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::io(format!("deleting {}", path.display()), e, None)),
+                }
+            }
+            chunks.len()
+        };
+        if chunks > max_files {
+            return Ok((max_files, false));
+        }
+        self.delete_volume(volume)?;
+        Ok((chunks, true))
+    }
+
     /// Deletes every chunk and the metadata of `volume` on this node. Durable when it returns.
     pub fn delete_volume(&self, volume: VolumeId) -> Result<(), StoreError> {
         let state = self.volume(volume)?;
