@@ -246,3 +246,72 @@ fn cairn_up_stops_cleanly_and_brings_the_same_pool_back() {
     assert_eq!(vols[0]["id"].as_u64(), Some(first_id));
     assert_eq!(pool.cli_json(&["status"])["status"]["nodes_up"].as_u64(), Some(3));
 }
+
+/// Overwrites 64 bytes of every 4 KiB page after the first with pseudo-random bytes.
+fn garble(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for page in (4096..bytes.len()).step_by(4096) {
+        for _ in 0..64 {
+            let at = page + (next() % 4096) as usize;
+            if at < bytes.len() {
+                bytes[at] = next() as u8;
+            }
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn volumes_seen_by(pool: &Pool, k: u64) -> Option<u64> {
+    let (status, v) = pool.get(k, "/v1/status");
+    (status == 200).then(|| v["volumes"].as_u64()).flatten()
+}
+
+#[test]
+fn a_damaged_metadata_file_is_a_clear_error_and_a_learner_is_rebuilt_from_the_pool() {
+    let mut pool = Pool::start(3);
+    pool.add_node(4);
+    pool.cli_json(&["volume", "create", "a", "--size", "1M"]);
+    wait_for("node 4 to see the volume", Duration::from_secs(30), || {
+        (volumes_seen_by(&pool, 4) == Some(1)).then_some(())
+    });
+    pool.sigkill(4);
+    let config = pool.data().join("node-4/node.toml");
+    let redb = pool.data().join("node-4/data/meta.redb");
+    garble(&redb);
+    // Starting says what is wrong and what to do, in one line, and exits 1 (no panic).
+    let mut cmd = cairn();
+    cmd.args(["node", "run", "--config"]).arg(&config).env("CAIRN_LOG", "off");
+    let out = run_to_end(cmd, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("meta.redb is damaged or unreadable"), "{stderr}");
+    assert!(stderr.contains("Rebuilding a node's metadata"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // The documented procedure for a learner: move the file aside and start the node again.
+    std::fs::rename(&redb, redb.with_extension("redb.damaged")).unwrap();
+    pool.restart(4);
+    wait_for("node 4 to get the pool's metadata again", Duration::from_secs(60), || {
+        (volumes_seen_by(&pool, 4) == Some(1)).then_some(())
+    });
+    pool.cli_json(&["volume", "create", "b", "--size", "1M"]);
+    wait_for("node 4 to follow new changes", Duration::from_secs(30), || {
+        (volumes_seen_by(&pool, 4) == Some(2)).then_some(())
+    });
+    wait_for("node 4 up and in sync", Duration::from_secs(30), || {
+        let (status, nodes) = pool.get(1, "/v1/nodes");
+        let ok = status == 200
+            && nodes
+                .as_array()?
+                .iter()
+                .any(|n| n["id"] == 4 && n["state"] == "up" && n["catching_up"] == false);
+        ok.then_some(())
+    });
+}

@@ -126,9 +126,21 @@ impl<T: PeerTransport> MetaService<T> {
         config: MetaConfig,
         usage_probe: UsageProbe,
     ) -> Result<Arc<Self>, MetaError> {
-        let db = open_db(db_path).map_err(|e| MetaError::Internal(format!("{}: {e}", db_path.display())))?;
+        // A damaged database file can make redb panic instead of returning an error: opening it is
+        // guarded, so the node exits with one clear line instead of a backtrace.
+        let opened = crate::storage::guard_panics(|| {
+            let db = open_db(db_path).map_err(|e| e.to_string())?;
+            let sm = StateMachineStore::open(db.clone()).map_err(|e| e.to_string())?;
+            Ok((db, sm))
+        });
+        let (db, sm) = opened.map_err(|e| {
+            MetaError::Internal(format!(
+                "{} is damaged or unreadable ({e}); this node's metadata cannot be loaded. Move the file \
+                 aside and rebuild it from the pool (see the operations guide, \"Rebuilding a node's metadata\")",
+                db_path.display()
+            ))
+        })?;
         let log = LogStore::new(db.clone());
-        let sm = StateMachineStore::open(db).map_err(|e| MetaError::Internal(e.to_string()))?;
         let raft_config = openraft::Config {
             cluster_name: "cairn".into(),
             heartbeat_interval: config.raft_heartbeat_ms,

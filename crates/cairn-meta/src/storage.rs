@@ -33,6 +33,28 @@ fn io_err(e: impl std::fmt::Display) -> AnyError {
     AnyError::error(e.to_string())
 }
 
+/// Runs `f`, turning a panic inside it into an error carrying the panic's message (redb may panic
+/// on a damaged file). The default panic hook is silenced meanwhile so that no backtrace is printed
+/// for a condition reported as a clear error; call it only where no other thread is expected to
+/// panic (startup).
+pub fn guard_panics<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    match result {
+        Ok(r) => r,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(format!("the database library failed: {message}"))
+        }
+    }
+}
+
 /// Opens (creating) the metadata database of a node.
 pub fn open_db(path: &Path) -> Result<Arc<Database>, redb::DatabaseError> {
     let db = Database::create(path)?;

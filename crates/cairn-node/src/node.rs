@@ -62,7 +62,19 @@ impl Node {
         let store = tokio::task::spawn_blocking(move || Store::open(&dir, store_config))
             .await
             .map_err(|e| StoreError::InvalidRequest(format!("store open task failed: {e}")))??;
+        // Every chunk file's header and size and every volume's metadata, checked before the
+        // node serves: damaged files are moved aside and copied back from replicas.
         let store = Arc::new(store);
+        let checked = store.clone();
+        let quarantined = tokio::task::spawn_blocking(move || checked.check_all())
+            .await
+            .map_err(|e| StoreError::InvalidRequest(format!("store check task failed: {e}")))??;
+        if quarantined > 0 {
+            tracing::warn!(
+                chunks = quarantined,
+                "found {quarantined} damaged chunk file(s) (moved to DATA_DIR/damaged/); they are copied back from replicas before this node serves them"
+            );
+        }
         let http_listener = tokio::net::TcpListener::bind(config.http_addr())
             .await
             .map_err(|source| NodeError::Listen { addr: config.http_addr(), source })?;
@@ -98,7 +110,11 @@ impl Node {
             Arc::new(move || probe(&dir, &probe_missed)),
         )
         .await
-        .map_err(|e| NodeError::Meta(e.to_string()))?;
+        .map_err(|e| match e {
+            // Says what failed and what to do in its own words.
+            cairn_meta::MetaError::Internal(m) => NodeError::Startup(m),
+            e => NodeError::Meta(e.to_string()),
+        })?;
         let handler_meta = meta.clone();
         let handler: PeerHandler = Arc::new(move |body| {
             let meta = handler_meta.clone();

@@ -118,10 +118,15 @@ pub async fn run(
 ) {
     let connections = ConnectionPool::default();
     let mut reaped = tokio::time::Instant::now();
+    let mut damaged: Vec<(cairn_types::VolumeId, ChunkIndex)> = Vec::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(ROUND_INTERVAL) => {}
+        }
+        damaged.extend(store.take_damaged());
+        if !damaged.is_empty() {
+            note_damaged(&mut damaged, &missed, &meta, me);
         }
         if reaped.elapsed() >= REAP_INTERVAL {
             reap_deleted(&store, &meta, &stop).await;
@@ -178,6 +183,36 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Records the chunks the store found damaged as missed by this node itself, so that they are
+/// copied back from replicas like after a power loss (until then the store refuses every operation
+/// on them, so no read ever sees zeros for them). Keeps those of volumes the map does not know yet.
+fn note_damaged(
+    damaged: &mut Vec<(cairn_types::VolumeId, ChunkIndex)>,
+    missed: &MissedLog,
+    meta: &MetaService<RpcPeerTransport>,
+    me: u64,
+) {
+    damaged.retain(|(volume, chunk)| {
+        let (size, deleted) = meta.read(|s| {
+            let size = s.volumes.values().find(|v| v.id == volume.get()).map(|v| v.chunk_size_bytes);
+            (size, s.deleted_volumes.contains(&volume.get()))
+        });
+        match size {
+            Some(size) => match missed.record(&[me], volume.get(), chunk.0, size) {
+                Ok(()) => {
+                    tracing::warn!(%volume, %chunk, "a damaged chunk is copied back from a replica");
+                    false
+                }
+                Err(e) => {
+                    tracing::error!("missed-writes log: {e}");
+                    true
+                }
+            },
+            None => !deleted,
+        }
+    });
 }
 
 /// How often the node looks for data of deleted volumes to remove.

@@ -111,6 +111,8 @@ pub enum NodeError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("metadata service: {0}")]
     Meta(String),
+    #[error("{0}")]
+    Startup(String),
 }
 
 /// A started node.

@@ -125,6 +125,12 @@ pub struct Store {
     open_files_max: usize,
     volumes: Mutex<HashMap<VolumeId, Arc<VolumeState>>>,
     faults: Option<Arc<dyn FaultInjector>>,
+    /// Damaged chunk files moved aside (to `DATA_DIR/damaged/`): this node holds no copy of them,
+    /// so every operation on them fails until a copy from a replica is installed (never zeros).
+    /// (Why, and where the file went.)
+    quarantined: Mutex<BTreeMap<ChunkKey, String>>,
+    /// Chunks quarantined since the last [`Store::take_damaged`]: for the node to fetch copies.
+    damaged_found: Mutex<Vec<ChunkKey>>,
     /// Held for the store's lifetime: the flock on DATA_DIR/lock.
     _lock: File,
 }
@@ -193,6 +199,8 @@ impl Store {
             open_files_max,
             volumes: Mutex::new(HashMap::new()),
             faults,
+            quarantined: Mutex::default(),
+            damaged_found: Mutex::default(),
             _lock: lock_file,
         })
     }
@@ -229,20 +237,21 @@ impl Store {
         let mut dirty = BTreeMap::new();
         if dir.exists() {
             let meta_path = dir.join("volume.meta");
+            let mut rebuild_meta = false;
             match fs::read(&meta_path) {
-                Ok(b) => {
-                    let meta = VolumeMeta::decode(&b).map_err(|e| StoreError::BadChunkFile {
-                        path: meta_path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    if meta.volume != volume {
-                        return Err(StoreError::BadChunkFile {
-                            path: meta_path,
-                            reason: format!("belongs to volume {}", meta.volume),
-                        });
+                Ok(b) => match VolumeMeta::decode(&b).map_err(|e| e.to_string()).and_then(|m| {
+                    if m.volume == volume { Ok(m) } else { Err(format!("belongs to volume {}", m.volume)) }
+                }) {
+                    Ok(meta) => highest = meta.highest_generation,
+                    Err(reason) => {
+                        // Rebuilt below from the chunks' generations (a fence at least that high;
+                        // the node also refuses generations below its cluster map's).
+                        let name = format!("{:016x}-volume.meta", volume.get());
+                        let next = "rebuilt from the generations of the volume's chunks";
+                        self.move_aside(&meta_path, &name, &reason, next)?;
+                        rebuild_meta = true;
                     }
-                    highest = meta.highest_generation;
-                }
+                },
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => {
                     return Err(StoreError::io(format!("reading {}", meta_path.display()), e, None));
@@ -257,10 +266,29 @@ impl Store {
                     fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
                     continue;
                 }
-                let header = read_header(&path, volume, chunk)?;
+                let header = match File::open(&path)
+                    .map_err(|e| StoreError::io(format!("opening {}", path.display()), e, None))
+                    .and_then(|f| checked_header(&f, &path, volume, chunk))
+                {
+                    Ok(h) => h,
+                    Err(StoreError::BadChunkFile { reason, .. }) => {
+                        self.quarantine(volume, chunk, &path, &reason, None)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                highest = highest.max(header.generation);
                 if header.dirty {
                     dirty.insert(chunk, 0);
                 }
+            }
+            if rebuild_meta {
+                write_file_atomically(
+                    &dir,
+                    "volume.meta",
+                    &VolumeMeta { volume, highest_generation: highest }.encode(),
+                )?;
+                tracing::warn!(%volume, "rebuilt {} with generation {highest} (the highest of its chunks)", meta_path.display());
             }
         }
         let state = Arc::new(VolumeState {
@@ -335,6 +363,13 @@ impl Store {
         create: bool,
     ) -> Result<Option<Arc<ChunkHandle>>, StoreError> {
         let key = (volume, chunk);
+        let path = self.chunk_path(volume, chunk);
+        if let Some(why) = lock(&self.quarantined).get(&key) {
+            return Err(StoreError::BadChunkFile {
+                path,
+                reason: format!("{why}; this node holds no copy until one is installed from a replica"),
+            });
+        }
         let mut cache = lock(&self.open_files);
         if let Some(h) = cache.get(&key) {
             let h = h.clone();
@@ -342,10 +377,17 @@ impl Store {
             check_chunk_size(&h, chunk_size)?;
             return Ok(Some(h));
         }
-        let path = self.chunk_path(volume, chunk);
         let handle = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(file) => {
-                let header = read_header_from(&file, &path, volume, chunk)?;
+                let header = match checked_header(&file, &path, volume, chunk) {
+                    Ok(h) => h,
+                    Err(StoreError::BadChunkFile { reason, .. }) => {
+                        drop(cache);
+                        self.quarantine(volume, chunk, &path, &reason, Some(state))?;
+                        return Err(StoreError::BadChunkFile { path, reason });
+                    }
+                    Err(e) => return Err(e),
+                };
                 ChunkHandle {
                     file,
                     path,
@@ -696,6 +738,8 @@ impl Store {
             ));
         }
         let stamp = WriteStamp { generation, sequence: 0 };
+        // An install replaces this node's copy: a damaged (quarantined) copy is replaced too.
+        self.replace_if_damaged(volume, chunk)?;
         // Runs of present / absent blocks, each applied as one write or one trim.
         let (mut start, mut data_at, mut crc_at) = (0, 0usize, 0usize);
         while start < present.len() {
@@ -717,6 +761,96 @@ impl Store {
             start = end;
         }
         Ok(())
+    }
+
+    /// Lets an install recreate a chunk whose file was damaged (found now or earlier).
+    fn replace_if_damaged(&self, volume: VolumeId, chunk: ChunkIndex) -> Result<(), StoreError> {
+        let key = (volume, chunk);
+        if !lock(&self.quarantined).contains_key(&key) {
+            let state = self.volume(volume)?;
+            match self.open_existing(volume, &state, chunk) {
+                Ok(_) | Err(StoreError::BadChunkFile { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if lock(&self.quarantined).remove(&key).is_some() {
+            tracing::info!(%volume, %chunk, "replacing a damaged chunk with a copy from a replica");
+        }
+        Ok(())
+    }
+
+    /// Moves a damaged file to `DATA_DIR/damaged/` (kept for inspection; never read again) and says
+    /// so with the path and what happens next.
+    fn move_aside(&self, path: &Path, name: &str, reason: &str, next: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.root.join("damaged");
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let to = dir.join(format!("{name}-{ms}"));
+        match fs::rename(path, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(format!("moving {} aside", path.display()), e, None)),
+        }
+        fsync_dir(&dir)?;
+        if let Some(parent) = path.parent() {
+            fsync_dir(parent)?;
+        }
+        tracing::error!(
+            "{} is damaged ({reason}); moved to {} ({next}; the moved file can be inspected or deleted)",
+            path.display(),
+            to.display()
+        );
+        Ok(to)
+    }
+
+    /// Moves a damaged chunk file aside and refuses every operation on the chunk until a copy is
+    /// installed ([`Store::install_range`]).
+    fn quarantine(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        path: &Path,
+        reason: &str,
+        state: Option<&VolumeState>,
+    ) -> Result<(), StoreError> {
+        let key = (volume, chunk);
+        lock(&self.open_files).pop(&key);
+        if let Some(state) = state {
+            // Nothing of it is left to flush.
+            let mut inner = lock(&state.inner);
+            inner.dirty.remove(&chunk);
+            inner.unsynced.remove(&chunk);
+        }
+        let name = format!("{:016x}-{:016x}.chunk", volume.get(), chunk.0);
+        let to = self.move_aside(path, &name, reason, "this node's copy is restored from a replica")?;
+        let why = format!("{reason}; moved to {}", to.display());
+        if lock(&self.quarantined).insert(key, why).is_none() {
+            lock(&self.damaged_found).push(key);
+        }
+        Ok(())
+    }
+
+    /// Chunks found damaged (and quarantined) since the last call: the node fetches copies of them
+    /// from replicas.
+    pub fn take_damaged(&self) -> Vec<(VolumeId, ChunkIndex)> {
+        std::mem::take(&mut *lock(&self.damaged_found))
+    }
+
+    /// Whether this node's copy of a chunk is quarantined (damaged, awaiting a replica's copy).
+    pub fn is_quarantined(&self, volume: VolumeId, chunk: ChunkIndex) -> bool {
+        lock(&self.quarantined).contains_key(&(volume, chunk))
+    }
+
+    /// Loads every volume, checking each chunk file's header and size and each volume's metadata:
+    /// damaged files are moved aside (see [`Store::take_damaged`]). Returns the chunks quarantined.
+    pub fn check_all(&self) -> Result<usize, StoreError> {
+        for volume in self.list_volumes()? {
+            self.volume(volume)?;
+        }
+        Ok(lock(&self.quarantined).len())
     }
 
     /// Rewrites, with good copies read from a peer, the blocks of the range that are corrupt here
@@ -981,12 +1115,19 @@ impl Store {
         };
         let size = match size {
             Some(s) => s,
+            None if lock(&self.quarantined).contains_key(&(volume, chunk)) => ChunkSize::DEFAULT, // refused below
             None => {
                 let path = self.chunk_path(volume, chunk);
-                match read_header(&path, volume, chunk) {
+                let file = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e, None)),
+                };
+                match read_header_from(&file, &path, volume, chunk) {
                     Ok(h) => h.chunk_size,
-                    Err(StoreError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
-                        return Ok(None);
+                    Err(StoreError::BadChunkFile { reason, .. }) => {
+                        self.quarantine(volume, chunk, &path, &reason, Some(state))?;
+                        return Err(StoreError::BadChunkFile { path, reason });
                     }
                     Err(e) => return Err(e),
                 }
@@ -1178,10 +1319,27 @@ fn check_range(chunk_size: ChunkSize, offset: u32, len: u64) -> Result<u32, Stor
     Ok(offset / BLOCK_SIZE_BYTES)
 }
 
-fn read_header(path: &Path, volume: VolumeId, chunk: ChunkIndex) -> Result<ChunkHeader, StoreError> {
-    let file =
-        File::open(path).map_err(|e| StoreError::io(format!("opening {}", path.display()), e, None))?;
-    read_header_from(&file, path, volume, chunk)
+/// A chunk file's header, checked, and its size: a file shorter than its chunk size needs lost its
+/// tail (truncated) and is damaged.
+fn checked_header(
+    file: &File,
+    path: &Path,
+    volume: VolumeId,
+    chunk: ChunkIndex,
+) -> Result<ChunkHeader, StoreError> {
+    let header = read_header_from(file, path, volume, chunk)?;
+    let len = file
+        .metadata()
+        .map_err(|e| StoreError::io(format!("reading size of {}", path.display()), e, None))?
+        .len();
+    let needed = format::chunk_file_len(header.chunk_size);
+    if len < needed {
+        return Err(StoreError::BadChunkFile {
+            path: path.to_path_buf(),
+            reason: format!("truncated: {len} bytes, a {} chunk needs {needed}", header.chunk_size),
+        });
+    }
+    Ok(header)
 }
 
 fn read_header_from(

@@ -246,8 +246,68 @@ fn a_deleted_volume_goes_in_bounded_steps_and_flushes_still_succeed() {
     drop(store);
     std::fs::write(dir.path().join("volumes/0000000000000008/volume.meta"), b"garbage").unwrap();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    assert_eq!(store.delete_volume_step(vol(8), 4).unwrap(), (0, true));
+    assert_eq!(store.delete_volume_step(vol(8), 4).unwrap(), (1, true));
     assert!(store.list_volumes().unwrap().is_empty());
+}
+
+#[test]
+fn damaged_chunk_files_are_quarantined_until_a_copy_is_installed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    for chunk in 0..3 {
+        write(&store, 2, chunk, 0, &pattern(9, 8192), 4).unwrap();
+    }
+    store.flush_all().unwrap();
+    drop(store);
+    let vdir = dir.path().join("volumes/0000000000000002");
+    let c0 = vdir.join("0000000000000000.chunk");
+    let mut bytes = std::fs::read(&c0).unwrap();
+    bytes[30] ^= 1;
+    std::fs::write(&c0, bytes).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(vdir.join("0000000000000001.chunk"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    std::fs::write(vdir.join("volume.meta"), b"junk").unwrap();
+
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    assert_eq!(store.check_all().unwrap(), 2);
+    let mut damaged = store.take_damaged();
+    damaged.sort();
+    assert_eq!(damaged, vec![(vol(2), ChunkIndex(0)), (vol(2), ChunkIndex(1))]);
+    assert!(store.take_damaged().is_empty(), "reported once");
+    // No zeros for a damaged chunk: reads, writes and its state all fail until a copy is installed.
+    let read = store.read(vol(2), ChunkIndex(0), ChunkSize::DEFAULT, 0, 4096);
+    assert!(matches!(read, Err(StoreError::BadChunkFile { .. })), "{read:?}");
+    assert!(matches!(write(&store, 2, 1, 0, &pattern(1, 4096), 4), Err(StoreError::BadChunkFile { .. })));
+    assert!(store.chunk_state(vol(2), ChunkIndex(1)).is_err());
+    // The rebuilt fence is the chunks' highest generation: an older writer is refused.
+    assert_eq!(store.highest_generation(vol(2)).unwrap(), Generation(4));
+    assert!(matches!(write(&store, 2, 2, 0, &pattern(1, 4096), 3), Err(StoreError::Fenced { .. })));
+    // A copy from a replica replaces it.
+    let data = pattern(9, 8192);
+    let mut present = vec![false; 256];
+    present[0] = true;
+    present[1] = true;
+    store
+        .install_range(
+            vol(2),
+            ChunkIndex(0),
+            ChunkSize::DEFAULT,
+            0,
+            &present,
+            &data,
+            &block_crcs(&data),
+            Generation(4),
+        )
+        .unwrap();
+    assert!(!store.is_quarantined(vol(2), ChunkIndex(0)));
+    assert_eq!(store.read(vol(2), ChunkIndex(0), ChunkSize::DEFAULT, 0, 8192).unwrap().data, data);
+    assert!(store.is_quarantined(vol(2), ChunkIndex(1)));
+    // The damaged files were kept aside.
+    assert_eq!(std::fs::read_dir(dir.path().join("damaged")).unwrap().count(), 3);
 }
 
 #[test]

@@ -147,7 +147,8 @@ pub struct Pool {
     pub up: Option<Child>,
     pub port_base: u16,
     pub nodes: usize,
-    pub restarted: Vec<Child>,
+    /// Nodes started by the test itself (restarts, added nodes), by node id.
+    pub restarted: Vec<(u64, Child)>,
     client: reqwest::blocking::Client,
 }
 
@@ -257,6 +258,10 @@ impl Pool {
     }
 
     pub fn pid(&self, k: u64) -> u32 {
+        // The newest process the test started for node k, else the one `cairn up` started.
+        if let Some((_, c)) = self.restarted.iter().rev().find(|(id, _)| *id == k) {
+            return c.id();
+        }
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(self.data().join("pool.json")).unwrap()).unwrap();
         v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == k).unwrap()["pid"].as_u64().unwrap() as u32
@@ -290,7 +295,7 @@ impl Pool {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        self.restarted.push(child);
+        self.restarted.push((k, child));
     }
 
     /// Starts node `k` (beyond the pool's own) configured to join through node 1, and waits until
@@ -399,7 +404,7 @@ impl Drop for Pool {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
         }
-        for c in &mut self.restarted {
+        for (_, c) in &mut self.restarted {
             let _ = c.kill();
             let _ = c.wait();
         }
