@@ -124,12 +124,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn error_text(resp: Response) -> String {
     let status = resp.status();
+    let url = resp.url().to_string();
     let text = resp.text().unwrap_or_default();
-    let msg = serde_json::from_str::<serde_json::Value>(&text)
+    match serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or(text);
-    format!("{msg} (HTTP {})", status.as_u16())
+    {
+        Some(msg) => format!("{msg} (HTTP {})", status.as_u16()),
+        // Not a Cairn API's answer (every error of ours is {"error": …}).
+        None => format!(
+            "{url} answered HTTP {} without a Cairn error: is this address a Cairn node's admin API?",
+            status.as_u16()
+        ),
+    }
 }
 
 /// Parses a size with an optional binary suffix: `512`, `4K`, `40G`, `1T` (K = 1024).

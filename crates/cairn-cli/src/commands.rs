@@ -17,7 +17,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let line = |cells: Vec<String>| {
         let s: Vec<String> =
             cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
-        println!("{}", s.join("  ").trim_end());
+        outln!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
@@ -26,7 +26,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -55,11 +55,15 @@ pub fn status(api: &Api, json_out: bool) -> anyhow::Result<()> {
         return print_json(&json!({ "status": st, "nodes": nodes, "volumes": volumes }));
     }
     let leader = &st["leader"];
-    println!(
+    outln!(
         "pool: {} of {} nodes up, {} volumes, {} placement groups, epoch {}",
-        st["nodes_up"], st["nodes_total"], st["volumes"], st["pg_count"], st["epoch"]
+        st["nodes_up"],
+        st["nodes_total"],
+        st["volumes"],
+        st["pg_count"],
+        st["epoch"]
     );
-    println!("metadata leader: node {} ({}), term {}", s(&leader["id"]), s(&leader["http"]), st["term"]);
+    outln!("metadata leader: node {} ({}), term {}", s(&leader["id"]), s(&leader["http"]), st["term"]);
     let empty = vec![];
     let rows = nodes
         .as_array()
@@ -167,8 +171,8 @@ pub fn volume_info(api: &Api, name: &str, json_out: bool) -> anyhow::Result<()> 
         return print_json(&v);
     }
     table(&VOLUME_HEADER, vec![volume_row(&v)]);
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{} chunks in {} placement groups",
         v["chunks"],
         v["pgs"].as_array().map(|a| a.len()).unwrap_or(0)
@@ -204,7 +208,7 @@ pub fn volume_rm(api: &Api, name: &str, json_out: bool) -> anyhow::Result<()> {
     if json_out {
         return print_json(&v);
     }
-    println!("deleted volume {name} (id {})", v["id"]);
+    outln!("deleted volume {name} (id {})", v["id"]);
     Ok(())
 }
 
@@ -213,9 +217,9 @@ fn print_events(events: &Value, json_out: bool) -> anyhow::Result<u64> {
     for e in events.as_array().into_iter().flatten() {
         last = last.max(e["seq"].as_u64().unwrap_or(0));
         if json_out {
-            println!("{}", serde_json::to_string(e)?);
+            outln!("{}", serde_json::to_string(e)?);
         } else {
-            println!(
+            outln!(
                 "{:>6}  {}  {:<18} {:<14} {}",
                 s(&e["seq"]),
                 utc(e["time_ms"].as_u64().unwrap_or(0)),

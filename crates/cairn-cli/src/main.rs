@@ -2,6 +2,17 @@
 //!
 //! Errors are printed as one line starting with `error:` and the exit status is 1.
 
+/// `println!` for command output: when stdout is a pipe whose reader went away (`cairn events |
+/// head`), the command ends quietly with success instead of panicking.
+macro_rules! outln {
+    () => {
+        $crate::out_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::out_line(format_args!($($arg)*))
+    };
+}
+
 mod api;
 mod commands;
 mod up;
@@ -113,13 +124,44 @@ enum VolumeCommand {
     Verify { name: String },
 }
 
+/// An error and its causes on one line, each cause named once (many messages already include
+/// their cause).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line = format!("{line}: {cause}");
+        }
+    }
+    line.replace('\n', " ")
+}
+
+/// Writes one line of command output (see `outln!`).
+pub fn out_line(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|_| out.write_all(b"\n")).and_then(|_| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The log filter without `CAIRN_LOG`. openraft reports every failed replication attempt to an
+/// unreachable peer (several lines a second while a node is down); Cairn's own liveness says that
+/// once (`node.down`), so openraft speaks only of errors, and its replication loop not at all.
+const DEFAULT_LOG_FILTER: &str = "info,openraft=error,openraft::replication=off";
+
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .init();
     let json = cli.json;
@@ -145,7 +187,7 @@ fn main() {
         }),
     };
     if let Err(e) = result {
-        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
 }

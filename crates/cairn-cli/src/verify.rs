@@ -173,9 +173,9 @@ pub fn run(api: &Api, name: &str, json_out: bool) -> anyhow::Result<()> {
         }
     });
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
+        outln!(
             "volume {}: {} chunks, {} held by some replica and compared, {} differing",
             report.volume,
             report.chunks,
@@ -183,13 +183,13 @@ pub fn run(api: &Api, name: &str, json_out: bool) -> anyhow::Result<()> {
             report.chunks_differing.len()
         );
         for d in &report.chunks_differing {
-            println!("  chunk {} (pg {}):", d.chunk, d.pg);
+            outln!("  chunk {} (pg {}):", d.chunk, d.pg);
             for (node, copy) in &d.copies {
-                println!("    node {node}: {copy}");
+                outln!("    node {node}: {copy}");
             }
         }
         for (node, why) in &report.not_compared {
-            println!("  node {node} not compared: {why}");
+            outln!("  node {node} not compared: {why}");
         }
     }
     if !report.chunks_differing.is_empty() {

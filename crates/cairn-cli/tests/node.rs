@@ -319,6 +319,10 @@ fn startup_errors_are_one_clear_line() {
             lines[0].starts_with("error: ") && lines[0].contains(needle),
             "{err:?} should mention {needle:?}"
         );
+        // The cause is named once, not repeated by the error chain.
+        if let Some(cause) = lines[0].rsplit(": ").next().filter(|c| c.contains("os error")) {
+            assert_eq!(lines[0].matches(cause).count(), 1, "{err:?} repeats its cause");
+        }
     };
     // Missing file.
     check(&dir.path().join("nope.toml"), "cannot read");

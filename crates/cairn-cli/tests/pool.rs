@@ -9,6 +9,43 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 #[test]
+fn the_cli_says_clearly_what_is_wrong_and_survives_a_closed_pipe() {
+    let pool = Pool::start(3);
+    for name in [".", ".."] {
+        let (ok, _, err) = pool.cli(&["volume", "create", name, "--size", "1M"]);
+        assert!(!ok && err.contains("is invalid") && err.contains("not only dots"), "{err}");
+    }
+    pool.cli_json(&["volume", "create", "v1", "--size", "1M"]);
+    pool.cli_json(&["volume", "create", "v2", "--size", "1M"]);
+    // `cairn events | head -1`: the reader goes away, the CLI ends quietly with success.
+    let script = format!(
+        "{} --addr {} events | head -1; echo \"rc=${{PIPESTATUS[0]}}\"",
+        env!("CARGO_BIN_EXE_cairn"),
+        pool.addrs()
+    );
+    let (ok, out) = run_tool("bash", &["-c".to_string(), script], Duration::from_secs(60));
+    assert!(ok && out.contains("rc=0") && !out.contains("panicked"), "{out}");
+    // An address that is not a Cairn API: say so, not "error:  (HTTP 404)".
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = other.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        if let Ok((mut s, _)) = other.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let body = "<html>Not Found</html>";
+            let _ = write!(s, "HTTP/1.1 404 Not Found\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    let mut cmd = cairn();
+    cmd.args(["--addr", &at.to_string(), "status"]).env("CAIRN_LOG", "off");
+    let out = run_to_end(cmd, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is this address a Cairn node's admin API"), "{err}");
+    server.join().unwrap();
+}
+
+#[test]
 fn volumes_are_created_listed_resized_and_deleted() {
     let pool = Pool::start(3);
     let v = pool.cli_json(&["volume", "create", "web01", "--size", "40G"]);

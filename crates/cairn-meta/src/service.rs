@@ -279,7 +279,13 @@ impl<T: PeerTransport> MetaService<T> {
             Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_)))) => {
                 Err(self.not_leader())
             }
-            Ok(Err(RaftError::APIError(e))) => Err(MetaError::NoQuorum(e.to_string())),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                let got: Vec<String> = q.got.iter().map(|n| n.to_string()).collect();
+                Err(MetaError::NoQuorum(format!(
+                    "the leader reached only node(s) {} of the metadata voters, not a majority",
+                    got.join(", ")
+                )))
+            }
             Ok(Err(RaftError::Fatal(e))) => Err(MetaError::Internal(e.to_string())),
         }
     }

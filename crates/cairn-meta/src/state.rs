@@ -199,7 +199,7 @@ pub enum Command {
 /// Why a command was rejected. Every member rejects the same commands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum StateError {
-    #[error("volume name {0:?} is invalid: use 1 to 64 characters from A-Z a-z 0-9 . _ -")]
+    #[error("volume name {0:?} is invalid: use 1 to 64 characters from A-Z a-z 0-9 . _ -, not only dots")]
     InvalidName(String),
     #[error("a volume named {0:?} already exists")]
     NameTaken(String),
@@ -283,10 +283,12 @@ impl Default for ClusterState {
     }
 }
 
-/// Checks a volume name: 1–64 characters of `[A-Za-z0-9._-]`.
+/// Checks a volume name: 1–64 characters of `[A-Za-z0-9._-]`, not only dots.
 pub fn validate_name(name: &str) -> Result<(), StateError> {
     let ok = (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        // "." and ".." would be paths, not names, in URLs and export names.
+        && !name.bytes().all(|b| b == b'.');
     if ok { Ok(()) } else { Err(StateError::InvalidName(name.to_string())) }
 }
 
@@ -723,10 +725,13 @@ mod tests {
             create(&mut s, "bad name", 4096, 1),
             CommandResult::Rejected(StateError::InvalidName(_))
         ));
-        assert!(matches!(
-            create(&mut s, &"x".repeat(65), 4096, 1),
-            CommandResult::Rejected(StateError::InvalidName(_))
-        ));
+        for bad in [&"x".repeat(65) as &str, ".", ".."] {
+            assert!(matches!(
+                create(&mut s, bad, 4096, 1),
+                CommandResult::Rejected(StateError::InvalidName(_))
+            ));
+        }
+        assert!(matches!(create(&mut s, "...a", 4096, 1), CommandResult::Volume(_)));
         assert!(matches!(create(&mut s, "a", 0, 1), CommandResult::Rejected(StateError::InvalidSize { .. })));
         assert!(matches!(
             create(&mut s, "a", 1000, 1),

@@ -151,8 +151,8 @@ fn default_in_flight() -> u64 {
 /// Why a configuration file was refused; the message is one line naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: cannot read: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -170,7 +170,7 @@ impl NodeConfig {
     /// Reads and validates a configuration file. Relative `data_dir`s are relative to the file.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), cause: source })?;
         let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
         let mut config: NodeConfig = toml::from_str(&text).map_err(|e| {
             let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));

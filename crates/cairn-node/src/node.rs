@@ -77,10 +77,10 @@ impl Node {
         }
         let http_listener = tokio::net::TcpListener::bind(config.http_addr())
             .await
-            .map_err(|source| NodeError::Listen { addr: config.http_addr(), source })?;
+            .map_err(|source| NodeError::Listen { addr: config.http_addr(), cause: source })?;
         let nbd_listener = tokio::net::TcpListener::bind(config.nbd_addr())
             .await
-            .map_err(|source| NodeError::Listen { addr: config.nbd_addr(), source })?;
+            .map_err(|source| NodeError::Listen { addr: config.nbd_addr(), cause: source })?;
         let peer: PeerSlot = Arc::default();
         let rpc = RunningNode::start(config, store.clone(), peer.clone()).await?;
 
@@ -195,7 +195,7 @@ impl Node {
 
         let http_addr = http_listener
             .local_addr()
-            .map_err(|source| NodeError::Listen { addr: config.http_addr(), source })?;
+            .map_err(|source| NodeError::Listen { addr: config.http_addr(), cause: source })?;
         let http_stop = CancellationToken::new();
         let stop = http_stop.clone();
         let local = Arc::new(LocalHandler {
@@ -236,7 +236,7 @@ impl Node {
         let nbd_stop = CancellationToken::new();
         let nbd_addr = nbd_listener
             .local_addr()
-            .map_err(|source| NodeError::Listen { addr: config.nbd_addr(), source })?;
+            .map_err(|source| NodeError::Listen { addr: config.nbd_addr(), cause: source })?;
         let nbd_task = tokio::spawn(cairn_nbd::serve_tcp(nbd_listener, exports, nbd_stop.clone()));
         Ok(Node {
             rpc,
@@ -288,7 +288,7 @@ impl Node {
         // Every acknowledged write is durable now: the next start needs no power-loss resync.
         crate::recovery::note_clean_shutdown(&self.data_dir).map_err(|e| StoreError::Io {
             context: format!("recording a clean shutdown in {}", self.data_dir.display()),
-            source: e,
+            cause: e,
         })
     }
 }

@@ -107,8 +107,10 @@ pub type PeerSlot = Arc<Wiring>;
 pub enum NodeError {
     #[error("data directory: {0}")]
     Store(#[from] StoreError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    // The cause is part of the message and not a `source`, so that a printed error chain names
+    // it once.
+    #[error("cannot listen on {addr}: {cause}")]
+    Listen { addr: SocketAddr, cause: std::io::Error },
     #[error("metadata service: {0}")]
     Meta(String),
     #[error("{0}")]
@@ -132,10 +134,10 @@ impl RunningNode {
     ) -> Result<RunningNode, NodeError> {
         let listener = TcpListener::bind(config.rpc_listen_addr)
             .await
-            .map_err(|source| NodeError::Listen { addr: config.rpc_listen_addr, source })?;
+            .map_err(|source| NodeError::Listen { addr: config.rpc_listen_addr, cause: source })?;
         let rpc_addr = listener
             .local_addr()
-            .map_err(|source| NodeError::Listen { addr: config.rpc_listen_addr, source })?;
+            .map_err(|source| NodeError::Listen { addr: config.rpc_listen_addr, cause: source })?;
         let shutdown = CancellationToken::new();
         let limits = Limits {
             in_flight_bytes_max: config.in_flight_bytes_max,
@@ -509,7 +511,7 @@ fn record_missed(
     let hooks = hooks.ok_or_else(|| StoreError::InvalidRequest("the node is starting".into()))?;
     hooks.missed.record(peers, volume.get(), chunk.0, chunk_size.bytes()).map_err(|e| StoreError::Io {
         context: format!("recording missed writes in {}", hooks.missed.path().display()),
-        source: e,
+        cause: e,
     })
 }
 

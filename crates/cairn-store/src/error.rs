@@ -17,12 +17,10 @@ pub enum StoreError {
     #[error("volume {volume} chunk {chunk}: no space left on the data directory's device")]
     NoSpace { volume: VolumeId, chunk: ChunkIndex },
 
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is part of the message and not a `source`, so that a printed error chain names
+    // it once.
+    #[error("{context}: {cause}")]
+    Io { context: String, cause: std::io::Error },
 
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -52,6 +50,6 @@ impl StoreError {
         {
             return StoreError::NoSpace { volume, chunk };
         }
-        StoreError::Io { context: context.into(), source }
+        StoreError::Io { context: context.into(), cause: source }
     }
 }
