@@ -1,7 +1,8 @@
 //! Messages between metadata peers, and openraft's network on top of any [`PeerTransport`].
 //!
 //! Storage nodes carry these messages over the node RPC (cairn-node); the simulation test carries
-//! them over turmoil's simulated network. Bodies are JSON.
+//! them over turmoil's simulated network. Bodies are postcard (binary): a snapshot's bytes travel
+//! as they are.
 
 use crate::TypeConfig;
 use crate::state::NodeAddr;
@@ -16,12 +17,22 @@ use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::Duration;
 
-/// Largest piece of a snapshot sent in one `InstallSnapshot` message: 768 KiB. Peer messages are
-/// JSON, which writes each snapshot byte as a decimal number and a comma (up to 4 characters), so a
-/// piece becomes at most 3 MiB of JSON, inside the node RPC's 4 MiB frame body with room for the
-/// envelope. (openraft's default, 3 MiB, made a snapshot of a pool with ~10 000 volumes too large
-/// for one frame: the leader could never bring a lagging node up to date.)
-pub const SNAPSHOT_CHUNK_MAX_BYTES: u64 = 768 * 1024;
+/// Largest piece of a snapshot sent in one `InstallSnapshot` message: 3 MiB, inside the node
+/// RPC's 4 MiB frame body with room for the envelope (peer messages are binary, so a piece costs
+/// its own size). Whatever the state's size, a lagging node is brought up to date piece by piece.
+/// (When peer messages were JSON, each byte a decimal number, a snapshot of ~10 000 volumes made
+/// one message too large for a frame and the leader could never catch such a node up.)
+pub const SNAPSHOT_CHUNK_MAX_BYTES: u64 = 3 * 1024 * 1024;
+
+/// Encodes a peer message (request or reply) for the wire.
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, String> {
+    postcard::to_stdvec(message).map_err(|e| format!("cannot encode a peer message: {e}"))
+}
+
+/// Decodes a peer message; malformed input is an error, never a panic.
+pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    postcard::from_bytes(body).map_err(|e| format!("malformed peer message: {e}"))
+}
 
 /// A node's periodic report to the leader: it is alive, and how full it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,8 +171,8 @@ impl<T: PeerTransport> RaftNetwork<TypeConfig> for PeerClient<T> {
 mod tests {
     use super::*;
 
-    /// The largest snapshot piece, in the worst case for JSON (every byte 255), fits in one node
-    /// RPC frame: a lagging node can always be brought up to date, whatever the state's size.
+    /// The largest snapshot piece fits in one node RPC frame: a lagging node can always be brought
+    /// up to date, whatever the state's size.
     #[test]
     fn the_largest_snapshot_piece_fits_in_one_frame() {
         let request = PeerRequest::InstallSnapshot(InstallSnapshotRequest {
@@ -171,10 +182,10 @@ mod tests {
             data: vec![255; SNAPSHOT_CHUNK_MAX_BYTES as usize],
             done: false,
         });
-        let body = serde_json::to_vec(&request).unwrap();
+        let body = encode(&request).unwrap();
         assert!(
             body.len() <= cairn_proto::frame::FRAME_BODY_MAX_BYTES as usize,
-            "{} bytes of JSON for a {} byte piece",
+            "{} bytes for a {} byte piece",
             body.len(),
             SNAPSHOT_CHUNK_MAX_BYTES
         );

@@ -92,7 +92,8 @@ pub struct Volume {
     pub generation: u64,
     /// Set by a shrink: bytes from here on may still hold data from before the shrink (replicas are
     /// not trimmed yet), so the volume may not grow past this point again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (Always serialized: binary encodings need every field.)
+    #[serde(default)]
     pub stale_from_bytes: Option<u64>,
 }
 
@@ -399,34 +400,46 @@ impl ClusterState {
     }
 
     /// Creates the PG set of every replica count some volume uses and that has none yet: a new
-    /// set holds no data, so its target members are authoritative at once. Also runs before every
-    /// command, so that a pool whose state predates PG sets gets them on its next command.
+    /// set holds no data, so its target members are authoritative at once. Runs before a command
+    /// only while there are volumes but no sets (a pool whose state predates PG sets gets them on
+    /// its next command) — scanning every volume on every command would make each command cost
+    /// O(volumes); a new replica count otherwise comes only with `CreateVolume`, which adds its set.
     fn ensure_pg_sets(&mut self) {
         let missing: BTreeSet<u8> =
             self.volumes.values().map(|v| v.replicas).filter(|r| !self.pg_sets.contains_key(r)).collect();
         for replicas in missing {
-            let incarnations = self.incarnations();
-            let set = (0..self.pg_count)
-                .map(|pg| PgAuthority {
-                    interval: 1,
-                    members: self
-                        .target(replicas, pg)
-                        .into_iter()
-                        .map(|node| Member {
-                            node,
-                            incarnation: incarnations.get(&node).copied().unwrap_or(0),
-                            phase: Phase::Active,
-                        })
-                        .collect(),
-                })
-                .collect();
-            self.pg_sets.insert(replicas, set);
+            self.add_pg_set(replicas);
         }
+    }
+
+    /// Creates the PG set of `replicas` copies if there is none.
+    fn add_pg_set(&mut self, replicas: u8) {
+        if self.pg_sets.contains_key(&replicas) {
+            return;
+        }
+        let incarnations = self.incarnations();
+        let set = (0..self.pg_count)
+            .map(|pg| PgAuthority {
+                interval: 1,
+                members: self
+                    .target(replicas, pg)
+                    .into_iter()
+                    .map(|node| Member {
+                        node,
+                        incarnation: incarnations.get(&node).copied().unwrap_or(0),
+                        phase: Phase::Active,
+                    })
+                    .collect(),
+            })
+            .collect();
+        self.pg_sets.insert(replicas, set);
     }
 
     /// Applies one committed command.
     pub fn apply(&mut self, command: Command) -> CommandResult {
-        self.ensure_pg_sets();
+        if self.pg_sets.is_empty() && !self.volumes.is_empty() {
+            self.ensure_pg_sets();
+        }
         match self.apply_inner(command) {
             Ok(r) => {
                 self.epoch += 1;
@@ -551,7 +564,7 @@ impl ClusterState {
                 };
                 self.next_volume_id += 1;
                 self.volumes.insert(name.clone(), volume.clone());
-                self.ensure_pg_sets();
+                self.add_pg_set(replicas);
                 self.event(
                     time_ms,
                     "volume.created",

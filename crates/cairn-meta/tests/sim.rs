@@ -43,13 +43,13 @@ enum SimReply {
 async fn exchange(host: &str, request: &SimRequest, timeout: Duration) -> Result<SimReply, String> {
     let fut = async {
         let mut s = turmoil::net::TcpStream::connect((host, PORT)).await.map_err(|e| e.to_string())?;
-        let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+        let body = cairn_meta::network::encode(request)?;
         s.write_u32(body.len() as u32).await.map_err(|e| e.to_string())?;
         s.write_all(&body).await.map_err(|e| e.to_string())?;
         let len = s.read_u32().await.map_err(|e| e.to_string())?;
         let mut buf = vec![0u8; len as usize];
         s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        serde_json::from_slice(&buf).map_err(|e| e.to_string())
+        cairn_meta::network::decode(&buf)
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| "timeout".to_string())?
 }
@@ -121,7 +121,7 @@ async fn run_node(id: u64, dir: PathBuf, leaders: Leaders) -> turmoil::Result {
             if s.read_exact(&mut buf).await.is_err() {
                 return;
             }
-            let Ok(request) = serde_json::from_slice::<SimRequest>(&buf) else { return };
+            let Ok(request) = cairn_meta::network::decode::<SimRequest>(&buf) else { return };
             let reply = match request {
                 SimRequest::Peer(p) => SimReply::Peer(meta.handle_peer(p).await),
                 SimRequest::Propose(c) => SimReply::Proposed(meta.propose(c).await.map_err(|e| match e {
@@ -130,7 +130,7 @@ async fn run_node(id: u64, dir: PathBuf, leaders: Leaders) -> turmoil::Result {
                 })),
                 SimRequest::Inspect => SimReply::State(Box::new(meta.read(|s| s.clone()))),
             };
-            let body = serde_json::to_vec(&reply).unwrap();
+            let body = cairn_meta::network::encode(&reply).unwrap();
             let _ = s.write_u32(body.len() as u32).await;
             let _ = s.write_all(&body).await;
         });

@@ -119,10 +119,9 @@ impl Node {
         let handler: PeerHandler = Arc::new(move |body| {
             let meta = handler_meta.clone();
             Box::pin(async move {
-                let request: PeerRequest =
-                    serde_json::from_slice(&body).map_err(|e| format!("malformed peer request: {e}"))?;
+                let request: PeerRequest = cairn_meta::network::decode(&body)?;
                 let reply = meta.handle_peer(request).await;
-                serde_json::to_vec(&reply).map(bytes::Bytes::from).map_err(|e| e.to_string())
+                cairn_meta::network::encode(&reply).map(bytes::Bytes::from)
             })
         });
         let _ = peer.peer.set(handler);

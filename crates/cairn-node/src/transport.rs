@@ -18,9 +18,7 @@ pub struct RpcPeerTransport {
 impl RpcPeerTransport {
     async fn exchange(&self, addr: SocketAddr, body: Bytes) -> Result<PeerReply, String> {
         match self.connections.call(addr, &Request::Peer { body }).await {
-            Ok(Response::Peer { body }) => {
-                serde_json::from_slice(&body).map_err(|e| format!("bad peer reply: {e}"))
-            }
+            Ok(Response::Peer { body }) => cairn_meta::network::decode(&body),
             Ok(Response::Error(e)) => Err(e.to_string()),
             Ok(other) => Err(format!("unexpected reply {other:?}")),
             Err(e) => Err(e.to_string()),
@@ -39,7 +37,7 @@ impl PeerTransport for RpcPeerTransport {
         let rpc = addr.rpc.clone();
         async move {
             let addr: SocketAddr = rpc.parse().map_err(|e| format!("bad peer address {rpc:?}: {e}"))?;
-            let body = Bytes::from(serde_json::to_vec(&request).map_err(|e| e.to_string())?);
+            let body = Bytes::from(cairn_meta::network::encode(&request)?);
             match tokio::time::timeout(timeout, this.exchange(addr, body)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer from {addr} within {timeout:?}")),
