@@ -138,6 +138,7 @@ pub fn volume_create(
     replicas: Option<u8>,
     chunk_size: Option<&str>,
     shared: bool,
+    overcommit_limit: f64,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let mut body = json!({ "name": name, "size_bytes": parse_size(size)?, "shared": shared });
@@ -149,10 +150,53 @@ pub fn volume_create(
     }
     let v: Value = api.post("/v1/volumes", &body)?;
     if json_out {
-        return print_json(&v);
+        print_json(&v)?;
+    } else {
+        table(&VOLUME_HEADER, vec![volume_row(&v)]);
     }
-    table(&VOLUME_HEADER, vec![volume_row(&v)]);
+    report_overcommit(api, overcommit_limit);
     Ok(())
+}
+
+/// Thin provisioning is allowed; saying how far the pool is overcommitted is not optional. Prints
+/// (to stderr, so `--json` output stays clean) the bytes provisioned — every volume's size times
+/// its replicas — against the pool's raw capacity, and a warning past `limit`.
+fn report_overcommit(api: &Api, limit: f64) {
+    let (Ok(volumes), Ok(nodes)) = (api.get::<Value>("/v1/volumes"), api.get::<Value>("/v1/nodes")) else {
+        return;
+    };
+    let provisioned: u64 = volumes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v["size_bytes"].as_u64().unwrap_or(0).saturating_mul(v["replicas"].as_u64().unwrap_or(1)))
+        .sum();
+    let capacity: u64 = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["in"].as_bool() != Some(false))
+        .map(|n| n["capacity_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    if capacity == 0 {
+        eprintln!(
+            "pool: {} provisioned (size × replicas); the nodes have not reported their capacity yet",
+            format_size(provisioned)
+        );
+        return;
+    }
+    let ratio = provisioned as f64 / capacity as f64;
+    eprintln!(
+        "pool: {} provisioned (size × replicas) on {} of raw capacity: {ratio:.2}× overcommitted",
+        format_size(provisioned),
+        format_size(capacity)
+    );
+    if ratio > limit {
+        eprintln!(
+            "warning: overcommit {ratio:.2}× exceeds the limit of {limit}× (--overcommit-limit, \
+             CAIRN_OVERCOMMIT_LIMIT): writing the volumes full would run the pool out of space"
+        );
+    }
 }
 
 pub fn volume_ls(api: &Api, json_out: bool) -> anyhow::Result<()> {
@@ -192,14 +236,17 @@ pub fn volume_resize(
     name: &str,
     size: &str,
     allow_shrink: bool,
+    overcommit_limit: f64,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let body = json!({ "size_bytes": parse_size(size)?, "allow_shrink": allow_shrink });
     let v: Value = api.post(&format!("/v1/volumes/{name}/resize"), &body)?;
     if json_out {
-        return print_json(&v);
+        print_json(&v)?;
+    } else {
+        table(&VOLUME_HEADER, vec![volume_row(&v)]);
     }
-    table(&VOLUME_HEADER, vec![volume_row(&v)]);
+    report_overcommit(api, overcommit_limit);
     Ok(())
 }
 

@@ -103,6 +103,10 @@ enum VolumeCommand {
         /// Allow several writers at once (cluster file systems, multi-job benchmarks).
         #[arg(long)]
         shared: bool,
+        /// Warn when the pool's provisioned bytes (size × replicas of every volume) exceed this
+        /// many times its raw capacity.
+        #[arg(long, env = "CAIRN_OVERCOMMIT_LIMIT", default_value_t = 2.0)]
+        overcommit_limit: f64,
     },
     /// List volumes.
     Ls,
@@ -116,6 +120,9 @@ enum VolumeCommand {
         /// Allow making the volume smaller (destroys the data beyond the new end).
         #[arg(long)]
         allow_shrink: bool,
+        /// As for `create`.
+        #[arg(long, env = "CAIRN_OVERCOMMIT_LIMIT", default_value_t = 2.0)]
+        overcommit_limit: f64,
     },
     /// Delete a volume and its data.
     Rm { name: String },
@@ -174,13 +181,14 @@ fn main() {
         Command::Gateway { pool, listen, socket } => run_gateway(&pool, listen, socket),
         Command::Events { follow, since } => api().and_then(|a| commands::events(&a, follow, since, json)),
         Command::Volume { command } => api().and_then(|a| match command {
-            VolumeCommand::Create { name, size, replicas, chunk_size, shared } => {
-                commands::volume_create(&a, &name, &size, replicas, chunk_size.as_deref(), shared, json)
+            VolumeCommand::Create { name, size, replicas, chunk_size, shared, overcommit_limit } => {
+                let chunk = chunk_size.as_deref();
+                commands::volume_create(&a, &name, &size, replicas, chunk, shared, overcommit_limit, json)
             }
             VolumeCommand::Ls => commands::volume_ls(&a, json),
             VolumeCommand::Info { name } => commands::volume_info(&a, &name, json),
-            VolumeCommand::Resize { name, size, allow_shrink } => {
-                commands::volume_resize(&a, &name, &size, allow_shrink, json)
+            VolumeCommand::Resize { name, size, allow_shrink, overcommit_limit } => {
+                commands::volume_resize(&a, &name, &size, allow_shrink, overcommit_limit, json)
             }
             VolumeCommand::Rm { name } => commands::volume_rm(&a, &name, json),
             VolumeCommand::Verify { name } => verify::run(&a, &name, json),

@@ -15,7 +15,17 @@ fn the_cli_says_clearly_what_is_wrong_and_survives_a_closed_pipe() {
         let (ok, _, err) = pool.cli(&["volume", "create", name, "--size", "1M"]);
         assert!(!ok && err.contains("is invalid") && err.contains("not only dots"), "{err}");
     }
-    pool.cli_json(&["volume", "create", "v1", "--size", "1M"]);
+    // Thin provisioning: accepted, with the overcommit said, and a warning past the limit.
+    wait_for("the nodes to report their capacity", Duration::from_secs(30), || {
+        let (status, nodes) = pool.get(1, "/v1/nodes");
+        let all = status == 200 && nodes.as_array()?.iter().all(|n| n["capacity_bytes"].as_u64() > Some(0));
+        all.then_some(())
+    });
+    let (ok, _, err) = pool.cli(&["volume", "create", "v1", "--size", "1M"]);
+    assert!(ok && err.contains("overcommitted") && !err.contains("warning"), "{err}");
+    let (ok, out, err) = pool.cli(&["--json", "volume", "create", "huge", "--size", "1024T"]);
+    assert!(ok && err.contains("warning: overcommit"), "{err}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["name"], "huge", "JSON stays clean");
     pool.cli_json(&["volume", "create", "v2", "--size", "1M"]);
     // `cairn events | head -1`: the reader goes away, the CLI ends quietly with success.
     let script = format!(
