@@ -131,6 +131,7 @@ fn volume_row(v: &Value) -> Vec<String> {
 
 const VOLUME_HEADER: [&str; 7] = ["NAME", "ID", "SIZE", "REPLICAS", "CHUNK", "GENERATION", "SHARED"];
 
+#[allow(clippy::too_many_arguments)]
 pub fn volume_create(
     api: &Api,
     name: &str,
