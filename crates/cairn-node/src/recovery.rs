@@ -119,6 +119,10 @@ pub async fn run(
     let connections = ConnectionPool::default();
     let mut reaped = tokio::time::Instant::now();
     let mut damaged: Vec<(cairn_types::VolumeId, ChunkIndex)> = Vec::new();
+    // Per peer whose copies failed: when to try again, and the current delay (doubling up to
+    // COPY_BACKOFF_MAX), so a peer that cannot take copies (full disk, say) is not retried every
+    // round nor reported in every round's log.
+    let mut backoff: std::collections::HashMap<u64, (tokio::time::Instant, Duration)> = Default::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -144,6 +148,9 @@ pub async fn run(
             }
             let Some(node) = meta.read(|s| s.nodes.get(&peer).cloned()) else { continue };
             if !node.up || !node.catching_up {
+                continue;
+            }
+            if backoff.get(&peer).is_some_and(|(at, _)| tokio::time::Instant::now() < *at) {
                 continue;
             }
             let Ok(addr) = node.addr.rpc.parse::<SocketAddr>() else { continue };
@@ -172,11 +179,23 @@ pub async fn run(
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(peer, volume, chunk, "catch-up copy failed: {e}");
+                        let delay =
+                            backoff.get(&peer).map_or(ROUND_INTERVAL, |(_, d)| *d * 2).min(COPY_BACKOFF_MAX);
+                        tracing::warn!(
+                            peer,
+                            volume,
+                            chunk,
+                            "catch-up copy failed: {e}; trying again in {} s",
+                            delay.as_secs_f64()
+                        );
+                        backoff.insert(peer, (tokio::time::Instant::now() + delay, delay));
                         connections.forget(&conn).await;
                         break;
                     }
                 }
+            }
+            if copied > 0 {
+                backoff.remove(&peer);
             }
             if copied > 0 {
                 tracing::info!(peer, copied, remaining = missed.pending(peer), "catch-up: copied chunks");
@@ -214,6 +233,9 @@ fn note_damaged(
         }
     });
 }
+
+/// Longest wait before copying to a peer whose copies failed is tried again.
+const COPY_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// How often the node looks for data of deleted volumes to remove.
 const REAP_INTERVAL: Duration = Duration::from_secs(2);
