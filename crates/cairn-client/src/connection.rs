@@ -283,6 +283,37 @@ impl ConnectionPool {
         }
         r
     }
+
+    /// Like [`ConnectionPool::call`], bounded by `timeout` (connecting included). A connection on
+    /// which a call timed out is forgotten too: after a partition it may sit in TCP's retransmission
+    /// back-off for a minute while a new connection would get through at once; calls already on
+    /// it finish (or time out) there.
+    pub async fn call_within(
+        &self,
+        addr: SocketAddr,
+        request: &Request,
+        timeout: std::time::Duration,
+    ) -> Result<Response, ConnectionError> {
+        let timed_out = |what: &str| ConnectionError::Lost {
+            addr,
+            message: format!("{what} within {} ms", timeout.as_millis()),
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let conn = tokio::time::timeout_at(deadline, self.get(addr))
+            .await
+            .map_err(|_| timed_out("not connected"))??;
+        match tokio::time::timeout_at(deadline, conn.call(request)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                self.forget(&conn).await;
+                Err(e)
+            }
+            Err(_) => {
+                self.forget(&conn).await;
+                Err(timed_out("no answer"))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

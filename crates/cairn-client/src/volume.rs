@@ -313,11 +313,11 @@ impl VolumeClient {
             let n = map.nodes.get(&node).ok_or_else(|| format!("unknown node {node}"))?;
             n.rpc.parse().map_err(|e| format!("node {node} address {:?}: {e}", n.rpc))?
         };
-        let reply =
-            match tokio::time::timeout(self.config.rpc_timeout, self.connections.call(addr, request)).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("node {node} did not answer within {:?}", self.config.rpc_timeout)),
-            };
+        let reply = self
+            .connections
+            .call_within(addr, request, self.config.rpc_timeout)
+            .await
+            .map_err(|e| format!("node {node}: {e}"));
         self.note_deleted(&reply);
         reply
     }

@@ -59,6 +59,10 @@ pub enum PeerRequest {
         id: u64,
         addr: NodeAddr,
     },
+    /// The leader asks a node for its report (the other direction of `Heartbeat`): a node is
+    /// alive if either reaches the other, so a one-way partition does not make the leader declare
+    /// nodes it can reach down.
+    Probe,
 }
 
 /// Why a request meant for the leader was not handled.
@@ -78,6 +82,7 @@ pub enum PeerReply {
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     Heartbeat(Result<(), PeerError>),
     Join(Result<(), PeerError>),
+    Probe(NodeReport),
 }
 
 /// Carries peer requests to the node at `addr`. Errors are transport failures (unreachable,

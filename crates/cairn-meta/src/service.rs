@@ -353,6 +353,7 @@ impl<T: PeerTransport> MetaService<T> {
                 self.record_heartbeat(report);
                 PeerReply::Heartbeat(Ok(()))
             }
+            PeerRequest::Probe => PeerReply::Probe(self.report()),
             PeerRequest::Join { id, addr } => {
                 if !self.is_leader() {
                     return PeerReply::Join(Err(PeerError::NotLeader { leader: self.leader().map(|l| l.1) }));
@@ -589,6 +590,25 @@ async fn heartbeat_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T
         let report = s.report();
         if s.is_leader() {
             s.record_heartbeat(report);
+            // And ask every other node for its report: a node the leader can reach is heard even
+            // if its own heartbeats cannot reach the leader (a one-way partition).
+            let others: Vec<(u64, NodeAddr)> = s.read(|st| {
+                st.nodes.values().filter(|n| n.id != s.id).map(|n| (n.id, n.addr.clone())).collect()
+            });
+            for (id, addr) in others {
+                let weak = service.clone();
+                let transport = s.transport.clone();
+                tokio::spawn(async move {
+                    if let Ok(PeerReply::Probe(report)) =
+                        transport.call(&addr, PeerRequest::Probe, interval).await
+                        && report.id == id
+                        && let Some(s) = weak.upgrade()
+                        && s.is_leader()
+                    {
+                        s.record_heartbeat(report);
+                    }
+                });
+            }
         } else if let Some((_, leader)) = s.leader() {
             let transport = s.transport.clone();
             drop(s);

@@ -16,8 +16,8 @@ pub struct RpcPeerTransport {
 }
 
 impl RpcPeerTransport {
-    async fn exchange(&self, addr: SocketAddr, body: Bytes) -> Result<PeerReply, String> {
-        match self.connections.call(addr, &Request::Peer { body }).await {
+    async fn exchange(&self, addr: SocketAddr, body: Bytes, timeout: Duration) -> Result<PeerReply, String> {
+        match self.connections.call_within(addr, &Request::Peer { body }, timeout).await {
             Ok(Response::Peer { body }) => cairn_meta::network::decode(&body),
             Ok(Response::Error(e)) => Err(e.to_string()),
             Ok(other) => Err(format!("unexpected reply {other:?}")),
@@ -38,10 +38,7 @@ impl PeerTransport for RpcPeerTransport {
         async move {
             let addr: SocketAddr = rpc.parse().map_err(|e| format!("bad peer address {rpc:?}: {e}"))?;
             let body = Bytes::from(cairn_meta::network::encode(&request)?);
-            match tokio::time::timeout(timeout, this.exchange(addr, body)).await {
-                Ok(r) => r,
-                Err(_) => Err(format!("no answer from {addr} within {timeout:?}")),
-            }
+            this.exchange(addr, body, timeout).await
         }
     }
 }
