@@ -70,6 +70,26 @@ pub fn router(meta: Meta, counters: Counters) -> Router {
         .with_state(meta)
 }
 
+/// A path parameter whose rejection (bad percent-encoding, not a number…) is a JSON error like
+/// every other answer of the API.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError::new(e.status(), e.body_text())),
+        }
+    }
+}
+
 /// Largest request body accepted: requests are small JSON documents.
 pub const BODY_MAX_BYTES: usize = 64 * 1024;
 /// Longest a request may take, its body included (a proposal waits at most 5 s for a quorum).
@@ -326,7 +346,7 @@ fn placement(s: &ClusterState, v: &Volume) -> VolumeInfoJson {
 async fn volume_info(
     State(meta): State<Meta>,
     uri: Uri,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VolumeInfoJson>, ApiError> {
     lead(&meta, &uri).await?;
     let s = meta.state();
@@ -380,7 +400,7 @@ async fn create_volume(
 async fn delete_volume(
     State(meta): State<Meta>,
     uri: Uri,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Volume>, ApiError> {
     Ok(Json(propose_volume(&meta, &uri, Command::DeleteVolume { name, time_ms: now_ms() }).await?))
 }
@@ -396,7 +416,7 @@ struct Resize {
 async fn resize_volume(
     State(meta): State<Meta>,
     uri: Uri,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: Result<Json<Resize>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Volume>, ApiError> {
     let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
@@ -412,7 +432,7 @@ async fn resize_volume(
 async fn open_volume(
     State(meta): State<Meta>,
     uri: Uri,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Volume>, ApiError> {
     Ok(Json(propose_volume(&meta, &uri, Command::OpenVolume { name, time_ms: now_ms() }).await?))
 }
@@ -453,9 +473,8 @@ async fn pgs(State(meta): State<Meta>, uri: Uri) -> Result<Json<PgTableJson>, Ap
 async fn catch_up(
     State(meta): State<Meta>,
     uri: Uri,
-    id: Result<Path<u64>, axum::extract::rejection::PathRejection>,
+    ApiPath(id): ApiPath<u64>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Path(id) = id.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     if !meta.is_leader() {
         lead(&meta, &uri).await?;
     }
