@@ -516,7 +516,16 @@ fn connections_are_capped_and_handshakes_time_out_on_every_listener() {
     let r = client.post(format!("{base}/v1/nodes/abc/catch-up")).send().unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert!(r.json::<serde_json::Value>().unwrap()["error"].is_string());
-    // (Found by the http_api fuzz target: a name that is not UTF-8 once decoded.)
+    // (Found by the http_api fuzz target: JSON of the wrong shape; a name that is not UTF-8 once
+    // decoded.)
+    let r = client
+        .post(format!("{base}/v1/volumes"))
+        .header("content-type", "application/json")
+        .body("\"x\"")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.json::<serde_json::Value>().unwrap()["error"].is_string());
     let r = client.get(format!("{base}/v1/volumes/%ff%fe")).send().unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert!(r.json::<serde_json::Value>().unwrap()["error"].is_string());

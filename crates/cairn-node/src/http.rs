@@ -70,6 +70,16 @@ pub fn router(meta: Meta, counters: Counters) -> Router {
         .with_state(meta)
 }
 
+/// A request body that is not the JSON a handler takes: 413 if it is over the limit, else 400 (bad
+/// input, whether malformed, of the wrong shape or without a JSON content type).
+fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
+    let status = match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiError::new(status, e.body_text())
+}
+
 /// A path parameter whose rejection (bad percent-encoding, not a number…) is a JSON error like
 /// every other answer of the API.
 #[derive(Debug)]
@@ -385,7 +395,7 @@ async fn create_volume(
     uri: Uri,
     body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let Json(req) = body.map_err(json_rejection)?;
     let command = Command::CreateVolume {
         name: req.name,
         size_bytes: req.size_bytes,
@@ -419,7 +429,7 @@ async fn resize_volume(
     ApiPath(name): ApiPath<String>,
     body: Result<Json<Resize>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Volume>, ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let Json(req) = body.map_err(json_rejection)?;
     let command = Command::ResizeVolume {
         name,
         size_bytes: req.size_bytes,
