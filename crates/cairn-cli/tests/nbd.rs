@@ -996,17 +996,19 @@ fn a_full_node_fails_writes_with_enospc_and_deleting_volumes_rescues_it() {
     let args: Vec<String> =
         ["-f", "raw", &url, "-c", "write -P 7 0 48M", "-c", "flush"].iter().map(|s| s.to_string()).collect();
     let (_, out) = run_tool("qemu-io", &args, Duration::from_secs(300));
-    // Either node 3 was written to and the write failed with ENOSPC, or (if the writer's map still
-    // showed node 3 catching up from its restart) the write went to the others and node 3, unable
-    // to take the copies, stays catching up and serves nothing: never a success with data missing
-    // on a replica that serves.
-    if !out.contains("No space left on device") {
-        wait_for("node 3 to be catching up (it cannot take the copies)", Duration::from_secs(30), || {
-            let (status, nodes) = pool.get(1, "/v1/nodes");
-            let n3 = nodes.as_array()?.iter().find(|n| n["id"] == 3)?.clone();
-            (status == 200 && n3["catching_up"] == true).then_some(())
-        });
-    }
+    // Either node 3 was written to and the write failed with ENOSPC (the other replicas may have
+    // applied it), or (if the writer's map still showed node 3 catching up from its restart) the
+    // write went to the others. Either way node 3 lacks what they hold, so it must be catching up
+    // (serving nothing) rather than an in-sync replica that differs.
+    assert!(
+        out.contains("No space left on device") || out.contains("wrote"),
+        "the write neither failed with ENOSPC nor succeeded: {out}"
+    );
+    wait_for("node 3 to be catching up (it cannot take the copies)", Duration::from_secs(30), || {
+        let (status, nodes) = pool.get(1, "/v1/nodes");
+        let n3 = nodes.as_array()?.iter().find(|n| n["id"] == 3)?.clone();
+        (status == 200 && n3["catching_up"] == true).then_some(())
+    });
 
     // Deleting the volume frees node 3 (in the background), and the pool takes writes again.
     pool.cli_json(&["volume", "rm", "big"]);

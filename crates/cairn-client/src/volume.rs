@@ -811,6 +811,7 @@ impl VolumeClient {
                 let mut ok = Vec::new();
                 let mut failed = Vec::new();
                 let mut stale_map = false;
+                let mut no_space = false;
                 for (node, r) in targets.iter().zip(results) {
                     match r {
                         Ok(Response::Done) => ok.push(*node),
@@ -818,7 +819,14 @@ impl VolumeClient {
                             self.on_fenced(generation).await?;
                             stale_map = true; // shared volume: retry with the newer generation
                         }
-                        Ok(Response::Error(RpcError::NoSpace { .. })) => return Err(IoError::NoSpace),
+                        // A full replica: the others may have applied it, so it is recorded as
+                        // missed like any failure (replicas must not stay different), then the
+                        // write fails with ENOSPC.
+                        Ok(Response::Error(RpcError::NoSpace { .. })) => {
+                            no_space = true;
+                            last = format!("node {node}: no space left");
+                            failed.push(*node);
+                        }
                         Ok(Response::Error(RpcError::InvalidRequest { message })) => {
                             return Err(IoError::Invalid(message));
                         }
@@ -857,6 +865,9 @@ impl VolumeClient {
                     // The storage nodes' heartbeats report the missed write to the leader too;
                     // this only speeds things up.
                     self.suspect(*node, &format!("write to chunk {chunk} failed: {last}"));
+                }
+                if no_space {
+                    return Err(IoError::NoSpace);
                 }
                 // Acknowledged: a majority applied it, and every other replica is known not to have
                 // (recorded as missed, so it is caught up before it serves reads again).
