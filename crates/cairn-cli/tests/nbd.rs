@@ -671,7 +671,7 @@ fn verify_finds_a_replica_that_differs() {
 #[test]
 fn a_power_cut_node_copies_its_dirty_chunks_back_before_serving() {
     let mut pool = Pool::start(3);
-    pool.cli_json(&["volume", "create", "pc", "--size", "32M"]);
+    pool.cli_json(&["volume", "create", "pc", "--size", "36M"]);
     let id = volume_id(&pool, "pc");
     let mut cmds = pattern_cmds("write", 0, 32, 1);
     cmds.extend(["-c".to_string(), "flush".to_string()]);
@@ -685,9 +685,10 @@ fn a_power_cut_node_copies_its_dirty_chunks_back_before_serving() {
             std::fs::copy(&path, saved.join(path.file_name().unwrap())).unwrap();
         }
     }
-    // Round 2 through libnbd, which (unlike qemu) sends no flush when it disconnects.
+    // Round 2 through libnbd, which (unlike qemu) sends no flush when it disconnects. Chunks 32-35
+    // are written for the first time: their files are created now, never flushed.
     let mut writes = String::new();
-    for b in 0..32u64 {
+    for b in 0..36u64 {
         writes.push_str(&format!("h.pwrite(bytes([{}]) * 1048576, {})\n", (b + 2) % 251 + 1, b << 20));
     }
     let script = format!(
@@ -708,6 +709,10 @@ fn a_power_cut_node_copies_its_dirty_chunks_back_before_serving() {
         bytes[..cairn_store::format::HEADER_LEN].copy_from_slice(&header.encode());
         std::fs::write(&target, bytes).unwrap();
     }
+    // The power cut also took the files created since the last flush (and their dirty flags).
+    for c in 32..36u64 {
+        std::fs::remove_file(chunks.join(format!("{c:016x}.chunk"))).unwrap();
+    }
     std::fs::write(pool.data().join("node-2/data/os-boot-id"), "00000000-power-cut").unwrap();
     pool.restart(2);
     wait_for("node 2's restart to be seen", Duration::from_secs(30), || {
@@ -720,8 +725,9 @@ fn a_power_cut_node_copies_its_dirty_chunks_back_before_serving() {
             .then_some(())
     });
     pool.wait_in_sync(Duration::from_secs(60));
-    verify_on_node(&pool, 2, id, 32, 2);
-    qemu_io(&nbd_url(&pool.nbd(2), "pc"), pattern_cmds("read", 0, 32, 2));
+    // Node 2's own copies, the vanished files included (found by comparing chunk lists).
+    verify_on_node(&pool, 2, id, 36, 2);
+    qemu_io(&nbd_url(&pool.nbd(2), "pc"), pattern_cmds("read", 0, 36, 2));
     pool.assert_converged("pc");
 }
 

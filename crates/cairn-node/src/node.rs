@@ -44,9 +44,15 @@ fn usage(dir: &Path) -> (u64, u64) {
     }
 }
 
-fn probe(dir: &Path, missed: &MissedLog) -> Probe {
+fn probe(dir: &Path, missed: &MissedLog, me: u64) -> Probe {
     let (capacity_bytes, used_bytes) = usage(dir);
-    Probe { capacity_bytes, used_bytes, missed_for: missed.pending_peers() }
+    let mut missed_for = missed.pending_peers();
+    // Until a power-loss restart has compared chunk lists, this node may lack chunks nobody
+    // recorded: it holds writes it missed (its own), so it stays catching up.
+    if crate::recovery::listing_pending(dir) && !missed_for.contains(&me) {
+        missed_for.push(me);
+    }
+    Probe { capacity_bytes, used_bytes, missed_for }
 }
 
 fn node_addr(m: &crate::config::Member) -> NodeAddr {
@@ -107,7 +113,10 @@ impl Node {
             &config.data_dir.join("meta.redb"),
             RpcPeerTransport::default(),
             meta_config,
-            Arc::new(move || probe(&dir, &probe_missed)),
+            {
+                let me = me.id;
+                Arc::new(move || probe(&dir, &probe_missed, me))
+            },
         )
         .await
         .map_err(|e| match e {
@@ -159,6 +168,7 @@ impl Node {
             missed,
             meta.clone(),
             me.id,
+            config.data_dir.clone(),
             recovery_stop.clone(),
         ));
 

@@ -43,6 +43,15 @@ const OS_BOOT_ID_FILE: &str = "os-boot-id";
 /// Written after a clean shutdown's final flush succeeded (every acknowledged write is durable),
 /// removed at the next start.
 const CLEAN_SHUTDOWN_FILE: &str = "clean-shutdown";
+/// Present from a power-loss restart until the node has compared its chunk lists with its peers'
+/// (a chunk file created since the last flush may have vanished, and its dirty flag with it): the
+/// node reports itself as missing writes meanwhile, so it serves nothing.
+const LISTING_PENDING_FILE: &str = "power-loss-listing";
+
+/// Whether a power-loss restart's comparison of chunk lists is still to be done.
+pub fn listing_pending(data_dir: &std::path::Path) -> bool {
+    data_dir.join(LISTING_PENDING_FILE).exists()
+}
 
 fn write_durably(dir: &std::path::Path, name: &str, content: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
@@ -86,6 +95,8 @@ pub fn note_power_loss(
         && last != now
         && !clean
     {
+        write_durably(data_dir, LISTING_PENDING_FILE, b"pending\n")
+            .map_err(|e| format!("{}: {e}", data_dir.join(LISTING_PENDING_FILE).display()))?;
         for volume in store.list_volumes().map_err(|e| e.to_string())? {
             for chunk in store.dirty_chunks(volume).map_err(|e| e.to_string())? {
                 if let Some(state) = store.chunk_state(volume, chunk).map_err(|e| e.to_string())? {
@@ -114,6 +125,7 @@ pub async fn run(
     missed: Arc<MissedLog>,
     meta: Arc<MetaService<RpcPeerTransport>>,
     me: u64,
+    data_dir: std::path::PathBuf,
     stop: CancellationToken,
 ) {
     let connections = ConnectionPool::default();
@@ -127,6 +139,14 @@ pub async fn run(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(ROUND_INTERVAL) => {}
+        }
+        if listing_pending(&data_dir) && compare_chunk_lists(&store, &missed, &meta, &connections, me).await {
+            let path = data_dir.join(LISTING_PENDING_FILE);
+            let removed =
+                std::fs::remove_file(&path).and_then(|_| std::fs::File::open(&data_dir)?.sync_all());
+            if let Err(e) = removed {
+                tracing::error!("{}: {e}", path.display());
+            }
         }
         damaged.extend(store.take_damaged());
         if !damaged.is_empty() {
@@ -232,6 +252,76 @@ fn note_damaged(
             None => !deleted,
         }
     });
+}
+
+/// After a power loss: asks every up peer which chunks it holds of every volume, and records as
+/// missed by this node each chunk of a PG this node holds that it has no file for (its creation
+/// never became durable), so that it is pulled like a dirty one. Returns whether the comparison is
+/// complete (else it is tried again next round). Waits until this node's map knows its current
+/// process: the map is then at least as new as the restart, so no volume is overlooked.
+async fn compare_chunk_lists(
+    store: &Arc<Store>,
+    missed: &MissedLog,
+    meta: &MetaService<RpcPeerTransport>,
+    connections: &ConnectionPool,
+    me: u64,
+) -> bool {
+    if meta.read(|s| s.nodes.get(&me).map(|n| n.boot_id)) != Some(meta.boot_id()) {
+        return false;
+    }
+    let (volumes, peers) = meta.read(|s| {
+        let volumes: Vec<cairn_meta::Volume> = s.volumes.values().cloned().collect();
+        let peers: Vec<(u64, String)> =
+            s.nodes.values().filter(|n| n.id != me && n.up).map(|n| (n.id, n.addr.rpc.clone())).collect();
+        (volumes, peers)
+    });
+    let mut recorded = 0;
+    for v in volumes {
+        let Ok(volume) = VolumeId::new(v.id) else { continue };
+        let s = store.clone();
+        let Ok(Ok(local)) = tokio::task::spawn_blocking(move || s.list_chunks(volume)).await else {
+            return false;
+        };
+        let local: std::collections::BTreeSet<ChunkIndex> = local.into_iter().collect();
+        let mut wanted = std::collections::BTreeSet::new();
+        for (peer, rpc) in &peers {
+            let Ok(addr) = rpc.parse::<SocketAddr>() else { continue };
+            let mut after = None;
+            loop {
+                let request =
+                    Request::ListChunks { volume, after, limit: cairn_proto::message::CHUNK_LIST_MAX };
+                let (chunks, more) = match connections.call_within(addr, &request, COPY_TIMEOUT).await {
+                    Ok(Response::ChunkList { chunks, more }) => (chunks, more),
+                    other => {
+                        tracing::info!(peer, %volume, "power-loss resync: listing chunks: {other:?}; trying again");
+                        return false;
+                    }
+                };
+                after = chunks.last().copied();
+                let mine = |c: &ChunkIndex| {
+                    meta.read(|s| s.holders(v.replicas, pg_of(volume, *c, s.pg_count).0).contains(&me))
+                };
+                wanted.extend(chunks.into_iter().filter(|c| !local.contains(c) && mine(c)));
+                if !more || after.is_none() {
+                    break;
+                }
+            }
+        }
+        for chunk in wanted {
+            if let Err(e) = missed.record(&[me], v.id, chunk.0, v.chunk_size_bytes) {
+                tracing::error!("missed-writes log: {e}");
+                return false;
+            }
+            recorded += 1;
+        }
+    }
+    if recorded > 0 {
+        tracing::warn!(
+            chunks = recorded,
+            "power-loss resync: {recorded} chunk(s) the peers hold had no file here (created after the last flush); they are copied back"
+        );
+    }
+    true
 }
 
 /// Longest wait before copying to a peer whose copies failed is tried again.

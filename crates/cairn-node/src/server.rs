@@ -588,5 +588,13 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
                 dirty: s.dirty,
             }))
         }
+        Request::ListChunks { volume, after, limit } => {
+            let limit = limit.clamp(1, cairn_proto::message::CHUNK_LIST_MAX) as usize;
+            let mut chunks: Vec<cairn_types::ChunkIndex> =
+                store.list_chunks(volume)?.into_iter().filter(|c| after.is_none_or(|a| *c > a)).collect();
+            let more = chunks.len() > limit;
+            chunks.truncate(limit);
+            Response::ChunkList { chunks, more }
+        }
     })
 }

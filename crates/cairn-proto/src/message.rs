@@ -131,7 +131,18 @@ pub enum Request {
         volume: VolumeId,
         generation: Generation,
     },
+    /// The chunks of `volume` this node holds with an index above `after` (all if `None`), in
+    /// order, at most `limit` (capped at [`CHUNK_LIST_MAX`]) (version 3): a node that lost power
+    /// compares them with its own to find chunk files that vanished.
+    ListChunks {
+        volume: VolumeId,
+        after: Option<ChunkIndex>,
+        limit: u32,
+    },
 }
+
+/// Most chunk indexes in one `ChunkList` reply (8 bytes each: well inside a frame).
+pub const CHUNK_LIST_MAX: u32 = 65_536;
 
 impl Request {
     /// The volume the request is about (`None` for metadata peer messages).
@@ -147,7 +158,8 @@ impl Request {
             | Request::RecordMissed { volume, .. }
             | Request::InstallRange { volume, .. }
             | Request::Repair { volume, .. }
-            | Request::Fence { volume, .. } => Some(*volume),
+            | Request::Fence { volume, .. }
+            | Request::ListChunks { volume, .. } => Some(*volume),
             Request::Peer { .. } => None,
         }
     }
@@ -199,6 +211,11 @@ pub enum Response {
     FenceRaised {
         dirty: Vec<(ChunkIndex, ChunkInfo)>,
         serving: bool,
+    },
+    /// Answer to `ListChunks`; `more` if chunks past the last one listed remain.
+    ChunkList {
+        chunks: Vec<ChunkIndex>,
+        more: bool,
     },
 }
 
