@@ -356,6 +356,9 @@ mod tests {
                 .prop_map(|(volume, g)| Request::Fence { volume, generation: Generation(g) }),
             (vol(), any::<u64>())
                 .prop_map(|(volume, c)| Request::ChunkVersion { volume, chunk: ChunkIndex(c) }),
+            (vol(), proptest::option::of(any::<u64>()), any::<u32>()).prop_map(|(volume, after, limit)| {
+                Request::ListChunks { volume, after: after.map(ChunkIndex), limit }
+            }),
         ]
     }
 
@@ -379,6 +382,7 @@ mod tests {
                 ours_max: 1
             }),
             Just(RpcError::ShuttingDown),
+            vol().prop_map(|volume| RpcError::Deleted { volume }),
         ]
     }
 
@@ -414,6 +418,9 @@ mod tests {
                         })
                         .collect(),
                 }
+            }),
+            (proptest::collection::vec(any::<u64>(), 0..64), any::<bool>()).prop_map(|(c, more)| {
+                Response::ChunkList { chunks: c.into_iter().map(ChunkIndex).collect(), more }
             }),
         ]
     }
