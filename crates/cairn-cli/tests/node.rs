@@ -451,6 +451,18 @@ async fn a_client_that_never_reads_its_replies_pins_at_most_its_byte_budget() {
     assert!(matches!(c.call(&read).await.unwrap(), Response::Read { .. }));
 }
 
+/// A TCP connection to `to` from local address `from` (another loopback address: another client).
+fn connect_from(from: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let s = socket.connect(to).await.unwrap().into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}
+
 /// Whether the server closes `s` within `within` (EOF or reset) without it sending anything more.
 fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
     s.set_read_timeout(Some(within)).unwrap();
@@ -471,7 +483,7 @@ fn connections_are_capped_and_handshakes_time_out_on_every_listener() {
     let addr = free_addr();
     let config = write_config(dir.path(), 1, addr);
     let text = std::fs::read_to_string(&config).unwrap()
-        + "[limits]\nconnections_max = 16\nhandshake_timeout_ms = 1500\n";
+        + "[limits]\nconnections_max = 16\nconnections_per_client_max = 12\nhandshake_timeout_ms = 1500\n";
     std::fs::write(&config, text).unwrap();
     let node = NodeProcess::start(&config, addr);
     let cfg = cairn_node::config::NodeConfig::load(&config).unwrap();
@@ -481,20 +493,30 @@ fn connections_are_capped_and_handshakes_time_out_on_every_listener() {
     });
 
     for (listener, at) in [("rpc", addr), ("nbd", cfg.nbd_addr()), ("http", cfg.http_addr())] {
-        // Sixteen silent connections fill the listener; the seventeenth is closed at once.
+        // Twelve silent connections from 127.0.0.1 reach its per-client cap: a thirteenth from it is
+        // closed at once, while another client (127.0.0.2) still gets in, up to the listener's 16.
+        let opened = std::time::Instant::now();
         let mut idle: Vec<std::net::TcpStream> =
-            (0..16).map(|_| std::net::TcpStream::connect(at).unwrap()).collect();
-        // Let the node accept them all before the extra one (accepts are in order).
-        std::thread::sleep(Duration::from_millis(200));
+            (0..12).map(|_| std::net::TcpStream::connect(at).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(200)); // accepts are in order
         let mut extra = std::net::TcpStream::connect(at).unwrap();
+        assert!(
+            closed_within(&mut extra, Duration::from_millis(1000)),
+            "{listener}: 13th from one client kept"
+        );
+        idle.extend((0..4).map(|_| connect_from("127.0.0.2", at)));
+        std::thread::sleep(Duration::from_millis(200));
+        for s in &mut idle[12..] {
+            assert!(!closed_within(s, Duration::from_millis(100)), "{listener}: another client was refused");
+        }
+        let mut extra = connect_from("127.0.0.2", at);
         assert!(closed_within(&mut extra, Duration::from_millis(1000)), "{listener}: 17th connection kept");
-        // None of them finished a handshake: each is closed once the timeout passes.
-        let started = std::time::Instant::now();
+        // None of them finished a handshake: each is closed once the timeout (1.5 s) passes.
         for s in &mut idle {
             assert!(closed_within(s, Duration::from_secs(10)), "{listener}: a silent connection was kept");
         }
-        let took = started.elapsed();
-        assert!(took >= Duration::from_millis(1000), "{listener}: closed after {took:?}, before the timeout");
+        let took = opened.elapsed();
+        assert!(took >= Duration::from_millis(1400), "{listener}: closed after {took:?}, before the timeout");
         // A half-sent HTTP request (headers never finished) is closed the same way.
         if listener == "http" {
             let mut half = std::net::TcpStream::connect(at).unwrap();

@@ -32,13 +32,19 @@ pub struct ServerLimits {
     /// Connections served at once; a connection beyond it is accepted and closed at once (so the
     /// client sees a clean end instead of waiting in the backlog), and logged.
     pub connections_max: usize,
+    /// Of those, most from one client address (TCP only).
+    pub connections_per_client_max: usize,
     /// How long a client may take from connecting to choosing its export.
     pub handshake_timeout: std::time::Duration,
 }
 
 impl Default for ServerLimits {
     fn default() -> Self {
-        ServerLimits { connections_max: 1024, handshake_timeout: std::time::Duration::from_secs(10) }
+        ServerLimits {
+            connections_max: 1024,
+            connections_per_client_max: 1024,
+            handshake_timeout: std::time::Duration::from_secs(10),
+        }
     }
 }
 
@@ -67,16 +73,16 @@ impl Exports {
 /// Accepts NBD connections on TCP until `stop` is cancelled.
 pub async fn serve_tcp(listener: tokio::net::TcpListener, exports: Arc<Exports>, stop: CancellationToken) {
     let accept = || async {
-        let (stream, _) = listener.accept().await?;
+        let (stream, remote) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        Ok((stream, Some(remote.ip())))
     };
     accept_loop(accept, exports, stop).await;
 }
 
 /// Accepts NBD connections on a unix socket until `stop` is cancelled.
 pub async fn serve_unix(listener: tokio::net::UnixListener, exports: Arc<Exports>, stop: CancellationToken) {
-    accept_loop(|| async { listener.accept().await.map(|(s, _)| s) }, exports, stop).await;
+    accept_loop(|| async { listener.accept().await.map(|(s, _)| (s, None)) }, exports, stop).await;
 }
 
 /// Serves every accepted stream until `stop`; then waits (bounded) for connections to finish.
@@ -84,28 +90,20 @@ async fn accept_loop<S, F, Fut>(mut accept: F, exports: Arc<Exports>, stop: Canc
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<S>>,
+    Fut: std::future::Future<Output = std::io::Result<(S, Option<std::net::IpAddr>)>>,
 {
     let tracker = TaskTracker::new();
-    let connections = Arc::new(Semaphore::new(exports.limits.connections_max));
-    let mut refused: u64 = 0;
+    let connections = cairn_types::admission::ConnectionLimiter::new(
+        exports.limits.connections_max,
+        exports.limits.connections_per_client_max,
+    );
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             accepted = accept() => match accepted {
-                Ok(stream) => {
-                    let Ok(slot) = connections.clone().try_acquire_owned() else {
-                        // Dropping the stream closes it. Logged for the first and every 1000th.
-                        if refused.is_multiple_of(1000) {
-                            tracing::warn!(
-                                "NBD connection refused: {} connections already open (connections_max); {} refused so far",
-                                exports.limits.connections_max,
-                                refused + 1
-                            );
-                        }
-                        refused += 1;
-                        continue;
-                    };
+                Ok((stream, client)) => {
+                    // Dropping a refused stream closes it.
+                    let Some(slot) = connections.admit_logged(client, "NBD") else { continue };
                     let exports = exports.clone();
                     let stop = stop.clone();
                     tracker.spawn(async move {

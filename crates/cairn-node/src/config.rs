@@ -32,6 +32,8 @@
 //! # Connections each listener (node RPC, NBD, admin HTTP) serves at once (default 1024); one
 //! # beyond it is closed at once. The node raises its open-file limit to fit them.
 //! connections_max = 1024
+//! # Of those, most from one client address (default: connections_max, i.e. no per-client cap).
+//! connections_per_client_max = 1024
 //! # How long a new connection may take to finish its handshake: the RPC hello, the NBD option
 //! # haggling, an HTTP request's head (also the most an HTTP connection may stay idle between
 //! # requests) (default 10000, at least 100).
@@ -81,6 +83,9 @@ pub struct NodeConfig {
 pub struct LimitsSection {
     #[serde(default = "default_connections_max")]
     pub connections_max: usize,
+    /// Default (`None`): `connections_max`.
+    #[serde(default)]
+    pub connections_per_client_max: Option<usize>,
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_ms: u64,
 }
@@ -89,12 +94,23 @@ impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             connections_max: default_connections_max(),
+            connections_per_client_max: None,
             handshake_timeout_ms: default_handshake_timeout(),
         }
     }
 }
 
 impl LimitsSection {
+    /// Most connections one client address may hold on one listener.
+    pub fn per_client_max(&self) -> usize {
+        self.connections_per_client_max.unwrap_or(self.connections_max)
+    }
+
+    /// The admission counter of one listener.
+    pub fn limiter(&self) -> cairn_types::admission::ConnectionLimiter {
+        cairn_types::admission::ConnectionLimiter::new(self.connections_max, self.per_client_max())
+    }
+
     pub fn handshake_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.handshake_timeout_ms)
     }
@@ -197,8 +213,10 @@ impl NodeConfig {
                 )));
             }
         }
-        if config.limits.connections_max == 0 {
-            return Err(invalid("limits.connections_max must be at least 1".into()));
+        if config.limits.connections_max == 0 || config.limits.connections_per_client_max == Some(0) {
+            return Err(invalid(
+                "limits.connections_max and connections_per_client_max must be at least 1".into(),
+            ));
         }
         if config.limits.handshake_timeout_ms < 100 {
             return Err(invalid("limits.handshake_timeout_ms must be at least 100".into()));
@@ -276,6 +294,7 @@ impl NodeConfig {
              [limits]\n\
              # Connections each listener serves at once; how long a handshake may take.\n\
              connections_max = {}\n\
+             connections_per_client_max = {}\n\
              handshake_timeout_ms = {}\n",
             self.node_id,
             quote(&self.data_dir.display().to_string()),
@@ -286,6 +305,7 @@ impl NodeConfig {
             join.join(", "),
             self.meta.down_after_ms,
             self.limits.connections_max,
+            self.limits.per_client_max(),
             self.limits.handshake_timeout_ms,
         )
     }
@@ -367,7 +387,11 @@ mod tests {
                 join: vec!["127.0.0.1:9".parse().unwrap()],
                 down_after_ms: 3000,
             },
-            limits: LimitsSection { connections_max: 7, handshake_timeout_ms: 500 },
+            limits: LimitsSection {
+                connections_max: 7,
+                connections_per_client_max: Some(3),
+                handshake_timeout_ms: 500,
+            },
         };
         let path = dir.path().join("node.toml");
         std::fs::write(&path, c.to_toml()).unwrap();

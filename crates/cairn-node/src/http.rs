@@ -505,8 +505,7 @@ pub async fn serve(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let tracker = tokio_util::task::TaskTracker::new();
-    let connections = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
-    let mut refused: u64 = 0;
+    let connections = limits.limiter();
     loop {
         let (stream, remote) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -520,18 +519,7 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(slot) = connections.clone().try_acquire_owned() else {
-            if refused.is_multiple_of(1000) {
-                tracing::warn!(
-                    %remote,
-                    "HTTP connection refused: {} connections already open (limits.connections_max); {} refused so far",
-                    limits.connections_max,
-                    refused + 1
-                );
-            }
-            refused += 1;
-            continue;
-        };
+        let Some(slot) = connections.admit_logged(Some(remote.ip()), "HTTP") else { continue };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let stop = stop.clone();
         tracker.spawn(async move {

@@ -239,6 +239,7 @@ impl Node {
             },
             limits: cairn_nbd::server::ServerLimits {
                 connections_max: config.limits.connections_max,
+                connections_per_client_max: config.limits.per_client_max(),
                 handshake_timeout: config.limits.handshake_timeout(),
             },
         });

@@ -141,7 +141,7 @@ impl RunningNode {
         let shutdown = CancellationToken::new();
         let limits = Limits {
             in_flight_bytes_max: config.in_flight_bytes_max,
-            connections_max: config.limits.connections_max,
+            connections: config.limits.limiter(),
             hello_timeout: config.limits.handshake_timeout(),
         };
         let task = tokio::spawn(serve(listener, store, limits, shutdown.clone(), peer));
@@ -160,10 +160,10 @@ impl RunningNode {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Limits {
     in_flight_bytes_max: u64,
-    connections_max: usize,
+    connections: cairn_types::admission::ConnectionLimiter,
     hello_timeout: Duration,
 }
 
@@ -175,30 +175,18 @@ async fn serve(
     peer: PeerSlot,
 ) -> Result<(), StoreError> {
     let tracker = TaskTracker::new();
-    let connections = Arc::new(Semaphore::new(limits.connections_max));
-    let mut refused: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
-                    let Ok(slot) = connections.clone().try_acquire_owned() else {
-                        // Dropping the stream closes it. Logged for the first and every 1000th.
-                        if refused.is_multiple_of(1000) {
-                            tracing::warn!(
-                                %remote,
-                                "RPC connection refused: {} connections already open (limits.connections_max); {} refused so far",
-                                limits.connections_max,
-                                refused + 1
-                            );
-                        }
-                        refused += 1;
-                        continue;
-                    };
+                    // Dropping a refused stream closes it.
+                    let Some(slot) = limits.connections.admit_logged(Some(remote.ip()), "RPC") else { continue };
                     let store = store.clone();
                     let shutdown = shutdown.clone();
                     let conn_tracker = tracker.clone();
                     let peer = peer.clone();
+                    let limits = limits.clone();
                     tracker.spawn(async move {
                         match serve_connection(stream, store, limits, shutdown, conn_tracker, peer).await {
                             Ok(()) | Err(ConnError::Closed) => tracing::debug!(%remote, "connection closed"),

@@ -3,6 +3,7 @@
 //! This crate does no I/O. Every other crate depends on it, so everything here is small and stable:
 //! changing the placement hash or the checksum moves or invalidates data on disk and is forbidden.
 
+pub mod admission;
 pub mod checksum;
 pub mod ids;
 pub mod limits;
