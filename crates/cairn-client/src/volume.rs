@@ -237,6 +237,11 @@ impl VolumeClient {
         let fresher_than = now.checked_sub(max_age).unwrap_or(now);
         let known = (!max_age.is_zero()).then(|| self.map()).map(|m| (m.epoch, m.volume.clone()));
         let map = match fetch_map(&self.meta, &self.name, fresher_than, known).await {
+            // The name now belongs to another volume: this one was deleted (and a new one made).
+            Ok(m) if m.volume.id != self.map().volume.id => {
+                self.deleted.store(true, Ordering::SeqCst);
+                return Err(IoError::Deleted(self.name.clone()));
+            }
             Ok(m) => m,
             Err(MetaClientError::UnknownVolume(_)) => {
                 self.deleted.store(true, Ordering::SeqCst);
@@ -313,11 +318,14 @@ impl VolumeClient {
             let n = map.nodes.get(&node).ok_or_else(|| format!("unknown node {node}"))?;
             n.rpc.parse().map_err(|e| format!("node {node} address {:?}: {e}", n.rpc))?
         };
-        let reply = self
-            .connections
-            .call_within(addr, request, self.config.rpc_timeout)
-            .await
-            .map_err(|e| format!("node {node}: {e}"));
+        // Not `call_within`: a timed-out mutation may still sit in this connection's send buffer,
+        // and only the same stream keeps the mutations that follow it behind it (a new connection
+        // could let a later write overtake it and be overwritten by it).
+        let reply =
+            match tokio::time::timeout(self.config.rpc_timeout, self.connections.call(addr, request)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("node {node} did not answer within {:?}", self.config.rpc_timeout)),
+            };
         self.note_deleted(&reply);
         reply
     }
@@ -866,7 +874,7 @@ impl VolumeClient {
                     // this only speeds things up.
                     self.suspect(*node, &format!("write to chunk {chunk} failed: {last}"));
                 }
-                if no_space {
+                if no_space && recorded {
                     return Err(IoError::NoSpace);
                 }
                 // Acknowledged: a majority applied it, and every other replica is known not to have

@@ -599,13 +599,18 @@ async fn heartbeat_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T
                 let weak = service.clone();
                 let transport = s.transport.clone();
                 tokio::spawn(async move {
+                    let sent = Instant::now();
                     if let Ok(PeerReply::Probe(report)) =
                         transport.call(&addr, PeerRequest::Probe, interval).await
                         && report.id == id
                         && let Some(s) = weak.upgrade()
                         && s.is_leader()
                     {
-                        s.record_heartbeat(report);
+                        // A report the node sent itself after this probe left is newer: keep it.
+                        let newer = lock(&s.liveness).last_seen.get(&id).is_some_and(|t| *t > sent);
+                        if !newer {
+                            s.record_heartbeat(report);
+                        }
                     }
                 });
             }

@@ -157,7 +157,12 @@ pub async fn run(
             reaped = tokio::time::Instant::now();
         }
         if missed.pending(me) > 0 {
-            pull_own(&store, &missed, &meta, &connections, me).await;
+            // Only while the node serves no client IO (the leader makes a node that reports writes
+            // it missed itself catching up): a pull racing a client write could put older data over
+            // it, and an install lifts a damaged chunk's quarantine before all of it is copied.
+            if !meta.serves_clients() {
+                pull_own(&store, &missed, &meta, &connections, me).await;
+            }
             // Its own copies may be the reverted ones: it copies nothing to others until it
             // has pulled them all back.
             continue;
@@ -275,6 +280,27 @@ async fn compare_chunk_lists(
             s.nodes.values().filter(|n| n.id != me && n.up).map(|n| (n.id, n.addr.rpc.clone())).collect();
         (volumes, peers)
     });
+    // Every node that shares a PG with this one must answer: a chunk only a down peer holds (with
+    // this node) would otherwise go unnoticed, and this node would serve zeros for it.
+    let up: std::collections::BTreeSet<u64> = peers.iter().map(|(id, _)| *id).collect();
+    let missing_peer = meta.read(|s| {
+        s.pg_sets.iter().find_map(|(r, set)| {
+            (0..set.len() as u32).find_map(|pg| {
+                let holders = s.holders(*r, pg);
+                if !holders.contains(&me) {
+                    return None;
+                }
+                holders.into_iter().find(|n| *n != me && !up.contains(n))
+            })
+        })
+    });
+    if let Some(peer) = missing_peer {
+        tracing::info!(
+            peer,
+            "power-loss resync: waiting for node {peer}, which shares placement groups with this one, to compare chunk lists"
+        );
+        return false;
+    }
     let mut recorded = 0;
     for v in volumes {
         let Ok(volume) = VolumeId::new(v.id) else { continue };
@@ -333,6 +359,8 @@ const REAP_INTERVAL: Duration = Duration::from_secs(2);
 /// at most ~2 500 unlinks a second however much was deleted.
 const REAP_FILES_PER_STEP: usize = 256;
 const REAP_PAUSE: Duration = Duration::from_millis(100);
+/// Steps of [`REAP_FILES_PER_STEP`] files per reaping round (every [`REAP_INTERVAL`]).
+const REAP_STEPS_PER_ROUND: usize = 4;
 
 /// Removes, in the background and bounded in rate, the chunks of every volume the pool deleted.
 async fn reap_deleted(store: &Arc<Store>, meta: &MetaService<RpcPeerTransport>, stop: &CancellationToken) {
@@ -340,9 +368,16 @@ async fn reap_deleted(store: &Arc<Store>, meta: &MetaService<RpcPeerTransport>, 
     let Ok(Ok(local)) = tokio::task::spawn_blocking(move || store2.list_volumes()).await else { return };
     let deleted: Vec<cairn_types::VolumeId> =
         meta.read(|s| local.into_iter().filter(|v| s.deleted_volumes.contains(&v.get())).collect());
+    // At most REAP_STEPS_PER_ROUND steps per round, so deleting a large volume never holds up
+    // catch-up for long (the rest goes in later rounds).
+    let mut steps = 0;
     for volume in deleted {
         let mut removed = 0;
         loop {
+            if steps >= REAP_STEPS_PER_ROUND {
+                return;
+            }
+            steps += 1;
             let store = store.clone();
             let step =
                 tokio::task::spawn_blocking(move || store.delete_volume_step(volume, REAP_FILES_PER_STEP))

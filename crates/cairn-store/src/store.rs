@@ -258,7 +258,17 @@ impl Store {
                 }
             }
             remove_stale_temp_files(&dir);
+            // Chunks found damaged before (this run's quarantine was in memory only): quarantined
+            // again; a file present beside the marker is a copy whose install was cut short.
+            let marked = damaged_markers(&dir);
+            for chunk in &marked {
+                let path = self.chunk_path(volume, *chunk);
+                self.quarantine(volume, *chunk, &path, "marked damaged earlier, not yet replaced", None)?;
+            }
             for chunk in list_chunk_files(&dir)? {
+                if marked.contains(&chunk) {
+                    continue;
+                }
                 let path = self.chunk_path(volume, chunk);
                 if unfinished_creation(&path) {
                     // Created but never flushed before a power cut: it holds nothing a flush covered.
@@ -395,6 +405,13 @@ impl Store {
                 }
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {
+                if lock(&self.quarantined).contains_key(&key) {
+                    // Quarantined while this call was on its way: never zeros, never a new file.
+                    return Err(StoreError::BadChunkFile {
+                        path,
+                        reason: "damaged and moved aside; no copy here until one is installed".into(),
+                    });
+                }
                 if !create {
                     return Ok(None);
                 }
@@ -775,6 +792,8 @@ impl Store {
         }
         if lock(&self.quarantined).remove(&key).is_some() {
             tracing::info!(%volume, %chunk, "replacing a damaged chunk with a copy from a replica");
+            // (If this removal is lost in a crash the chunk is quarantined and copied again.)
+            let _ = fs::remove_file(damaged_marker(&self.volume_dir(volume), chunk));
         }
         Ok(())
     }
@@ -817,6 +836,9 @@ impl Store {
         state: Option<&VolumeState>,
     ) -> Result<(), StoreError> {
         let key = (volume, chunk);
+        // Quarantined before the file goes, so that a concurrent open never finds it missing and
+        // reads zeros (`chunk()` checks again when the file is not found).
+        let newly = lock(&self.quarantined).insert(key, format!("{reason}; being moved aside")).is_none();
         lock(&self.open_files).pop(&key);
         if let Some(state) = state {
             // Nothing of it is left to flush.
@@ -824,10 +846,19 @@ impl Store {
             inner.dirty.remove(&chunk);
             inner.unsynced.remove(&chunk);
         }
+        if let Some(dir) = path.parent() {
+            // Durable before the file goes: a crash must not leave neither file nor record.
+            let marker = damaged_marker(dir, chunk);
+            fs::write(&marker, reason.as_bytes())
+                .and_then(|_| File::open(&marker)?.sync_all())
+                .map_err(io_err(format!("writing {}", marker.display())))?;
+            fsync_dir(dir)?;
+        }
         let name = format!("{:016x}-{:016x}.chunk", volume.get(), chunk.0);
         let to = self.move_aside(path, &name, reason, "this node's copy is restored from a replica")?;
         let why = format!("{reason}; moved to {}", to.display());
-        if lock(&self.quarantined).insert(key, why).is_none() {
+        lock(&self.quarantined).insert(key, why);
+        if newly {
             lock(&self.damaged_found).push(key);
         }
         Ok(())
@@ -1380,6 +1411,26 @@ fn remove_stale_temp_files(dir: &Path) {
             let _ = fs::remove_file(entry.path());
         }
     }
+}
+
+/// Chunks of a volume directory marked damaged (`<chunk>.damaged`, written durably before the
+/// damaged file is moved aside): they stay quarantined across restarts until a copy is installed.
+fn damaged_markers(dir: &Path) -> Vec<ChunkIndex> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<ChunkIndex> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let stem = name.to_str()?.strip_suffix(".damaged")?.to_string();
+            u64::from_str_radix(&stem, 16).ok().map(ChunkIndex)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn damaged_marker(dir: &Path, chunk: ChunkIndex) -> PathBuf {
+    dir.join(format!("{:016x}.damaged", chunk.0))
 }
 
 fn list_chunk_files(dir: &Path) -> Result<Vec<ChunkIndex>, StoreError> {
