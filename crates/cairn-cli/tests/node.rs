@@ -657,3 +657,48 @@ fn an_nbd_client_that_never_reads_its_replies_pins_at_most_its_byte_budget() {
     }
     drop(node);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_taking_replies_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), 1, addr);
+    let text = "in_flight_bytes_max = 16777216\n".to_string()
+        + &std::fs::read_to_string(&config).unwrap()
+        + "[limits]\nreply_write_timeout_ms = 1000\n";
+    std::fs::write(&config, text).unwrap();
+    let mut node = NodeProcess::start(&config, addr);
+    let c = node.connect().await;
+    let size = ChunkSize::new(4 << 20).unwrap();
+    let read =
+        Request::Read { volume: vol(3), chunk: ChunkIndex(0), chunk_size: size, offset: 0, len: 4 << 20 };
+    let hello = cairn_proto::message::encode(&cairn_proto::Hello { version_min: V, version_max: V }).unwrap();
+    let mut bytes = raw_frame(1, 0, 0, &hello);
+    for id in 1..=200u64 {
+        bytes.extend_from_slice(&raw_frame(3, V, id, &cairn_proto::message::encode(&read).unwrap()));
+    }
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(&bytes).unwrap();
+    // Not reading for longer than the reply write timeout: the node gives up on this connection.
+    std::thread::sleep(Duration::from_secs(4)); // the stall under test, not a wait for a condition
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut frames = 0;
+    let mut got = BytesMut::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.put_slice(&buf[..n]);
+                while let Ok(Some(_)) = cairn_proto::Frame::decode(&mut got) {
+                    frames += 1;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the node kept the connection of a peer that stopped reading: {e}"),
+        }
+    }
+    assert!(frames < 201, "every reply arrived ({frames}): the connection was not cut");
+    // Others are served as before.
+    assert!(matches!(c.call(&read).await.unwrap(), Response::Read { .. }));
+}

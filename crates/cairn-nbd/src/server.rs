@@ -399,11 +399,15 @@ where
     // a client that sends requests but never reads replies stops being read from (the limits
     // bound what it pins), and one that stops reading for REPLY_WRITE_TIMEOUT is cut off.
     let (tx, mut rx) = mpsc::channel::<(Vec<u8>, Option<Permits>)>(REQUESTS_IN_FLIGHT_MAX);
+    // Cancelled when replies can no longer be written: the reader stops too.
+    let cut = CancellationToken::new();
+    let writer_cut = cut.clone();
     let writer = tokio::spawn(async move {
         while let Some((buf, permits)) = rx.recv().await {
             let written = tokio::time::timeout(REPLY_WRITE_TIMEOUT, w.write_all(&buf)).await;
             drop(permits);
             if !matches!(written, Ok(Ok(()))) {
+                writer_cut.cancel();
                 while rx.recv().await.is_some() {}
                 return;
             }
@@ -417,6 +421,7 @@ where
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
         let read = tokio::select! {
             _ = stop.cancelled() => break Ok(()),
+            _ = cut.cancelled() => break Err(NbdError::Protocol("the client stopped reading its replies".into())),
             r = r.read_exact(&mut hdr) => r,
         };
         match read {

@@ -38,6 +38,9 @@
 //! # haggling, an HTTP request's head (also the most an HTTP connection may stay idle between
 //! # requests) (default 10000, at least 100).
 //! handshake_timeout_ms = 10000
+//! # A node RPC connection whose peer does not take a reply for this long is closed (default
+//! # 60000, at least 100).
+//! reply_write_timeout_ms = 60000
 //! ```
 //!
 //! Without `voters` or `join` the node forms a one-node pool of its own. Unknown keys are errors, so
@@ -88,6 +91,8 @@ pub struct LimitsSection {
     pub connections_per_client_max: Option<usize>,
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_ms: u64,
+    #[serde(default = "default_reply_write_timeout")]
+    pub reply_write_timeout_ms: u64,
 }
 
 impl Default for LimitsSection {
@@ -96,6 +101,7 @@ impl Default for LimitsSection {
             connections_max: default_connections_max(),
             connections_per_client_max: None,
             handshake_timeout_ms: default_handshake_timeout(),
+            reply_write_timeout_ms: default_reply_write_timeout(),
         }
     }
 }
@@ -122,6 +128,10 @@ fn default_connections_max() -> usize {
 
 fn default_handshake_timeout() -> u64 {
     10_000
+}
+
+fn default_reply_write_timeout() -> u64 {
+    60_000
 }
 
 /// The `[meta]` section.
@@ -218,6 +228,9 @@ impl NodeConfig {
                 "limits.connections_max and connections_per_client_max must be at least 1".into(),
             ));
         }
+        if config.limits.reply_write_timeout_ms < 100 {
+            return Err(invalid("limits.reply_write_timeout_ms must be at least 100".into()));
+        }
         if config.limits.handshake_timeout_ms < 100 {
             return Err(invalid("limits.handshake_timeout_ms must be at least 100".into()));
         }
@@ -295,7 +308,8 @@ impl NodeConfig {
              # Connections each listener serves at once; how long a handshake may take.\n\
              connections_max = {}\n\
              connections_per_client_max = {}\n\
-             handshake_timeout_ms = {}\n",
+             handshake_timeout_ms = {}\n\
+             reply_write_timeout_ms = {}\n",
             self.node_id,
             quote(&self.data_dir.display().to_string()),
             self.rpc_listen_addr,
@@ -307,6 +321,7 @@ impl NodeConfig {
             self.limits.connections_max,
             self.limits.per_client_max(),
             self.limits.handshake_timeout_ms,
+            self.limits.reply_write_timeout_ms,
         )
     }
 }
@@ -391,6 +406,7 @@ mod tests {
                 connections_max: 7,
                 connections_per_client_max: Some(3),
                 handshake_timeout_ms: 500,
+                reply_write_timeout_ms: 700,
             },
         };
         let path = dir.path().join("node.toml");

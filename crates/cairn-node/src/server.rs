@@ -42,10 +42,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// bookkeeping.
 const REPLIES_QUEUED_MAX: usize = 256;
 
-/// How long one reply may take to be written: a peer that stops reading for this long is cut off
-/// (its requests' byte permits would otherwise stay pinned forever).
-const REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// A reply on its way to the socket, with the byte permits of its request (released once written).
 type Queued = (BytesMut, Option<tokio::sync::OwnedSemaphorePermit>);
 
@@ -143,6 +139,9 @@ impl RunningNode {
             in_flight_bytes_max: config.in_flight_bytes_max,
             connections: config.limits.limiter(),
             hello_timeout: config.limits.handshake_timeout(),
+            // A peer that does not take a reply for this long is cut off (its requests' byte
+            // permits would otherwise stay pinned forever).
+            reply_write_timeout: Duration::from_millis(config.limits.reply_write_timeout_ms),
         };
         let task = tokio::spawn(serve(listener, store, limits, shutdown.clone(), peer));
         Ok(RunningNode { rpc_addr, shutdown, task })
@@ -165,6 +164,7 @@ struct Limits {
     in_flight_bytes_max: u64,
     connections: cairn_types::admission::ConnectionLimiter,
     hello_timeout: Duration,
+    reply_write_timeout: Duration,
 }
 
 async fn serve(
@@ -281,12 +281,18 @@ async fn serve_connection(
     };
 
     let (replies, mut queue) = mpsc::channel::<Queued>(REPLIES_QUEUED_MAX);
+    // Cancelled when replies can no longer be written: the reader stops too (a peer that does not
+    // read its replies must not go on getting requests served, with their permits released).
+    let cut = CancellationToken::new();
+    let writer_cut = cut.clone();
+    let reply_write_timeout = limits.reply_write_timeout;
     let writer = tokio::spawn(async move {
         while let Some((buf, permit)) = queue.recv().await {
-            let written = tokio::time::timeout(REPLY_WRITE_TIMEOUT, write.write_all(&buf)).await;
+            let written = tokio::time::timeout(reply_write_timeout, write.write_all(&buf)).await;
             drop(permit);
             if !matches!(written, Ok(Ok(()))) {
-                // The peer is gone; the reader notices too. Drain so senders never block.
+                writer_cut.cancel();
+                // Drain so senders never block.
                 while queue.recv().await.is_some() {}
                 return;
             }
@@ -296,6 +302,7 @@ async fn serve_connection(
     let result = loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            _ = cut.cancelled() => break Err(ConnError::Protocol("the peer stopped reading its replies".into())),
             frame = frames.next() => match frame {
                 None => break Ok(()),
                 Some(Err(e)) => break Err(ConnError::Frame(e)),
@@ -338,6 +345,7 @@ async fn serve_connection(
         drop(frame);
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            _ = cut.cancelled() => break Err(ConnError::Protocol("the peer stopped reading its replies".into())),
             p = budget.clone().acquire_many_owned(u32::try_from(cost).unwrap_or(u32::MAX)) => match p {
                 Ok(p) => p,
                 Err(_) => break Ok(()),
