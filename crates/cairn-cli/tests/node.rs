@@ -368,6 +368,20 @@ fn startup_errors_are_one_clear_line() {
     check(&second, "already in use");
 }
 
+/// A raw connection that says hello and sends `count` copies of `request` (ids 1..=count) without
+/// reading anything back.
+fn send_unread(addr: std::net::SocketAddr, request: &Request, count: u64) -> std::net::TcpStream {
+    let hello = cairn_proto::message::encode(&cairn_proto::Hello { version_min: V, version_max: V }).unwrap();
+    let mut bytes = raw_frame(1, 0, 0, &hello);
+    let body = cairn_proto::message::encode(request).unwrap();
+    for id in 1..=count {
+        bytes.extend_from_slice(&raw_frame(3, V, id, &body));
+    }
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(&bytes).unwrap();
+    s
+}
+
 fn rss_bytes(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
@@ -418,13 +432,7 @@ async fn a_client_that_never_reads_its_replies_pins_at_most_its_byte_budget() {
     // 200 reads of 4 MiB (800 MiB of replies) on a connection whose replies are never read.
     let read =
         Request::Read { volume: vol(3), chunk: ChunkIndex(0), chunk_size: size, offset: 0, len: 4 << 20 };
-    let hello = cairn_proto::message::encode(&cairn_proto::Hello { version_min: V, version_max: V }).unwrap();
-    let mut bytes = raw_frame(1, 0, 0, &hello);
-    for id in 1..=200u64 {
-        bytes.extend_from_slice(&raw_frame(3, V, id, &cairn_proto::message::encode(&read).unwrap()));
-    }
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(&bytes).unwrap();
+    let mut s = send_unread(addr, &read, 200);
     let peak = peak_rss(node.pid(), Duration::from_secs(3));
     // The budget is 16 MiB; socket buffers and allocator slack come on top. Without the bound the
     // node would hold the replies queued for the writer: hundreds of MiB.
@@ -672,13 +680,7 @@ async fn a_peer_that_stops_taking_replies_is_cut_off() {
     let size = ChunkSize::new(4 << 20).unwrap();
     let read =
         Request::Read { volume: vol(3), chunk: ChunkIndex(0), chunk_size: size, offset: 0, len: 4 << 20 };
-    let hello = cairn_proto::message::encode(&cairn_proto::Hello { version_min: V, version_max: V }).unwrap();
-    let mut bytes = raw_frame(1, 0, 0, &hello);
-    for id in 1..=200u64 {
-        bytes.extend_from_slice(&raw_frame(3, V, id, &cairn_proto::message::encode(&read).unwrap()));
-    }
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(&bytes).unwrap();
+    let mut s = send_unread(addr, &read, 200);
     // Not reading for longer than the reply write timeout: the node gives up on this connection.
     std::thread::sleep(Duration::from_secs(4)); // the stall under test, not a wait for a condition
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
