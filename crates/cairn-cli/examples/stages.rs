@@ -65,7 +65,7 @@ async fn main() {
             chunk,
             chunk_size: size,
             offset,
-            stamp: Stamp { generation: Generation(generation), sequence: i as u64 },
+            stamp: Stamp { generation: Generation(generation), sequence: i as u64, expect: None },
             crcs: crcs.clone(),
             data: data.clone(),
             missed_by: vec![],

@@ -1,7 +1,9 @@
 //! `cairn volume verify NAME`: proves that every replica of every chunk of a volume holds the same
 //! bytes (invariant I5, replicas converge), by comparing what each holder of the chunk's PG stores:
-//! which blocks hold data and the CRC-32C of each (the node verifies every block against its stored
-//! checksum while reading, so a corrupt block shows up as an error, not as a match).
+//! the chunk's version, which blocks hold data and the CRC-32C of each (the node verifies every
+//! block against its stored checksum while reading, so a corrupt block shows up as an error, not as
+//! a match). Equal bytes at different versions differ too: the next mutation expecting one version
+//! would be refused by the other copy.
 //!
 //! It reads the whole volume from every holder (chunks no holder has are skipped), one chunk at a
 //! time: a scrub run by hand, for operators and for tests after failures. A holder that does not
@@ -15,7 +17,7 @@ use cairn_client::piece::read_piece;
 use cairn_proto::{Request, Response};
 use cairn_types::limits::RPC_IO_MAX_BYTES;
 use cairn_types::placement::pg_of;
-use cairn_types::{ChunkIndex, ChunkSize, VolumeId};
+use cairn_types::{ChunkIndex, ChunkSize, Version, VolumeId};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -44,8 +46,9 @@ struct Report {
     consistent: bool,
 }
 
-/// What one holder stores of one chunk: per block, whether it holds data and its checksum.
-type Copy = Vec<(bool, u32)>;
+/// What one holder stores of one chunk: its version and, per block, whether it holds data and its
+/// checksum.
+type Copy = (Version, Vec<(bool, u32)>);
 
 async fn call(conn: &NodeConnection, request: &Request) -> Result<Response, String> {
     match tokio::time::timeout(CALL_TIMEOUT, conn.call(request)).await {
@@ -69,26 +72,31 @@ async fn read_copy(
     }
     let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
     let mut copy = Vec::new();
+    let mut version = None;
     for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
         let read =
             read_piece(|r| async move { call(conn, &r).await }, volume, chunk, chunk_size, offset, piece)
                 .await?;
+        if version.is_some_and(|v| v != read.version) {
+            return Err("the chunk changed while being read (is the volume still being written?)".into());
+        }
+        version = Some(read.version);
         copy.extend(read.present.into_iter().zip(read.crcs).map(|(p, c)| (p, if p { c } else { 0 })));
     }
-    Ok(Some(copy))
+    Ok(Some((version.unwrap_or(Version::NONE), copy)))
 }
 
 fn summary(copy: &Option<Copy>) -> String {
     match copy {
         None => "absent".into(),
-        Some(blocks) => {
+        Some((version, blocks)) => {
             let data = blocks.iter().filter(|(p, _)| *p).count();
             let mut bytes = Vec::with_capacity(blocks.len() * 5);
             for (p, c) in blocks {
                 bytes.push(u8::from(*p));
                 bytes.extend_from_slice(&c.to_le_bytes());
             }
-            format!("{data} data blocks, digest {:08x}", cairn_types::crc32c(&bytes))
+            format!("version {version}, {data} data blocks, digest {:08x}", cairn_types::crc32c(&bytes))
         }
     }
 }

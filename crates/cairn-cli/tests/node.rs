@@ -33,7 +33,7 @@ fn write_req(v: u64, chunk: u64, blk: u32, data: Vec<u8>, generation: u64) -> Re
         chunk: ChunkIndex(chunk),
         chunk_size: ChunkSize::DEFAULT,
         offset: blk * 4096,
-        stamp: Stamp { generation: Generation(generation), sequence: 1 },
+        stamp: Stamp { generation: Generation(generation), sequence: 1, expect: None },
         crcs: block_crcs(&data),
         data: Bytes::from(data),
         missed_by: vec![],
@@ -52,7 +52,7 @@ fn read_req(v: u64, chunk: u64, blk: u32, blocks: u32) -> Request {
 
 async fn read_block(c: &NodeConnection, chunk: u64, blk: u32) -> Vec<u8> {
     match c.call(&read_req(1, chunk, blk, 1)).await.unwrap() {
-        Response::Read { crcs, data } => {
+        Response::Read { crcs, data, .. } => {
             assert_eq!(crcs, block_crcs(&data), "reply checksums must cover the data");
             data.to_vec()
         }
@@ -68,7 +68,7 @@ async fn write_all(c: &Arc<NodeConnection>, round: u8, chunks: u64, blocks: u32)
             let c = c.clone();
             tasks.spawn(async move {
                 let r = c.call(&write_req(1, chunk, blk, block(chunk, blk, round), 1)).await.unwrap();
-                assert_eq!(r, Response::Done);
+                assert!(matches!(r, Response::Applied { .. }));
             });
         }
     }
@@ -148,7 +148,10 @@ async fn errors_come_back_as_error_replies() {
     let mut node = NodeProcess::start(&config, addr);
     let c = node.connect().await;
     // Fencing.
-    assert_eq!(c.call(&write_req(1, 0, 0, block(0, 0, 1), 5)).await.unwrap(), Response::Done);
+    assert!(matches!(
+        c.call(&write_req(1, 0, 0, block(0, 0, 1), 5)).await.unwrap(),
+        Response::Applied { .. }
+    ));
     match c.call(&write_req(1, 0, 0, block(0, 0, 2), 4)).await.unwrap() {
         Response::Error(RpcError::Fenced { generation, highest, .. }) => {
             assert_eq!((generation, highest), (Generation(4), Generation(5)));
@@ -194,7 +197,10 @@ async fn malformed_traffic_closes_only_that_connection() {
     let config = write_config(dir.path(), 1, addr);
     let mut node = NodeProcess::start(&config, addr);
     let good = node.connect().await;
-    assert_eq!(good.call(&write_req(1, 0, 0, block(0, 0, 3), 1)).await.unwrap(), Response::Done);
+    assert!(matches!(
+        good.call(&write_req(1, 0, 0, block(0, 0, 3), 1)).await.unwrap(),
+        Response::Applied { .. }
+    ));
 
     let closes = |bytes: Vec<u8>| {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -277,12 +283,12 @@ async fn more_in_flight_than_the_byte_budget_completes() {
                 chunk: ChunkIndex(chunk),
                 chunk_size: size,
                 offset: 0,
-                stamp: Stamp { generation: Generation(1), sequence: chunk },
+                stamp: Stamp { generation: Generation(1), sequence: chunk, expect: None },
                 crcs: block_crcs(&data),
                 data: Bytes::from(data),
                 missed_by: vec![],
             };
-            assert_eq!(c.call(&req).await.unwrap(), Response::Done);
+            assert!(matches!(c.call(&req).await.unwrap(), Response::Applied { .. }));
         });
     }
     let all = async {
@@ -421,12 +427,12 @@ async fn a_client_that_never_reads_its_replies_pins_at_most_its_byte_budget() {
         chunk: ChunkIndex(0),
         chunk_size: size,
         offset: 0,
-        stamp: Stamp { generation: Generation(1), sequence: 1 },
+        stamp: Stamp { generation: Generation(1), sequence: 1, expect: None },
         crcs: block_crcs(&data),
         data: Bytes::from(data),
         missed_by: vec![],
     };
-    assert_eq!(c.call(&write).await.unwrap(), Response::Done);
+    assert!(matches!(c.call(&write).await.unwrap(), Response::Applied { .. }));
     let before = rss_bytes(node.pid());
 
     // 200 reads of 4 MiB (800 MiB of replies) on a connection whose replies are never read.

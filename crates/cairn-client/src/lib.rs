@@ -9,6 +9,7 @@
 mod connection;
 pub mod meta_client;
 pub mod piece;
+mod versions;
 pub mod volume;
 
 pub use connection::{ConnectionError, ConnectionPool, NodeConnection, REQUESTS_IN_FLIGHT_MAX};

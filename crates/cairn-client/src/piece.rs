@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use cairn_proto::message::present_blocks;
 use cairn_proto::{Request, Response};
-use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, VolumeId};
+use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Version, VolumeId};
 
 /// A range of a chunk as one node holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +15,8 @@ pub struct Piece {
     pub crcs: Vec<u32>,
     /// Every block's bytes.
     pub data: Bytes,
+    /// The chunk's version when the range was read (with the data, under the chunk's lock).
+    pub version: Version,
 }
 
 impl Piece {
@@ -25,8 +27,9 @@ impl Piece {
     }
 }
 
-/// Reads `[offset, offset + len)` of a chunk through `call` (one request to one node): its
-/// allocation, then its data. An error reply, an unexpected reply or inconsistent sizes are `Err`.
+/// Reads `[offset, offset + len)` of a chunk through `call` (one request to one node): its data,
+/// which blocks hold data and its version, as of one moment. An error reply, an unexpected reply
+/// or inconsistent sizes are `Err`.
 pub async fn read_piece<F, Fut>(
     call: F,
     volume: VolumeId,
@@ -39,16 +42,13 @@ where
     F: Fn(Request) -> Fut,
     Fut: std::future::Future<Output = Result<Response, String>>,
 {
-    let present = match call(Request::Allocation { volume, chunk, chunk_size, offset, len }).await? {
-        Response::Allocation { present } => present,
-        other => return Err(format!("allocation: unexpected reply {other:?}")),
-    };
-    let (crcs, data) = match call(Request::Read { volume, chunk, chunk_size, offset, len }).await? {
-        Response::Read { crcs, data } => (crcs, data),
-        other => return Err(format!("read: unexpected reply {other:?}")),
-    };
+    let (crcs, data, present, version) =
+        match call(Request::Read { volume, chunk, chunk_size, offset, len }).await? {
+            Response::Read { crcs, data, present, version } => (crcs, data, present, version),
+            other => return Err(format!("read: unexpected reply {other:?}")),
+        };
     if crcs.len() != present.len() || data.len() != present.len() * BLOCK_SIZE_BYTES as usize {
-        return Err("allocation and read replies do not match in size".into());
+        return Err("read reply: sizes do not match".into());
     }
-    Ok(Piece { present, crcs, data })
+    Ok(Piece { present, crcs, data, version })
 }

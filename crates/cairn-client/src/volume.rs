@@ -19,17 +19,18 @@
 use crate::connection::ConnectionPool;
 use crate::meta_client::{MetaClient, MetaClientError, NodeState, VolumeInfo};
 use crate::piece::read_piece;
+use crate::versions::{ChunkVersions, Known, VERSIONS_MAX};
 use bytes::Bytes;
 use cairn_engine::Version;
-use cairn_engine::reconcile::settle;
+use cairn_engine::reconcile::{Install, settle};
 use cairn_proto::{Request, Response, RpcError, Stamp};
 use cairn_types::checksum::block_crcs;
 use cairn_types::limits::RPC_IO_MAX_BYTES;
 use cairn_types::placement::pg_of;
-use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Generation, VolumeId, crc32c};
+use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Expected, Generation, VolumeId, crc32c};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -136,6 +137,32 @@ struct Piece {
     at: usize,
 }
 
+/// How one mutation round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// Acknowledged.
+    Done,
+    /// Not acknowledged: the copies were made identical (or the writer adopted a newer
+    /// generation); do it again.
+    Settled,
+}
+
+/// Most times one mutation is done again after its chunk's copies were settled: each settle makes
+/// them identical, so only other writers changing the chunk meanwhile (a shared volume) repeat it.
+const SETTLE_ROUNDS_MAX: usize = 32;
+
+/// Why copying a chunk from one node to another failed.
+#[derive(Debug)]
+struct CopyError {
+    /// The node that failed (the source or the target).
+    node: u64,
+    why: String,
+    /// The plan was stale (the source or the target changed since): look again; nobody failed.
+    stale: bool,
+    /// The target failed and the source could not record that it missed the chunk.
+    unrecorded: bool,
+}
+
 /// What a mutation does to an aligned range of a chunk.
 #[derive(Debug, Clone)]
 enum Mutation {
@@ -156,7 +183,8 @@ pub struct VolumeClient {
     fenced: AtomicBool,
     /// The volume was deleted: every operation fails from then on.
     deleted: AtomicBool,
-    sequence: AtomicU64,
+    /// The versions this writer's mutations left, and the sequence numbers of new ones.
+    versions: Mutex<ChunkVersions>,
     chunk_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     rotation: AtomicUsize,
     /// Nodes this client saw miss a write; not read from until the map shows them catching up.
@@ -200,7 +228,7 @@ impl VolumeClient {
             generation: tokio::sync::Mutex::new(0),
             fenced: AtomicBool::new(false),
             deleted: AtomicBool::new(false),
-            sequence: AtomicU64::new(1),
+            versions: Mutex::new(ChunkVersions::new(VERSIONS_MAX)),
             chunk_locks: Mutex::new(HashMap::new()),
             rotation: AtomicUsize::new(0),
             suspects: Mutex::new(BTreeMap::new()),
@@ -420,7 +448,8 @@ impl VolumeClient {
             }
         }
         let mut reconciled = 0usize;
-        for (chunk, reported) in dirty {
+        for (chunk, mut reported) in dirty {
+            let mut stale_rounds = 0;
             let mut live: BTreeSet<u64> =
                 map.replicas(chunk).into_iter().filter(|n| reached.contains(n)).collect();
             // Each failure takes one holder out (suspected, caught up later), so this ends.
@@ -448,22 +477,19 @@ impl VolumeClient {
                 }
                 let Some((winner, installs)) = settle(&versions, &live, None) else { break };
                 for install in installs {
-                    if let Err((failed, why)) =
-                        self.copy_chunk(winner, install.node, volume, chunk, chunk_size, generation).await
+                    if let Err(e) =
+                        self.install_copy(winner, install, volume, chunk, chunk_size, generation).await
                     {
-                        if failed == install.node {
-                            // The target may now hold a torn copy: the winner records that it
-                            // missed the chunk, so it is copied whole before it serves again.
-                            let confirmed =
-                                self.record_missed(&[winner], &[failed], volume, chunk, chunk_size).await;
-                            if !confirmed.contains(&winner) {
-                                return Err(IoError::Io(format!(
-                                    "open: chunk {chunk}: copying to node {failed} failed ({why}) and node {winner} could not record it"
-                                )));
-                            }
+                        if e.stale && stale_rounds < SETTLE_ROUNDS_MAX {
+                            // A copy moved since its version was read: ask them all again.
+                            stale_rounds += 1;
+                            reported.clear();
+                            continue 'settle;
                         }
-                        self.suspect(failed, &format!("open: copying chunk {chunk}: {why}"));
-                        live.remove(&failed);
+                        if e.unrecorded {
+                            return Err(IoError::Io(format!("open: chunk {chunk}: {}", e.why)));
+                        }
+                        live.remove(&e.node);
                         continue 'settle;
                     }
                     reconciled += 1;
@@ -494,26 +520,66 @@ impl VolumeClient {
         });
     }
 
-    /// Copies chunk `chunk` whole from node `from` to node `to` (present blocks with their
-    /// checksums, holes as holes), in pieces of at most one RPC, as writer `generation` (a node
-    /// fenced by a newer writer refuses it).
-    async fn copy_chunk(
+    /// Installs node `from`'s copy of `chunk` as `install` says; a target that failed (perhaps
+    /// left torn) is recorded as missed by `from`, so that it is copied whole before it serves
+    /// again, and is reported, like a failed write.
+    async fn install_copy(
         &self,
         from: u64,
-        to: u64,
+        install: Install,
         volume: VolumeId,
         chunk: u64,
         chunk_size: ChunkSize,
         generation: u64,
-    ) -> Result<(), (u64, String)> {
-        let fail = |node: u64, what: String| (node, format!("from node {from} to node {to}: {what}"));
+    ) -> Result<(), CopyError> {
+        let mut result = self.copy_chunk(from, install, (volume, chunk, chunk_size), generation).await;
+        if let Err(e) = &mut result
+            && !e.stale
+        {
+            if e.node == install.node {
+                let confirmed = self.record_missed(&[from], &[e.node], volume, chunk, chunk_size).await;
+                if !confirmed.contains(&from) {
+                    e.unrecorded = true;
+                    e.why = format!("{} and node {from} could not record it", e.why);
+                    self.suspect(from, &format!("chunk {chunk}: could not record a missed copy"));
+                }
+            }
+            self.suspect(e.node, &format!("copying chunk {chunk}: {}", e.why));
+        }
+        result
+    }
+
+    /// Copies chunk `chunk` whole from node `from` (at `install.version`) to `install.node` (still
+    /// at `install.expected`), present blocks with their checksums and holes as holes, in pieces
+    /// of at most one RPC, as writer `generation` (a node fenced by a newer writer refuses it).
+    async fn copy_chunk(
+        &self,
+        from: u64,
+        install: Install,
+        (volume, chunk, chunk_size): (VolumeId, u64, ChunkSize),
+        generation: u64,
+    ) -> Result<(), CopyError> {
+        let Install { node: to, expected: expect, version } = install;
+        let fail = |node: u64, what: String, stale: bool| CopyError {
+            node,
+            why: format!("from node {from} to node {to}: {what}"),
+            stale,
+            unrecorded: false,
+        };
         let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
         for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
             let (c, o) = (ChunkIndex(chunk), offset);
             let copy =
                 read_piece(|r| async move { self.call(from, &r).await }, volume, c, chunk_size, o, piece)
                     .await
-                    .map_err(|e| fail(from, e))?;
+                    .map_err(|e| fail(from, e, false))?;
+            if copy.version != version {
+                return Err(fail(
+                    from,
+                    format!("the source moved to {} while being copied", copy.version),
+                    true,
+                ));
+            }
             let (kept, kept_crcs) = copy.present_only();
             let install = Request::InstallRange {
                 volume,
@@ -524,13 +590,82 @@ impl VolumeClient {
                 crcs: kept_crcs,
                 data: kept,
                 generation: Generation(generation),
+                version,
+                // The first piece is installed over the planned copy; the next ones over the
+                // pieces before them.
+                expect: Some(if o == 0 { expect } else { version }),
             };
             match self.call(to, &install).await {
                 Ok(Response::Done) => {}
-                other => return Err(fail(to, format!("{other:?}"))),
+                Ok(Response::Error(RpcError::VersionMismatch { current, .. })) => {
+                    return Err(fail(to, format!("the target moved to {current}"), true));
+                }
+                other => return Err(fail(to, format!("{other:?}"), false)),
             }
         }
         Ok(())
+    }
+
+    /// Makes the in-sync copies of `chunk` identical: the highest version wins (every acknowledged
+    /// mutation is on every in-sync copy, so the highest holds them all) and is installed on each
+    /// other copy that is still at the version seen. Returns the version they are all at now. A
+    /// copy that cannot be installed is recorded as missed by the winner and its node reported, as
+    /// for a failed write.
+    async fn settle_chunk(&self, chunk: u64) -> Result<Version, IoError> {
+        let (volume, chunk_size) = self.ids()?;
+        let generation = self.generation().await?;
+        let deadline = Instant::now() + self.config.io_timeout;
+        let mut last = String::new();
+        loop {
+            self.check_deleted()?;
+            let map = self.map();
+            let suspects: BTreeSet<u64> = lock(&self.suspects).keys().copied().collect();
+            let nodes: Vec<u64> = map
+                .replicas(chunk)
+                .into_iter()
+                .filter(|n| map.in_sync(*n) && !suspects.contains(n))
+                .collect();
+            let ask = Request::ChunkVersion { volume, chunk: ChunkIndex(chunk) };
+            let replies = futures::future::join_all(nodes.iter().map(|n| self.call(*n, &ask))).await;
+            let mut versions = BTreeMap::new();
+            for (node, reply) in nodes.iter().zip(replies) {
+                match reply {
+                    Ok(Response::ChunkVersion(info)) => {
+                        let v = info.map(|i| Version { generation: i.generation.0, seq: i.last_sequence });
+                        versions.insert(*node, v.unwrap_or(Version::NONE));
+                    }
+                    other => last = format!("node {node}: chunk version: {other:?}"),
+                }
+            }
+            let responders: BTreeSet<u64> = versions.keys().copied().collect();
+            if responders.len() >= map.quorum()
+                && let Some((winner, installs)) = settle(&versions, &responders, None)
+            {
+                let top = versions.get(&winner).copied().unwrap_or(Version::NONE);
+                let mut again = false;
+                for install in installs {
+                    if let Err(e) =
+                        self.install_copy(winner, install, volume, chunk, chunk_size, generation).await
+                    {
+                        last = e.why;
+                        again = true;
+                    }
+                }
+                if !again {
+                    lock(&self.versions).set(chunk, Some(top));
+                    return Ok(top);
+                }
+            } else if last.is_empty() {
+                last = format!("only {} of {} replicas answered", responders.len(), nodes.len());
+            }
+            if Instant::now() > deadline {
+                return Err(IoError::Io(format!(
+                    "chunk {chunk}: could not make its copies identical: {last}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = self.refresh().await;
+        }
     }
 
     /// A shared volume's writer was fenced by another shared writer's open: adopt the newest.
@@ -556,7 +691,7 @@ impl VolumeClient {
         let reads = pieces.iter().map(|p| async move {
             let a0 = p.offset / BS * BS;
             let a1 = (p.offset + p.len).div_ceil(BS) * BS;
-            let data = self.read_aligned(p.chunk, a0, a1 - a0, false).await?;
+            let (data, _) = self.read_aligned(p.chunk, a0, a1 - a0, false).await?;
             Ok::<_, IoError>((p, data, (p.offset - a0) as usize))
         });
         for r in futures::future::join_all(reads).await {
@@ -566,16 +701,16 @@ impl VolumeClient {
         Ok(out)
     }
 
-    /// Reads an aligned range from one replica. `chunk_locked`: the caller holds the chunk's lock
-    /// (a read-modify-write); else a repair of a corrupt replica takes it, so that a repair never
-    /// writes data older than a write that completed meanwhile.
+    /// Reads an aligned range from one replica, with the chunk's version there. `chunk_locked`:
+    /// the caller holds the chunk's lock (a read-modify-write); else a repair of a corrupt replica
+    /// takes it, so that a repair never writes data older than a write that completed meanwhile.
     async fn read_aligned(
         &self,
         chunk: u64,
         offset: u64,
         len: u64,
         chunk_locked: bool,
-    ) -> Result<Vec<u8>, IoError> {
+    ) -> Result<(Vec<u8>, Version), IoError> {
         let (volume, chunk_size) = self.ids()?;
         let request = Request::Read {
             volume,
@@ -609,7 +744,7 @@ impl VolumeClient {
             let mut corrupt = Vec::new();
             for node in candidates {
                 match self.call(node, &request).await {
-                    Ok(Response::Read { crcs, data }) => {
+                    Ok(Response::Read { crcs, data, version, .. }) => {
                         let good = verified(&data, &crcs, len);
                         if !good {
                             last = format!("node {node} returned data failing its checksums");
@@ -624,7 +759,7 @@ impl VolumeClient {
                                 // data read above may be older than a write completed since.
                                 let lock = self.chunk_lock(chunk);
                                 let _guard = lock.lock().await;
-                                if let Ok(Response::Read { crcs, data }) = self.call(node, &request).await
+                                if let Ok(Response::Read { crcs, data, .. }) = self.call(node, &request).await
                                     && verified(&data, &crcs, len)
                                 {
                                     self.repair(&corrupt, volume, chunk, chunk_size, offset, &data, &crcs)
@@ -632,7 +767,7 @@ impl VolumeClient {
                                 }
                             }
                         }
-                        return Ok(data.to_vec());
+                        return Ok((data.to_vec(), version));
                     }
                     Ok(Response::Error(RpcError::Corrupt { block, .. })) => {
                         last = format!("node {node}: block {block} corrupt");
@@ -699,26 +834,50 @@ impl VolumeClient {
         let _guard = lock.lock().await;
         let a0 = p.offset / BS * BS;
         let a1 = (p.offset + p.len).div_ceil(BS) * BS;
-        let buf = if a0 == p.offset && a1 == p.offset + p.len {
-            data
-        } else {
-            // Read-modify-write of the partial edge blocks, under the chunk lock.
+        if a0 == p.offset && a1 == p.offset + p.len {
+            return self.mutate_settled(p.chunk, a0, Mutation::Write(data)).await;
+        }
+        // Read-modify-write of the partial edge blocks, under the chunk lock, expecting the
+        // version read with them: if the chunk changed since (another writer of a shared volume),
+        // no replica applies it, and it is done again from a fresh read.
+        for _ in 0..SETTLE_ROUNDS_MAX {
             let mut buf = vec![0u8; (a1 - a0) as usize];
+            let mut read_at = None;
             if a0 < p.offset {
-                let head = self.read_aligned(p.chunk, a0, BS, true).await?;
+                let (head, v) = self.read_aligned(p.chunk, a0, BS, true).await?;
                 buf[..BS as usize].copy_from_slice(&head);
+                read_at = Some(v);
             }
             // The last block is partial too, unless it is the first block, already read.
             if a1 > p.offset + p.len && !(a1 - a0 == BS && a0 < p.offset) {
-                let tail = self.read_aligned(p.chunk, a1 - BS, BS, true).await?;
+                let (tail, v) = self.read_aligned(p.chunk, a1 - BS, BS, true).await?;
                 let n = buf.len();
                 buf[n - BS as usize..].copy_from_slice(&tail);
+                if read_at.is_some_and(|h| h != v) {
+                    // The edges were read at different versions: settle, then read again.
+                    self.settle_chunk(p.chunk).await?;
+                    continue;
+                }
+                read_at = Some(v);
             }
             let skip = (p.offset - a0) as usize;
             buf[skip..skip + data.len()].copy_from_slice(&data);
-            Bytes::from(buf)
-        };
-        self.mutate(p.chunk, a0, Mutation::Write(buf)).await
+            match self.mutate(p.chunk, a0, Mutation::Write(Bytes::from(buf)), read_at).await? {
+                Round::Done => return Ok(()),
+                Round::Settled => continue,
+            }
+        }
+        Err(IoError::Io(format!("chunk {}: its replicas kept changing under this write", p.chunk)))
+    }
+
+    /// Applies one aligned mutation (caller holds the chunk lock), again after each settle.
+    async fn mutate_settled(&self, chunk: u64, offset: u64, mutation: Mutation) -> Result<(), IoError> {
+        for _ in 0..SETTLE_ROUNDS_MAX {
+            if let Round::Done = self.mutate(chunk, offset, mutation.clone(), None).await? {
+                return Ok(());
+            }
+        }
+        Err(IoError::Io(format!("chunk {chunk}: its replicas kept changing under this mutation")))
     }
 
     /// Frees `len` bytes at `offset`; partial blocks at the edges are left as they are (a trim is a
@@ -730,7 +889,7 @@ impl VolumeClient {
             if a1 > a0 {
                 let lock = self.chunk_lock(p.chunk);
                 let _guard = lock.lock().await;
-                self.mutate(p.chunk, a0, Mutation::Trim((a1 - a0) as u32)).await?;
+                self.mutate_settled(p.chunk, a0, Mutation::Trim((a1 - a0) as u32)).await?;
             }
         }
         if fua { self.flush().await } else { Ok(()) }
@@ -756,13 +915,23 @@ impl VolumeClient {
             }
             let lock = self.chunk_lock(p.chunk);
             let _guard = lock.lock().await;
-            self.mutate(p.chunk, a0, Mutation::Zero((a1 - a0) as u32, no_hole)).await?;
+            self.mutate_settled(p.chunk, a0, Mutation::Zero((a1 - a0) as u32, no_hole)).await?;
         }
         if fua { self.flush().await } else { Ok(()) }
     }
 
-    /// Applies one aligned mutation to every in-sync replica of `chunk` (caller holds the chunk lock).
-    async fn mutate(&self, chunk: u64, offset: u64, mutation: Mutation) -> Result<(), IoError> {
+    /// Applies one aligned mutation to every in-sync replica of `chunk` (caller holds the chunk
+    /// lock), expecting the chunk at `read_at` (the version a read-modify-write read) or at the
+    /// version this writer knows. `Round::Settled`: some replica held another version, the copies
+    /// were made identical and nothing is acknowledged — the caller starts again (a
+    /// read-modify-write from a fresh read).
+    async fn mutate(
+        &self,
+        chunk: u64,
+        offset: u64,
+        mutation: Mutation,
+        read_at: Option<Version>,
+    ) -> Result<Round, IoError> {
         let (volume, chunk_size) = self.ids()?;
         let deadline = Instant::now() + self.config.io_timeout;
         let mut last = String::new();
@@ -770,13 +939,27 @@ impl VolumeClient {
         if let Some(pg) = self.map().pg(chunk) {
             lock(&self.touched_pgs).insert(pg);
         }
+        let generation = self.generation().await?;
+        let expected = match read_at {
+            Some(v) => Expected::Exact(v),
+            None => {
+                let known = lock(&self.versions).get(chunk, self.shared());
+                match known {
+                    Known::At(v) => Expected::Exact(v),
+                    Known::Untouched => Expected::Below(generation),
+                    Known::Unknown => Expected::Exact(self.settle_chunk(chunk).await?),
+                }
+            }
+        };
+        // One stamp for every attempt: a replica that applied an earlier attempt answers it as
+        // applied instead of refusing it.
+        let stamp = Stamp {
+            generation: Generation(generation),
+            sequence: lock(&self.versions).next_sequence(expected),
+            expect: Some(expected),
+        };
         loop {
             self.check_deleted()?;
-            let generation = self.generation().await?;
-            let stamp = Stamp {
-                generation: Generation(generation),
-                sequence: self.sequence.fetch_add(1, Ordering::Relaxed),
-            };
             let map = self.map();
             let replicas = map.replicas(chunk);
             let suspects: BTreeSet<u64> = lock(&self.suspects).keys().copied().collect();
@@ -820,12 +1003,36 @@ impl VolumeClient {
                 let mut failed = Vec::new();
                 let mut stale_map = false;
                 let mut no_space = false;
+                let mut conflict = false;
+                let mut fenced = false;
+                let mut now_at = BTreeSet::new();
                 for (node, r) in targets.iter().zip(results) {
                     match r {
-                        Ok(Response::Done) => ok.push(*node),
+                        Ok(Response::Applied { version }) => {
+                            ok.push(*node);
+                            now_at.insert(version);
+                        }
                         Ok(Response::Error(RpcError::Fenced { .. })) => {
                             self.on_fenced(generation).await?;
-                            stale_map = true; // shared volume: retry with the newer generation
+                            fenced = true; // shared volume: again with the newer generation
+                        }
+                        // Behind: with one writer, the replica missed mutations; like a failure,
+                        // it is recorded as having missed this one and caught up. With several
+                        // (a shared volume), another writer's mutation may still be on its way
+                        // to it: settled below instead.
+                        Ok(Response::Error(RpcError::VersionMismatch { current, behind: true })) => {
+                            last = format!("node {node}: its copy is behind (at {current})");
+                            if self.shared() {
+                                conflict = true;
+                            } else {
+                                failed.push(*node);
+                            }
+                        }
+                        // Another chain (a concurrent writer of a shared volume, or a leftover of
+                        // a failed write): never acknowledged over it.
+                        Ok(Response::Error(RpcError::VersionMismatch { current, behind: false })) => {
+                            last = format!("node {node}: its copy is at {current}, not {expected:?}");
+                            conflict = true;
                         }
                         // A full replica: the others may have applied it, so it is recorded as
                         // missed like any failure (replicas must not stay different), then the
@@ -856,6 +1063,16 @@ impl VolumeClient {
                         }
                     }
                 }
+                if fenced {
+                    return Ok(Round::Settled);
+                }
+                if conflict {
+                    // The copies hold different chains: make them identical (the highest wins;
+                    // no acknowledged mutation is lost, as each is on every in-sync copy), and
+                    // the caller does it again over the result.
+                    self.settle_chunk(chunk).await?;
+                    return Ok(Round::Settled);
+                }
                 // Replicas that applied it record who did not: those known in advance were named in
                 // the request itself (recorded durably before the reply); replicas that failed
                 // during it are recorded here. Every applier must confirm before the mutation is
@@ -880,7 +1097,11 @@ impl VolumeClient {
                 // Acknowledged: a majority applied it, and every other replica is known not to have
                 // (recorded as missed, so it is caught up before it serves reads again).
                 if ok.len() >= map.quorum() && !stale_map && recorded {
-                    return Ok(());
+                    // Every applier reports the version it left (a trim of a chunk a replica
+                    // does not hold leaves it at none); if they differ, look it up next time.
+                    let at = (now_at.len() == 1).then(|| now_at.first().copied()).flatten();
+                    lock(&self.versions).set(chunk, at);
+                    return Ok(Round::Done);
                 }
             } else {
                 last = format!(

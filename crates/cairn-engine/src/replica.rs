@@ -6,6 +6,7 @@
 
 use crate::version::{Expected, Version};
 use cairn_meta::authority::Role;
+use cairn_types::version::VersionCheck;
 
 /// What the node knows when a mutation arrives.
 #[derive(Debug, Clone, Copy)]
@@ -65,14 +66,11 @@ pub fn check_mutation(node: &NodeView, m: &Mutation) -> Verdict {
     if matches!(m.expected, Expected::Below(_)) && node.role != Role::Active {
         return Verdict::Behind;
     }
-    if m.expected.matches(node.current) {
-        Verdict::Apply
-    } else if node.current == m.new {
-        Verdict::AlreadyApplied
-    } else if m.expected.is_ahead_of(node.current) {
-        Verdict::Behind
-    } else {
-        Verdict::Conflict
+    match m.expected.check(node.current, m.new) {
+        VersionCheck::Apply => Verdict::Apply,
+        VersionCheck::AlreadyApplied => Verdict::AlreadyApplied,
+        VersionCheck::Behind => Verdict::Behind,
+        VersionCheck::Conflict => Verdict::Conflict,
     }
 }
 

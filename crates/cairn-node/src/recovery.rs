@@ -490,6 +490,7 @@ async fn pull_chunk(
 ) -> Result<(), String> {
     let (volume, chunk, chunk_size) = checked(volume, chunk, size)?;
     let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
+    let mut first_version = None;
     for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
         let call = |request: Request| async move {
             match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
@@ -499,13 +500,24 @@ async fn pull_chunk(
             }
         };
         let copy = read_piece(call, volume, chunk, chunk_size, offset, piece).await?;
+        // Every piece of one copy comes from one version of the source (and the pieces after the
+        // first go over the ones before them).
+        let version = copy.version;
+        let expect = match first_version {
+            None => None,
+            Some(v) if v == version => Some(v),
+            Some(v) => return Err(format!("the source moved from {v} to {version} during the copy")),
+        };
+        first_version = Some(version);
         let (kept, kept_crcs) = copy.present_only();
         let present = copy.present;
         let s = store.clone();
         tokio::task::spawn_blocking(move || {
             // Its own fence: a local copy never raises or fails it.
             let generation = s.highest_generation(volume)?;
-            s.install_range(volume, chunk, chunk_size, offset, &present, &kept, &kept_crcs, generation)
+            s.install_range(
+                volume, chunk, chunk_size, offset, &present, &kept, &kept_crcs, generation, version, expect,
+            )
         })
         .await
         .map_err(|e| e.to_string())?
@@ -523,19 +535,19 @@ async fn copy_chunk(
 ) -> Result<(), String> {
     let (volume, chunk, chunk_size) = checked(volume, chunk, size)?;
     let s = store.clone();
-    let (present, reply, generation) = tokio::task::spawn_blocking(move || {
-        let present = s.allocation(volume, chunk, chunk_size, 0, chunk_size.bytes())?;
+    let (reply, generation) = tokio::task::spawn_blocking(move || {
+        // Data, allocation and version as of one moment (read under the chunk's lock).
         let reply = s.read(volume, chunk, chunk_size, 0, chunk_size.bytes())?;
         // The generation this node accepted: a target fenced by a newer writer refuses the copy.
         let generation = s.highest_generation(volume)?;
-        Ok::<_, cairn_store::StoreError>((present, reply, generation))
+        Ok::<_, cairn_store::StoreError>((reply, generation))
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     let range_blocks = (RPC_IO_MAX_BYTES / BLOCK_SIZE_BYTES) as usize;
     let bs = BLOCK_SIZE_BYTES as usize;
-    for (i, flags) in present.chunks(range_blocks).enumerate() {
+    for (i, flags) in reply.present.chunks(range_blocks).enumerate() {
         let first = i * range_blocks;
         let mut data = Vec::new();
         let mut crcs = Vec::new();
@@ -555,6 +567,9 @@ async fn copy_chunk(
             crcs,
             data: Bytes::from(data),
             generation,
+            version: reply.version,
+            // The pieces after the first go over the ones before them.
+            expect: (i > 0).then_some(reply.version),
         };
         match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
             Ok(Ok(Response::Done)) => {}

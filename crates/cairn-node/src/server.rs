@@ -512,17 +512,21 @@ fn record_missed(
 }
 
 fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<Response, StoreError> {
-    let stamp = |s: cairn_proto::Stamp| WriteStamp { generation: s.generation, sequence: s.sequence };
+    let stamp = |s: cairn_proto::Stamp| WriteStamp {
+        generation: s.generation,
+        sequence: s.sequence,
+        expect: s.expect,
+    };
     Ok(match request {
         Request::Read { volume, chunk, chunk_size, offset, len } => {
             let r = store.read(volume, chunk, chunk_size, offset, len)?;
-            Response::Read { crcs: r.crcs, data: r.data.into() }
+            Response::Read { crcs: r.crcs, data: r.data.into(), present: r.present, version: r.version }
         }
         Request::Write { volume, chunk, chunk_size, offset, stamp: s, crcs, data, missed_by } => {
-            store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
+            let version = store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
             // Before the acknowledgement: an acknowledged write a peer missed is never forgotten.
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            Response::Done
+            Response::Applied { version }
         }
         Request::RecordMissed { volume, chunk, chunk_size, peers } => {
             record_missed(hooks, &peers, volume, chunk, chunk_size)?;
@@ -531,8 +535,21 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
         Request::Allocation { volume, chunk, chunk_size, offset, len } => {
             Response::Allocation { present: store.allocation(volume, chunk, chunk_size, offset, len)? }
         }
-        Request::InstallRange { volume, chunk, chunk_size, offset, present, crcs, data, generation } => {
-            store.install_range(volume, chunk, chunk_size, offset, &present, &data, &crcs, generation)?;
+        Request::InstallRange {
+            volume,
+            chunk,
+            chunk_size,
+            offset,
+            present,
+            crcs,
+            data,
+            generation,
+            version,
+            expect,
+        } => {
+            store.install_range(
+                volume, chunk, chunk_size, offset, &present, &data, &crcs, generation, version, expect,
+            )?;
             Response::Done
         }
         Request::Repair { volume, chunk, chunk_size, offset, crcs, data } => {
@@ -543,14 +560,14 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             Response::Done
         }
         Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s, missed_by } => {
-            store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
+            let version = store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            Response::Done
+            Response::Applied { version }
         }
         Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate, missed_by } => {
-            store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
+            let version = store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            Response::Done
+            Response::Applied { version }
         }
         Request::Flush { volume } => {
             store.flush(volume)?;

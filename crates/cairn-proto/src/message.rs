@@ -2,7 +2,7 @@
 //! beside the CRC-32C of every 4 KiB block, which the receiver verifies end to end.
 
 use bytes::Bytes;
-use cairn_types::{ChunkIndex, ChunkSize, Generation, VolumeId};
+use cairn_types::{ChunkIndex, ChunkSize, Expected, Generation, Version, VolumeId};
 use serde::{Deserialize, Serialize};
 
 /// The client's hello: the protocol versions it speaks.
@@ -21,11 +21,15 @@ pub enum HelloReply {
     Refused(RpcError),
 }
 
-/// Who issued a mutation: writer generation (fencing) and the writer's sequence number (ordering).
+/// Who issued a mutation: writer generation (fencing) and the writer's sequence number. The
+/// mutation leaves the chunk at version `(generation, sequence)`; with `expect` (version 4) a node
+/// applies it only to a copy at the version the writer expects, else answers
+/// [`RpcError::VersionMismatch`] and changes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Stamp {
     pub generation: Generation,
     pub sequence: u64,
+    pub expect: Option<Expected>,
 }
 
 /// A request to a storage node. Offsets and lengths are in bytes within the chunk and must be
@@ -114,6 +118,11 @@ pub enum Request {
         /// The sender's writer generation (version 2): refused below the volume's fence, so a
         /// superseded writer's reconciliation cannot overwrite a newer writer's data.
         generation: Generation,
+        /// The copy's version (version 4): the chunk is at it once the range is installed.
+        version: Version,
+        /// Install only if this node's copy is still at this version (version 4): a
+        /// reconciliation planned against it never overwrites a newer one.
+        expect: Option<Version>,
     },
     /// Rewrite blocks this node holds corrupt with good copies read elsewhere.
     Repair {
@@ -188,10 +197,18 @@ pub struct ChunkInfo {
 /// A storage node's answer to one request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    /// Data read, with the CRC-32C of each block (zero blocks carry the zero block's CRC).
+    /// Data read, with the CRC-32C of each block (zero blocks carry the zero block's CRC), which
+    /// blocks hold data and the chunk's version, all as of one moment (version 4).
     Read {
         crcs: Vec<u32>,
         data: Bytes,
+        present: Vec<bool>,
+        version: Version,
+    },
+    /// A write, trim or write-zeroes applied (or found applied already): the chunk's version now
+    /// (version 4; none for a trim of a chunk the node does not hold).
+    Applied {
+        version: Version,
     },
     /// A mutation or flush completed.
     Done,
@@ -243,6 +260,11 @@ pub enum RpcError {
     /// The volume was deleted (version 3): its data is going away on every node.
     #[error("volume {volume} was deleted")]
     Deleted { volume: VolumeId },
+    /// The node's copy of the chunk is not at the version the mutation expects (version 4);
+    /// `behind`: it lacks mutations the writer expects it to have (it needs recovery); otherwise
+    /// it holds another chain (a concurrent writer of a shared volume, or a leftover).
+    #[error("chunk copy at version {current} is not the one the writer expects{}", if *behind { " (behind)" } else { "" })]
+    VersionMismatch { current: Version, behind: bool },
 }
 
 /// The payload of an `InstallRange` from a read of the same range: the blocks `present` marks
@@ -297,7 +319,11 @@ mod tests {
     }
 
     fn stamp() -> impl Strategy<Value = Stamp> {
-        (any::<u64>(), any::<u64>()).prop_map(|(g, s)| Stamp { generation: Generation(g), sequence: s })
+        (any::<u64>(), any::<u64>(), any::<Option<(u64, u64)>>()).prop_map(|(g, s, e)| Stamp {
+            generation: Generation(g),
+            sequence: s,
+            expect: e.map(|(generation, seq)| Expected::Exact(Version { generation, seq })),
+        })
     }
 
     fn request() -> impl Strategy<Value = Request> {
@@ -383,14 +409,25 @@ mod tests {
             }),
             Just(RpcError::ShuttingDown),
             vol().prop_map(|volume| RpcError::Deleted { volume }),
+            (any::<u64>(), any::<bool>()).prop_map(|(seq, behind)| RpcError::VersionMismatch {
+                current: Version { generation: 1, seq },
+                behind
+            }),
         ]
     }
 
     fn response() -> impl Strategy<Value = Response> {
         prop_oneof![
             (proptest::collection::vec(any::<u32>(), 0..8), proptest::collection::vec(any::<u8>(), 0..512))
-                .prop_map(|(crcs, data)| Response::Read { crcs, data: Bytes::from(data) }),
+                .prop_map(|(crcs, data)| Response::Read {
+                    present: crcs.iter().map(|c| c % 2 == 0).collect(),
+                    crcs,
+                    data: Bytes::from(data),
+                    version: Version { generation: 3, seq: 9 },
+                }),
             Just(Response::Done),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(generation, seq)| Response::Applied { version: Version { generation, seq } }),
             proptest::option::of((any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>())).prop_map(|o| {
                 Response::ChunkVersion(o.map(|(g, version, last_sequence, dirty)| ChunkInfo {
                     generation: Generation(g),

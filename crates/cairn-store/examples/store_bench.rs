@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
     let volume = VolumeId::new(1)?;
     let chunk_size = ChunkSize::DEFAULT;
     let cs = u64::from(chunk_size.bytes());
-    let stamp = WriteStamp { generation: Generation(1), sequence: 0 };
+    let stamp = WriteStamp { generation: Generation(1), sequence: 0, expect: None };
     let blocks = VOLUME_BYTES / BS as u64;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let offsets: Vec<u64> = (0..ops).map(|_| rng.random_range(0..blocks) * BS as u64).collect();

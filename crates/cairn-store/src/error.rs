@@ -22,6 +22,18 @@ pub enum StoreError {
     #[error("{context}: {cause}")]
     Io { context: String, cause: std::io::Error },
 
+    #[error(
+        "volume {volume} chunk {chunk}: the copy here is at version {current}, not the {expected:?} the writer expects{}",
+        if *behind { " (it missed writes)" } else { "" }
+    )]
+    VersionMismatch {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        current: cairn_types::Version,
+        expected: cairn_types::Expected,
+        behind: bool,
+    },
+
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 

@@ -20,7 +20,10 @@ use crate::format::{
     VolumeMeta,
 };
 use cairn_types::checksum::zero_block_crc32c;
-use cairn_types::{BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Generation, PgId, VolumeId, crc32c};
+use cairn_types::version::VersionCheck;
+use cairn_types::{
+    BLOCK_SIZE_BYTES, ChunkIndex, ChunkSize, Expected, Generation, PgId, Version, VolumeId, crc32c,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind};
@@ -44,18 +47,32 @@ impl Default for StoreConfig {
     }
 }
 
-/// Who wrote a mutation: the writer's generation and its sequence number for the mutation.
+/// Who wrote a mutation: the writer's generation and its sequence number for the mutation. The
+/// mutation leaves the chunk at version `(generation, sequence)`; with `expect` it applies only to a
+/// copy at the version the writer expects (checked under the chunk's lock; see
+/// [`cairn_types::Expected::check`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WriteStamp {
     pub generation: Generation,
     pub sequence: u64,
+    pub expect: Option<Expected>,
 }
 
-/// Data read from a chunk, with the checksum of every block (verified).
+impl WriteStamp {
+    /// The version a mutation with this stamp leaves its chunk at.
+    pub fn version(&self) -> Version {
+        Version { generation: self.generation.0, seq: self.sequence }
+    }
+}
+
+/// Data read from a chunk, with the checksum of every block (verified), which blocks hold data
+/// (the others are holes) and the chunk's version, all read under the chunk's lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadReply {
     pub data: Vec<u8>,
     pub crcs: Vec<u32>,
+    pub present: Vec<bool>,
+    pub version: Version,
 }
 
 /// The persisted state of a chunk, as reported to peers.
@@ -66,6 +83,17 @@ pub struct ChunkState {
     pub last_sequence: u64,
     pub dirty: bool,
     pub chunk_size: ChunkSize,
+}
+
+impl ChunkState {
+    /// The chunk's version: the generation and sequence of its last mutation.
+    pub fn version(&self) -> Version {
+        Version { generation: self.generation.0, seq: self.last_sequence }
+    }
+}
+
+fn header_version(header: &ChunkHeader) -> Version {
+    Version { generation: header.generation.0, seq: header.last_sequence }
 }
 
 type ChunkKey = (VolumeId, ChunkIndex);
@@ -552,18 +580,39 @@ impl Store {
         &self,
         handle: &ChunkHandle,
         inner: &mut ChunkInner,
-        stamp: WriteStamp,
-    ) -> Result<(), StoreError> {
+        version: Version,
+    ) -> Result<Version, StoreError> {
         let mut header = inner.header;
         header.version += 1;
-        header.generation = stamp.generation;
-        header.last_sequence = stamp.sequence;
+        header.generation = Generation(version.generation);
+        header.last_sequence = version.seq;
         let key = (header.volume, header.chunk);
         self.fault(IoOp::WriteHeader).and_then(|_| handle.file.write_all_at(&header.encode(), 0)).map_err(
             |e| StoreError::io(format!("updating header of {}", handle.path.display()), e, Some(key)),
         )?;
         inner.header = header;
-        Ok(())
+        Ok(version)
+    }
+
+    /// Checks a mutation's expected version against the chunk's (`current`, under its lock).
+    /// `Ok(true)`: apply it; `Ok(false)`: the copy is already at the mutation's version (a re-send).
+    fn check_expected(
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        current: Version,
+        stamp: &WriteStamp,
+    ) -> Result<bool, StoreError> {
+        let Some(expect) = stamp.expect else { return Ok(true) };
+        match expect.check(current, stamp.version()) {
+            VersionCheck::Apply => Ok(true),
+            VersionCheck::AlreadyApplied => Ok(false),
+            VersionCheck::Behind => {
+                Err(StoreError::VersionMismatch { volume, chunk, current, expected: expect, behind: true })
+            }
+            VersionCheck::Conflict => {
+                Err(StoreError::VersionMismatch { volume, chunk, current, expected: expect, behind: false })
+            }
+        }
     }
 
     /// Writes whole blocks at `offset` (block aligned) of a chunk. `crcs` holds the writer's CRC-32C of
@@ -578,29 +627,45 @@ impl Store {
         data: &[u8],
         crcs: &[u32],
         stamp: WriteStamp,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Version, StoreError> {
         let first_block = check_range(chunk_size, offset, data.len() as u64)?;
-        let blocks = check_received(volume, chunk, first_block, data, crcs)?;
+        check_received(volume, chunk, first_block, data, crcs)?;
         let state = self.volume(volume)?;
         let _fence = self.admit(volume, &state, stamp)?;
+        // (A new chunk file is at version none: a refused write may leave one, reading as zeros.)
         let handle = self
             .chunk(volume, &state, chunk, chunk_size, true)?
             .ok_or_else(|| StoreError::InvalidRequest("chunk vanished while being created".into()))?;
         let mut inner = lock(&handle.inner);
+        if !Self::check_expected(volume, chunk, header_version(&inner.header), &stamp)? {
+            return Ok(header_version(&inner.header));
+        }
         self.begin_mutation(&state, &handle, &mut inner)?;
-        let key = (volume, chunk);
+        self.write_locked(&handle, chunk_size, first_block, data, crcs, (volume, chunk))?;
+        self.bump_version(&handle, &mut inner, stamp.version())
+    }
+
+    /// Writes whole blocks (checked by the caller) with the chunk's lock held and its mutation begun.
+    fn write_locked(
+        &self,
+        handle: &ChunkHandle,
+        chunk_size: ChunkSize,
+        first_block: u32,
+        data: &[u8],
+        crcs: &[u32],
+        key: ChunkKey,
+    ) -> Result<(), StoreError> {
         // Data first, then the table: if the data write fails (ENOSPC filling a hole), the table
         // still describes the old contents, which are intact.
-        let data_at = format::data_offset(chunk_size) + u64::from(offset);
+        let data_at = format::data_offset(chunk_size) + u64::from(first_block) * BLOCK;
         self.fault(IoOp::WriteData)
             .and_then(|_| handle.file.write_all_at(data, data_at))
             .map_err(|e| StoreError::io(format!("writing {}", handle.path.display()), e, Some(key)))?;
-        let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
+        let mut table = vec![0u8; crcs.len() * TABLE_ENTRY_LEN];
         for (entry, crc) in table.chunks_exact_mut(TABLE_ENTRY_LEN).zip(crcs) {
             TableEntry::data(*crc).encode_into(entry);
         }
-        self.write_table(&handle, first_block, &table, key)?;
-        self.bump_version(&handle, &mut inner, stamp)
+        self.write_table(handle, first_block, &table, key)
     }
 
     fn write_table(
@@ -625,7 +690,7 @@ impl Store {
         offset: u32,
         len: u32,
         stamp: WriteStamp,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Version, StoreError> {
         self.zero(volume, chunk, chunk_size, offset, len, stamp, false)
     }
 
@@ -641,7 +706,7 @@ impl Store {
         len: u32,
         stamp: WriteStamp,
         allocate: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Version, StoreError> {
         self.zero(volume, chunk, chunk_size, offset, len, stamp, allocate)
     }
 
@@ -655,7 +720,7 @@ impl Store {
         len: u32,
         stamp: WriteStamp,
         allocate: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Version, StoreError> {
         let first_block = check_range(chunk_size, offset, u64::from(len))?;
         if allocate {
             let zeros = vec![0u8; len as usize];
@@ -664,13 +729,30 @@ impl Store {
         }
         let state = self.volume(volume)?;
         let _fence = self.admit(volume, &state, stamp)?;
-        // A chunk that does not exist reads as zeros already: nothing to free, nothing to record.
+        // A chunk that does not exist reads as zeros already: nothing to free, nothing to record
+        // (it stays at version none).
         let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else {
-            return Ok(());
+            Self::check_expected(volume, chunk, Version::NONE, &stamp)?;
+            return Ok(Version::NONE);
         };
         let mut inner = lock(&handle.inner);
+        if !Self::check_expected(volume, chunk, header_version(&inner.header), &stamp)? {
+            return Ok(header_version(&inner.header));
+        }
         self.begin_mutation(&state, &handle, &mut inner)?;
-        let key = (volume, chunk);
+        self.punch_locked(&handle, chunk_size, first_block, len, (volume, chunk))?;
+        self.bump_version(&handle, &mut inner, stamp.version())
+    }
+
+    /// Makes blocks read as zeros and frees them, with the chunk's lock held and its mutation begun.
+    fn punch_locked(
+        &self,
+        handle: &ChunkHandle,
+        chunk_size: ChunkSize,
+        first_block: u32,
+        len: u32,
+        key: ChunkKey,
+    ) -> Result<(), StoreError> {
         let blocks = (len / BLOCK_SIZE_BYTES) as usize;
         // Table first: once the entries say unwritten the blocks read as zeros whatever the data
         // region holds, so punching the hole afterwards is only space reclamation.
@@ -678,8 +760,8 @@ impl Store {
         for entry in table.chunks_exact_mut(TABLE_ENTRY_LEN) {
             TableEntry::UNWRITTEN.encode_into(entry);
         }
-        self.write_table(&handle, first_block, &table, key)?;
-        let at = format::data_offset(chunk_size) + u64::from(offset);
+        self.write_table(handle, first_block, &table, key)?;
+        let at = format::data_offset(chunk_size) + u64::from(first_block) * BLOCK;
         self.fault(IoOp::PunchHole)
             .and_then(|_| {
                 rustix::fs::fallocate(
@@ -690,10 +772,7 @@ impl Store {
                 )
                 .map_err(Into::into)
             })
-            .map_err(|e| {
-                StoreError::io(format!("punching hole in {}", handle.path.display()), e, Some(key))
-            })?;
-        self.bump_version(&handle, &mut inner, stamp)
+            .map_err(|e| StoreError::io(format!("punching hole in {}", handle.path.display()), e, Some(key)))
     }
 
     /// Which blocks of `[offset, offset + len)` hold data (true) or are unwritten holes (false).
@@ -727,14 +806,16 @@ impl Store {
     /// [`StoreError::Fenced`].
     pub fn raise_fence(&self, volume: VolumeId, generation: Generation) -> Result<(), StoreError> {
         let state = self.volume(volume)?;
-        let _admitted = self.admit(volume, &state, WriteStamp { generation, sequence: 0 })?;
+        let _admitted = self.admit(volume, &state, WriteStamp { generation, ..WriteStamp::default() })?;
         Ok(())
     }
 
     /// Replaces `[offset, offset + 4 KiB × present.len())` of a chunk with a copy from a peer
     /// (catch-up, reconciliation): blocks whose entry in `present` is false become holes; `data`
-    /// holds the present blocks only, in order, with their checksums in `crcs`. Fenced like a write:
-    /// refused if `generation` is below the volume's fence (raised if above).
+    /// holds the present blocks only, in order, with their checksums in `crcs`. The chunk is then at
+    /// `version` (the copy's). Fenced like a write: refused if `generation` is below the volume's
+    /// fence (raised if above). With `expect`, applied only if this copy is still at that version
+    /// (a reconciliation planned against it), checked and applied under the chunk's lock in one go.
     #[allow(clippy::too_many_arguments)]
     pub fn install_range(
         &self,
@@ -746,37 +827,62 @@ impl Store {
         data: &[u8],
         crcs: &[u32],
         generation: Generation,
+        version: Version,
+        expect: Option<Version>,
     ) -> Result<(), StoreError> {
-        check_range(chunk_size, offset, present.len() as u64 * BLOCK)?;
+        let first_block = check_range(chunk_size, offset, present.len() as u64 * BLOCK)?;
         let n_present = present.iter().filter(|p| **p).count();
         if data.len() != n_present * BLOCK as usize || crcs.len() != n_present {
             return Err(StoreError::InvalidRequest(
                 "chunk install: data does not match the present blocks".into(),
             ));
         }
-        let stamp = WriteStamp { generation, sequence: 0 };
+        let key = (volume, chunk);
+        for (i, block) in data.chunks_exact(BLOCK as usize).enumerate() {
+            if crc32c(block) != crcs[i] {
+                return Err(StoreError::InvalidRequest(format!(
+                    "volume {volume} chunk {chunk}: a copied block does not match its checksum"
+                )));
+            }
+        }
+        let state = self.volume(volume)?;
+        let _fence = self.admit(volume, &state, WriteStamp { generation, ..WriteStamp::default() })?;
         // An install replaces this node's copy: a damaged (quarantined) copy is replaced too.
         self.replace_if_damaged(volume, chunk)?;
-        // Runs of present / absent blocks, each applied as one write or one trim.
+        let handle = self
+            .chunk(volume, &state, chunk, chunk_size, true)?
+            .ok_or_else(|| StoreError::InvalidRequest("chunk vanished while being created".into()))?;
+        let mut inner = lock(&handle.inner);
+        let current = header_version(&inner.header);
+        if let Some(expected) = expect
+            && current != expected
+        {
+            let behind = current < expected;
+            let expected = Expected::Exact(expected);
+            return Err(StoreError::VersionMismatch { volume, chunk, current, expected, behind });
+        }
+        self.begin_mutation(&state, &handle, &mut inner)?;
+        // Runs of present / absent blocks, each applied as one write or one hole.
         let (mut start, mut data_at, mut crc_at) = (0, 0usize, 0usize);
         while start < present.len() {
             let mut end = start + 1;
             while end < present.len() && present[end] == present[start] {
                 end += 1;
             }
-            let at = offset + start as u32 * BLOCK_SIZE_BYTES;
+            let at = first_block + start as u32;
             let n = end - start;
             let len = n as u32 * BLOCK_SIZE_BYTES;
             if present[start] {
                 let bytes = &data[data_at..data_at + len as usize];
-                self.write(volume, chunk, chunk_size, at, bytes, &crcs[crc_at..crc_at + n], stamp)?;
+                self.write_locked(&handle, chunk_size, at, bytes, &crcs[crc_at..crc_at + n], key)?;
                 data_at += len as usize;
                 crc_at += n;
             } else {
-                self.trim(volume, chunk, chunk_size, at, len, stamp)?;
+                self.punch_locked(&handle, chunk_size, at, len, key)?;
             }
             start = end;
         }
+        self.bump_version(&handle, &mut inner, version)?;
         Ok(())
     }
 
@@ -901,7 +1007,7 @@ impl Store {
         let first_block = check_range(chunk_size, offset, data.len() as u64)?;
         let blocks = check_received(volume, chunk, first_block, data, crcs)?;
         let state = self.volume(volume)?;
-        let stamp = WriteStamp { generation: self.highest_generation(volume)?, sequence: 0 };
+        let stamp = WriteStamp { generation: self.highest_generation(volume)?, ..WriteStamp::default() };
         let _fence = self.admit(volume, &state, stamp)?;
         let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else { return Ok(0) };
         let key = (volume, chunk);
@@ -958,10 +1064,11 @@ impl Store {
         let mut crcs = vec![zero_block_crc32c(); blocks];
         let state = self.volume(volume)?;
         let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else {
-            return Ok(ReadReply { data, crcs });
+            return Ok(ReadReply { data, crcs, present: vec![false; blocks], version: Version::NONE });
         };
         let key = (volume, chunk);
-        let _inner = lock(&handle.inner);
+        let inner = lock(&handle.inner);
+        let version = header_version(&inner.header);
         let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
         let table_at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
         let read_ctx = || format!("reading {}", handle.path.display());
@@ -994,7 +1101,8 @@ impl Store {
                 _ => return Err(corrupt("block table entry is damaged")),
             }
         }
-        Ok(ReadReply { data, crcs })
+        let present = entries.iter().map(|e| e.state == BLOCK_DATA).collect();
+        Ok(ReadReply { data, crcs, present, version })
     }
 
     /// Makes every mutation of `volume` acknowledged before this call durable: fdatasyncs every chunk

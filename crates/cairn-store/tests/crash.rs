@@ -52,7 +52,7 @@ fn crash_child() {
     log.write_all(b"R\n").unwrap();
     loop {
         sequence += 1;
-        let stamp = WriteStamp { generation: Generation(generation), sequence };
+        let stamp = WriteStamp { generation: Generation(generation), sequence, expect: None };
         let chunk = rng.random_range(0..CHUNKS);
         let first = rng.random_range(0..BLOCKS);
         let n = rng.random_range(1..=(BLOCKS - first).min(6));

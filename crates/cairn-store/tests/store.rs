@@ -7,6 +7,7 @@ use cairn_store::{Store, StoreConfig, StoreError, WriteStamp};
 use cairn_types::checksum::block_crcs;
 use cairn_types::placement::pg_of;
 use cairn_types::{ChunkIndex, ChunkSize, Generation, PgId, VolumeId};
+use cairn_types::{Expected, Version};
 use std::os::unix::fs::FileExt;
 
 fn vol(n: u64) -> VolumeId {
@@ -14,7 +15,7 @@ fn vol(n: u64) -> VolumeId {
 }
 
 fn gen_stamp(g: u64) -> WriteStamp {
-    WriteStamp { generation: Generation(g), sequence: 1 }
+    WriteStamp { generation: Generation(g), sequence: 1, expect: None }
 }
 
 fn pattern(byte: u8, len: usize) -> Vec<u8> {
@@ -22,7 +23,9 @@ fn pattern(byte: u8, len: usize) -> Vec<u8> {
 }
 
 fn write(store: &Store, v: u64, chunk: u64, offset: u32, data: &[u8], g: u64) -> Result<(), StoreError> {
-    store.write(vol(v), ChunkIndex(chunk), ChunkSize::DEFAULT, offset, data, &block_crcs(data), gen_stamp(g))
+    store
+        .write(vol(v), ChunkIndex(chunk), ChunkSize::DEFAULT, offset, data, &block_crcs(data), gen_stamp(g))
+        .map(|_| ())
 }
 
 #[test]
@@ -311,6 +314,8 @@ fn damaged_chunk_files_are_quarantined_until_a_copy_is_installed() {
             &data,
             &block_crcs(&data),
             Generation(4),
+            Version { generation: 4, seq: 7 },
+            None,
         )
         .unwrap();
     assert!(!store.is_quarantined(vol(2), ChunkIndex(0)));
@@ -378,4 +383,51 @@ fn a_chunk_file_whose_creation_never_became_durable_is_dropped() {
         store.read(vol(9), ChunkIndex(0), ChunkSize::DEFAULT, 0, 4096).unwrap().data,
         pattern(1, 4096)
     );
+}
+
+#[test]
+fn mutations_apply_only_on_the_version_they_expect() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let (v, c, cs) = (vol(1), ChunkIndex(3), ChunkSize::DEFAULT);
+    let ver = |generation, seq| Version { generation, seq };
+    let stamp = |seq, expect| WriteStamp { generation: Generation(5), sequence: seq, expect: Some(expect) };
+    let a = pattern(1, 4096);
+    let b = pattern(2, 4096);
+    // The first write of generation 5 expects anything older; it leaves the chunk at 5.1.
+    let r = store.write(v, c, cs, 0, &a, &block_crcs(&a), stamp(1, Expected::Below(5)));
+    assert_eq!(r.unwrap(), ver(5, 1));
+    // Sent again (a retry), it is answered as applied and changes nothing.
+    assert_eq!(
+        store.write(v, c, cs, 0, &b, &block_crcs(&b), stamp(1, Expected::Below(5))).unwrap(),
+        ver(5, 1)
+    );
+    assert_eq!(store.read(v, c, cs, 0, 4096).unwrap().data, a);
+    // A write expecting a version the copy has not reached: behind, refused.
+    let behind = store.write(v, c, cs, 0, &b, &block_crcs(&b), stamp(9, Expected::Exact(ver(5, 8))));
+    assert!(
+        matches!(behind, Err(StoreError::VersionMismatch { behind: true, current, .. }) if current == ver(5, 1))
+    );
+    // One expecting an older version (another chain): a conflict, refused.
+    let conflict = store.write(v, c, cs, 0, &b, &block_crcs(&b), stamp(9, Expected::Exact(ver(4, 2))));
+    assert!(matches!(conflict, Err(StoreError::VersionMismatch { behind: false, .. })), "{conflict:?}");
+    assert_eq!(store.read(v, c, cs, 0, 4096).unwrap().data, a, "a refused write changes nothing");
+    // Trims and zeroes are checked the same way; a chunk this node never held is at version none.
+    let t = store.trim(v, ChunkIndex(9), cs, 0, 4096, stamp(2, Expected::Exact(Version::NONE)));
+    assert_eq!(t.unwrap(), Version::NONE, "nothing to trim, the chunk stays at none");
+    assert!(store.trim(v, c, cs, 0, 4096, stamp(2, Expected::Exact(ver(5, 0)))).is_err());
+    assert_eq!(store.trim(v, c, cs, 0, 4096, stamp(2, Expected::Exact(ver(5, 1)))).unwrap(), ver(5, 2));
+    // A read reports the version with the data, and which blocks hold data.
+    let read = store.read(v, c, cs, 0, 8192).unwrap();
+    assert_eq!((read.version, read.present), (ver(5, 2), vec![false, false]));
+    // An install sets the copy's version; with a condition it applies only over the planned copy.
+    let present = [true, false];
+    let install = |expect| {
+        store.install_range(v, c, cs, 0, &present, &b, &block_crcs(&b), Generation(5), ver(5, 4), expect)
+    };
+    assert!(matches!(install(Some(ver(5, 1))), Err(StoreError::VersionMismatch { .. })));
+    install(Some(ver(5, 2))).unwrap();
+    let read = store.read(v, c, cs, 0, 4096).unwrap();
+    assert_eq!((read.version, read.data), (ver(5, 4), b));
+    assert_eq!(store.chunk_state(v, c).unwrap().unwrap().version(), ver(5, 4));
 }

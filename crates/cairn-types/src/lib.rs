@@ -8,7 +8,9 @@ pub mod checksum;
 pub mod ids;
 pub mod limits;
 pub mod placement;
+pub mod version;
 
 pub use checksum::crc32c;
 pub use ids::{ChunkIndex, Generation, NodeId, PgId, VolumeId};
 pub use limits::{BLOCK_SIZE_BYTES, ChunkSize};
+pub use version::{Expected, Version};

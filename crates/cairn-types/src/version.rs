@@ -1,0 +1,108 @@
+//! Chunk versions.
+//!
+//! A chunk's version is `(generation, seq)`, ordered lexicographically: the writer generation that
+//! made its last mutation and that writer's count of mutations of the chunk. Within one generation
+//! there is one writer (fencing), so one version names one content (I7: the versions counted
+//! members hold of a chunk are prefixes of one chain).
+
+use serde::{Deserialize, Serialize};
+
+/// A chunk's version. `Version::NONE` is a chunk never written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Version {
+    pub generation: u64,
+    pub seq: u64,
+}
+
+impl Version {
+    pub const NONE: Version = Version { generation: 0, seq: 0 };
+
+    /// The lowest version of generation `g`: every version of older generations is below it.
+    pub fn base(generation: u64) -> Version {
+        Version { generation, seq: 0 }
+    }
+}
+
+/// What version a mutation expects to find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expected {
+    /// Exactly this version (the writer's previous mutation of the chunk).
+    Exact(Version),
+    /// Any version older than generation `g`: the first mutation of the chunk by writer `g`. Safe
+    /// because the writer's open reconciled every counted copy, so they are identical.
+    Below(u64),
+}
+
+impl Expected {
+    /// Whether a copy at `current` may apply the mutation.
+    pub fn matches(self, current: Version) -> bool {
+        match self {
+            Expected::Exact(v) => current == v,
+            Expected::Below(g) => current < Version::base(g),
+        }
+    }
+
+    /// Whether a copy at `current` is behind what the mutation expects (it missed writes).
+    pub fn is_ahead_of(self, current: Version) -> bool {
+        match self {
+            Expected::Exact(v) => current < v,
+            Expected::Below(_) => false,
+        }
+    }
+}
+
+/// What a copy at some version does with a mutation (see [`Expected::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionCheck {
+    /// The copy is at the version the mutation expects: apply it.
+    Apply,
+    /// The copy is already at the mutation's new version: a re-send; answer as applied.
+    AlreadyApplied,
+    /// The copy lacks mutations the writer expects it to have: it needs recovery.
+    Behind,
+    /// The copy is at a version the writer does not expect (another chain): never applied.
+    Conflict,
+}
+
+impl Expected {
+    /// Decides what a copy at `current` does with a mutation expecting `self` that would leave the
+    /// copy at `new`.
+    pub fn check(self, current: Version, new: Version) -> VersionCheck {
+        if self.matches(current) {
+            VersionCheck::Apply
+        } else if current == new {
+            VersionCheck::AlreadyApplied
+        } else if self.is_ahead_of(current) {
+            VersionCheck::Behind
+        } else {
+            VersionCheck::Conflict
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.generation, self.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(generation: u64, seq: u64) -> Version {
+        Version { generation, seq }
+    }
+
+    #[test]
+    fn a_mutation_applies_only_on_the_version_it_expects() {
+        let exact = Expected::Exact(v(3, 4));
+        assert_eq!(exact.check(v(3, 4), v(3, 5)), VersionCheck::Apply);
+        assert_eq!(exact.check(v(3, 5), v(3, 5)), VersionCheck::AlreadyApplied);
+        assert_eq!(exact.check(v(3, 2), v(3, 5)), VersionCheck::Behind);
+        assert_eq!(exact.check(v(3, 9), v(3, 5)), VersionCheck::Conflict);
+        assert_eq!(Expected::Below(3).check(v(2, 9), v(3, 1)), VersionCheck::Apply);
+        assert_eq!(Expected::Below(3).check(Version::NONE, v(3, 1)), VersionCheck::Apply);
+        assert_eq!(Expected::Below(3).check(v(3, 1), v(3, 2)), VersionCheck::Conflict);
+    }
+}
