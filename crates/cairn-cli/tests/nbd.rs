@@ -803,8 +803,7 @@ fn a_node_whose_peers_died_after_it_stays_catching_up_until_they_return() {
 /// generation instead of failing with EPERM) all write, and every write reads back.
 #[test]
 fn shared_volume_writers_starting_at_once_all_write() {
-    let pool = Pool::start(3);
-    pool.cli_json(&["volume", "create", "sh", "--size", "16M", "--shared"]);
+    let pool = pool_with_shared_volume("sh");
     let script = format!(
         r#"
 import nbd, threading
@@ -829,9 +828,21 @@ print("SHARED-OK")
 "#,
         a = pool.nbd(1)
     );
-    let (ok, out) = run_tool("/usr/bin/python3", &["-c".to_string(), script], Duration::from_secs(120));
-    assert!(ok && out.contains("SHARED-OK"), "{out}");
+    python_prints(script, "SHARED-OK", Duration::from_secs(120));
     pool.assert_converged("sh");
+}
+
+/// A 3-node pool with a 16 MiB `--shared` volume `name`.
+fn pool_with_shared_volume(name: &str) -> Pool {
+    let pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", name, "--size", "16M", "--shared"]);
+    pool
+}
+
+/// Runs a Python (libnbd) script and checks it printed `marker`.
+fn python_prints(script: String, marker: &str, within: Duration) {
+    let (ok, out) = run_tool("/usr/bin/python3", &["-c".to_string(), script], within);
+    assert!(ok && out.contains(marker), "{out}");
 }
 
 /// Writers of a shared volume that write different 512-byte sectors of the same 4 KiB blocks at
@@ -840,8 +851,7 @@ print("SHARED-OK")
 /// identical (issue "Replication that stays correct…", item 6).
 #[test]
 fn shared_writers_of_one_block_lose_no_sector_and_replicas_converge() {
-    let pool = Pool::start(3);
-    pool.cli_json(&["volume", "create", "sb", "--size", "16M", "--shared"]);
+    let pool = pool_with_shared_volume("sb");
     let script = format!(
         r#"
 import nbd, threading
@@ -883,8 +893,7 @@ print("SECTORS-OK")
         a2 = pool.nbd(2),
         a3 = pool.nbd(3),
     );
-    let (ok, out) = run_tool("/usr/bin/python3", &["-c".to_string(), script], Duration::from_secs(240));
-    assert!(ok && out.contains("SECTORS-OK"), "{out}");
+    python_prints(script, "SECTORS-OK", Duration::from_secs(240));
     pool.assert_converged("sb");
 }
 
