@@ -255,6 +255,19 @@ impl Store {
 
     /// The volume's in-memory state, loading it from disk the first time: its highest generation and
     /// the set of chunks whose header says dirty.
+    /// The state of a volume this node holds (its directory exists), loaded on first use; `None`
+    /// for any other volume id, without keeping anything in memory for it (a request naming a
+    /// volume that is not here costs nothing after it was answered).
+    fn existing_volume(&self, volume: VolumeId) -> Result<Option<Arc<VolumeState>>, StoreError> {
+        if let Some(v) = lock(&self.volumes).get(&volume) {
+            return Ok(Some(v.clone()));
+        }
+        if !self.volume_dir(volume).exists() {
+            return Ok(None);
+        }
+        self.volume(volume).map(Some)
+    }
+
     fn volume(&self, volume: VolumeId) -> Result<Arc<VolumeState>, StoreError> {
         let mut volumes = lock(&self.volumes);
         if let Some(v) = volumes.get(&volume) {
@@ -727,7 +740,11 @@ impl Store {
             let crcs = vec![zero_block_crc32c(); (len / BLOCK_SIZE_BYTES) as usize];
             return self.write(volume, chunk, chunk_size, offset, &zeros, &crcs, stamp);
         }
-        let state = self.volume(volume)?;
+        // A volume this node holds nothing of reads as zeros already (nothing to keep for it).
+        let Some(state) = self.existing_volume(volume)? else {
+            Self::check_expected(volume, chunk, Version::NONE, &stamp)?;
+            return Ok(Version::NONE);
+        };
         let _fence = self.admit(volume, &state, stamp)?;
         // A chunk that does not exist reads as zeros already: nothing to free, nothing to record
         // (it stays at version none).
@@ -787,7 +804,7 @@ impl Store {
     ) -> Result<Vec<bool>, StoreError> {
         let first_block = check_range(chunk_size, offset, u64::from(len))?;
         let blocks = (len / BLOCK_SIZE_BYTES) as usize;
-        let state = self.volume(volume)?;
+        let Some(state) = self.existing_volume(volume)? else { return Ok(vec![false; blocks]) };
         let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else {
             return Ok(vec![false; blocks]);
         };
@@ -1006,7 +1023,7 @@ impl Store {
     ) -> Result<u32, StoreError> {
         let first_block = check_range(chunk_size, offset, data.len() as u64)?;
         let blocks = check_received(volume, chunk, first_block, data, crcs)?;
-        let state = self.volume(volume)?;
+        let Some(state) = self.existing_volume(volume)? else { return Ok(0) };
         let stamp = WriteStamp { generation: self.highest_generation(volume)?, ..WriteStamp::default() };
         let _fence = self.admit(volume, &state, stamp)?;
         let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else { return Ok(0) };
@@ -1062,9 +1079,11 @@ impl Store {
         let blocks = (len / BLOCK_SIZE_BYTES) as usize;
         let mut data = vec![0u8; len as usize];
         let mut crcs = vec![zero_block_crc32c(); blocks];
-        let state = self.volume(volume)?;
+        let nothing =
+            |data, crcs| ReadReply { data, crcs, present: vec![false; blocks], version: Version::NONE };
+        let Some(state) = self.existing_volume(volume)? else { return Ok(nothing(data, crcs)) };
         let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else {
-            return Ok(ReadReply { data, crcs, present: vec![false; blocks], version: Version::NONE });
+            return Ok(nothing(data, crcs));
         };
         let key = (volume, chunk);
         let inner = lock(&handle.inner);
@@ -1109,7 +1128,8 @@ impl Store {
     /// mutated since its last sync (several in parallel), then clears the dirty flag of chunks that have
     /// been idle for [`DIRTY_LINGER_FLUSHES`] flushes.
     pub fn flush(&self, volume: VolumeId) -> Result<(), StoreError> {
-        let state = self.volume(volume)?;
+        // Nothing of a volume this node does not hold can need syncing.
+        let Some(state) = self.existing_volume(volume)? else { return Ok(()) };
         let to_sync: Vec<(ChunkIndex, u64)> = {
             let inner = lock(&state.inner);
             if inner.poisoned {
@@ -1277,7 +1297,7 @@ impl Store {
 
     /// The persisted state of a chunk, or `None` if this node holds no such chunk.
     pub fn chunk_state(&self, volume: VolumeId, chunk: ChunkIndex) -> Result<Option<ChunkState>, StoreError> {
-        let state = self.volume(volume)?;
+        let Some(state) = self.existing_volume(volume)? else { return Ok(None) };
         Ok(self.open_existing(volume, &state, chunk)?.map(|h| {
             let inner = lock(&h.inner);
             ChunkState {
@@ -1292,20 +1312,20 @@ impl Store {
 
     /// The highest generation this node has persisted for `volume` (0 if none).
     pub fn highest_generation(&self, volume: VolumeId) -> Result<Generation, StoreError> {
-        let state = self.volume(volume)?;
+        let Some(state) = self.existing_volume(volume)? else { return Ok(Generation(0)) };
         Ok(*state.fence.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Chunks of `volume` whose header says dirty: a superset of the chunks mutated since the last
     /// flush (see [`DIRTY_LINGER_FLUSHES`]), and so of the chunks replicas may disagree on after a crash.
     pub fn dirty_chunks(&self, volume: VolumeId) -> Result<Vec<ChunkIndex>, StoreError> {
-        let state = self.volume(volume)?;
+        let Some(state) = self.existing_volume(volume)? else { return Ok(Vec::new()) };
         Ok(lock(&state.inner).dirty.keys().copied().collect())
     }
 
     /// Chunks of `volume` mutated since they were last synced: what the next flush will sync.
     pub fn unsynced_chunks(&self, volume: VolumeId) -> Result<Vec<ChunkIndex>, StoreError> {
-        let state = self.volume(volume)?;
+        let Some(state) = self.existing_volume(volume)? else { return Ok(Vec::new()) };
         Ok(lock(&state.inner).unsynced.keys().copied().collect())
     }
 
@@ -1331,12 +1351,10 @@ impl Store {
     /// Chunks of `volume` stored on this node, in index order.
     pub fn list_chunks(&self, volume: VolumeId) -> Result<Vec<ChunkIndex>, StoreError> {
         // Loading the volume first drops chunk files whose creation never became durable.
-        self.volume(volume)?;
-        let dir = self.volume_dir(volume);
-        if !dir.exists() {
+        if self.existing_volume(volume)?.is_none() {
             return Ok(Vec::new());
         }
-        list_chunk_files(&dir)
+        list_chunk_files(&self.volume_dir(volume))
     }
 
     /// Chunks of every volume that fall in placement group `pg` of a pool of `pg_count` groups.
@@ -1372,6 +1390,7 @@ impl Store {
             Err(_) if dir.exists() => {
                 fs::remove_dir_all(&dir).map_err(io_err(format!("deleting {}", dir.display())))?;
                 fsync_dir(&self.volumes_dir)?;
+                self.forget_volume(volume)?;
                 return Ok((0, true));
             }
             Err(e) => return Err(e),
@@ -1424,8 +1443,31 @@ impl Store {
             }
         }
         fsync_dir(&self.volumes_dir)?;
+        self.forget_volume(volume)
+    }
+
+    /// Drops what is kept of a volume whose directory is gone: its state and its damaged chunks
+    /// (nothing to restore, nothing to keep for inspection).
+    fn forget_volume(&self, volume: VolumeId) -> Result<(), StoreError> {
         lock(&self.volumes).remove(&volume);
+        lock(&self.quarantined).retain(|(v, _), _| *v != volume);
+        lock(&self.damaged_found).retain(|(v, _)| *v != volume);
+        let damaged = self.root.join("damaged");
+        let prefix = format!("{:016x}-", volume.get());
+        if let Ok(entries) = fs::read_dir(&damaged) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+                    let path = entry.path();
+                    fs::remove_file(&path).map_err(io_err(format!("deleting {}", path.display())))?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Volumes whose state is kept in memory (tests: it stays bounded by the volumes held here).
+    pub fn volumes_loaded(&self) -> usize {
+        lock(&self.volumes).len()
     }
 }
 

@@ -325,6 +325,35 @@ fn damaged_chunk_files_are_quarantined_until_a_copy_is_installed() {
     assert!(std::fs::read_dir(dir.path().join("damaged")).unwrap().count() >= 3);
     assert!(!vdir.join("0000000000000000.damaged").exists(), "the installed chunk's marker is gone");
     assert!(vdir.join("0000000000000001.damaged").exists());
+    // Deleting the volume forgets its quarantined chunks and the damaged files kept aside.
+    store.delete_volume(vol(2)).unwrap();
+    assert!(!store.is_quarantined(vol(2), ChunkIndex(1)));
+    assert!(store.take_damaged().iter().all(|(v, _)| *v != vol(2)));
+    let kept = std::fs::read_dir(dir.path().join("damaged")).unwrap().count();
+    assert_eq!(kept, 0, "the deleted volume's damaged files are gone");
+}
+
+#[test]
+fn requests_for_volumes_not_held_keep_nothing_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    write(&store, 1, 0, 0, &pattern(1, 4096), 1).unwrap();
+    let (c, cs) = (ChunkIndex(0), ChunkSize::DEFAULT);
+    for v in 2..2000 {
+        let read = store.read(vol(v), c, cs, 0, 4096).unwrap();
+        assert_eq!((read.data, read.version), (vec![0; 4096], Version::NONE));
+        assert_eq!(store.allocation(vol(v), c, cs, 0, 8192).unwrap(), vec![false, false]);
+        assert!(store.chunk_state(vol(v), c).unwrap().is_none());
+        assert!(store.list_chunks(vol(v)).unwrap().is_empty());
+        assert!(store.dirty_chunks(vol(v)).unwrap().is_empty());
+        assert_eq!(store.highest_generation(vol(v)).unwrap(), Generation(0));
+        store.flush(vol(v)).unwrap();
+        assert_eq!(store.trim(vol(v), c, cs, 0, 4096, gen_stamp(1)).unwrap(), Version::NONE);
+        let data = pattern(3, 4096);
+        assert_eq!(store.repair(vol(v), c, cs, 0, &data, &block_crcs(&data)).unwrap(), 0);
+    }
+    assert_eq!(store.volumes_loaded(), 1, "only the volume held here");
+    assert_eq!(store.read(vol(1), c, cs, 0, 4096).unwrap().data, pattern(1, 4096));
 }
 
 #[test]
