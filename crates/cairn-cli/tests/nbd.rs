@@ -338,6 +338,38 @@ fn a_corrupt_replica_is_detected_and_repaired() {
     });
 }
 
+/// A node that must copy chunks to a returning peer but cannot read its own copy of one (a corrupt
+/// block) copies another in-sync replica's instead, and the rest of the peer's catch-up goes on: the
+/// peer is back in sync with every byte (before, the unreadable chunk stopped the whole batch every
+/// round and the peer stayed catching up for good).
+#[test]
+fn an_unreadable_copy_source_does_not_hold_up_a_peers_catch_up() {
+    let mut pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "uc", "--size", "16M"]);
+    let id = volume_id(&pool, "uc");
+    let url = nbd_url(&pool.nbd(1), "uc");
+    qemu_io(&url, pattern_cmds("write", 0, 8, 1));
+    pool.sigkill(3);
+    // Written while node 3 is down: nodes 1 and 2 record that it missed chunks 0..8.
+    let mut cmds = pattern_cmds("write", 0, 8, 2);
+    cmds.extend(["-c".to_string(), "flush".to_string()]);
+    qemu_io(&url, cmds);
+    // Node 1's copy of chunk 0 (first in its catch-up batch) gets a corrupt block.
+    let path = pool.data().join(format!("node-1/data/volumes/{id:016x}/0000000000000000.chunk"));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff, 0x00, 0xff], 8192 + 5 * 4096 + 9).unwrap();
+        f.sync_all().unwrap();
+    }
+    pool.restart(3);
+    pool.wait_in_sync(Duration::from_secs(60));
+    verify_on_node(&pool, 3, id, 8, 2);
+    // Reading through node 1 repairs its copy; then every replica is identical.
+    qemu_io(&url, pattern_cmds("read", 0, 8, 2));
+    pool.assert_converged("uc");
+}
+
 /// Sends raw bytes to an NBD server and reads what comes back (until EOF or 2 s of silence).
 fn raw_exchange(addr: &str, chunks: &[Vec<u8>]) -> Vec<u8> {
     let mut s = std::net::TcpStream::connect(addr).unwrap();

@@ -18,7 +18,7 @@
 use crate::missed::MissedLog;
 use crate::transport::RpcPeerTransport;
 use bytes::Bytes;
-use cairn_client::piece::read_piece;
+use cairn_client::piece::{Piece, read_piece};
 use cairn_client::{ConnectionPool, NodeConnection};
 use cairn_meta::MetaService;
 use cairn_proto::{Request, Response};
@@ -135,6 +135,10 @@ pub async fn run(
     // COPY_BACKOFF_MAX), so a peer that cannot take copies (full disk, say) is not retried every
     // round nor reported in every round's log.
     let mut backoff: std::collections::HashMap<u64, (tokio::time::Instant, Duration)> = Default::default();
+    // Chunks whose copy here cannot be read (a corrupt block, say): skipped until then, so that one
+    // of them does not hold up the rest of a peer's catch-up (the other replicas that recorded the
+    // missed write copy it).
+    let mut unreadable: std::collections::HashMap<(u64, u64), tokio::time::Instant> = Default::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -186,9 +190,14 @@ pub async fn run(
                     continue;
                 }
             };
-            let batch = missed.batch(peer, BATCH_CHUNKS);
+            let now = tokio::time::Instant::now();
+            unreadable.retain(|_, until| *until > now);
+            let batch = missed.batch(peer, BATCH_CHUNKS + unreadable.len());
             let mut copied = 0;
             for (volume, chunk, chunk_size, seq) in batch {
+                if unreadable.contains_key(&(volume, chunk)) {
+                    continue;
+                }
                 if meta.read(|s| s.deleted_volumes.contains(&volume)) {
                     // Deleted meanwhile: nothing to copy (its chunks are purged everywhere).
                     if let Err(e) = missed.done(peer, volume, chunk, seq) {
@@ -203,7 +212,46 @@ pub async fn run(
                             tracing::error!("missed-writes log: {e}");
                         }
                     }
-                    Err(e) => {
+                    Err(CopyFailure::Source(e)) => {
+                        // This node's copy cannot be read: the peer gets an in-sync replica's.
+                        match relay_from_replica(
+                            &store,
+                            &meta,
+                            &connections,
+                            &conn,
+                            (me, peer),
+                            volume,
+                            chunk,
+                            chunk_size,
+                        )
+                        .await
+                        {
+                            Ok(from) => {
+                                tracing::warn!(
+                                    peer,
+                                    volume,
+                                    chunk,
+                                    "catch-up: this node's copy cannot be read ({e}); copied node {from}'s instead"
+                                );
+                                copied += 1;
+                                if let Err(e) = missed.done(peer, volume, chunk, seq) {
+                                    tracing::error!("missed-writes log: {e}");
+                                }
+                                continue;
+                            }
+                            Err(why) => tracing::debug!(peer, volume, chunk, "catch-up: relaying: {why}"),
+                        }
+                        tracing::warn!(
+                            peer,
+                            volume,
+                            chunk,
+                            "catch-up: this node's copy cannot be read ({e}) and no other in-sync replica \
+                             could be copied; skipped for {} s",
+                            UNREADABLE_SKIP.as_secs()
+                        );
+                        unreadable.insert((volume, chunk), tokio::time::Instant::now() + UNREADABLE_SKIP);
+                    }
+                    Err(CopyFailure::Target(e)) => {
                         let delay =
                             backoff.get(&peer).map_or(ROUND_INTERVAL, |(_, d)| *d * 2).min(COPY_BACKOFF_MAX);
                         tracing::warn!(
@@ -488,20 +536,142 @@ async fn pull_chunk(
     chunk: u64,
     size: u32,
 ) -> Result<(), String> {
-    let (volume, chunk, chunk_size) = checked(volume, chunk, size)?;
+    let ids = checked(volume, chunk, size)?;
+    copy_from(conn, ids, |offset, copy: Piece, expect| {
+        let s = store.clone();
+        async move {
+            let (kept, kept_crcs) = copy.present_only();
+            tokio::task::spawn_blocking(move || {
+                // Its own fence: a local copy never raises or fails it.
+                let generation = s.highest_generation(ids.0)?;
+                let (volume, chunk, chunk_size) = ids;
+                let present = &copy.present;
+                s.install_range(
+                    volume,
+                    chunk,
+                    chunk_size,
+                    offset,
+                    present,
+                    &kept,
+                    &kept_crcs,
+                    generation,
+                    copy.version,
+                    expect,
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+        }
+    })
+    .await
+}
+
+/// Copies a chunk to `peer` (through `to`) from another in-sync replica of it (neither `me` nor
+/// `peer`), for a chunk whose copy here cannot be read. Returns the replica copied.
+#[allow(clippy::too_many_arguments)]
+async fn relay_from_replica(
+    store: &Arc<Store>,
+    meta: &MetaService<RpcPeerTransport>,
+    connections: &ConnectionPool,
+    to: &NodeConnection,
+    (me, peer): (u64, u64),
+    volume: u64,
+    chunk: u64,
+    size: u32,
+) -> Result<u64, String> {
+    let ids = checked(volume, chunk, size)?;
+    let sources: Vec<(u64, String)> = meta.read(|s| {
+        let Some(v) = s.volumes.values().find(|v| v.id == volume) else { return Vec::new() };
+        s.holders(v.replicas, pg_of(ids.0, ids.1, s.pg_count).0)
+            .into_iter()
+            .filter(|n| *n != me && *n != peer)
+            .filter_map(|n| s.nodes.get(&n))
+            .filter(|n| n.up && !n.catching_up)
+            .map(|n| (n.id, n.addr.rpc.clone()))
+            .collect()
+    });
+    let s = store.clone();
+    let generation = tokio::task::spawn_blocking(move || s.highest_generation(ids.0))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut last = String::from("no other in-sync replica");
+    for (node, rpc) in sources {
+        let Ok(addr) = rpc.parse::<SocketAddr>() else { continue };
+        let from = match connections.get(addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("node {node}: {e}");
+                continue;
+            }
+        };
+        match relay_chunk(&from, to, ids, generation).await {
+            Ok(()) => return Ok(node),
+            Err(e) => last = format!("node {node}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Copies a chunk whole from node `from` to node `to` (for a peer this node could not copy its own
+/// copy to), as writer `generation` (this node's fence for the volume).
+async fn relay_chunk(
+    from: &NodeConnection,
+    to: &NodeConnection,
+    ids: (VolumeId, ChunkIndex, ChunkSize),
+    generation: cairn_types::Generation,
+) -> Result<(), String> {
+    copy_from(from, ids, |offset, copy: Piece, expect| async move {
+        let (data, crcs) = copy.present_only();
+        let (volume, chunk, chunk_size) = ids;
+        let request = Request::InstallRange {
+            volume,
+            chunk,
+            chunk_size,
+            offset,
+            present: copy.present,
+            crcs,
+            data,
+            generation,
+            version: copy.version,
+            expect,
+        };
+        match tokio::time::timeout(COPY_TIMEOUT, to.call(&request)).await {
+            Ok(Ok(Response::Done)) => Ok(()),
+            Ok(Ok(other)) => Err(format!("installing on the peer: {other:?}")),
+            Ok(Err(e)) => Err(format!("installing on the peer: {e}")),
+            Err(_) => Err("installing on the peer: timed out".into()),
+        }
+    })
+    .await
+}
+
+/// Reads a chunk whole from node `from`, piece by piece, and hands each piece to `install` with
+/// the version the target must be at for it: none for the first piece, the copy's for the next
+/// ones (they go over the pieces before them). Every piece must come from one version of the
+/// source.
+async fn copy_from<I, F>(
+    from: &NodeConnection,
+    ids: (VolumeId, ChunkIndex, ChunkSize),
+    install: I,
+) -> Result<(), String>
+where
+    I: Fn(u32, Piece, Option<cairn_types::Version>) -> F,
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let (volume, chunk, chunk_size) = ids;
     let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
     let mut first_version = None;
     for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
         let call = |request: Request| async move {
-            match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
+            match tokio::time::timeout(COPY_TIMEOUT, from.call(&request)).await {
                 Ok(Ok(r)) => Ok(r),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("timed out".to_string()),
             }
         };
         let copy = read_piece(call, volume, chunk, chunk_size, offset, piece).await?;
-        // Every piece of one copy comes from one version of the source (and the pieces after the
-        // first go over the ones before them).
         let version = copy.version;
         let expect = match first_version {
             None => None,
@@ -509,22 +679,20 @@ async fn pull_chunk(
             Some(v) => return Err(format!("the source moved from {v} to {version} during the copy")),
         };
         first_version = Some(version);
-        let (kept, kept_crcs) = copy.present_only();
-        let present = copy.present;
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || {
-            // Its own fence: a local copy never raises or fails it.
-            let generation = s.highest_generation(volume)?;
-            s.install_range(
-                volume, chunk, chunk_size, offset, &present, &kept, &kept_crcs, generation, version, expect,
-            )
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        install(offset, copy, expect).await?;
     }
     Ok(())
 }
+
+/// Why a copy to a peer failed: this node's copy (skip the chunk) or the peer (back off).
+#[derive(Debug)]
+enum CopyFailure {
+    Source(String),
+    Target(String),
+}
+
+/// How long a chunk whose copy here cannot be read is left out of catch-up copies.
+const UNREADABLE_SKIP: Duration = Duration::from_secs(30);
 
 async fn copy_chunk(
     store: &Arc<Store>,
@@ -532,8 +700,8 @@ async fn copy_chunk(
     volume: u64,
     chunk: u64,
     size: u32,
-) -> Result<(), String> {
-    let (volume, chunk, chunk_size) = checked(volume, chunk, size)?;
+) -> Result<(), CopyFailure> {
+    let (volume, chunk, chunk_size) = checked(volume, chunk, size).map_err(CopyFailure::Source)?;
     let s = store.clone();
     let (reply, generation) = tokio::task::spawn_blocking(move || {
         // Data, allocation and version as of one moment (read under the chunk's lock).
@@ -543,8 +711,8 @@ async fn copy_chunk(
         Ok::<_, cairn_store::StoreError>((reply, generation))
     })
     .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| CopyFailure::Source(e.to_string()))?
+    .map_err(|e| CopyFailure::Source(e.to_string()))?;
     let range_blocks = (RPC_IO_MAX_BYTES / BLOCK_SIZE_BYTES) as usize;
     let bs = BLOCK_SIZE_BYTES as usize;
     for (i, flags) in reply.present.chunks(range_blocks).enumerate() {
@@ -571,13 +739,14 @@ async fn copy_chunk(
             // The pieces after the first go over the ones before them.
             expect: (i > 0).then_some(reply.version),
         };
-        match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
-            Ok(Ok(Response::Done)) => {}
-            Ok(Ok(Response::Error(e))) => return Err(e.to_string()),
-            Ok(Ok(other)) => return Err(format!("unexpected reply {other:?}")),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("timed out".into()),
-        }
+        let failed = match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
+            Ok(Ok(Response::Done)) => continue,
+            Ok(Ok(Response::Error(e))) => e.to_string(),
+            Ok(Ok(other)) => format!("unexpected reply {other:?}"),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".into(),
+        };
+        return Err(CopyFailure::Target(failed));
     }
     Ok(())
 }
