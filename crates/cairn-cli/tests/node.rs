@@ -491,13 +491,14 @@ fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
     }
 }
 
-#[test]
-fn connections_are_capped_and_handshakes_time_out_on_every_listener() {
-    let dir = tempfile::tempdir().unwrap();
+/// A one-node pool whose node.toml has `limits` as its `[limits]` section, with its admin API up.
+fn node_with_limits(
+    dir: &std::path::Path,
+    limits: &str,
+) -> (NodeProcess, cairn_node::config::NodeConfig, std::net::SocketAddr) {
     let addr = free_addr();
-    let config = write_config(dir.path(), 1, addr);
-    let text = std::fs::read_to_string(&config).unwrap()
-        + "[limits]\nconnections_max = 16\nconnections_per_client_max = 12\nhandshake_timeout_ms = 1500\n";
+    let config = write_config(dir, 1, addr);
+    let text = std::fs::read_to_string(&config).unwrap() + "[limits]\n" + limits;
     std::fs::write(&config, text).unwrap();
     let node = NodeProcess::start(&config, addr);
     let cfg = cairn_node::config::NodeConfig::load(&config).unwrap();
@@ -505,6 +506,43 @@ fn connections_are_capped_and_handshakes_time_out_on_every_listener() {
     wait_for("the admin API", Duration::from_secs(30), || {
         reqwest::blocking::get(&status).ok().filter(|r| r.status().is_success())
     });
+    (node, cfg, addr)
+}
+
+/// Clients holding node RPC connections cannot lock the pool's nodes out: the last slots are kept
+/// for addresses of pool nodes (here the node's own, 127.0.0.1), so a client from elsewhere
+/// (127.0.0.2) gets at most `connections_max - rpc_connections_reserved_for_members`.
+#[test]
+fn the_pools_nodes_keep_rpc_slots_that_clients_cannot_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits =
+        "connections_max = 16\nrpc_connections_reserved_for_members = 6\nhandshake_timeout_ms = 60000\n";
+    let (_node, _, addr) = node_with_limits(dir.path(), limits);
+    let mut idle: Vec<std::net::TcpStream> = (0..10).map(|_| connect_from("127.0.0.2", addr)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for s in &mut idle {
+        assert!(!closed_within(s, Duration::from_millis(100)), "a client was refused below the reserve");
+    }
+    let mut extra = connect_from("127.0.0.2", addr);
+    assert!(closed_within(&mut extra, Duration::from_millis(1000)), "a client took a reserved slot");
+    // A pool node's address still gets in, and is served.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for _ in 0..3 {
+            let c = NodeConnection::connect(addr).await.unwrap();
+            let r = c.call(&Request::ChunkVersion { volume: vol(1), chunk: ChunkIndex(0) }).await.unwrap();
+            assert_eq!(r, Response::ChunkVersion(None));
+        }
+    });
+    drop(idle);
+}
+
+#[test]
+fn connections_are_capped_and_handshakes_time_out_on_every_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "connections_max = 16\nconnections_per_client_max = 12\nhandshake_timeout_ms = 1500\n\
+                  rpc_connections_reserved_for_members = 0\n";
+    let (node, cfg, addr) = node_with_limits(dir.path(), limits);
 
     for (listener, at) in [("rpc", addr), ("nbd", cfg.nbd_addr()), ("http", cfg.http_addr())] {
         // Twelve silent connections from 127.0.0.1 reach its per-client cap: a thirteenth from it is

@@ -41,6 +41,11 @@
 //! # A node RPC connection whose peer does not take a reply for this long is closed (default
 //! # 60000, at least 100).
 //! reply_write_timeout_ms = 60000
+//! # Of the node RPC's connections_max, how many only the pool's nodes may take (connections from
+//! # the address of a node in the cluster map or in [meta]): clients holding connections cannot
+//! # lock the pool's members out (default: a quarter of connections_max, at most 64; capped at
+//! # half).
+//! rpc_connections_reserved_for_members = 64
 //! ```
 //!
 //! Without `voters` or `join` the node forms a one-node pool of its own. Unknown keys are errors, so
@@ -93,6 +98,9 @@ pub struct LimitsSection {
     pub handshake_timeout_ms: u64,
     #[serde(default = "default_reply_write_timeout")]
     pub reply_write_timeout_ms: u64,
+    /// Default (`None`): a quarter of `connections_max`, at most 64.
+    #[serde(default)]
+    pub rpc_connections_reserved_for_members: Option<usize>,
 }
 
 impl Default for LimitsSection {
@@ -102,6 +110,7 @@ impl Default for LimitsSection {
             connections_per_client_max: None,
             handshake_timeout_ms: default_handshake_timeout(),
             reply_write_timeout_ms: default_reply_write_timeout(),
+            rpc_connections_reserved_for_members: None,
         }
     }
 }
@@ -115,6 +124,20 @@ impl LimitsSection {
     /// The admission counter of one listener.
     pub fn limiter(&self) -> cairn_types::admission::ConnectionLimiter {
         cairn_types::admission::ConnectionLimiter::new(self.connections_max, self.per_client_max())
+    }
+
+    /// The node RPC's admission counter: its last slots are kept for the pool's nodes.
+    pub fn rpc_limiter(&self) -> cairn_types::admission::ConnectionLimiter {
+        cairn_types::admission::ConnectionLimiter::with_reserve(
+            self.connections_max,
+            self.per_client_max(),
+            self.rpc_reserved(),
+        )
+    }
+
+    /// Node RPC connections kept for the pool's nodes.
+    pub fn rpc_reserved(&self) -> usize {
+        self.rpc_connections_reserved_for_members.unwrap_or((self.connections_max / 4).min(64))
     }
 
     pub fn handshake_timeout(&self) -> std::time::Duration {
@@ -309,7 +332,9 @@ impl NodeConfig {
              connections_max = {}\n\
              connections_per_client_max = {}\n\
              handshake_timeout_ms = {}\n\
-             reply_write_timeout_ms = {}\n",
+             reply_write_timeout_ms = {}\n\
+             # Node RPC connections only the pool's nodes may take.\n\
+             rpc_connections_reserved_for_members = {}\n",
             self.node_id,
             quote(&self.data_dir.display().to_string()),
             self.rpc_listen_addr,
@@ -322,6 +347,7 @@ impl NodeConfig {
             self.limits.per_client_max(),
             self.limits.handshake_timeout_ms,
             self.limits.reply_write_timeout_ms,
+            self.limits.rpc_reserved(),
         )
     }
 }
@@ -407,6 +433,7 @@ mod tests {
                 connections_per_client_max: Some(3),
                 handshake_timeout_ms: 500,
                 reply_write_timeout_ms: 700,
+                rpc_connections_reserved_for_members: Some(2),
             },
         };
         let path = dir.path().join("node.toml");

@@ -134,32 +134,31 @@ impl Node {
             })
         });
         let _ = peer.peer.set(handler);
-        let (m1, m2, m3) = (meta.clone(), meta.clone(), meta.clone());
+        let (m1, m2, m3, m4) = (meta.clone(), meta.clone(), meta.clone(), meta.clone());
         let _ = peer.hooks.set(ClientHooks {
             serves_clients: Box::new(move || m1.serves_clients()),
             in_sync: Box::new(move |id| m2.read(|s| s.nodes.get(&id).is_some_and(|n| n.in_sync()))),
             missed: missed.clone(),
             volume_state: {
-                // Per-request lookup by volume id: an index (live volumes' generations, deleted
-                // ids) rebuilt when the map's epoch moves, so a request costs a lock and a hash
-                // lookup, not a scan of every volume.
-                type Index = (u64, std::collections::HashMap<u64, VolumeState>);
-                let index: std::sync::Mutex<Option<Index>> = Default::default();
-                Box::new(move |id| {
-                    let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
-                    let epoch = m3.read(|s| s.epoch);
-                    if index.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                        *index = Some(m3.read(|s| {
-                            let live = s
-                                .volumes
-                                .values()
-                                .map(|v| (v.id, VolumeState::Live { generation: v.generation }));
-                            let deleted = s.deleted_volumes.iter().map(|id| (*id, VolumeState::Deleted));
-                            (s.epoch, live.chain(deleted).collect())
-                        }));
-                    }
-                    index.as_ref().and_then(|(_, m)| m.get(&id).copied()).unwrap_or(VolumeState::Unknown)
-                })
+                // Per-request lookup by volume id: live volumes' generations and deleted ids, so
+                // a request costs a lock and a hash lookup, not a scan of every volume.
+                let index = by_epoch(m3, |s| {
+                    let live =
+                        s.volumes.values().map(|v| (v.id, VolumeState::Live { generation: v.generation }));
+                    let deleted = s.deleted_volumes.iter().map(|id| (*id, VolumeState::Deleted));
+                    live.chain(deleted).collect::<std::collections::HashMap<u64, VolumeState>>()
+                });
+                Box::new(move |id| index(&|m| m.get(&id).copied().unwrap_or(VolumeState::Unknown)))
+            },
+            member_ip: {
+                let ips = by_epoch(m4, |s| {
+                    s.nodes
+                        .values()
+                        .filter_map(|n| n.addr.rpc.parse::<std::net::SocketAddr>().ok())
+                        .map(|a| a.ip())
+                        .collect::<std::collections::HashSet<std::net::IpAddr>>()
+                });
+                Box::new(move |ip| ips(&|set| set.contains(&ip)))
             },
         });
         let recovery_stop = CancellationToken::new();
@@ -329,5 +328,28 @@ fn reserve_files(config: &NodeConfig) {
              limits.connections_max + open_files_max + {FILES_RESERVED}): lower them or raise the limit \
              (ulimit -n / LimitNOFILE=)"
         );
+    }
+}
+
+/// A value derived from the cluster map, rebuilt only when the map's epoch moves: the returned
+/// function answers a question about the current value.
+fn by_epoch<T, R>(
+    meta: Arc<MetaService<RpcPeerTransport>>,
+    build: impl Fn(&cairn_meta::ClusterState) -> T + Send + Sync,
+) -> impl Fn(&dyn Fn(&T) -> R) -> R + Send + Sync
+where
+    T: Send,
+{
+    let cached: std::sync::Mutex<Option<(u64, T)>> = Default::default();
+    move |ask| {
+        let mut cached = cached.lock().unwrap_or_else(|p| p.into_inner());
+        let epoch = meta.read(|s| s.epoch);
+        if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            *cached = Some(meta.read(|s| (s.epoch, build(s))));
+        }
+        match cached.as_ref() {
+            Some((_, value)) => ask(value),
+            None => ask(&meta.read(|s| build(s))),
+        }
     }
 }

@@ -63,6 +63,9 @@ pub struct ClientHooks {
     /// newest is refused even if its `Fence` never reached this node; every request for a deleted
     /// volume is refused.
     pub volume_state: Box<dyn Fn(u64) -> VolumeState + Send + Sync>,
+    /// Whether an address is a pool node's (in this node's cluster map): it may take the node
+    /// RPC's reserved connection slots.
+    pub member_ip: Box<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>,
 }
 
 /// A volume in a node's cluster map.
@@ -135,9 +138,19 @@ impl RunningNode {
             .local_addr()
             .map_err(|source| NodeError::Listen { addr: config.rpc_listen_addr, cause: source })?;
         let shutdown = CancellationToken::new();
+        // Before the cluster map is known, the nodes named in the configuration (and this one).
+        let members = config
+            .meta
+            .voters
+            .iter()
+            .map(|m| m.rpc.ip())
+            .chain(config.meta.join.iter().map(|a| a.ip()))
+            .chain([config.rpc_listen_addr.ip()])
+            .collect();
         let limits = Limits {
             in_flight_bytes_max: config.in_flight_bytes_max,
-            connections: config.limits.limiter(),
+            connections: config.limits.rpc_limiter(),
+            configured_members: Arc::new(members),
             hello_timeout: config.limits.handshake_timeout(),
             // A peer that does not take a reply for this long is cut off (its requests' byte
             // permits would otherwise stay pinned forever).
@@ -163,6 +176,7 @@ impl RunningNode {
 struct Limits {
     in_flight_bytes_max: u64,
     connections: cairn_types::admission::ConnectionLimiter,
+    configured_members: Arc<std::collections::HashSet<std::net::IpAddr>>,
     hello_timeout: Duration,
     reply_write_timeout: Duration,
 }
@@ -181,7 +195,10 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     // Dropping a refused stream closes it.
-                    let Some(slot) = limits.connections.admit_logged(Some(remote.ip()), "RPC") else { continue };
+                    let ip = remote.ip();
+                    let member = limits.configured_members.contains(&ip)
+                        || peer.hooks.get().is_some_and(|h| (h.member_ip)(ip));
+                    let Some(slot) = limits.connections.admit_logged_as(Some(ip), member, "RPC") else { continue };
                     let store = store.clone();
                     let shutdown = shutdown.clone();
                     let conn_tracker = tracker.clone();

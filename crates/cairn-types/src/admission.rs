@@ -1,5 +1,7 @@
 //! Admission of connections on a listener: at most `total_max` at once, and at most
-//! `per_client_max` from one client address, so that one host cannot take every slot.
+//! `per_client_max` from one client address, so that one host cannot take every slot. The last
+//! `reserved` slots take only privileged clients (the node RPC keeps them for the pool's own
+//! nodes, so that clients holding connections cannot lock the pool's members out).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,6 +17,7 @@ pub struct ConnectionLimiter {
 struct Inner {
     total_max: usize,
     per_client_max: usize,
+    reserved: usize,
     held: Mutex<Held>,
     refused: std::sync::atomic::AtomicU64,
 }
@@ -32,6 +35,8 @@ pub enum Refusal {
     Full,
     /// The client holds `per_client_max` connections.
     ClientFull,
+    /// Only the reserved slots are left, and the client is not privileged.
+    Reserved,
 }
 
 /// One admitted connection; its slot is released when dropped.
@@ -43,10 +48,18 @@ pub struct Admitted {
 
 impl ConnectionLimiter {
     pub fn new(total_max: usize, per_client_max: usize) -> ConnectionLimiter {
+        Self::with_reserve(total_max, per_client_max, 0)
+    }
+
+    /// As [`ConnectionLimiter::new`], keeping the last `reserved` slots (at most half) for
+    /// privileged clients.
+    pub fn with_reserve(total_max: usize, per_client_max: usize, reserved: usize) -> ConnectionLimiter {
+        let total_max = total_max.max(1);
         ConnectionLimiter {
             inner: Arc::new(Inner {
-                total_max: total_max.max(1),
+                total_max,
                 per_client_max: per_client_max.max(1),
+                reserved: reserved.min(total_max / 2),
                 held: Mutex::default(),
                 refused: Default::default(),
             }),
@@ -55,9 +68,17 @@ impl ConnectionLimiter {
 
     /// Admits a connection from `client` (`None`: not an IP client, a unix socket) if there is room.
     pub fn admit(&self, client: Option<IpAddr>) -> Result<Admitted, Refusal> {
+        self.admit_as(client, false)
+    }
+
+    /// [`ConnectionLimiter::admit`]; a `privileged` client may also take the reserved slots.
+    pub fn admit_as(&self, client: Option<IpAddr>, privileged: bool) -> Result<Admitted, Refusal> {
         let mut held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
         if held.total >= self.inner.total_max {
             return Err(Refusal::Full);
+        }
+        if !privileged && held.total >= self.inner.total_max - self.inner.reserved {
+            return Err(Refusal::Reserved);
         }
         if let Some(ip) = client {
             let n = held.by_client.entry(ip).or_insert(0);
@@ -73,12 +94,26 @@ impl ConnectionLimiter {
     /// [`ConnectionLimiter::admit`], logging a refusal (the first and every 1000th, so a flood
     /// cannot flood the log) with which limit was reached.
     pub fn admit_logged(&self, client: Option<IpAddr>, listener: &str) -> Option<Admitted> {
-        match self.admit(client) {
+        self.admit_logged_as(client, false, listener)
+    }
+
+    /// [`ConnectionLimiter::admit_logged`] for a client that may or may not be `privileged`.
+    pub fn admit_logged_as(
+        &self,
+        client: Option<IpAddr>,
+        privileged: bool,
+        listener: &str,
+    ) -> Option<Admitted> {
+        match self.admit_as(client, privileged) {
             Ok(a) => Some(a),
             Err(refusal) => {
                 let n = self.inner.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if n.is_multiple_of(1000) {
-                    let why = refusal.describe(self.inner.total_max, self.inner.per_client_max);
+                    let why = refusal.describe(
+                        self.inner.total_max,
+                        self.inner.per_client_max,
+                        self.inner.reserved,
+                    );
                     let from = client.map(|c| c.to_string()).unwrap_or_else(|| "a local client".into());
                     tracing::warn!(
                         "{listener} connection from {from} refused: {why}; {} refused so far",
@@ -113,9 +148,14 @@ impl Drop for Admitted {
 
 impl Refusal {
     /// Words for the log: which limit was reached.
-    pub fn describe(self, total_max: usize, per_client_max: usize) -> String {
+    pub fn describe(self, total_max: usize, per_client_max: usize, reserved: usize) -> String {
         match self {
             Refusal::Full => format!("{total_max} connections already open (limits.connections_max)"),
+            Refusal::Reserved => format!(
+                "{} connections already open; the last {reserved} are kept for the pool's nodes \
+                 (limits.rpc_connections_reserved_for_members)",
+                total_max - reserved
+            ),
             Refusal::ClientFull => {
                 format!(
                     "that client already holds {per_client_max} connections (limits.connections_per_client_max)"
@@ -144,5 +184,17 @@ mod tests {
         assert_eq!(l.held(), 2);
         let _a3 = l.admit(Some(a)).unwrap();
         assert_eq!(l.held(), 3);
+    }
+
+    #[test]
+    fn reserved_slots_take_only_privileged_clients() {
+        let l = ConnectionLimiter::with_reserve(4, 4, 2);
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let _held: Vec<Admitted> = (0..2).map(|_| l.admit(Some(a)).unwrap()).collect();
+        assert_eq!(l.admit(Some(a)).unwrap_err(), Refusal::Reserved);
+        let _m1 = l.admit_as(Some(a), true).unwrap();
+        let _m2 = l.admit_as(Some(a), true).unwrap();
+        assert_eq!(l.admit_as(Some(a), true).unwrap_err(), Refusal::Full);
+        assert_eq!(ConnectionLimiter::with_reserve(4, 4, 9).inner.reserved, 2, "at most half");
     }
 }
