@@ -83,7 +83,13 @@ async fn read_copy(
         version = Some(read.version);
         copy.extend(read.present.into_iter().zip(read.crcs).map(|(p, c)| (p, if p { c } else { 0 })));
     }
-    Ok(Some((version.unwrap_or(Version::NONE), copy)))
+    let version = version.unwrap_or(Version::NONE);
+    // A file never written (at version none, all holes; a refused write can leave one) is the
+    // same as no file.
+    if version == Version::NONE && copy.iter().all(|(present, _)| !present) {
+        return Ok(None);
+    }
+    Ok(Some((version, copy)))
 }
 
 fn summary(copy: &Option<Copy>) -> String {

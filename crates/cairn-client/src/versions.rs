@@ -15,9 +15,20 @@ use std::hash::{BuildHasher, Hasher};
 pub(crate) const VERSIONS_MAX: usize = 1 << 20;
 
 /// Bits of a sequence number that name its writer (the rest count): versions made by two writers
-/// of a shared volume (one generation) never collide unless both the count and a random 24-bit
-/// tag do.
+/// of a shared volume (one generation) differ unless both the count and the 24-bit tag do. Tags
+/// are distinct within one process (its writers are numbered from a random start), so only
+/// writers in different processes (hosts) can share one, with a chance of about the number of
+/// their writers over 2^24.
 const TAG_BITS: u32 = 24;
+
+/// The tag of this process's next writer.
+fn next_tag() -> u64 {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let start = *START.get_or_init(|| std::collections::hash_map::RandomState::new().build_hasher().finish());
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    start.wrapping_add(n) & ((1 << TAG_BITS) - 1)
+}
 
 /// What the writer knows of one chunk's version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,9 +55,7 @@ pub(crate) struct ChunkVersions {
 
 impl ChunkVersions {
     pub(crate) fn new(max: usize) -> ChunkVersions {
-        let tag =
-            std::collections::hash_map::RandomState::new().build_hasher().finish() & ((1 << TAG_BITS) - 1);
-        ChunkVersions { known: HashMap::new(), forgot: false, max: max.max(1), count: 0, tag }
+        ChunkVersions { known: HashMap::new(), forgot: false, max: max.max(1), count: 0, tag: next_tag() }
     }
 
     /// What is known of `chunk`. A shared volume has other writers: only versions seen count.
@@ -88,7 +97,7 @@ mod tests {
     fn sequences_grow_past_what_they_expect_and_differ_between_writers() {
         let mut a = ChunkVersions::new(4);
         let mut b = ChunkVersions::new(4);
-        b.tag = (a.tag + 1) & ((1 << TAG_BITS) - 1);
+        assert_ne!(a.tag, b.tag, "writers of one process have distinct tags");
         let s1 = a.next_sequence(Expected::Below(3));
         let v1 = Version { generation: 3, seq: s1 };
         let s2 = b.next_sequence(Expected::Exact(v1));

@@ -23,7 +23,7 @@ use crate::versions::{ChunkVersions, Known, VERSIONS_MAX};
 use bytes::Bytes;
 use cairn_engine::Version;
 use cairn_engine::reconcile::{Install, settle};
-use cairn_proto::{Request, Response, RpcError, Stamp};
+use cairn_proto::{ChunkInfo, Request, Response, RpcError, Stamp};
 use cairn_types::checksum::block_crcs;
 use cairn_types::limits::RPC_IO_MAX_BYTES;
 use cairn_types::placement::pg_of;
@@ -161,6 +161,27 @@ struct CopyError {
     stale: bool,
     /// The target failed and the source could not record that it missed the chunk.
     unrecorded: bool,
+    /// A newer writer holds the volume: this writer stops; nobody failed.
+    fenced: bool,
+}
+
+/// The copies of a chunk that may win a reconciliation: not half-installed, and not recorded by
+/// any replica as having missed a write to the chunk (it may lack an acknowledged one that a
+/// replica with a lower version number holds — two writers of a shared volume make siblings).
+fn may_win(infos: &BTreeMap<u64, ChunkInfo>) -> BTreeSet<u64> {
+    let missed: BTreeSet<u64> = infos.values().flat_map(|i| i.missed_by.iter().copied()).collect();
+    infos
+        .iter()
+        .filter(|(n, i)| !missed.contains(n) && !i.chunk_version().is_installing())
+        .map(|(n, _)| *n)
+        .collect()
+}
+
+/// A random pause of up to `max`: writers that met on a chunk do not meet again in lockstep.
+fn jitter(max: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    max.mul_f64((r % 1000) as f64 / 1000.0)
 }
 
 /// What a mutation does to an aligned range of a chunk.
@@ -411,11 +432,13 @@ impl VolumeClient {
     /// Fencing at open. Raises `generation` on every in-sync holder of the volume's PGs (each
     /// persists it and waits out the mutations it admitted under the old one), then, for every
     /// chunk any of them reports dirty, makes the in-sync holders' copies identical: the copy with
-    /// the highest (generation, sequence) wins (`cairn_engine::reconcile::settle`). A previous
-    /// writer's write that reached only some replicas before the fence thus either reaches all or
-    /// none. A holder that cannot be reached is reported as needing catch-up: it serves nothing
-    /// until it caught up, and by then its own map carries the new generation, so it refuses the
-    /// old writer too.
+    /// the highest (generation, sequence) wins (`cairn_engine::reconcile::settle`) among those
+    /// that may (see [`may_win`]). A previous writer's write that reached only some replicas
+    /// before the fence thus either reaches all or none. A holder that cannot be reached is
+    /// reported as needing catch-up, and every holder that took no part in a chunk's
+    /// reconciliation is recorded (on the copies made identical) as having missed the chunk: it
+    /// gets their copy before it serves again, and by then its own map carries the new
+    /// generation, so it refuses the old writer too.
     async fn fence_and_reconcile(&self, generation: u64) -> Result<(), IoError> {
         let (volume, chunk_size) = self.ids()?;
         let map = self.map();
@@ -423,20 +446,19 @@ impl VolumeClient {
         let request = Request::Fence { volume, generation: Generation(generation) };
         let results = futures::future::join_all(nodes.iter().map(|n| self.call(*n, &request))).await;
         let mut reached = BTreeSet::new();
-        let mut dirty: BTreeMap<u64, BTreeMap<u64, Version>> = BTreeMap::new();
+        let mut dirty: BTreeMap<u64, BTreeMap<u64, ChunkInfo>> = BTreeMap::new();
         for (node, r) in nodes.iter().zip(results) {
             match r {
                 Ok(Response::FenceRaised { serving: false, .. }) => {
                     // Fenced, but catching up or still starting (perhaps after a power loss): its
-                    // copies may be stale or torn and take no part. Nothing to report: it serves
-                    // nothing until the pool has it in sync.
+                    // copies may be stale or torn and take no part (recorded below as having
+                    // missed every chunk reconciled).
                     tracing::debug!(node, "fence: the node does not serve yet; its copies take no part");
                 }
                 Ok(Response::FenceRaised { dirty: chunks, .. }) => {
                     reached.insert(*node);
                     for (chunk, info) in chunks {
-                        let v = Version { generation: info.generation.0, seq: info.last_sequence };
-                        dirty.entry(chunk.0).or_default().insert(*node, v);
+                        dirty.entry(chunk.0).or_default().insert(*node, info);
                     }
                 }
                 Ok(Response::Error(RpcError::Fenced { .. })) => {
@@ -449,37 +471,31 @@ impl VolumeClient {
         }
         let mut reconciled = 0usize;
         for (chunk, mut reported) in dirty {
+            let holders = map.replicas(chunk);
+            let mut live: BTreeSet<u64> = holders.iter().copied().filter(|n| reached.contains(n)).collect();
             let mut stale_rounds = 0;
-            let mut live: BTreeSet<u64> =
-                map.replicas(chunk).into_iter().filter(|n| reached.contains(n)).collect();
             // Each failure takes one holder out (suspected, caught up later), so this ends.
             'settle: while !live.is_empty() {
-                let mut versions: BTreeMap<u64, Version> = BTreeMap::new();
-                for node in live.clone() {
-                    if let Some(v) = reported.get(&node) {
-                        versions.insert(node, *v);
-                        continue;
-                    }
-                    let ask = Request::ChunkVersion { volume, chunk: ChunkIndex(chunk) };
-                    match self.call(node, &ask).await {
-                        Ok(Response::ChunkVersion(info)) => {
-                            let v = info
-                                .map(|i| Version { generation: i.generation.0, seq: i.last_sequence })
-                                .unwrap_or(Version::NONE);
-                            versions.insert(node, v);
-                        }
-                        other => {
-                            self.suspect(node, &format!("open: chunk {chunk} version: {other:?}"));
-                            live.remove(&node);
-                            continue 'settle;
-                        }
-                    }
+                let ask: Vec<u64> = live.iter().copied().filter(|n| !reported.contains_key(n)).collect();
+                let (asked, failed) = self.chunk_infos(volume, chunk, &ask).await;
+                if let Some((node, why)) = failed.into_iter().next() {
+                    self.suspect(node, &format!("open: chunk {chunk} version: {why}"));
+                    live.remove(&node);
+                    continue 'settle;
                 }
-                let Some((winner, installs)) = settle(&versions, &live, None) else { break };
+                reported.extend(asked);
+                let infos: BTreeMap<u64, ChunkInfo> =
+                    reported.iter().filter(|(n, _)| live.contains(n)).map(|(n, i)| (*n, i.clone())).collect();
+                let versions = infos.iter().map(|(n, i)| (*n, i.chunk_version())).collect();
+                let Some((winner, installs)) = settle(&versions, &may_win(&infos), None) else { break };
                 for install in installs {
                     if let Err(e) =
                         self.install_copy(winner, install, volume, chunk, chunk_size, generation).await
                     {
+                        if e.fenced {
+                            self.fenced.store(true, Ordering::SeqCst);
+                            return Err(IoError::Fenced);
+                        }
                         if e.stale && stale_rounds < SETTLE_ROUNDS_MAX {
                             // A copy moved since its version was read: ask them all again.
                             stale_rounds += 1;
@@ -496,11 +512,52 @@ impl VolumeClient {
                 }
                 break;
             }
+            // Holders that took no part may hold another copy (a stray write of the old writer,
+            // a torn one): the copies made identical record them as having missed the chunk.
+            let outside: Vec<u64> = holders.iter().copied().filter(|n| !live.contains(n)).collect();
+            if !outside.is_empty() {
+                let on: Vec<u64> = live.iter().copied().collect();
+                let confirmed = self.record_missed(&on, &outside, volume, chunk, chunk_size).await;
+                for node in on.iter().filter(|n| !confirmed.contains(n)) {
+                    self.suspect(
+                        *node,
+                        &format!("open: chunk {chunk}: could not record that {outside:?} missed it"),
+                    );
+                }
+                if confirmed.is_empty() && !on.is_empty() {
+                    return Err(IoError::Io(format!(
+                        "open: chunk {chunk}: no replica could record that nodes {outside:?} missed it"
+                    )));
+                }
+            }
         }
         if reconciled > 0 {
             tracing::info!(volume = %volume, generation, reconciled, "open: made dirty chunks identical");
         }
         Ok(())
+    }
+
+    /// The state of `chunk` on each of `nodes` (a node without it: at version none), and the
+    /// nodes that did not answer.
+    async fn chunk_infos(
+        &self,
+        volume: VolumeId,
+        chunk: u64,
+        nodes: &[u64],
+    ) -> (BTreeMap<u64, ChunkInfo>, Vec<(u64, String)>) {
+        let ask = Request::ChunkVersion { volume, chunk: ChunkIndex(chunk) };
+        let replies = futures::future::join_all(nodes.iter().map(|n| self.call(*n, &ask))).await;
+        let mut infos = BTreeMap::new();
+        let mut failed = Vec::new();
+        for (node, reply) in nodes.iter().zip(replies) {
+            match reply {
+                Ok(Response::ChunkVersion(info)) => {
+                    infos.insert(*node, info.unwrap_or_else(ChunkInfo::absent));
+                }
+                other => failed.push((*node, format!("{other:?}"))),
+            }
+        }
+        (infos, failed)
     }
 
     /// `node` failed during IO: stop reading from it and have the pool catch it up.
@@ -535,6 +592,7 @@ impl VolumeClient {
         let mut result = self.copy_chunk(from, install, (volume, chunk, chunk_size), generation).await;
         if let Err(e) = &mut result
             && !e.stale
+            && !e.fenced
         {
             if e.node == install.node {
                 let confirmed = self.record_missed(&[from], &[e.node], volume, chunk, chunk_size).await;
@@ -565,6 +623,7 @@ impl VolumeClient {
             why: format!("from node {from} to node {to}: {what}"),
             stale,
             unrecorded: false,
+            fenced: false,
         };
         let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
         for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
@@ -592,13 +651,20 @@ impl VolumeClient {
                 generation: Generation(generation),
                 version,
                 // The first piece is installed over the planned copy; the next ones over the
-                // pieces before them.
-                expect: Some(if o == 0 { expect } else { version }),
+                // pieces before them (the target is "being installed" in between).
+                expect: Some(if o == 0 { expect } else { Version::installing(version) }),
             };
             match self.call(to, &install).await {
                 Ok(Response::Done) => {}
                 Ok(Response::Error(RpcError::VersionMismatch { current, .. })) => {
                     return Err(fail(to, format!("the target moved to {current}"), true));
+                }
+                // A newer writer holds the volume: this writer's copies stop; nobody failed.
+                Ok(Response::Error(RpcError::Fenced { .. })) => {
+                    return Err(CopyError {
+                        fenced: true,
+                        ..fail(to, "fenced by a newer writer".into(), false)
+                    });
                 }
                 other => return Err(fail(to, format!("{other:?}"), false)),
             }
@@ -606,18 +672,19 @@ impl VolumeClient {
         Ok(())
     }
 
-    /// Makes the in-sync copies of `chunk` identical: the highest version wins (every acknowledged
-    /// mutation is on every in-sync copy, so the highest holds them all) and is installed on each
-    /// other copy that is still at the version seen. Returns the version they are all at now. A
-    /// copy that cannot be installed is recorded as missed by the winner and its node reported, as
-    /// for a failed write.
+    /// Makes the in-sync copies of `chunk` identical: the highest version among those that may
+    /// win ([`may_win`]) wins (every acknowledged mutation is on every in-sync copy not recorded as
+    /// having missed it, so the highest holds them all) and is installed on each other copy that
+    /// is still at the version seen. Returns the version they are all at now. A copy that cannot
+    /// be installed is recorded as missed by the winner and its node reported, as for a failed
+    /// write.
     async fn settle_chunk(&self, chunk: u64) -> Result<Version, IoError> {
         let (volume, chunk_size) = self.ids()?;
-        let generation = self.generation().await?;
         let deadline = Instant::now() + self.config.io_timeout;
         let mut last = String::new();
         loop {
             self.check_deleted()?;
+            let generation = self.generation().await?;
             let map = self.map();
             let suspects: BTreeSet<u64> = lock(&self.suspects).keys().copied().collect();
             let nodes: Vec<u64> = map
@@ -625,21 +692,14 @@ impl VolumeClient {
                 .into_iter()
                 .filter(|n| map.in_sync(*n) && !suspects.contains(n))
                 .collect();
-            let ask = Request::ChunkVersion { volume, chunk: ChunkIndex(chunk) };
-            let replies = futures::future::join_all(nodes.iter().map(|n| self.call(*n, &ask))).await;
-            let mut versions = BTreeMap::new();
-            for (node, reply) in nodes.iter().zip(replies) {
-                match reply {
-                    Ok(Response::ChunkVersion(info)) => {
-                        let v = info.map(|i| Version { generation: i.generation.0, seq: i.last_sequence });
-                        versions.insert(*node, v.unwrap_or(Version::NONE));
-                    }
-                    other => last = format!("node {node}: chunk version: {other:?}"),
-                }
+            let (infos, failed) = self.chunk_infos(volume, chunk, &nodes).await;
+            if let Some((node, why)) = failed.first() {
+                last = format!("node {node}: chunk version: {why}");
             }
-            let responders: BTreeSet<u64> = versions.keys().copied().collect();
-            if responders.len() >= map.quorum()
-                && let Some((winner, installs)) = settle(&versions, &responders, None)
+            let versions: BTreeMap<u64, Version> =
+                infos.iter().map(|(n, i)| (*n, i.chunk_version())).collect();
+            if infos.len() >= map.quorum()
+                && let Some((winner, installs)) = settle(&versions, &may_win(&infos), None)
             {
                 let top = versions.get(&winner).copied().unwrap_or(Version::NONE);
                 let mut again = false;
@@ -647,6 +707,10 @@ impl VolumeClient {
                     if let Err(e) =
                         self.install_copy(winner, install, volume, chunk, chunk_size, generation).await
                     {
+                        if e.fenced {
+                            // A shared writer adopts the newer generation; any other stops here.
+                            self.on_fenced(generation).await?;
+                        }
                         last = e.why;
                         again = true;
                     }
@@ -656,14 +720,18 @@ impl VolumeClient {
                     return Ok(top);
                 }
             } else if last.is_empty() {
-                last = format!("only {} of {} replicas answered", responders.len(), nodes.len());
+                last = format!(
+                    "only {} of {} replicas answered, none of them may win",
+                    infos.len(),
+                    nodes.len()
+                );
             }
             if Instant::now() > deadline {
                 return Err(IoError::Io(format!(
                     "chunk {chunk}: could not make its copies identical: {last}"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20) + jitter(Duration::from_millis(50))).await;
             let _ = self.refresh().await;
         }
     }
@@ -864,7 +932,7 @@ impl VolumeClient {
             buf[skip..skip + data.len()].copy_from_slice(&data);
             match self.mutate(p.chunk, a0, Mutation::Write(Bytes::from(buf)), read_at).await? {
                 Round::Done => return Ok(()),
-                Round::Settled => continue,
+                Round::Settled => tokio::time::sleep(jitter(Duration::from_millis(5))).await,
             }
         }
         Err(IoError::Io(format!("chunk {}: its replicas kept changing under this write", p.chunk)))
@@ -876,6 +944,7 @@ impl VolumeClient {
             if let Round::Done = self.mutate(chunk, offset, mutation.clone(), None).await? {
                 return Ok(());
             }
+            tokio::time::sleep(jitter(Duration::from_millis(5))).await;
         }
         Err(IoError::Io(format!("chunk {chunk}: its replicas kept changing under this mutation")))
     }
@@ -1006,6 +1075,8 @@ impl VolumeClient {
                 let mut conflict = false;
                 let mut fenced = false;
                 let mut now_at = BTreeSet::new();
+                // The versions replicas that refused it are at.
+                let mut refused_at = Vec::new();
                 for (node, r) in targets.iter().zip(results) {
                     match r {
                         Ok(Response::Applied { version }) => {
@@ -1020,9 +1091,12 @@ impl VolumeClient {
                         // it is recorded as having missed this one and caught up. With several
                         // (a shared volume), another writer's mutation may still be on its way
                         // to it: settled below instead.
+                        // (Only if the writer expected a version its own acknowledged mutation left:
+                        // one its read returned may be a leftover the others never had.)
                         Ok(Response::Error(RpcError::VersionMismatch { current, behind: true })) => {
                             last = format!("node {node}: its copy is behind (at {current})");
-                            if self.shared() {
+                            refused_at.push(current);
+                            if self.shared() || read_at.is_some() {
                                 conflict = true;
                             } else {
                                 failed.push(*node);
@@ -1032,6 +1106,7 @@ impl VolumeClient {
                         // a failed write): never acknowledged over it.
                         Ok(Response::Error(RpcError::VersionMismatch { current, behind: false })) => {
                             last = format!("node {node}: its copy is at {current}, not {expected:?}");
+                            refused_at.push(current);
                             conflict = true;
                         }
                         // A full replica: the others may have applied it, so it is recorded as
@@ -1067,10 +1142,22 @@ impl VolumeClient {
                     return Ok(Round::Settled);
                 }
                 if conflict {
-                    // The copies hold different chains: make them identical (the highest wins;
-                    // no acknowledged mutation is lost, as each is on every in-sync copy), and
-                    // the caller does it again over the result.
-                    self.settle_chunk(chunk).await?;
+                    let agreed = refused_at.first().copied().filter(|v| {
+                        refused_at.len() == targets.len()
+                            && refused_at.iter().all(|r| r == v)
+                            && !v.is_installing()
+                    });
+                    match agreed {
+                        // Every replica refused it from the same version (another writer's
+                        // mutation went first everywhere): nothing to settle, do it again over it.
+                        Some(v) => lock(&self.versions).set(chunk, Some(v)),
+                        // The copies hold different chains: make them identical (the highest
+                        // that may wins; no acknowledged mutation is lost), and the caller does
+                        // it again over the result.
+                        None => {
+                            self.settle_chunk(chunk).await?;
+                        }
+                    }
                     return Ok(Round::Settled);
                 }
                 // Replicas that applied it record who did not: those known in advance were named in
@@ -1266,4 +1353,38 @@ async fn fetch_map(
         table,
         nodes: nodes.iter().map(|n| (n.id, n.clone())).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(generation: u64, seq: u64, missed_by: &[u64]) -> ChunkInfo {
+        ChunkInfo {
+            generation: Generation(generation),
+            version: 1,
+            last_sequence: seq,
+            dirty: true,
+            missed_by: missed_by.to_vec(),
+        }
+    }
+
+    #[test]
+    fn copies_recorded_as_missed_or_half_installed_never_win() {
+        // Nodes 1 and 2 hold an acknowledged write (3.5) that node 3 missed; node 3 holds a
+        // sibling with a higher number (3.9, another shared writer's, never acknowledged).
+        let infos: BTreeMap<u64, ChunkInfo> =
+            [(1, info(3, 5, &[3])), (2, info(3, 5, &[3])), (3, info(3, 9, &[]))].into();
+        assert_eq!(may_win(&infos), [1, 2].into());
+        let versions = infos.iter().map(|(n, i)| (*n, i.chunk_version())).collect();
+        let (winner, installs) = settle(&versions, &may_win(&infos), None).unwrap();
+        assert!(winner == 1 || winner == 2);
+        assert_eq!(installs.len(), 1);
+        assert_eq!(installs[0].node, 3, "the missed copy gets the acknowledged one");
+        // A half-installed copy (its marker sorts below every version of a writer) never wins.
+        let marker = Version::installing(Version { generation: 3, seq: 5 });
+        let half = ChunkInfo { generation: Generation(0), last_sequence: marker.seq, ..info(0, 0, &[]) };
+        let infos: BTreeMap<u64, ChunkInfo> = [(1, info(0, 0, &[])), (2, half)].into();
+        assert_eq!(may_win(&infos), [1].into());
+    }
 }

@@ -13,6 +13,7 @@ pub(crate) fn to_rpc(e: StoreError) -> RpcError {
         }
         StoreError::NoSpace { volume, chunk } => RpcError::NoSpace { volume, chunk },
         StoreError::InvalidRequest(message) => RpcError::InvalidRequest { message },
+        e @ StoreError::Installing { .. } => RpcError::Unavailable { message: e.to_string() },
         StoreError::VersionMismatch { current, behind, .. } => RpcError::VersionMismatch { current, behind },
         other @ (StoreError::Io { .. }
         | StoreError::BadChunkFile { .. }

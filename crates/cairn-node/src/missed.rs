@@ -111,6 +111,12 @@ impl MissedLog {
     }
 
     /// Peers this node holds missed writes for.
+    /// The peers recorded as having missed a write to this chunk.
+    pub fn missed_by(&self, volume: u64, chunk: u64) -> Vec<u64> {
+        let inner = lock(&self.inner);
+        inner.peers.iter().filter(|(_, m)| m.contains_key(&(volume, chunk))).map(|(p, _)| *p).collect()
+    }
+
     pub fn pending_peers(&self) -> Vec<u64> {
         lock(&self.inner).peers.keys().copied().collect()
     }

@@ -537,7 +537,9 @@ async fn pull_chunk(
     size: u32,
 ) -> Result<(), String> {
     let ids = checked(volume, chunk, size)?;
-    copy_from(conn, ids, |offset, copy: Piece, expect| {
+    // This node serves nothing while it pulls its own copies: the first piece goes over whatever
+    // is here.
+    copy_from(conn, ids, None, |offset, copy: Piece, expect| {
         let s = store.clone();
         async move {
             let (kept, kept_crcs) = copy.present_only();
@@ -622,7 +624,8 @@ async fn relay_chunk(
     ids: (VolumeId, ChunkIndex, ChunkSize),
     generation: cairn_types::Generation,
 ) -> Result<(), String> {
-    copy_from(from, ids, |offset, copy: Piece, expect| async move {
+    let first = target_version(to, ids).await;
+    copy_from(from, ids, first, |offset, copy: Piece, expect| async move {
         let (data, crcs) = copy.present_only();
         let (volume, chunk, chunk_size) = ids;
         let request = Request::InstallRange {
@@ -647,13 +650,29 @@ async fn relay_chunk(
     .await
 }
 
+/// The version of a chunk on a peer, for a copy's first piece to expect: a piece that arrives
+/// late (after a copy given up on, retried and finished) then changes nothing. `None` (install
+/// over anything) if it cannot tell — a damaged copy there, say.
+async fn target_version(
+    to: &NodeConnection,
+    (volume, chunk, _): (VolumeId, ChunkIndex, ChunkSize),
+) -> Option<cairn_types::Version> {
+    match tokio::time::timeout(COPY_TIMEOUT, to.call(&Request::ChunkVersion { volume, chunk })).await {
+        Ok(Ok(Response::ChunkVersion(info))) => {
+            Some(info.map(|i| i.chunk_version()).unwrap_or(cairn_types::Version::NONE))
+        }
+        _ => None,
+    }
+}
+
 /// Reads a chunk whole from node `from`, piece by piece, and hands each piece to `install` with
-/// the version the target must be at for it: none for the first piece, the copy's for the next
-/// ones (they go over the pieces before them). Every piece must come from one version of the
-/// source.
+/// the version the target must be at for it: `first` for the first piece, the copy's "being
+/// installed" marker for the next ones (they go over the pieces before them). Every piece must
+/// come from one version of the source.
 async fn copy_from<I, F>(
     from: &NodeConnection,
     ids: (VolumeId, ChunkIndex, ChunkSize),
+    first: Option<cairn_types::Version>,
     install: I,
 ) -> Result<(), String>
 where
@@ -674,8 +693,8 @@ where
         let copy = read_piece(call, volume, chunk, chunk_size, offset, piece).await?;
         let version = copy.version;
         let expect = match first_version {
-            None => None,
-            Some(v) if v == version => Some(v),
+            None => first,
+            Some(v) if v == version => Some(cairn_types::Version::installing(v)),
             Some(v) => return Err(format!("the source moved from {v} to {version} during the copy")),
         };
         first_version = Some(version);
@@ -713,6 +732,7 @@ async fn copy_chunk(
     .await
     .map_err(|e| CopyFailure::Source(e.to_string()))?
     .map_err(|e| CopyFailure::Source(e.to_string()))?;
+    let first_expect = target_version(conn, (volume, chunk, chunk_size)).await;
     let range_blocks = (RPC_IO_MAX_BYTES / BLOCK_SIZE_BYTES) as usize;
     let bs = BLOCK_SIZE_BYTES as usize;
     for (i, flags) in reply.present.chunks(range_blocks).enumerate() {
@@ -736,8 +756,9 @@ async fn copy_chunk(
             data: Bytes::from(data),
             generation,
             version: reply.version,
-            // The pieces after the first go over the ones before them.
-            expect: (i > 0).then_some(reply.version),
+            // The first piece goes over the copy the peer had when this copy began, the next
+            // ones over the pieces before them.
+            expect: if i == 0 { first_expect } else { Some(cairn_types::Version::installing(reply.version)) },
         };
         let failed = match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
             Ok(Ok(Response::Done)) => continue,

@@ -528,6 +528,22 @@ fn record_missed(
     })
 }
 
+/// A chunk's state as peers see it, with the peers this node recorded as having missed it.
+fn chunk_info(
+    s: cairn_store::ChunkState,
+    hooks: Option<&ClientHooks>,
+    volume: cairn_types::VolumeId,
+    chunk: cairn_types::ChunkIndex,
+) -> ChunkInfo {
+    ChunkInfo {
+        generation: s.generation,
+        version: s.version,
+        last_sequence: s.last_sequence,
+        dirty: s.dirty,
+        missed_by: hooks.map(|h| h.missed.missed_by(volume.get(), chunk.0)).unwrap_or_default(),
+    }
+}
+
 fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<Response, StoreError> {
     let stamp = |s: cairn_proto::Stamp| WriteStamp {
         generation: s.generation,
@@ -598,26 +614,15 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             let mut dirty = Vec::new();
             for chunk in store.dirty_chunks(volume)? {
                 if let Some(s) = store.chunk_state(volume, chunk)? {
-                    let info = ChunkInfo {
-                        generation: s.generation,
-                        version: s.version,
-                        last_sequence: s.last_sequence,
-                        dirty: s.dirty,
-                    };
-                    dirty.push((chunk, info));
+                    dirty.push((chunk, chunk_info(s, hooks, volume, chunk)));
                 }
             }
             let serving = hooks.is_some_and(|h| (h.serves_clients)());
             Response::FenceRaised { dirty, serving }
         }
-        Request::ChunkVersion { volume, chunk } => {
-            Response::ChunkVersion(store.chunk_state(volume, chunk)?.map(|s| ChunkInfo {
-                generation: s.generation,
-                version: s.version,
-                last_sequence: s.last_sequence,
-                dirty: s.dirty,
-            }))
-        }
+        Request::ChunkVersion { volume, chunk } => Response::ChunkVersion(
+            store.chunk_state(volume, chunk)?.map(|s| chunk_info(s, hooks, volume, chunk)),
+        ),
         Request::ListChunks { volume, after, limit } => {
             let limit = limit.clamp(1, cairn_proto::message::CHUNK_LIST_MAX) as usize;
             let mut chunks: Vec<cairn_types::ChunkIndex> =

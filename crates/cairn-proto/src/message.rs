@@ -186,12 +186,33 @@ impl Request {
 }
 
 /// The persisted state of one chunk on one node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkInfo {
     pub generation: Generation,
     pub version: u64,
     pub last_sequence: u64,
     pub dirty: bool,
+    /// Peers this node recorded as having missed a write to the chunk (version 4): their copies
+    /// must never win a reconciliation (an acknowledged write may be missing from them).
+    pub missed_by: Vec<u64>,
+}
+
+impl ChunkInfo {
+    /// A chunk the node does not hold: at version none, recorded as missed by nobody.
+    pub fn absent() -> ChunkInfo {
+        ChunkInfo {
+            generation: Generation(0),
+            version: 0,
+            last_sequence: 0,
+            dirty: false,
+            missed_by: Vec::new(),
+        }
+    }
+
+    /// The chunk's version.
+    pub fn chunk_version(&self) -> Version {
+        Version { generation: self.generation.0, seq: self.last_sequence }
+    }
 }
 
 /// A storage node's answer to one request.
@@ -434,6 +455,7 @@ mod tests {
                     version,
                     last_sequence,
                     dirty,
+                    missed_by: vec![g % 7],
                 }))
             }),
             rpc_error().prop_map(Response::Error),
@@ -450,6 +472,7 @@ mod tests {
                                 version: 1,
                                 last_sequence: s,
                                 dirty: true,
+                                missed_by: Vec::new(),
                             };
                             (ChunkIndex(c), info)
                         })

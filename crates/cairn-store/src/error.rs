@@ -34,6 +34,9 @@ pub enum StoreError {
         behind: bool,
     },
 
+    #[error("volume {volume} chunk {chunk}: a copy is being installed here; read another replica")]
+    Installing { volume: VolumeId, chunk: ChunkIndex },
+
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 

@@ -829,10 +829,13 @@ impl Store {
 
     /// Replaces `[offset, offset + 4 KiB × present.len())` of a chunk with a copy from a peer
     /// (catch-up, reconciliation): blocks whose entry in `present` is false become holes; `data`
-    /// holds the present blocks only, in order, with their checksums in `crcs`. The chunk is then at
-    /// `version` (the copy's). Fenced like a write: refused if `generation` is below the volume's
-    /// fence (raised if above). With `expect`, applied only if this copy is still at that version
-    /// (a reconciliation planned against it), checked and applied under the chunk's lock in one go.
+    /// holds the present blocks only, in order, with their checksums in `crcs`. A range that ends
+    /// the chunk leaves it at `version` (the copy's); an earlier piece of a copy sent in several
+    /// leaves it at [`Version::installing`]`(version)`, which reads refuse and the next piece
+    /// expects. Fenced like a write: refused if `generation` is below the volume's fence (raised if
+    /// above). With `expect`, applied only if this copy is still at that version (a reconciliation
+    /// planned against it), checked and applied under the chunk's lock in one go, before anything
+    /// changes (a damaged chunk has no version: only an unconditional install replaces it).
     #[allow(clippy::too_many_arguments)]
     pub fn install_range(
         &self,
@@ -864,6 +867,27 @@ impl Store {
         }
         let state = self.volume(volume)?;
         let _fence = self.admit(volume, &state, WriteStamp { generation, ..WriteStamp::default() })?;
+        let mismatch = |current: Version, expected: Version| StoreError::VersionMismatch {
+            volume,
+            chunk,
+            current,
+            expected: Expected::Exact(expected),
+            behind: current < expected,
+        };
+        if let Some(expected) = expect {
+            // Checked before anything changes: no file created, no quarantine lifted for a copy
+            // planned against another state.
+            if lock(&self.quarantined).contains_key(&key) {
+                return Err(mismatch(Version::NONE, expected));
+            }
+            let current = match self.chunk(volume, &state, chunk, chunk_size, false)? {
+                Some(h) => header_version(&lock(&h.inner).header),
+                None => Version::NONE,
+            };
+            if current != expected {
+                return Err(mismatch(current, expected));
+            }
+        }
         // An install replaces this node's copy: a damaged (quarantined) copy is replaced too.
         self.replace_if_damaged(volume, chunk)?;
         let handle = self
@@ -874,9 +898,7 @@ impl Store {
         if let Some(expected) = expect
             && current != expected
         {
-            let behind = current < expected;
-            let expected = Expected::Exact(expected);
-            return Err(StoreError::VersionMismatch { volume, chunk, current, expected, behind });
+            return Err(mismatch(current, expected));
         }
         self.begin_mutation(&state, &handle, &mut inner)?;
         // Runs of present / absent blocks, each applied as one write or one hole.
@@ -899,7 +921,12 @@ impl Store {
             }
             start = end;
         }
-        self.bump_version(&handle, &mut inner, version)?;
+        let ends_chunk = u64::from(offset) + present.len() as u64 * BLOCK == u64::from(chunk_size.bytes());
+        self.bump_version(
+            &handle,
+            &mut inner,
+            if ends_chunk { version } else { Version::installing(version) },
+        )?;
         Ok(())
     }
 
@@ -1088,6 +1115,9 @@ impl Store {
         let key = (volume, chunk);
         let inner = lock(&handle.inner);
         let version = header_version(&inner.header);
+        if version.is_installing() {
+            return Err(StoreError::Installing { volume, chunk });
+        }
         let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
         let table_at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
         let read_ctx = || format!("reading {}", handle.path.display());

@@ -456,6 +456,16 @@ fn mutations_apply_only_on_the_version_they_expect() {
     };
     assert!(matches!(install(Some(ver(5, 1))), Err(StoreError::VersionMismatch { .. })));
     install(Some(ver(5, 2))).unwrap();
+    // A first piece that does not end the chunk leaves it "being installed": not served, and
+    // only the next piece of the same copy goes on (then the chunk is at the copy's version).
+    let installing = Version::installing(ver(5, 4));
+    assert_eq!(store.chunk_state(v, c).unwrap().unwrap().version(), installing);
+    assert!(matches!(store.read(v, c, cs, 0, 4096), Err(StoreError::Installing { .. })));
+    let rest = vec![false; 254];
+    let other =
+        store.install_range(v, c, cs, 8192, &rest, &[], &[], Generation(5), ver(5, 3), Some(ver(5, 4)));
+    assert!(other.is_err(), "a piece of another copy is refused");
+    store.install_range(v, c, cs, 8192, &rest, &[], &[], Generation(5), ver(5, 4), Some(installing)).unwrap();
     let read = store.read(v, c, cs, 0, 4096).unwrap();
     assert_eq!((read.version, read.data), (ver(5, 4), b));
     assert_eq!(store.chunk_state(v, c).unwrap().unwrap().version(), ver(5, 4));

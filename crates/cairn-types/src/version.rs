@@ -17,11 +17,28 @@ pub struct Version {
 impl Version {
     pub const NONE: Version = Version { generation: 0, seq: 0 };
 
+    /// The version a chunk is at while a copy at `target` is installed piece by piece (a copy
+    /// larger than one request): below every writer's version, never matched by `Below`, never
+    /// served, never a reconciliation's winner; the pieces after the first expect it, and the last
+    /// one sets `target`. Two installers of different copies have different markers, so their
+    /// pieces never interleave.
+    pub fn installing(target: Version) -> Version {
+        let mix = (target.generation.rotate_left(29) ^ target.seq).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Version { generation: 0, seq: INSTALLING_BIT | (mix >> 1) }
+    }
+
+    /// Whether this is the marker of a copy being installed (see [`Version::installing`]).
+    pub fn is_installing(&self) -> bool {
+        self.generation == 0 && self.seq & INSTALLING_BIT != 0
+    }
+
     /// The lowest version of generation `g`: every version of older generations is below it.
     pub fn base(generation: u64) -> Version {
         Version { generation, seq: 0 }
     }
 }
+
+const INSTALLING_BIT: u64 = 1 << 63;
 
 /// What version a mutation expects to find.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +55,8 @@ impl Expected {
     pub fn matches(self, current: Version) -> bool {
         match self {
             Expected::Exact(v) => current == v,
-            Expected::Below(g) => current < Version::base(g),
+            // A half-installed copy is below every generation, yet holds nothing a writer may build on.
+            Expected::Below(g) => current < Version::base(g) && !current.is_installing(),
         }
     }
 
@@ -104,5 +122,10 @@ mod tests {
         assert_eq!(Expected::Below(3).check(v(2, 9), v(3, 1)), VersionCheck::Apply);
         assert_eq!(Expected::Below(3).check(Version::NONE, v(3, 1)), VersionCheck::Apply);
         assert_eq!(Expected::Below(3).check(v(3, 1), v(3, 2)), VersionCheck::Conflict);
+        let installing = Version::installing(v(2, 9));
+        assert!(installing.is_installing() && !v(2, 9).is_installing() && !Version::NONE.is_installing());
+        assert_ne!(installing, Version::installing(v(2, 8)), "installers of different copies differ");
+        assert_eq!(Expected::Below(3).check(installing, v(3, 1)), VersionCheck::Conflict);
+        assert_eq!(Expected::Exact(v(2, 9)).check(installing, v(3, 1)), VersionCheck::Behind);
     }
 }
