@@ -159,6 +159,10 @@ fn verify_on_node(pool: &Pool, k: u64, volume_id: u64, blocks: u64, round: u64) 
 
 /// As [`verify_on_node`], for the 1 MiB chunks (= pattern blocks) in `chunks`.
 fn verify_chunks_on_node(pool: &Pool, k: u64, volume_id: u64, chunks: std::ops::Range<u64>, round: u64) {
+    // In sync is not yet serving: after a catch-up the node waits until enough peers have the map.
+    wait_for(&format!("node {k} to serve client IO"), Duration::from_secs(30), || {
+        (pool.get(k, "/v1/status").1["serving_clients"] == true).then_some(())
+    });
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = NodeConnection::connect(pool.rpc(k)).await.unwrap();

@@ -44,6 +44,8 @@ pub struct NodeReport {
     pub used_bytes: u64,
     /// Peers this node holds writes for that they missed (it will copy them over).
     pub missed_for: Vec<u64>,
+    /// The epoch of the cluster map this node has applied.
+    pub epoch: u64,
 }
 
 /// A request from one metadata peer to another.

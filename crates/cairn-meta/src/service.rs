@@ -19,7 +19,7 @@ use crate::state::{ClusterState, Command, CommandResult, NodeAddr, StateError};
 use crate::storage::{LogStore, StateMachineStore, open_db};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -97,6 +97,9 @@ pub struct MetaService<T: PeerTransport> {
     liveness: Mutex<Liveness>,
     usage_probe: UsageProbe,
     boot_id: u64,
+    /// The `in_sync_epoch` of this node for which enough PG peers were seen with a map at least as
+    /// new (see [`MetaService::serves_clients`]).
+    serving_from: Mutex<u64>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -170,11 +173,13 @@ impl<T: PeerTransport> MetaService<T> {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(1)
                 .max(1),
+            serving_from: Mutex::new(0),
             tasks: Mutex::new(Vec::new()),
         });
         let leader_task = tokio::spawn(leader_loop(Arc::downgrade(&service)));
         let heartbeat_task = tokio::spawn(heartbeat_loop(Arc::downgrade(&service)));
-        lock(&service.tasks).extend([leader_task, heartbeat_task]);
+        let barrier_task = tokio::spawn(serving_barrier_loop(Arc::downgrade(&service)));
+        lock(&service.tasks).extend([leader_task, heartbeat_task, barrier_task]);
         Ok(service)
     }
 
@@ -327,8 +332,74 @@ impl<T: PeerTransport> MetaService<T> {
 
     /// Whether this node may serve client IO: the cluster map knows its current process and it is
     /// not catching up.
+    ///
+    /// After catching up, only once enough of its PG peers have applied a map in which it is in
+    /// sync: until then a peer with an older map could still take a write that names this node as
+    /// having missed it (recorded for a copy that comes later), and a read here would miss that
+    /// write. A write is acknowledged only if every replica it went to took it, at least a quorum
+    /// q of the R; so once, in every PG, R − q peers have the new map, any such write meets one of
+    /// them and is refused.
     pub fn serves_clients(&self) -> bool {
-        self.read(|s| s.nodes.get(&self.id).is_some_and(|n| n.boot_id == self.boot_id && n.in_sync()))
+        let in_sync_epoch = self.read(|s| {
+            s.nodes
+                .get(&self.id)
+                .filter(|n| n.boot_id == self.boot_id && n.in_sync())
+                .map(|n| n.in_sync_epoch)
+        });
+        in_sync_epoch.is_some_and(|e| e == 0 || *lock(&self.serving_from) == e)
+    }
+
+    /// One look at the serving barrier: if this node is in sync but not yet serving, asks its PG
+    /// peers which map epoch they have and lifts the barrier once enough of them are new enough.
+    async fn check_serving_barrier(&self) {
+        let me = self.id;
+        let Some((in_sync_epoch, needs)) = self.read(|s| {
+            let n = s.nodes.get(&me).filter(|n| n.boot_id == self.boot_id && n.in_sync())?;
+            // Per PG this node holds: its other holders, and how many of them must be new enough.
+            let needs: Vec<(Vec<u64>, usize)> = s
+                .pg_sets
+                .keys()
+                .flat_map(|r| {
+                    let need = usize::from(*r).saturating_sub(usize::from(*r) / 2 + 1);
+                    (0..s.pg_count).map(move |pg| (*r, pg, need))
+                })
+                .filter_map(|(r, pg, need)| {
+                    let holders = s.holders(r, pg);
+                    holders.contains(&me).then(|| (holders.into_iter().filter(|p| *p != me).collect(), need))
+                })
+                .collect();
+            Some((n.in_sync_epoch, needs))
+        }) else {
+            return;
+        };
+        if in_sync_epoch == 0 || *lock(&self.serving_from) == in_sync_epoch {
+            return;
+        }
+        let peers: BTreeSet<u64> = needs.iter().flat_map(|(p, _)| p.iter().copied()).collect();
+        let addrs: Vec<(u64, NodeAddr)> = self
+            .read(|s| peers.iter().filter_map(|p| s.nodes.get(p).map(|n| (*p, n.addr.clone()))).collect());
+        let timeout = Duration::from_millis(self.config.heartbeat_interval_ms);
+        let replies = futures::future::join_all(
+            addrs.iter().map(|(_, addr)| self.transport.call(addr, PeerRequest::Probe, timeout)),
+        )
+        .await;
+        let current: BTreeSet<u64> = addrs
+            .iter()
+            .zip(replies)
+            .filter_map(|((id, _), r)| match r {
+                Ok(PeerReply::Probe(report)) if report.id == *id && report.epoch >= in_sync_epoch => {
+                    Some(*id)
+                }
+                _ => None,
+            })
+            .collect();
+        if barrier_lifted(&needs, &current) {
+            tracing::info!(
+                epoch = in_sync_epoch,
+                "serving client IO: enough peers have the map in which this node is in sync"
+            );
+            *lock(&self.serving_from) = in_sync_epoch;
+        }
     }
 
     /// Milliseconds since the leader last heard from a node.
@@ -461,6 +532,7 @@ impl<T: PeerTransport> MetaService<T> {
             capacity_bytes: p.capacity_bytes,
             used_bytes: p.used_bytes,
             missed_for: p.missed_for,
+            epoch: self.read(|s| s.epoch),
         }
     }
 
@@ -583,6 +655,25 @@ async fn leader_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>)
     }
 }
 
+/// Whether a node that caught up may serve: in every PG it holds (its other holders, and how
+/// many of them must have the new map), enough of the `current` ones (those seen with it).
+fn barrier_lifted(needs: &[(Vec<u64>, usize)], current: &BTreeSet<u64>) -> bool {
+    needs.iter().all(|(holders, need)| holders.iter().filter(|p| current.contains(p)).count() >= *need)
+}
+
+/// Lifts the serving barrier after a catch-up as soon as it can (see `serves_clients`).
+async fn serving_barrier_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) {
+    loop {
+        let Some(s) = service.upgrade() else { return };
+        s.check_serving_barrier().await;
+        drop(s);
+        tokio::time::sleep(SERVING_BARRIER_POLL).await;
+    }
+}
+
+/// How often a node that caught up asks its peers whether they have the new map.
+const SERVING_BARRIER_POLL: Duration = Duration::from_millis(100);
+
 async fn heartbeat_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) {
     loop {
         let Some(s) = service.upgrade() else { return };
@@ -645,6 +736,10 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn propose(&self, command: Command) -> futures::future::BoxFuture<'_, Result<CommandResult, MetaError>>;
     /// Confirms leadership with a quorum; see [`MetaService::linearizable`].
     fn linearizable(&self) -> futures::future::BoxFuture<'_, Result<(), MetaError>>;
+    /// Whether this node serves client IO now; see [`MetaService::serves_clients`].
+    fn serves_clients(&self) -> bool {
+        true
+    }
 }
 
 impl<T: PeerTransport> MetadataStore for MetaService<T> {
@@ -692,5 +787,24 @@ impl<T: PeerTransport> MetadataStore for MetaService<T> {
 
     fn linearizable(&self) -> futures::future::BoxFuture<'_, Result<(), MetaError>> {
         Box::pin(MetaService::linearizable(self))
+    }
+
+    fn serves_clients(&self) -> bool {
+        MetaService::serves_clients(self)
+    }
+}
+
+#[cfg(test)]
+mod barrier_tests {
+    use super::*;
+
+    #[test]
+    fn a_caught_up_node_waits_for_enough_peers_with_the_new_map_in_every_pg() {
+        // Three copies (need one other holder with the new map per PG), and one copy (none).
+        let needs = vec![(vec![1, 2], 1), (vec![2, 3], 1), (vec![], 0)];
+        assert!(!barrier_lifted(&needs, &BTreeSet::new()));
+        assert!(!barrier_lifted(&needs, &[1].into()), "the PG held with 2 and 3 has none");
+        assert!(barrier_lifted(&needs, &[2].into()));
+        assert!(barrier_lifted(&[(vec![], 0)], &BTreeSet::new()), "a one-copy volume waits for nobody");
     }
 }

@@ -69,6 +69,11 @@ pub struct NodeInfo {
     /// before the node serves) means it may have lost unflushed writes, and voids its PG entries.
     #[serde(default)]
     pub incarnation: u64,
+    /// The map epoch at which the node last came back in sync after catching up (0: it never
+    /// caught up). It serves client IO only once enough of its PG peers have a map at least this
+    /// new (`MetaService::serves_clients`).
+    #[serde(default)]
+    pub in_sync_epoch: u64,
 }
 
 impl NodeInfo {
@@ -474,6 +479,7 @@ impl ClusterState {
                                 catching_up: false,
                                 boot_id: 0,
                                 incarnation: 0,
+                                in_sync_epoch: 0,
                             },
                         );
                         self.rebalance();
@@ -517,9 +523,13 @@ impl ClusterState {
                 Ok(CommandResult::Done)
             }
             Command::SetCatchingUp { id, catching_up, time_ms } => {
+                let epoch = self.epoch + 1; // this command's
                 let node = self.nodes.get_mut(&id).ok_or(StateError::UnknownNode(id))?;
                 if node.catching_up != catching_up {
                     node.catching_up = catching_up;
+                    if !catching_up {
+                        node.in_sync_epoch = epoch;
+                    }
                     let kind = if catching_up { "node.catching_up" } else { "node.caught_up" };
                     self.event(time_ms, kind, format!("node {id}"), String::new());
                 }
@@ -768,6 +778,19 @@ mod tests {
             time_ms: 3,
         };
         assert!(matches!(s.apply(grow), CommandResult::Volume(v) if v.size_bytes == 2 << 30));
+    }
+
+    #[test]
+    fn coming_back_in_sync_records_the_epoch_it_happened_at() {
+        let mut s = with_nodes(3);
+        assert_eq!(s.nodes[&2].in_sync_epoch, 0, "a node that never caught up has none");
+        s.apply(Command::SetCatchingUp { id: 2, catching_up: true, time_ms: 3 });
+        assert_eq!(s.nodes[&2].in_sync_epoch, 0);
+        s.apply(Command::SetCatchingUp { id: 2, catching_up: false, time_ms: 4 });
+        assert_eq!(s.nodes[&2].in_sync_epoch, s.epoch, "the epoch of the map that shows it in sync");
+        let before = s.epoch;
+        s.apply(Command::SetCatchingUp { id: 2, catching_up: false, time_ms: 5 });
+        assert_eq!(s.nodes[&2].in_sync_epoch, before, "no change, no new epoch for it");
     }
 
     #[test]

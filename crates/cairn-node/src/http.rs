@@ -219,6 +219,9 @@ struct StatusJson {
     local_requests: u64,
     /// Admin API requests this node's NBD server sent (map refreshes, opens).
     nbd_meta_requests: u64,
+    /// Whether this node serves client reads and writes now (in sync, and after a catch-up, once
+    /// enough of its peers have the map that says so).
+    serving_clients: bool,
 }
 
 async fn status(
@@ -247,6 +250,7 @@ async fn status(
         events_last_seq: s.next_event_seq - 1,
         local_requests: counters.local_requests.load(Ordering::Relaxed),
         nbd_meta_requests: counters.nbd_meta_requests.load(Ordering::Relaxed),
+        serving_clients: meta.serves_clients(),
     }))
 }
 

@@ -251,6 +251,14 @@ pub async fn run(
                         );
                         unreadable.insert((volume, chunk), tokio::time::Instant::now() + UNREADABLE_SKIP);
                     }
+                    Err(CopyFailure::Raced) => {
+                        tracing::debug!(
+                            peer,
+                            volume,
+                            chunk,
+                            "catch-up: another replica's copy got there first"
+                        );
+                    }
                     Err(CopyFailure::Target(e)) => {
                         let delay =
                             backoff.get(&peer).map_or(ROUND_INTERVAL, |(_, d)| *d * 2).min(COPY_BACKOFF_MAX);
@@ -703,11 +711,13 @@ where
     Ok(())
 }
 
-/// Why a copy to a peer failed: this node's copy (skip the chunk) or the peer (back off).
+/// Why a copy to a peer failed: this node's copy (skip the chunk), the peer (back off), or
+/// another replica's copy reached the peer first (try again next round).
 #[derive(Debug)]
 enum CopyFailure {
     Source(String),
     Target(String),
+    Raced,
 }
 
 /// How long a chunk whose copy here cannot be read is left out of catch-up copies.
@@ -762,6 +772,9 @@ async fn copy_chunk(
         };
         let failed = match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
             Ok(Ok(Response::Done)) => continue,
+            Ok(Ok(Response::Error(cairn_proto::RpcError::VersionMismatch { .. }))) => {
+                return Err(CopyFailure::Raced);
+            }
             Ok(Ok(Response::Error(e))) => e.to_string(),
             Ok(Ok(other)) => format!("unexpected reply {other:?}"),
             Ok(Err(e)) => e.to_string(),

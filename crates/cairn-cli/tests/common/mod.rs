@@ -435,7 +435,14 @@ impl Pool {
                     let all = nodes.as_array()?;
                     let ok = all.len() == self.nodes
                         && all.iter().all(|n| n["state"] == "up" && n["catching_up"] == false);
-                    return ok.then_some(());
+                    if !ok {
+                        return None;
+                    }
+                    // And every node serves client IO (after a catch-up, once enough peers have
+                    // the map that says so).
+                    let serving = (1..=self.nodes as u64)
+                        .all(|j| self.get(j, "/v1/status").1["serving_clients"] == true);
+                    return serving.then_some(());
                 }
             }
             None
