@@ -83,7 +83,7 @@ struct Liveness {
     led_term: Option<u64>,
     /// When each catching-up node started catching up, and its boot id then: a restart while
     /// catching up starts the wait again (peers' reports from before it prove nothing about it).
-    catching_since: HashMap<u64, (Instant, u64)>,
+    catching_since: HashMap<u64, (Instant, u64, u64)>,
 }
 
 /// The metadata service of one node.
@@ -555,11 +555,12 @@ impl<T: PeerTransport> MetaService<T> {
                 l.catching_since.retain(|id, _| catching.contains(id));
                 for id in catching {
                     let boot = s.nodes.get(&id).map(|n| n.boot_id).unwrap_or(0);
-                    let entry = l.catching_since.entry(id).or_insert((now, boot));
+                    // (When it began, for which process, and the map epoch that shows it.)
+                    let entry = l.catching_since.entry(id).or_insert((now, boot, s.epoch));
                     if entry.1 != boot {
-                        *entry = (now, boot);
+                        *entry = (now, boot, s.epoch);
                     }
-                    let since = entry.0;
+                    let (since, catching_epoch) = (entry.0, entry.2);
                     let booted = l
                         .usage
                         .get(&id)
@@ -598,8 +599,14 @@ impl<T: PeerTransport> MetaService<T> {
                         })
                     });
                     let self_pending = l.usage.get(&self.id).is_some_and(|r| r.missed_for.contains(&id));
-                    // The node itself may hold chunks to pull back (after a power loss).
-                    let own_pending = l.usage.get(&id).is_some_and(|r| r.missed_for.contains(&id));
+                    // The node itself may hold chunks to pull back (after a power loss, or chunks
+                    // changed lately that differ from its peers'): its report must come from a
+                    // map that shows it catching up (it compares only then), and say nothing is
+                    // left.
+                    let own_pending = l
+                        .usage
+                        .get(&id)
+                        .is_none_or(|r| r.epoch < catching_epoch || r.missed_for.contains(&id));
                     if booted
                         && peers_done
                         && covered

@@ -44,12 +44,14 @@ fn usage(dir: &Path) -> (u64, u64) {
     }
 }
 
-fn probe(dir: &Path, missed: &MissedLog, me: u64) -> Probe {
+fn probe(dir: &Path, missed: &MissedLog, dirty_check: &crate::recovery::DirtyCheck, me: u64) -> Probe {
     let (capacity_bytes, used_bytes) = usage(dir);
     let mut missed_for = missed.pending_peers();
-    // Until a power-loss restart has compared chunk lists, this node may lack chunks nobody
-    // recorded: it holds writes it missed (its own), so it stays catching up.
-    if crate::recovery::listing_pending(dir) && !missed_for.contains(&me) {
+    // Until a power-loss restart has compared chunk lists, or a catch-up has compared the chunks
+    // dirty here, this node may lack writes nobody recorded: it holds writes it missed (its own),
+    // so it stays catching up.
+    let own = crate::recovery::listing_pending(dir) || dirty_check.pending(me);
+    if own && !missed_for.contains(&me) {
         missed_for.push(me);
     }
     Probe { capacity_bytes, used_bytes, missed_for }
@@ -106,6 +108,8 @@ impl Node {
         }
         let dir = config.data_dir.clone();
         let probe_missed = missed.clone();
+        let dirty_check = Arc::new(crate::recovery::DirtyCheck::default());
+        let probe_check = dirty_check.clone();
         let meta_config = MetaConfig { down_after_ms: config.meta.down_after_ms, ..MetaConfig::default() };
         let meta = MetaService::start(
             me.id,
@@ -115,7 +119,7 @@ impl Node {
             meta_config,
             {
                 let me = me.id;
-                Arc::new(move || probe(&dir, &probe_missed, me))
+                Arc::new(move || probe(&dir, &probe_missed, &probe_check, me))
             },
         )
         .await
@@ -124,6 +128,7 @@ impl Node {
             cairn_meta::MetaError::Internal(m) => NodeError::Startup(m),
             e => NodeError::Meta(e.to_string()),
         })?;
+        dirty_check.attach(&meta);
         let handler_meta = meta.clone();
         let handler: PeerHandler = Arc::new(move |body| {
             let meta = handler_meta.clone();
@@ -168,6 +173,7 @@ impl Node {
             meta.clone(),
             me.id,
             config.data_dir.clone(),
+            dirty_check.clone(),
             recovery_stop.clone(),
         ));
 

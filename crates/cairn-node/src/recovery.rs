@@ -120,12 +120,45 @@ pub fn note_power_loss(
     Ok(recorded)
 }
 
+/// Whether this node has compared the chunks dirty here with its peers' for the catch-up it is in
+/// (see [`compare_dirty`]); its reports say it misses writes until it has, so the leader does not
+/// end the catch-up first.
+#[derive(Debug, Default)]
+pub struct DirtyCheck {
+    /// The catch-up compared, named by the node's `in_sync_epoch` while it lasts.
+    done_for: std::sync::Mutex<Option<u64>>,
+    meta: std::sync::OnceLock<std::sync::Weak<MetaService<RpcPeerTransport>>>,
+}
+
+impl DirtyCheck {
+    pub fn attach(&self, meta: &Arc<MetaService<RpcPeerTransport>>) {
+        let _ = self.meta.set(Arc::downgrade(meta));
+    }
+
+    /// The catch-up this node is in (its map shows its current process catching up), if any.
+    fn catching_up(&self, me: u64) -> Option<u64> {
+        let meta = self.meta.get()?.upgrade()?;
+        let boot = meta.boot_id();
+        meta.read(|s| {
+            s.nodes.get(&me).filter(|n| n.boot_id == boot && n.catching_up).map(|n| n.in_sync_epoch)
+        })
+    }
+
+    /// Whether the comparison for the catch-up this node is in is still to be done.
+    pub fn pending(&self, me: u64) -> bool {
+        self.catching_up(me)
+            .is_some_and(|period| *self.done_for.lock().unwrap_or_else(|p| p.into_inner()) != Some(period))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     store: Arc<Store>,
     missed: Arc<MissedLog>,
     meta: Arc<MetaService<RpcPeerTransport>>,
     me: u64,
     data_dir: std::path::PathBuf,
+    dirty_check: Arc<DirtyCheck>,
     stop: CancellationToken,
 ) {
     let connections = ConnectionPool::default();
@@ -144,13 +177,20 @@ pub async fn run(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(ROUND_INTERVAL) => {}
         }
-        if listing_pending(&data_dir) && compare_chunk_lists(&store, &missed, &meta, &connections, me).await {
+        let local = Local { store: &store, missed: &missed, meta: &meta, connections: &connections, me };
+        if listing_pending(&data_dir) && compare_chunk_lists(local).await {
             let path = data_dir.join(LISTING_PENDING_FILE);
             let removed =
                 std::fs::remove_file(&path).and_then(|_| std::fs::File::open(&data_dir)?.sync_all());
             if let Err(e) = removed {
                 tracing::error!("{}: {e}", path.display());
             }
+        }
+        if let Some(period) = dirty_check.catching_up(me)
+            && dirty_check.pending(me)
+            && compare_dirty(local).await
+        {
+            *dirty_check.done_for.lock().unwrap_or_else(|p| p.into_inner()) = Some(period);
         }
         damaged.extend(store.take_damaged());
         if !damaged.is_empty() {
@@ -315,18 +355,104 @@ fn note_damaged(
     });
 }
 
+/// What the comparisons of this node's copies with its peers' work with.
+#[derive(Clone, Copy)]
+struct Local<'a> {
+    store: &'a Arc<Store>,
+    missed: &'a MissedLog,
+    meta: &'a MetaService<RpcPeerTransport>,
+    connections: &'a ConnectionPool,
+    me: u64,
+}
+
+/// While this node catches up: compares the version of every chunk dirty here (mutated lately —
+/// perhaps by a writer the pool had already fenced, which reached only this node because the new
+/// writer could not) with an in-sync replica's, and records each that differs as missed by this
+/// node, so that it is pulled back before the node serves (nobody else recorded such a write).
+/// Returns whether the comparison is complete.
+async fn compare_dirty(node: Local<'_>) -> bool {
+    let Local { store, missed, meta, connections, me } = node;
+    let s = store.clone();
+    let Ok(Ok(volumes)) = tokio::task::spawn_blocking(move || s.list_volumes()).await else { return false };
+    let mut recorded = 0;
+    for volume in volumes {
+        let (info, deleted) = meta.read(|s| {
+            (
+                s.volumes.values().find(|v| v.id == volume.get()).cloned(),
+                s.deleted_volumes.contains(&volume.get()),
+            )
+        });
+        let Some(info) = info else {
+            if deleted {
+                continue;
+            }
+            return false; // a volume this node's map does not know yet
+        };
+        let s = store.clone();
+        let dirty = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for chunk in s.dirty_chunks(volume)? {
+                if let Some(state) = s.chunk_state(volume, chunk)? {
+                    out.push((chunk, state.version()));
+                }
+            }
+            Ok::<_, cairn_store::StoreError>(out)
+        })
+        .await;
+        let Ok(Ok(dirty)) = dirty else { return false };
+        for (chunk, mine) in dirty {
+            let sources: Vec<String> = meta.read(|s| {
+                s.holders(info.replicas, pg_of(volume, chunk, s.pg_count).0)
+                    .into_iter()
+                    .filter(|n| *n != me)
+                    .filter_map(|n| s.nodes.get(&n))
+                    .filter(|n| n.in_sync())
+                    .map(|n| n.addr.rpc.clone())
+                    .collect()
+            });
+            let mut theirs = None;
+            for rpc in &sources {
+                let Ok(addr) = rpc.parse::<SocketAddr>() else { continue };
+                let ask = Request::ChunkVersion { volume, chunk };
+                if let Ok(Response::ChunkVersion(info)) =
+                    connections.call_within(addr, &ask, COPY_TIMEOUT).await
+                {
+                    theirs = Some(info.map(|i| i.chunk_version()).unwrap_or(cairn_types::Version::NONE));
+                    break;
+                }
+            }
+            match theirs {
+                Some(v) if v == mine => {}
+                Some(_) => {
+                    if let Err(e) = missed.record(&[me], volume.get(), chunk.0, info.chunk_size_bytes) {
+                        tracing::error!("missed-writes log: {e}");
+                        return false;
+                    }
+                    recorded += 1;
+                }
+                // No in-sync replica to compare with (or none answered): a one-copy volume has
+                // nothing to compare; otherwise try again later.
+                None if sources.is_empty() && info.replicas == 1 => {}
+                None => return false,
+            }
+        }
+    }
+    if recorded > 0 {
+        tracing::warn!(
+            chunks = recorded,
+            "catch-up: {recorded} chunk(s) changed lately here differ from the in-sync replicas'; they are copied back"
+        );
+    }
+    true
+}
+
 /// After a power loss: asks every up peer which chunks it holds of every volume, and records as
 /// missed by this node each chunk of a PG this node holds that it has no file for (its creation
 /// never became durable), so that it is pulled like a dirty one. Returns whether the comparison is
 /// complete (else it is tried again next round). Waits until this node's map knows its current
 /// process: the map is then at least as new as the restart, so no volume is overlooked.
-async fn compare_chunk_lists(
-    store: &Arc<Store>,
-    missed: &MissedLog,
-    meta: &MetaService<RpcPeerTransport>,
-    connections: &ConnectionPool,
-    me: u64,
-) -> bool {
+async fn compare_chunk_lists(node: Local<'_>) -> bool {
+    let Local { store, missed, meta, connections, me } = node;
     if meta.read(|s| s.nodes.get(&me).map(|n| n.boot_id)) != Some(meta.boot_id()) {
         return false;
     }
