@@ -382,12 +382,9 @@ async fn compare_dirty(node: Local<'_>) -> bool {
                 s.deleted_volumes.contains(&volume.get()),
             )
         });
-        let Some(info) = info else {
-            if deleted {
-                continue;
-            }
-            return false; // a volume this node's map does not know yet
-        };
+        // Deleted, or never in the pool's map (the comparison runs from a map that knows this
+        // process, so one newer than any write it holds): nothing to compare.
+        let Some(info) = info.filter(|_| !deleted) else { continue };
         let s = store.clone();
         let dirty = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
@@ -430,9 +427,12 @@ async fn compare_dirty(node: Local<'_>) -> bool {
                     }
                     recorded += 1;
                 }
-                // No in-sync replica to compare with (or none answered): a one-copy volume has
-                // nothing to compare; otherwise try again later.
-                None if sources.is_empty() && info.replicas == 1 => {}
+                // No in-sync replica to compare with (a one-copy volume; or every holder is
+                // catching up, as after a restart of the whole pool: no writer could have reached
+                // one of them and not the others since, and the next writer's open reconciles the
+                // chunks dirty on them).
+                None if sources.is_empty() => {}
+                // One exists but did not answer: again later.
                 None => return false,
             }
         }
