@@ -441,6 +441,46 @@ impl VolumeClient {
     /// generation, so it refuses the old writer too.
     async fn fence_and_reconcile(&self, generation: u64) -> Result<(), IoError> {
         let (volume, chunk_size) = self.ids()?;
+        let deadline = Instant::now() + self.config.io_timeout;
+        // Until a majority of every PG's holders serve (after a restart of the whole pool, say,
+        // none does yet): the chunks dirty on them are reconciled before the first write, which
+        // the ones that do not serve yet cannot take part in.
+        let (map, reached, dirty) = loop {
+            let (map, reached, dirty) = self.fence_round(volume, generation).await?;
+            let short = map
+                .table
+                .iter()
+                .find(|row| row.iter().filter(|n| reached.contains(n)).count() < map.quorum());
+            match short {
+                None => break (map, reached, dirty),
+                Some(row) if Instant::now() > deadline => {
+                    return Err(IoError::Io(format!(
+                        "open: fewer than {} of the replicas {row:?} of a placement group serve",
+                        map.quorum()
+                    )));
+                }
+                Some(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = self.refresh().await;
+                }
+            }
+        };
+        let reconciled =
+            self.reconcile_dirty((volume, chunk_size, generation), &map, &reached, dirty).await?;
+        if reconciled > 0 {
+            tracing::info!(volume = %volume, generation, reconciled, "open: made dirty chunks identical");
+        }
+        Ok(())
+    }
+
+    /// Raises `generation` on every holder the map shows in sync. Returns the map used, the holders
+    /// that serve (and were fenced), and the chunks dirty on them with each one's state there.
+    #[allow(clippy::type_complexity)]
+    async fn fence_round(
+        &self,
+        volume: VolumeId,
+        generation: u64,
+    ) -> Result<(Arc<VolumeMap>, BTreeSet<u64>, BTreeMap<u64, BTreeMap<u64, ChunkInfo>>), IoError> {
         let map = self.map();
         let nodes: BTreeSet<u64> = map.table.iter().flatten().copied().filter(|n| map.in_sync(*n)).collect();
         let request = Request::Fence { volume, generation: Generation(generation) };
@@ -469,6 +509,18 @@ impl VolumeClient {
                 Err(e) => self.suspect(*node, &format!("fence: {e}")),
             }
         }
+        Ok((map, reached, dirty))
+    }
+
+    /// Reconciles the chunks dirty on the holders reached (see `fence_and_reconcile`).
+    #[allow(clippy::too_many_arguments)]
+    async fn reconcile_dirty(
+        &self,
+        (volume, chunk_size, generation): (VolumeId, ChunkSize, u64),
+        map: &VolumeMap,
+        reached: &BTreeSet<u64>,
+        dirty: BTreeMap<u64, BTreeMap<u64, ChunkInfo>>,
+    ) -> Result<usize, IoError> {
         let mut reconciled = 0usize;
         for (chunk, mut reported) in dirty {
             let holders = map.replicas(chunk);
@@ -487,7 +539,17 @@ impl VolumeClient {
                 let infos: BTreeMap<u64, ChunkInfo> =
                     reported.iter().filter(|(n, _)| live.contains(n)).map(|(n, i)| (*n, i.clone())).collect();
                 let versions = infos.iter().map(|(n, i)| (*n, i.chunk_version())).collect();
-                let Some((winner, installs)) = settle(&versions, &may_win(&infos), None) else { break };
+                let Some((winner, installs)) = settle(&versions, &may_win(&infos), None) else {
+                    // No copy may win (each recorded as missed somewhere, or half installed):
+                    // identical ones need nothing; different ones must not be left for a first
+                    // write to build on.
+                    if versions.values().collect::<BTreeSet<_>>().len() <= 1 {
+                        break;
+                    }
+                    return Err(IoError::Io(format!(
+                        "open: chunk {chunk}: its copies differ and none may win a reconciliation: {versions:?}"
+                    )));
+                };
                 for install in installs {
                     if let Err(e) =
                         self.install_copy(winner, install, volume, chunk, chunk_size, generation).await
@@ -531,10 +593,7 @@ impl VolumeClient {
                 }
             }
         }
-        if reconciled > 0 {
-            tracing::info!(volume = %volume, generation, reconciled, "open: made dirty chunks identical");
-        }
-        Ok(())
+        Ok(reconciled)
     }
 
     /// The state of `chunk` on each of `nodes` (a node without it: at version none), and the

@@ -44,8 +44,10 @@ pub struct NodeReport {
     pub used_bytes: u64,
     /// Peers this node holds writes for that they missed (it will copy them over).
     pub missed_for: Vec<u64>,
-    /// The epoch of the cluster map this node has applied.
+    /// The epoch of the cluster map this node has applied (at least; read before the rest).
     pub epoch: u64,
+    /// Whether the node serves client IO (see `MetaService::serves_clients`).
+    pub serving: bool,
 }
 
 /// A request from one metadata peer to another.

@@ -84,6 +84,8 @@ struct Liveness {
     /// When each catching-up node started catching up, and its boot id then: a restart while
     /// catching up starts the wait again (peers' reports from before it prove nothing about it).
     catching_since: HashMap<u64, (Instant, u64, u64)>,
+    /// Nodes in sync but not serving (their serving barrier up), and since when.
+    not_serving_since: HashMap<u64, Instant>,
 }
 
 /// The metadata service of one node.
@@ -353,6 +355,13 @@ impl<T: PeerTransport> MetaService<T> {
     /// peers which map epoch they have and lifts the barrier once enough of them are new enough.
     async fn check_serving_barrier(&self) {
         let me = self.id;
+        let pending = self.read(|s| {
+            s.nodes.get(&me).filter(|n| n.boot_id == self.boot_id && n.in_sync()).map(|n| n.in_sync_epoch)
+        });
+        match pending {
+            Some(e) if e != 0 && *lock(&self.serving_from) != e => {}
+            _ => return,
+        }
         let Some((in_sync_epoch, needs)) = self.read(|s| {
             let n = s.nodes.get(&me).filter(|n| n.boot_id == self.boot_id && n.in_sync())?;
             // Per PG this node holds: its other holders, and how many of them must be new enough.
@@ -376,9 +385,14 @@ impl<T: PeerTransport> MetaService<T> {
             return;
         }
         let peers: BTreeSet<u64> = needs.iter().flat_map(|(p, _)| p.iter().copied()).collect();
-        let addrs: Vec<(u64, NodeAddr)> = self
-            .read(|s| peers.iter().filter_map(|p| s.nodes.get(p).map(|n| (*p, n.addr.clone()))).collect());
-        let timeout = Duration::from_millis(self.config.heartbeat_interval_ms);
+        // (Peers the map shows down are not asked: they cannot answer, and take no writes.)
+        let addrs: Vec<(u64, NodeAddr)> = self.read(|s| {
+            peers
+                .iter()
+                .filter_map(|p| s.nodes.get(p).filter(|n| n.up).map(|n| (*p, n.addr.clone())))
+                .collect()
+        });
+        let timeout = Duration::from_millis(self.config.heartbeat_interval_ms / 2);
         let replies = futures::future::join_all(
             addrs.iter().map(|(_, addr)| self.transport.call(addr, PeerRequest::Probe, timeout)),
         )
@@ -387,7 +401,14 @@ impl<T: PeerTransport> MetaService<T> {
             .iter()
             .zip(replies)
             .filter_map(|((id, _), r)| match r {
-                Ok(PeerReply::Probe(report)) if report.id == *id && report.epoch >= in_sync_epoch => {
+                // New enough, and holding no write recorded as missed by this node: a peer that
+                // recorded one (its map still older when it did) has it copied over first — its
+                // next report sends this node back to catching up.
+                Ok(PeerReply::Probe(report))
+                    if report.id == *id
+                        && report.epoch >= in_sync_epoch
+                        && !report.missed_for.contains(&me) =>
+                {
                     Some(*id)
                 }
                 _ => None,
@@ -525,6 +546,8 @@ impl<T: PeerTransport> MetaService<T> {
     }
 
     fn report(&self) -> NodeReport {
+        // The epoch first: what the report says was true of a map at least this new.
+        let epoch = self.read(|s| s.epoch);
         let p = (self.usage_probe)();
         NodeReport {
             id: self.id,
@@ -532,7 +555,8 @@ impl<T: PeerTransport> MetaService<T> {
             capacity_bytes: p.capacity_bytes,
             used_bytes: p.used_bytes,
             missed_for: p.missed_for,
-            epoch: self.read(|s| s.epoch),
+            epoch,
+            serving: self.serves_clients(),
         }
     }
 
@@ -623,9 +647,11 @@ impl<T: PeerTransport> MetaService<T> {
         // A node the map shows in sync but that some node holds missed writes for (a write failed on
         // it while it stayed up) must catch up before it serves reads again.
         let behind: Vec<u64> = {
-            let l = lock(&self.liveness);
-            self.read(|s| {
-                s.nodes
+            let mut l = lock(&self.liveness);
+            let now = Instant::now();
+            let (behind, not_serving): (Vec<u64>, Vec<u64>) = self.read(|s| {
+                let behind = s
+                    .nodes
                     .values()
                     .filter(|n| {
                         // Its own report counts too: a node that must pull chunks back after a
@@ -633,8 +659,38 @@ impl<T: PeerTransport> MetaService<T> {
                         n.in_sync() && l.usage.values().any(|r| r.missed_for.contains(&n.id))
                     })
                     .map(|n| n.id)
-                    .collect()
-            })
+                    .collect();
+                // In sync but not serving (its serving barrier has not lifted: peers it cannot
+                // reach, say): clients send it writes it refuses. Past a while it catches up
+                // again, so clients leave it out meanwhile.
+                let not_serving = s
+                    .nodes
+                    .values()
+                    .filter(|n| {
+                        n.in_sync()
+                            && l.usage.get(&n.id).is_some_and(|r| {
+                                r.boot_id == n.boot_id && r.epoch >= n.in_sync_epoch && !r.serving
+                            })
+                    })
+                    .map(|n| n.id)
+                    .collect();
+                (behind, not_serving)
+            });
+            l.not_serving_since.retain(|id, _| not_serving.contains(id));
+            let mut stuck = Vec::new();
+            for id in not_serving {
+                let since = *l.not_serving_since.entry(id).or_insert(now);
+                if since.elapsed() >= NOT_SERVING_MAX {
+                    tracing::warn!(
+                        node = id,
+                        "node {id} is in sync but has not served for {} s (peers it cannot reach?): it catches up again",
+                        NOT_SERVING_MAX.as_secs()
+                    );
+                    l.not_serving_since.remove(&id);
+                    stuck.push(id);
+                }
+            }
+            behind.into_iter().chain(stuck).collect()
         };
         for id in behind {
             self.propose(Command::SetCatchingUp { id, catching_up: true, time_ms: now_ms() }).await?;
@@ -677,6 +733,9 @@ async fn serving_barrier_loop<T: PeerTransport>(service: std::sync::Weak<MetaSer
         tokio::time::sleep(SERVING_BARRIER_POLL).await;
     }
 }
+
+/// How long a node may stay in sync without serving client IO before it is made to catch up again.
+const NOT_SERVING_MAX: Duration = Duration::from_secs(10);
 
 /// How often a node that caught up asks its peers whether they have the new map.
 const SERVING_BARRIER_POLL: Duration = Duration::from_millis(100);

@@ -204,7 +204,9 @@ pub async fn run(
             // Only while the node serves no client IO (the leader makes a node that reports writes
             // it missed itself catching up): a pull racing a client write could put older data over
             // it, and an install lifts a damaged chunk's quarantine before all of it is copied.
-            if !meta.serves_clients() {
+            let catching_up =
+                meta.read(|s| s.nodes.get(&me).is_none_or(|n| n.boot_id != meta.boot_id() || n.catching_up));
+            if catching_up {
                 pull_own(&store, &missed, &meta, &connections, me).await;
             }
             // Its own copies may be the reverted ones: it copies nothing to others until it
@@ -232,6 +234,7 @@ pub async fn run(
             };
             let now = tokio::time::Instant::now();
             unreadable.retain(|_, until| *until > now);
+            let me_catching_up = meta.read(|s| s.nodes.get(&me).is_none_or(|n| n.catching_up));
             let batch = missed.batch(peer, BATCH_CHUNKS + unreadable.len());
             let mut copied = 0;
             for (volume, chunk, chunk_size, seq) in batch {
@@ -245,7 +248,14 @@ pub async fn run(
                     }
                     continue;
                 }
-                match copy_chunk(&store, &conn, volume, chunk, chunk_size).await {
+                // A node catching up itself may hold an older copy than the in-sync replicas (it
+                // missed writes too): it passes on theirs, never its own.
+                let outcome = if me_catching_up {
+                    Err(CopyFailure::Source("this node is catching up itself".into()))
+                } else {
+                    copy_chunk(&store, &conn, volume, chunk, chunk_size).await
+                };
+                match outcome {
                     Ok(()) => {
                         copied += 1;
                         if let Err(e) = missed.done(peer, volume, chunk, seq) {
@@ -256,6 +266,7 @@ pub async fn run(
                         // This node's copy cannot be read: the peer gets an in-sync replica's.
                         match relay_from_replica(
                             &store,
+                            &missed,
                             &meta,
                             &connections,
                             &conn,
@@ -355,6 +366,32 @@ fn note_damaged(
     });
 }
 
+/// Where a copy of a chunk may come from: the in-sync holders of its PG other than this node and
+/// `not` (the peer being copied to), leaving out any this node recorded as having missed a write
+/// to the chunk (the map may not show it catching up yet). `None` if the map does not know the
+/// volume (deleted, or not yet).
+fn copy_sources(
+    meta: &MetaService<RpcPeerTransport>,
+    missed: &MissedLog,
+    (me, not): (u64, u64),
+    volume: VolumeId,
+    chunk: ChunkIndex,
+) -> Option<Vec<(u64, String)>> {
+    let behind = missed.missed_by(volume.get(), chunk.0);
+    meta.read(|s| {
+        let v = s.volumes.values().find(|v| v.id == volume.get())?;
+        Some(
+            s.holders(v.replicas, pg_of(volume, chunk, s.pg_count).0)
+                .into_iter()
+                .filter(|n| *n != me && *n != not && !behind.contains(n))
+                .filter_map(|n| s.nodes.get(&n))
+                .filter(|n| n.in_sync())
+                .map(|n| (n.id, n.addr.rpc.clone()))
+                .collect(),
+        )
+    })
+}
+
 /// What the comparisons of this node's copies with its peers' work with.
 #[derive(Clone, Copy)]
 struct Local<'a> {
@@ -398,28 +435,31 @@ async fn compare_dirty(node: Local<'_>) -> bool {
         .await;
         let Ok(Ok(dirty)) = dirty else { return false };
         for (chunk, mine) in dirty {
-            let sources: Vec<String> = meta.read(|s| {
-                s.holders(info.replicas, pg_of(volume, chunk, s.pg_count).0)
-                    .into_iter()
-                    .filter(|n| *n != me)
-                    .filter_map(|n| s.nodes.get(&n))
-                    .filter(|n| n.in_sync())
-                    .map(|n| n.addr.rpc.clone())
-                    .collect()
-            });
-            let mut theirs = None;
-            for rpc in &sources {
-                let Ok(addr) = rpc.parse::<SocketAddr>() else { continue };
-                let ask = Request::ChunkVersion { volume, chunk };
-                if let Ok(Response::ChunkVersion(info)) =
-                    connections.call_within(addr, &ask, COPY_TIMEOUT).await
-                {
-                    theirs = Some(info.map(|i| i.chunk_version()).unwrap_or(cairn_types::Version::NONE));
-                    break;
+            let sources = copy_sources(meta, missed, (me, me), volume, chunk).unwrap_or_default();
+            // Every in-sync holder is asked; one that another recorded as having missed the chunk
+            // does not count (its map may lag); this copy is compared with the others.
+            let ask = Request::ChunkVersion { volume, chunk };
+            let replies = futures::future::join_all(sources.iter().map(|(_, rpc)| async {
+                let addr = rpc.parse::<SocketAddr>().ok()?;
+                match connections.call_within(addr, &ask, COMPARE_TIMEOUT).await {
+                    Ok(Response::ChunkVersion(info)) => {
+                        Some(info.unwrap_or_else(cairn_proto::ChunkInfo::absent))
+                    }
+                    _ => None,
                 }
-            }
+            }))
+            .await;
+            let answered: Vec<(u64, cairn_proto::ChunkInfo)> =
+                sources.iter().zip(replies).filter_map(|((id, _), r)| Some((*id, r?))).collect();
+            let behind: Vec<u64> = answered.iter().flat_map(|(_, i)| i.missed_by.iter().copied()).collect();
+            let versions: Vec<cairn_types::Version> = answered
+                .iter()
+                .filter(|(id, _)| !behind.contains(id))
+                .map(|(_, i)| i.chunk_version())
+                .collect();
+            let theirs = (!versions.is_empty()).then_some(versions);
             match theirs {
-                Some(v) if v == mine => {}
+                Some(v) if v.iter().all(|v| *v == mine) => {}
                 Some(_) => {
                     if let Err(e) = missed.record(&[me], volume.get(), chunk.0, info.chunk_size_bytes) {
                         tracing::error!("missed-writes log: {e}");
@@ -433,7 +473,10 @@ async fn compare_dirty(node: Local<'_>) -> bool {
                 // chunks dirty on them).
                 None if sources.is_empty() => {}
                 // One exists but did not answer: again later.
-                None => return false,
+                None => {
+                    tracing::debug!(%volume, %chunk, "catch-up: no in-sync replica answered for the comparison yet");
+                    return false;
+                }
             }
         }
     }
@@ -605,18 +648,9 @@ async fn pull_own(
     for (volume, chunk, chunk_size, seq) in missed.batch(me, BATCH_CHUNKS) {
         // The in-sync holders of the chunk's PG other than this node; none if the volume is gone.
         let deleted = meta.read(|s| s.deleted_volumes.contains(&volume));
-        let sources: Option<Vec<SocketAddr>> = meta.read(|s| {
-            let v = s.volumes.values().find(|v| v.id == volume)?;
-            let pg = pg_of(VolumeId::new(volume).ok()?, ChunkIndex(chunk), s.pg_count).0;
-            Some(
-                s.holders(v.replicas, pg)
-                    .into_iter()
-                    .filter(|n| *n != me)
-                    .filter_map(|n| s.nodes.get(&n))
-                    .filter(|n| n.in_sync())
-                    .filter_map(|n| n.addr.rpc.parse().ok())
-                    .collect(),
-            )
+        let sources: Option<Vec<SocketAddr>> = VolumeId::new(volume).ok().and_then(|v| {
+            let all = copy_sources(meta, missed, (me, me), v, ChunkIndex(chunk))?;
+            Some(all.into_iter().filter_map(|(_, rpc)| rpc.parse().ok()).collect())
         });
         let Some(sources) = sources else {
             // A deleted volume: nothing to pull (its chunks are purged with it). A volume this
@@ -708,6 +742,7 @@ async fn pull_chunk(
 #[allow(clippy::too_many_arguments)]
 async fn relay_from_replica(
     store: &Arc<Store>,
+    missed: &MissedLog,
     meta: &MetaService<RpcPeerTransport>,
     connections: &ConnectionPool,
     to: &NodeConnection,
@@ -717,16 +752,7 @@ async fn relay_from_replica(
     size: u32,
 ) -> Result<u64, String> {
     let ids = checked(volume, chunk, size)?;
-    let sources: Vec<(u64, String)> = meta.read(|s| {
-        let Some(v) = s.volumes.values().find(|v| v.id == volume) else { return Vec::new() };
-        s.holders(v.replicas, pg_of(ids.0, ids.1, s.pg_count).0)
-            .into_iter()
-            .filter(|n| *n != me && *n != peer)
-            .filter_map(|n| s.nodes.get(&n))
-            .filter(|n| n.up && !n.catching_up)
-            .map(|n| (n.id, n.addr.rpc.clone()))
-            .collect()
-    });
+    let sources = copy_sources(meta, missed, (me, peer), ids.0, ids.1).unwrap_or_default();
     let s = store.clone();
     let generation = tokio::task::spawn_blocking(move || s.highest_generation(ids.0))
         .await
@@ -845,6 +871,9 @@ enum CopyFailure {
     Target(String),
     Raced,
 }
+
+/// How long a peer may take to say which version of a chunk it holds, for a comparison.
+const COMPARE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a chunk whose copy here cannot be read is left out of catch-up copies.
 const UNREADABLE_SKIP: Duration = Duration::from_secs(30);

@@ -528,6 +528,25 @@ fn record_missed(
     })
 }
 
+/// The answer to a mutation applied and recorded as missed by `missed_by`: if this node's map now
+/// shows one of them in sync (the map moved since the check before the mutation), the mutation is
+/// not acknowledged from here ("stale map": the writer sends it there too), since that node may
+/// already serve reads without it; the record stays, and sends it back to catching up.
+fn applied_unless_now_in_sync(
+    hooks: Option<&ClientHooks>,
+    missed_by: &[u64],
+    version: cairn_types::Version,
+) -> Response {
+    if let Some(h) = hooks
+        && let Some(p) = missed_by.iter().find(|p| (h.in_sync)(**p))
+    {
+        return Response::Error(RpcError::Unavailable {
+            message: format!("stale cluster map: node {p} is in sync; refresh the map"),
+        });
+    }
+    Response::Applied { version }
+}
+
 /// A chunk's state as peers see it, with the peers this node recorded as having missed it.
 fn chunk_info(
     s: cairn_store::ChunkState,
@@ -559,7 +578,7 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             let version = store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
             // Before the acknowledgement: an acknowledged write a peer missed is never forgotten.
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            Response::Applied { version }
+            applied_unless_now_in_sync(hooks, &missed_by, version)
         }
         Request::RecordMissed { volume, chunk, chunk_size, peers } => {
             record_missed(hooks, &peers, volume, chunk, chunk_size)?;
@@ -595,12 +614,12 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
         Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s, missed_by } => {
             let version = store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            Response::Applied { version }
+            applied_unless_now_in_sync(hooks, &missed_by, version)
         }
         Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate, missed_by } => {
             let version = store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            Response::Applied { version }
+            applied_unless_now_in_sync(hooks, &missed_by, version)
         }
         Request::Flush { volume } => {
             store.flush(volume)?;

@@ -11,10 +11,22 @@ pub fn cairn() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cairn"))
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; tests retry startup if it is taken meanwhile).
+/// A free TCP port on 127.0.0.1 below the ephemeral range (32768 and up), so an outgoing
+/// connection never takes it between this check and the node binding it.
 pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    // Never the same port twice in one test process (a port checked and released is free again).
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = 10000 + rand::random::<u16>() % 22000;
+        let mut given = GIVEN.lock().unwrap();
+        if given.contains(&port) {
+            continue;
+        }
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            given.push(port);
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 pub fn write_config(dir: &Path, node_id: u64, addr: SocketAddr) -> PathBuf {
@@ -202,7 +214,8 @@ impl Pool {
         for attempt in 0..3 {
             let dir = tempfile::tempdir().unwrap();
             let port_base = loop {
-                let b = 20000 + (rand::random::<u16>() % 3000) * 10;
+                // Below the ephemeral range (32768 and up): see `free_addr`.
+                let b = 10000 + (rand::random::<u16>() % 2200) * 10;
                 if ports_free(b, nodes * 10 + 10) {
                     break b;
                 }
