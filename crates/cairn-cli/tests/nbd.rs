@@ -747,50 +747,11 @@ fn verify_finds_a_replica_that_differs_and_a_catch_up_brings_it_back() {
 /// dirty chunks back from the others before it serves: afterwards its own store holds round 2.
 #[test]
 fn a_power_cut_node_copies_its_dirty_chunks_back_before_serving() {
-    let mut pool = Pool::start(3);
-    pool.cli_json(&["volume", "create", "pc", "--size", "36M"]);
-    let id = volume_id(&pool, "pc");
-    let mut cmds = pattern_cmds("write", 0, 32, 1);
-    cmds.extend(["-c".to_string(), "flush".to_string()]);
-    qemu_io(&nbd_url(&pool.nbd(1), "pc"), cmds);
-    let chunks = pool.data().join(format!("node-2/data/volumes/{id:016x}"));
-    let saved = pool.dir.path().join("saved-chunks");
-    std::fs::create_dir_all(&saved).unwrap();
-    for entry in std::fs::read_dir(&chunks).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "chunk") {
-            std::fs::copy(&path, saved.join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    // Round 2 through libnbd, which (unlike qemu) sends no flush when it disconnects. Chunks 32-35
-    // are written for the first time: their files are created now, never flushed.
-    let mut writes = String::new();
-    for b in 0..36u64 {
-        writes.push_str(&format!("h.pwrite(bytes([{}]) * 1048576, {})\n", (b + 2) % 251 + 1, b << 20));
-    }
-    let script = format!(
-        "import nbd\nh = nbd.NBD()\nh.connect_uri(\"nbd://{}/pc\")\n{writes}print(\"WRITTEN\")\n",
-        pool.nbd(1)
-    );
-    let (ok, out) = run_tool("/usr/bin/python3", &["-c".to_string(), script], Duration::from_secs(120));
-    assert!(ok && out.contains("WRITTEN"), "{out}");
+    let (mut pool, id) = pool_with_flushed_round_1("pc");
+    let saved = save_chunk_files(&pool, 2, id);
+    write_round_2_unflushed(&pool, "pc");
     pool.sigkill(2);
-    for entry in std::fs::read_dir(&saved).unwrap() {
-        let path = entry.unwrap().path();
-        let target = chunks.join(path.file_name().unwrap());
-        std::fs::copy(&path, &target).unwrap();
-        // Round 2 marked each chunk dirty durably (fdatasync) before changing it: that survives.
-        let mut bytes = std::fs::read(&target).unwrap();
-        let mut header = cairn_store::ChunkHeader::decode(&bytes[..cairn_store::format::HEADER_LEN]).unwrap();
-        header.dirty = true;
-        bytes[..cairn_store::format::HEADER_LEN].copy_from_slice(&header.encode());
-        std::fs::write(&target, bytes).unwrap();
-    }
-    // The power cut also took the files created since the last flush (and their dirty flags).
-    for c in 32..36u64 {
-        std::fs::remove_file(chunks.join(format!("{c:016x}.chunk"))).unwrap();
-    }
-    std::fs::write(pool.data().join("node-2/data/os-boot-id"), "00000000-power-cut").unwrap();
+    power_cut(&pool, 2, id, &saved);
     pool.restart(2);
     wait_for("node 2's restart to be seen", Duration::from_secs(30), || {
         let leader = [1, 3].into_iter().filter_map(|k| pool.leader_seen_by(k)).next()?;
@@ -869,6 +830,92 @@ fn a_node_whose_peers_died_after_it_stays_catching_up_until_they_return() {
     verify_chunks_on_node(&pool, 3, id, x..x + 1, 2);
     pool.wait_in_sync(Duration::from_secs(60));
     pool.assert_converged("sq");
+}
+
+/// The whole pool loses power: every node's chunk files go back to the last flush (round 1), with
+/// their dirty flags, and the files created since are gone. No replica is in sync to copy from, so
+/// each chunk's holders compare their own copies and all take the newest that reads back whole:
+/// the pool comes back (before, every node waited for an in-sync replica forever), every flushed
+/// byte is there, and the replicas are identical.
+#[test]
+fn a_power_cut_of_the_whole_pool_revives_from_the_holders_own_copies() {
+    let (mut pool, id) = pool_with_flushed_round_1("pw");
+    let saved: Vec<std::path::PathBuf> = (1..=3).map(|k| save_chunk_files(&pool, k, id)).collect();
+    write_round_2_unflushed(&pool, "pw");
+    for k in 1..=3 {
+        pool.sigkill(k);
+    }
+    for k in 1..=3 {
+        power_cut(&pool, k, id, &saved[k as usize - 1]);
+    }
+    for k in 1..=3 {
+        pool.restart(k);
+    }
+    pool.wait_in_sync(Duration::from_secs(90));
+    // Every flushed byte (round 1); what was never flushed is gone everywhere alike.
+    let url = nbd_url(&pool.nbd(2), "pw");
+    qemu_io(&url, pattern_cmds("read", 0, 32, 1));
+    qemu_io(&url, vec!["-c".to_string(), "read -P 0 32M 4M".to_string()]);
+    pool.assert_converged("pw");
+}
+
+/// A 3-node pool with a 36 MiB volume `name` whose first 32 MiB hold round 1, flushed.
+fn pool_with_flushed_round_1(name: &str) -> (Pool, u64) {
+    let pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", name, "--size", "36M"]);
+    let id = volume_id(&pool, name);
+    let mut cmds = pattern_cmds("write", 0, 32, 1);
+    cmds.extend(["-c".to_string(), "flush".to_string()]);
+    qemu_io(&nbd_url(&pool.nbd(1), name), cmds);
+    (pool, id)
+}
+
+/// Copies node `k`'s chunk files of volume `id` aside (their state at the last flush).
+fn save_chunk_files(pool: &Pool, k: u64, id: u64) -> std::path::PathBuf {
+    let chunks = pool.data().join(format!("node-{k}/data/volumes/{id:016x}"));
+    let saved = pool.dir.path().join(format!("saved-{k}"));
+    std::fs::create_dir_all(&saved).unwrap();
+    for entry in std::fs::read_dir(&chunks).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "chunk") {
+            std::fs::copy(&path, saved.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    saved
+}
+
+/// Round 2 of the 36 one-MiB blocks of `volume` through libnbd, which (unlike qemu) sends no flush
+/// when it disconnects: acknowledged, never flushed. Chunks 32-35 are written for the first time.
+fn write_round_2_unflushed(pool: &Pool, volume: &str) {
+    let mut writes = String::new();
+    for b in 0..36u64 {
+        writes.push_str(&format!("h.pwrite(bytes([{}]) * 1048576, {})\n", (b + 2) % 251 + 1, b << 20));
+    }
+    let script = format!(
+        "import nbd\nh = nbd.NBD()\nh.connect_uri(\"nbd://{}/{volume}\")\n{writes}print(\"WRITTEN\")\n",
+        pool.nbd(1)
+    );
+    python_prints(script, "WRITTEN", Duration::from_secs(120));
+}
+
+/// What a power cut may leave on node `k` (killed): its chunk files of volume `id` as at the last
+/// flush (`saved`), each marked dirty (round 2 marked them durably before changing them), the files
+/// created since gone (chunks 32-35: their dirty flags with them), and the machine's boot id
+/// changed.
+fn power_cut(pool: &Pool, k: u64, id: u64, saved: &std::path::Path) {
+    let chunks = pool.data().join(format!("node-{k}/data/volumes/{id:016x}"));
+    for entry in std::fs::read_dir(saved).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut header = cairn_store::ChunkHeader::decode(&bytes[..cairn_store::format::HEADER_LEN]).unwrap();
+        header.dirty = true;
+        bytes[..cairn_store::format::HEADER_LEN].copy_from_slice(&header.encode());
+        std::fs::write(chunks.join(path.file_name().unwrap()), bytes).unwrap();
+    }
+    for c in 32..36u64 {
+        let _ = std::fs::remove_file(chunks.join(format!("{c:016x}.chunk")));
+    }
+    std::fs::write(pool.data().join(format!("node-{k}/data/os-boot-id")), "00000000-power-cut").unwrap();
 }
 
 /// A `--shared` volume takes several writers at once: four connections whose first writes start

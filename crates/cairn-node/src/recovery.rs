@@ -662,7 +662,24 @@ async fn pull_own(
         };
         // Rotate over the sources: one unreachable source must not stall the resync.
         let Some(addr) = sources.get((chunk as usize + round) % sources.len().max(1)) else {
-            tracing::warn!(volume, chunk, "power-loss resync: no in-sync replica to copy from yet");
+            // No holder in sync at all (the whole pool lost power, say): the holders' own copies
+            // decide.
+            match revive_chunk(store, meta, connections, me, (volume, chunk, chunk_size)).await {
+                Ok(from) => {
+                    pulled += 1;
+                    if from != me {
+                        tracing::warn!(
+                            volume,
+                            chunk,
+                            "no replica was in sync: took node {from}'s copy, the newest readable one"
+                        );
+                    }
+                    if let Err(e) = missed.done(me, volume, chunk, seq) {
+                        tracing::error!("missed-writes log: {e}");
+                    }
+                }
+                Err(e) => tracing::info!(volume, chunk, "resync: no in-sync replica to copy from yet ({e})"),
+            }
             continue;
         };
         let conn = match connections.get(*addr).await {
@@ -688,6 +705,106 @@ async fn pull_own(
     if pulled > 0 {
         tracing::info!(pulled, remaining = missed.pending(me), "power-loss resync: copied chunks back");
     }
+}
+
+/// When no holder of a chunk is in sync (every one is catching up: the whole pool lost power, say),
+/// its holders' own copies decide: among a majority of them (this node included) that answer, the
+/// copy with the highest version that reads back whole (every block's checksum holds) wins, ties
+/// to the lowest node id, and this node takes it. Every holder doing so ends with the same copy. A
+/// flushed write is on a majority of the holders (a flush is acknowledged so), so it is in every
+/// majority; a write not flushed may be lost — what a power cut of every node may do. Returns the
+/// node whose copy this node now has. Refused while some holder is in sync (that one's copy is
+/// authoritative) or fewer than a majority answer.
+async fn revive_chunk(
+    store: &Arc<Store>,
+    meta: &MetaService<RpcPeerTransport>,
+    connections: &ConnectionPool,
+    me: u64,
+    (volume, chunk, size): (u64, u64, u32),
+) -> Result<u64, String> {
+    let ids = checked(volume, chunk, size)?;
+    let (holders, replicas) = meta
+        .read(|s| {
+            let v = s.volumes.values().find(|v| v.id == volume)?;
+            let holders: Vec<(u64, bool, bool, String)> = s
+                .holders(v.replicas, pg_of(ids.0, ids.1, s.pg_count).0)
+                .into_iter()
+                .filter_map(|n| s.nodes.get(&n))
+                .map(|n| (n.id, n.up, n.in_sync(), n.addr.rpc.clone()))
+                .collect();
+            Some((holders, v.replicas))
+        })
+        .ok_or("the volume is not in the map")?;
+    if holders.iter().any(|(id, _, in_sync, _)| *id != me && *in_sync) {
+        return Err("a holder is in sync: its copy is the one to take".into());
+    }
+    // This node's copy, if it reads back whole.
+    let s = store.clone();
+    let (volume_id, chunk_index, chunk_size) = ids;
+    let mine = tokio::task::spawn_blocking(move || {
+        let reply = s.read(volume_id, chunk_index, chunk_size, 0, chunk_size.bytes())?;
+        Ok::<_, cairn_store::StoreError>(reply.version)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut candidates: Vec<(cairn_types::Version, u64)> = Vec::new();
+    let mut answered = 1;
+    if let Ok(v) = mine {
+        candidates.push((v, me));
+    }
+    let mut conns = std::collections::BTreeMap::new();
+    for (id, _, _, rpc) in holders.iter().filter(|(id, up, _, _)| *id != me && *up) {
+        let Ok(addr) = rpc.parse::<SocketAddr>() else { continue };
+        let Ok(conn) = connections.get(addr).await else { continue };
+        // It answers at all (then it counts for the majority, whether its copy reads back or not).
+        let ask = Request::ChunkVersion { volume: volume_id, chunk: chunk_index };
+        if !matches!(
+            tokio::time::timeout(COPY_TIMEOUT, conn.call(&ask)).await,
+            Ok(Ok(Response::ChunkVersion(_) | Response::Error(_)))
+        ) {
+            continue;
+        }
+        answered += 1;
+        // Read whole: a copy that does not read back (a block torn by the power cut) never wins.
+        let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
+        let mut version = None;
+        let mut whole = true;
+        for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
+            let call = |request: Request| {
+                let conn = conn.clone();
+                async move {
+                    match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
+                        Ok(Ok(r)) => Ok(r),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("timed out".to_string()),
+                    }
+                }
+            };
+            match read_piece(call, volume_id, chunk_index, chunk_size, offset, piece).await {
+                Ok(p) if version.is_none_or(|v| v == p.version) => version = Some(p.version),
+                Ok(_) | Err(_) => {
+                    whole = false;
+                    break;
+                }
+            }
+        }
+        if whole && let Some(v) = version {
+            candidates.push((v, *id));
+        }
+        conns.insert(*id, conn);
+    }
+    let majority = usize::from(replicas) / 2 + 1;
+    if answered < majority {
+        return Err(format!("{answered} of the {} holders answered; a majority is needed", holders.len()));
+    }
+    let Some((_, best)) = candidates.into_iter().max_by_key(|(v, id)| (*v, std::cmp::Reverse(*id))) else {
+        return Err("no holder's copy reads back whole".into());
+    };
+    if best != me {
+        let conn = conns.get(&best).ok_or("lost the connection")?;
+        pull_chunk(store, conn, volume, chunk, size).await?;
+    }
+    Ok(best)
 }
 
 /// A missed-writes log entry's ids, checked.
