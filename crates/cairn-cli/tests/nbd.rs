@@ -832,30 +832,35 @@ fn a_node_whose_peers_died_after_it_stays_catching_up_until_they_return() {
     pool.assert_converged("sq");
 }
 
-/// The whole pool loses power: every node's chunk files go back to the last flush (round 1), with
-/// their dirty flags, and the files created since are gone. No replica is in sync to copy from, so
-/// each chunk's holders compare their own copies and all take the newest that reads back whole:
-/// the pool comes back (before, every node waited for an in-sync replica forever), every flushed
-/// byte is there, and the replicas are identical.
+/// The whole pool loses power after round 2 was written and flushed — but node 3's flush never
+/// reached its disk (a flush is acknowledged once a majority synced): node 3's chunk files go back
+/// to round 1, the others keep round 2, every chunk dirty on every node. No replica is in sync to
+/// copy from, so each chunk's holders compare their own copies and all take the newest that reads
+/// back whole: the pool comes back (before, every node waited for an in-sync replica forever),
+/// the flushed round 2 is everywhere, node 3's own copies included, and the replicas are
+/// identical.
 #[test]
 fn a_power_cut_of_the_whole_pool_revives_from_the_holders_own_copies() {
     let (mut pool, id) = pool_with_flushed_round_1("pw");
-    let saved: Vec<std::path::PathBuf> = (1..=3).map(|k| save_chunk_files(&pool, k, id)).collect();
-    write_round_2_unflushed(&pool, "pw");
+    let saved = save_chunk_files(&pool, 3, id);
+    let mut cmds = pattern_cmds("write", 0, 32, 2);
+    cmds.extend(["-c".to_string(), "flush".to_string()]);
+    qemu_io(&nbd_url(&pool.nbd(1), "pw"), cmds);
     for k in 1..=3 {
         pool.sigkill(k);
     }
-    for k in 1..=3 {
-        power_cut(&pool, k, id, &saved[k as usize - 1]);
+    power_cut(&pool, 3, id, &saved);
+    for k in 1..=2 {
+        std::fs::write(pool.data().join(format!("node-{k}/data/os-boot-id")), "00000000-power-cut").unwrap();
     }
     for k in 1..=3 {
         pool.restart(k);
     }
     pool.wait_in_sync(Duration::from_secs(90));
-    // Every flushed byte (round 1); what was never flushed is gone everywhere alike.
-    let url = nbd_url(&pool.nbd(2), "pw");
-    qemu_io(&url, pattern_cmds("read", 0, 32, 1));
-    qemu_io(&url, vec!["-c".to_string(), "read -P 0 32M 4M".to_string()]);
+    verify_chunks_on_node(&pool, 3, id, 0..32, 2);
+    for k in 1..=3 {
+        qemu_io(&nbd_url(&pool.nbd(k), "pw"), pattern_cmds("read", 0, 32, 2));
+    }
     pool.assert_converged("pw");
 }
 

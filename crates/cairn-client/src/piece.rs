@@ -29,7 +29,9 @@ impl Piece {
 
 /// Reads `[offset, offset + len)` of a chunk through `call` (one request to one node): its data,
 /// which blocks hold data and its version, as of one moment. An error reply, an unexpected reply
-/// or inconsistent sizes are `Err`.
+/// or inconsistent sizes are `Err`. It is a client read: a node that does not serve client IO
+/// (catching up, or restarted and not yet known so) refuses it, so a copy never comes from a node
+/// that is not in sync by its own, current map; `ReadCopy` (with [`piece_from`]) is the one exception.
 pub async fn read_piece<F, Fut>(
     call: F,
     volume: VolumeId,
@@ -42,11 +44,15 @@ where
     F: Fn(Request) -> Fut,
     Fut: std::future::Future<Output = Result<Response, String>>,
 {
-    let (crcs, data, present, version) =
-        match call(Request::Read { volume, chunk, chunk_size, offset, len }).await? {
-            Response::Read { crcs, data, present, version } => (crcs, data, present, version),
-            other => return Err(format!("read: unexpected reply {other:?}")),
-        };
+    piece_from(call(Request::Read { volume, chunk, chunk_size, offset, len }).await?)
+}
+
+/// A piece from a `Read` (or `ReadCopy`) reply; an unexpected reply or inconsistent sizes are `Err`.
+pub fn piece_from(reply: Response) -> Result<Piece, String> {
+    let (crcs, data, present, version) = match reply {
+        Response::Read { crcs, data, present, version } => (crcs, data, present, version),
+        other => return Err(format!("read: unexpected reply {other:?}")),
+    };
     if crcs.len() != present.len() || data.len() != present.len() * BLOCK_SIZE_BYTES as usize {
         return Err("read reply: sizes do not match".into());
     }

@@ -18,7 +18,7 @@
 use crate::missed::MissedLog;
 use crate::transport::RpcPeerTransport;
 use bytes::Bytes;
-use cairn_client::piece::{Piece, read_piece};
+use cairn_client::piece::{Piece, piece_from, read_piece};
 use cairn_client::{ConnectionPool, NodeConnection};
 use cairn_meta::MetaService;
 use cairn_proto::{Request, Response};
@@ -250,7 +250,14 @@ pub async fn run(
                 }
                 // A node catching up itself may hold an older copy than the in-sync replicas (it
                 // missed writes too): it passes on theirs, never its own.
-                let outcome = if me_catching_up {
+                // (Unless no replica is in sync at all — the whole pool restarting — when its own
+                // copy is all there is.)
+                let in_sync_source = || {
+                    let Ok(v) = VolumeId::new(volume) else { return false };
+                    copy_sources(&meta, &missed, (me, peer), v, ChunkIndex(chunk))
+                        .is_some_and(|s| !s.is_empty())
+                };
+                let outcome = if me_catching_up && in_sync_source() {
                     Err(CopyFailure::Source("this node is catching up itself".into()))
                 } else {
                     copy_chunk(&store, &conn, volume, chunk, chunk_size).await
@@ -664,7 +671,7 @@ async fn pull_own(
         let Some(addr) = sources.get((chunk as usize + round) % sources.len().max(1)) else {
             // No holder in sync at all (the whole pool lost power, say): the holders' own copies
             // decide.
-            match revive_chunk(store, meta, connections, me, (volume, chunk, chunk_size)).await {
+            match revive_chunk(store, missed, meta, connections, me, (volume, chunk, chunk_size)).await {
                 Ok(from) => {
                     pulled += 1;
                     if from != me {
@@ -678,7 +685,7 @@ async fn pull_own(
                         tracing::error!("missed-writes log: {e}");
                     }
                 }
-                Err(e) => tracing::info!(volume, chunk, "resync: no in-sync replica to copy from yet ({e})"),
+                Err(e) => tracing::debug!(volume, chunk, "resync: no in-sync replica to copy from yet ({e})"),
             }
             continue;
         };
@@ -689,7 +696,7 @@ async fn pull_own(
                 continue;
             }
         };
-        match pull_chunk(store, &conn, volume, chunk, chunk_size).await {
+        match pull_chunk(store, From::Serving(&conn), volume, chunk, chunk_size).await {
             Ok(()) => {
                 pulled += 1;
                 if let Err(e) = missed.done(me, volume, chunk, seq) {
@@ -708,103 +715,111 @@ async fn pull_own(
 }
 
 /// When no holder of a chunk is in sync (every one is catching up: the whole pool lost power, say),
-/// its holders' own copies decide: among a majority of them (this node included) that answer, the
-/// copy with the highest version that reads back whole (every block's checksum holds) wins, ties
-/// to the lowest node id, and this node takes it. Every holder doing so ends with the same copy. A
-/// flushed write is on a majority of the holders (a flush is acknowledged so), so it is in every
-/// majority; a write not flushed may be lost — what a power cut of every node may do. Returns the
-/// node whose copy this node now has. Refused while some holder is in sync (that one's copy is
-/// authoritative) or fewer than a majority answer.
+/// its holders' own copies decide. Every holder the map shows up must answer, and they must be a
+/// majority; those recorded (here or by another holder) as having missed a write to the chunk
+/// cannot win; of the others, the copy with the highest version that reads back whole (every
+/// block's checksum holds; ties to the lowest node id) wins, and this node takes it. Every holder
+/// deciding from the same copies picks the same one, and a copy taken keeps its version, so later
+/// deciders pick it again. A flushed write is on a majority of the holders (a flush is
+/// acknowledged so), so some answering copy holds it; a write never flushed may be lost — what a
+/// power cut of every node may do. Returns the node whose copy this node now has.
 async fn revive_chunk(
     store: &Arc<Store>,
+    missed: &MissedLog,
     meta: &MetaService<RpcPeerTransport>,
     connections: &ConnectionPool,
     me: u64,
     (volume, chunk, size): (u64, u64, u32),
 ) -> Result<u64, String> {
     let ids = checked(volume, chunk, size)?;
+    let (volume_id, chunk_index, chunk_size) = ids;
+    let boot = meta.boot_id();
     let (holders, replicas) = meta
         .read(|s| {
+            // Only from a map that knows this process: "nobody is in sync" must be current.
+            s.nodes.get(&me).filter(|n| n.boot_id == boot)?;
             let v = s.volumes.values().find(|v| v.id == volume)?;
             let holders: Vec<(u64, bool, bool, String)> = s
-                .holders(v.replicas, pg_of(ids.0, ids.1, s.pg_count).0)
+                .holders(v.replicas, pg_of(volume_id, chunk_index, s.pg_count).0)
                 .into_iter()
                 .filter_map(|n| s.nodes.get(&n))
                 .map(|n| (n.id, n.up, n.in_sync(), n.addr.rpc.clone()))
                 .collect();
             Some((holders, v.replicas))
         })
-        .ok_or("the volume is not in the map")?;
+        .ok_or("the map does not know this process or the volume yet")?;
     if holders.iter().any(|(id, _, in_sync, _)| *id != me && *in_sync) {
         return Err("a holder is in sync: its copy is the one to take".into());
     }
-    // This node's copy, if it reads back whole.
+    // Every holder that is up says which version it has, and whom it recorded as missing it.
+    let others: Vec<(u64, SocketAddr)> = holders
+        .iter()
+        .filter(|(id, up, _, _)| *id != me && *up)
+        .filter_map(|(id, _, _, rpc)| Some((*id, rpc.parse().ok()?)))
+        .collect();
+    let ask = Request::ChunkVersion { volume: volume_id, chunk: chunk_index };
+    let replies = futures::future::join_all(others.iter().map(|(_, addr)| async {
+        match connections.call_within(*addr, &ask, COMPARE_TIMEOUT).await {
+            Ok(Response::ChunkVersion(info)) => Some(info.unwrap_or_else(cairn_proto::ChunkInfo::absent)),
+            _ => None,
+        }
+    }))
+    .await;
     let s = store.clone();
-    let (volume_id, chunk_index, chunk_size) = ids;
-    let mine = tokio::task::spawn_blocking(move || {
-        let reply = s.read(volume_id, chunk_index, chunk_size, 0, chunk_size.bytes())?;
-        Ok::<_, cairn_store::StoreError>(reply.version)
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let mut candidates: Vec<(cairn_types::Version, u64)> = Vec::new();
-    let mut answered = 1;
-    if let Ok(v) = mine {
-        candidates.push((v, me));
-    }
-    let mut conns = std::collections::BTreeMap::new();
-    for (id, _, _, rpc) in holders.iter().filter(|(id, up, _, _)| *id != me && *up) {
-        let Ok(addr) = rpc.parse::<SocketAddr>() else { continue };
-        let Ok(conn) = connections.get(addr).await else { continue };
-        // It answers at all (then it counts for the majority, whether its copy reads back or not).
-        let ask = Request::ChunkVersion { volume: volume_id, chunk: chunk_index };
-        if !matches!(
-            tokio::time::timeout(COPY_TIMEOUT, conn.call(&ask)).await,
-            Ok(Ok(Response::ChunkVersion(_) | Response::Error(_)))
-        ) {
-            continue;
-        }
-        answered += 1;
-        // Read whole: a copy that does not read back (a block torn by the power cut) never wins.
-        let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
-        let mut version = None;
-        let mut whole = true;
-        for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
-            let call = |request: Request| {
-                let conn = conn.clone();
-                async move {
-                    match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
-                        Ok(Ok(r)) => Ok(r),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("timed out".to_string()),
-                    }
-                }
-            };
-            match read_piece(call, volume_id, chunk_index, chunk_size, offset, piece).await {
-                Ok(p) if version.is_none_or(|v| v == p.version) => version = Some(p.version),
-                Ok(_) | Err(_) => {
-                    whole = false;
-                    break;
-                }
-            }
-        }
-        if whole && let Some(v) = version {
-            candidates.push((v, *id));
-        }
-        conns.insert(*id, conn);
+    let mine = tokio::task::spawn_blocking(move || s.chunk_state(volume_id, chunk_index))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
+        .map(|st| st.version())
+        .unwrap_or(cairn_types::Version::NONE);
+    let mut versions = vec![(mine, me)];
+    // A holder another one recorded as having missed a write to the chunk cannot win. (A node's
+    // record of itself — what a power cut left it unsure of — is the case revival decides.)
+    let mut excluded: std::collections::BTreeSet<u64> =
+        missed.missed_by(volume, chunk).into_iter().filter(|p| *p != me).collect();
+    for ((id, _), reply) in others.iter().zip(replies) {
+        let Some(info) = reply else {
+            return Err(format!("holder {id} is up but did not answer"));
+        };
+        excluded.extend(info.missed_by.iter().copied().filter(|p| p != id));
+        versions.push((info.chunk_version(), *id));
     }
     let majority = usize::from(replicas) / 2 + 1;
-    if answered < majority {
-        return Err(format!("{answered} of the {} holders answered; a majority is needed", holders.len()));
+    if versions.len() < majority {
+        return Err(format!(
+            "{} of the {} holders are up; a majority is needed",
+            versions.len(),
+            holders.len()
+        ));
     }
-    let Some((_, best)) = candidates.into_iter().max_by_key(|(v, id)| (*v, std::cmp::Reverse(*id))) else {
-        return Err("no holder's copy reads back whole".into());
-    };
-    if best != me {
-        let conn = conns.get(&best).ok_or("lost the connection")?;
-        pull_chunk(store, conn, volume, chunk, size).await?;
+    versions.retain(|(v, id)| !excluded.contains(id) && !v.is_installing());
+    versions.sort_by_key(|(v, id)| (std::cmp::Reverse(*v), *id));
+    let addrs: std::collections::BTreeMap<u64, SocketAddr> = others.into_iter().collect();
+    for (_, id) in versions {
+        if id == me {
+            // Ours, if it reads back whole.
+            let s = store.clone();
+            let whole = tokio::task::spawn_blocking(move || {
+                s.read(volume_id, chunk_index, chunk_size, 0, chunk_size.bytes())
+            })
+            .await
+            .is_ok_and(|r| r.is_ok());
+            if whole {
+                return Ok(me);
+            }
+            continue;
+        }
+        let Some(addr) = addrs.get(&id) else { continue };
+        let Ok(conn) = connections.get(*addr).await else { continue };
+        // Taken only if it reads back whole (a torn block fails its checksum), checked before
+        // this node's own copy is replaced.
+        if copy_from(From::Any(&conn), ids, None, |_, _, _| async { Ok(()) }).await.is_ok()
+            && pull_chunk(store, From::Any(&conn), volume, chunk, size).await.is_ok()
+        {
+            return Ok(id);
+        }
     }
-    Ok(best)
+    Err("no holder's copy reads back whole".into())
 }
 
 /// A missed-writes log entry's ids, checked.
@@ -816,7 +831,7 @@ fn checked(volume: u64, chunk: u64, size: u32) -> Result<(VolumeId, ChunkIndex, 
 /// Replaces this node's copy of a chunk with a peer's, whole (present blocks, holes as holes).
 async fn pull_chunk(
     store: &Arc<Store>,
-    conn: &NodeConnection,
+    conn: From<'_>,
     volume: u64,
     chunk: u64,
     size: u32,
@@ -902,7 +917,7 @@ async fn relay_chunk(
     generation: cairn_types::Generation,
 ) -> Result<(), String> {
     let first = target_version(to, ids).await;
-    copy_from(from, ids, first, |offset, copy: Piece, expect| async move {
+    copy_from(From::Serving(from), ids, first, |offset, copy: Piece, expect| async move {
         let (data, crcs) = copy.present_only();
         let (volume, chunk, chunk_size) = ids;
         let request = Request::InstallRange {
@@ -942,12 +957,20 @@ async fn target_version(
     }
 }
 
+/// A node a copy is read from: one that serves client IO (in sync by its own current map: it
+/// refuses otherwise), or any (reviving a chunk none of whose holders is in sync).
+#[derive(Clone, Copy)]
+enum From<'a> {
+    Serving(&'a NodeConnection),
+    Any(&'a NodeConnection),
+}
+
 /// Reads a chunk whole from node `from`, piece by piece, and hands each piece to `install` with
 /// the version the target must be at for it: `first` for the first piece, the copy's "being
 /// installed" marker for the next ones (they go over the pieces before them). Every piece must
 /// come from one version of the source.
 async fn copy_from<I, F>(
-    from: &NodeConnection,
+    from: From<'_>,
     ids: (VolumeId, ChunkIndex, ChunkSize),
     first: Option<cairn_types::Version>,
     install: I,
@@ -960,14 +983,23 @@ where
     let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
     let mut first_version = None;
     for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
+        let conn = match from {
+            From::Serving(c) | From::Any(c) => c,
+        };
         let call = |request: Request| async move {
-            match tokio::time::timeout(COPY_TIMEOUT, from.call(&request)).await {
+            match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
                 Ok(Ok(r)) => Ok(r),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("timed out".to_string()),
             }
         };
-        let copy = read_piece(call, volume, chunk, chunk_size, offset, piece).await?;
+        let copy = match from {
+            From::Serving(_) => read_piece(call, volume, chunk, chunk_size, offset, piece).await?,
+            // Answered also by a node that does not serve (see `From`).
+            From::Any(_) => {
+                piece_from(call(Request::ReadCopy { volume, chunk, chunk_size, offset, len: piece }).await?)?
+            }
+        };
         let version = copy.version;
         let expect = match first_version {
             None => first,
@@ -1015,6 +1047,10 @@ async fn copy_chunk(
     .map_err(|e| CopyFailure::Source(e.to_string()))?
     .map_err(|e| CopyFailure::Source(e.to_string()))?;
     let first_expect = target_version(conn, (volume, chunk, chunk_size)).await;
+    if first_expect == Some(reply.version) && !reply.version.is_installing() {
+        // The peer holds this very copy already (the writer re-sent the write to it, say).
+        return Ok(());
+    }
     let range_blocks = (RPC_IO_MAX_BYTES / BLOCK_SIZE_BYTES) as usize;
     let bs = BLOCK_SIZE_BYTES as usize;
     for (i, flags) in reply.present.chunks(range_blocks).enumerate() {

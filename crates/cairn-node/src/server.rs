@@ -528,23 +528,19 @@ fn record_missed(
     })
 }
 
-/// The answer to a mutation applied and recorded as missed by `missed_by`: if this node's map now
+/// For a mutation applied here that names peers as having missed it: if this node's map now
 /// shows one of them in sync (the map moved since the check before the mutation), the mutation is
-/// not acknowledged from here ("stale map": the writer sends it there too), since that node may
-/// already serve reads without it; the record stays, and sends it back to catching up.
-fn applied_unless_now_in_sync(
-    hooks: Option<&ClientHooks>,
-    missed_by: &[u64],
-    version: cairn_types::Version,
-) -> Response {
-    if let Some(h) = hooks
-        && let Some(p) = missed_by.iter().find(|p| (h.in_sync)(**p))
-    {
-        return Response::Error(RpcError::Unavailable {
-            message: format!("stale cluster map: node {p} is in sync; refresh the map"),
-        });
-    }
-    Response::Applied { version }
+/// not acknowledged from here ("stale map": the writer sends it there too, with the same stamp,
+/// and then it counts) and nothing is recorded — that node may already serve reads, and a record
+/// for it would send it back to catching up for a write it is about to get anyway. (Unacknowledged,
+/// the write may stay applied here only: the next mutation of the chunk, or the next writer's
+/// open, makes the copies identical.)
+fn refuse_if_now_in_sync(hooks: Option<&ClientHooks>, missed_by: &[u64]) -> Option<Response> {
+    let h = hooks?;
+    let p = missed_by.iter().find(|p| (h.in_sync)(**p))?;
+    Some(Response::Error(RpcError::Unavailable {
+        message: format!("stale cluster map: node {p} is in sync; refresh the map"),
+    }))
 }
 
 /// A chunk's state as peers see it, with the peers this node recorded as having missed it.
@@ -570,15 +566,19 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
         expect: s.expect,
     };
     Ok(match request {
-        Request::Read { volume, chunk, chunk_size, offset, len } => {
+        Request::Read { volume, chunk, chunk_size, offset, len }
+        | Request::ReadCopy { volume, chunk, chunk_size, offset, len } => {
             let r = store.read(volume, chunk, chunk_size, offset, len)?;
             Response::Read { crcs: r.crcs, data: r.data.into(), present: r.present, version: r.version }
         }
         Request::Write { volume, chunk, chunk_size, offset, stamp: s, crcs, data, missed_by } => {
             let version = store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
+            if let Some(refused) = refuse_if_now_in_sync(hooks, &missed_by) {
+                return Ok(refused);
+            }
             // Before the acknowledgement: an acknowledged write a peer missed is never forgotten.
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            applied_unless_now_in_sync(hooks, &missed_by, version)
+            Response::Applied { version }
         }
         Request::RecordMissed { volume, chunk, chunk_size, peers } => {
             record_missed(hooks, &peers, volume, chunk, chunk_size)?;
@@ -613,13 +613,19 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
         }
         Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s, missed_by } => {
             let version = store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
+            if let Some(refused) = refuse_if_now_in_sync(hooks, &missed_by) {
+                return Ok(refused);
+            }
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            applied_unless_now_in_sync(hooks, &missed_by, version)
+            Response::Applied { version }
         }
         Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate, missed_by } => {
             let version = store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
+            if let Some(refused) = refuse_if_now_in_sync(hooks, &missed_by) {
+                return Ok(refused);
+            }
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            applied_unless_now_in_sync(hooks, &missed_by, version)
+            Response::Applied { version }
         }
         Request::Flush { volume } => {
             store.flush(volume)?;

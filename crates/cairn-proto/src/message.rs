@@ -148,6 +148,16 @@ pub enum Request {
         after: Option<ChunkIndex>,
         limit: u32,
     },
+    /// A range of a chunk read as a copy, for reconciliation, recovery and verification (version
+    /// 4): answered like `Read` (with allocation and version) whether or not the node serves client
+    /// IO — a node catching up still answers for its copy, and the asker decides what it is worth.
+    ReadCopy {
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+    },
 }
 
 /// Most chunk indexes in one `ChunkList` reply (8 bytes each: well inside a frame).
@@ -168,7 +178,8 @@ impl Request {
             | Request::InstallRange { volume, .. }
             | Request::Repair { volume, .. }
             | Request::Fence { volume, .. }
-            | Request::ListChunks { volume, .. } => Some(*volume),
+            | Request::ListChunks { volume, .. }
+            | Request::ReadCopy { volume, .. } => Some(*volume),
             Request::Peer { .. } => None,
         }
     }
@@ -176,7 +187,7 @@ impl Request {
     /// Bytes of data this request carries or asks for: what it pins in memory while in flight.
     pub fn payload_bytes(&self) -> u64 {
         match self {
-            Request::Read { len, .. } => u64::from(*len),
+            Request::Read { len, .. } | Request::ReadCopy { len, .. } => u64::from(*len),
             Request::Write { data, .. } => data.len() as u64,
             Request::Peer { body } => body.len() as u64,
             Request::InstallRange { data, .. } | Request::Repair { data, .. } => data.len() as u64,
