@@ -715,14 +715,15 @@ async fn pull_own(
 }
 
 /// When no holder of a chunk is in sync (every one is catching up: the whole pool lost power, say),
-/// its holders' own copies decide. Every holder the map shows up must answer, and they must be a
-/// majority; those recorded (here or by another holder) as having missed a write to the chunk
-/// cannot win; of the others, the copy with the highest version that reads back whole (every
-/// block's checksum holds; ties to the lowest node id) wins, and this node takes it. Every holder
-/// deciding from the same copies picks the same one, and a copy taken keeps its version, so later
-/// deciders pick it again. A flushed write is on a majority of the holders (a flush is
-/// acknowledged so), so some answering copy holds it; a write never flushed may be lost — what a
-/// power cut of every node may do. Returns the node whose copy this node now has.
+/// its holders' own copies decide. Every holder must answer (one that is down is waited for), so
+/// that all decide from the same copies; a copy another holder recorded as having missed a write to
+/// the chunk cannot win, nor one that cannot be read. A holder sure of its copy (it did not lose
+/// power — no record of itself — or already revived the chunk) decides first; among the unsure,
+/// the highest version that reads back whole (every block's checksum holds) wins; ties go to the
+/// lowest node id. A copy taken keeps its version and its taker is sure of it, so later deciders
+/// pick it again. A flushed write is on a majority of the holders (a flush is acknowledged so),
+/// and its chunk's header is synced with it, so it is in what wins; a write never flushed may be
+/// lost — what a power cut of every node may do. Returns the node whose copy this node now has.
 async fn revive_chunk(
     store: &Arc<Store>,
     missed: &MissedLog,
@@ -734,7 +735,7 @@ async fn revive_chunk(
     let ids = checked(volume, chunk, size)?;
     let (volume_id, chunk_index, chunk_size) = ids;
     let boot = meta.boot_id();
-    let (holders, replicas) = meta
+    let holders = meta
         .read(|s| {
             // Only from a map that knows this process: "nobody is in sync" must be current.
             s.nodes.get(&me).filter(|n| n.boot_id == boot)?;
@@ -745,22 +746,30 @@ async fn revive_chunk(
                 .filter_map(|n| s.nodes.get(&n))
                 .map(|n| (n.id, n.up, n.in_sync(), n.addr.rpc.clone()))
                 .collect();
-            Some((holders, v.replicas))
+            Some(holders)
         })
         .ok_or("the map does not know this process or the volume yet")?;
     if holders.iter().any(|(id, _, in_sync, _)| *id != me && *in_sync) {
         return Err("a holder is in sync: its copy is the one to take".into());
     }
-    // Every holder that is up says which version it has, and whom it recorded as missing it.
+    // Every holder says which version it has and whom it recorded as missing it: all of them, so
+    // that every holder decides from the same copies (one that is down is waited for).
+    if let Some((id, ..)) = holders.iter().find(|(id, up, _, _)| *id != me && !*up) {
+        return Err(format!("holder {id} is down: every holder's copy must be seen"));
+    }
     let others: Vec<(u64, SocketAddr)> = holders
         .iter()
-        .filter(|(id, up, _, _)| *id != me && *up)
+        .filter(|(id, ..)| *id != me)
         .filter_map(|(id, _, _, rpc)| Some((*id, rpc.parse().ok()?)))
         .collect();
     let ask = Request::ChunkVersion { volume: volume_id, chunk: chunk_index };
     let replies = futures::future::join_all(others.iter().map(|(_, addr)| async {
         match connections.call_within(*addr, &ask, COMPARE_TIMEOUT).await {
-            Ok(Response::ChunkVersion(info)) => Some(info.unwrap_or_else(cairn_proto::ChunkInfo::absent)),
+            Ok(Response::ChunkVersion(info)) => {
+                Some(Some(info.unwrap_or_else(cairn_proto::ChunkInfo::absent)))
+            }
+            // It answered, but its copy cannot be read (damaged): it cannot win.
+            Ok(Response::Error(_)) => Some(None),
             _ => None,
         }
     }))
@@ -769,33 +778,32 @@ async fn revive_chunk(
     let mine = tokio::task::spawn_blocking(move || s.chunk_state(volume_id, chunk_index))
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?
-        .map(|st| st.version())
-        .unwrap_or(cairn_types::Version::NONE);
-    let mut versions = vec![(mine, me)];
-    // A holder another one recorded as having missed a write to the chunk cannot win. (A node's
-    // record of itself — what a power cut left it unsure of — is the case revival decides.)
+        .map(|st| st.map(|st| st.version()).unwrap_or(cairn_types::Version::NONE))
+        .ok();
+    let own_records = missed.missed_by(volume, chunk);
+    // (version, node, whether the node still records itself as unsure of its copy)
+    let mut copies: Vec<(cairn_types::Version, u64, bool)> = Vec::new();
+    if let Some(v) = mine {
+        copies.push((v, me, own_records.contains(&me)));
+    }
+    // A holder *another* recorded as having missed a write to the chunk cannot win.
     let mut excluded: std::collections::BTreeSet<u64> =
-        missed.missed_by(volume, chunk).into_iter().filter(|p| *p != me).collect();
+        own_records.iter().copied().filter(|p| *p != me).collect();
     for ((id, _), reply) in others.iter().zip(replies) {
-        let Some(info) = reply else {
+        let Some(answer) = reply else {
             return Err(format!("holder {id} is up but did not answer"));
         };
-        excluded.extend(info.missed_by.iter().copied().filter(|p| p != id));
-        versions.push((info.chunk_version(), *id));
+        if let Some(info) = answer {
+            excluded.extend(info.missed_by.iter().copied().filter(|p| p != id));
+            copies.push((info.chunk_version(), *id, info.missed_by.contains(id)));
+        }
     }
-    let majority = usize::from(replicas) / 2 + 1;
-    if versions.len() < majority {
-        return Err(format!(
-            "{} of the {} holders are up; a majority is needed",
-            versions.len(),
-            holders.len()
-        ));
-    }
-    versions.retain(|(v, id)| !excluded.contains(id) && !v.is_installing());
-    versions.sort_by_key(|(v, id)| (std::cmp::Reverse(*v), *id));
+    copies.retain(|(v, id, _)| !excluded.contains(id) && !v.is_installing());
+    // A holder that is sure of its copy (it did not lose power, or already revived this chunk
+    // with every holder's copy seen) decides; among the unsure ones, the newest. Ties: lowest id.
+    copies.sort_by_key(|(v, id, unsure)| (*unsure, std::cmp::Reverse(*v), *id));
     let addrs: std::collections::BTreeMap<u64, SocketAddr> = others.into_iter().collect();
-    for (_, id) in versions {
+    for (_, id, _) in copies {
         if id == me {
             // Ours, if it reads back whole.
             let s = store.clone();
@@ -1047,8 +1055,10 @@ async fn copy_chunk(
     .map_err(|e| CopyFailure::Source(e.to_string()))?
     .map_err(|e| CopyFailure::Source(e.to_string()))?;
     let first_expect = target_version(conn, (volume, chunk, chunk_size)).await;
-    if first_expect == Some(reply.version) && !reply.version.is_installing() {
-        // The peer holds this very copy already (the writer re-sent the write to it, say).
+    if first_expect.is_some_and(|t| t >= reply.version && !t.is_installing()) {
+        // The peer holds this very copy already (the writer re-sent the write to it, say), or a
+        // newer one (versions of a chunk only grow along its one chain): never put an older copy
+        // over it.
         return Ok(());
     }
     let range_blocks = (RPC_IO_MAX_BYTES / BLOCK_SIZE_BYTES) as usize;

@@ -528,13 +528,12 @@ fn record_missed(
     })
 }
 
-/// For a mutation applied here that names peers as having missed it: if this node's map now
-/// shows one of them in sync (the map moved since the check before the mutation), the mutation is
-/// not acknowledged from here ("stale map": the writer sends it there too, with the same stamp,
-/// and then it counts) and nothing is recorded — that node may already serve reads, and a record
-/// for it would send it back to catching up for a write it is about to get anyway. (Unacknowledged,
-/// the write may stay applied here only: the next mutation of the chunk, or the next writer's
-/// open, makes the copies identical.)
+/// For a mutation applied here and recorded as missed by peers: if this node's map now shows one
+/// of them in sync (the map moved since the check before the mutation), the mutation is not
+/// acknowledged from here ("stale map": the writer sends it there too, with the same stamp, and
+/// then it counts), since that node may already serve reads. The record stays: it keeps that
+/// node's serving barrier down and sends it back to catching up, and the copy is skipped at once if
+/// the node holds this version by then (the writer's re-send reached it).
 fn refuse_if_now_in_sync(hooks: Option<&ClientHooks>, missed_by: &[u64]) -> Option<Response> {
     let h = hooks?;
     let p = missed_by.iter().find(|p| (h.in_sync)(**p))?;
@@ -573,12 +572,9 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
         }
         Request::Write { volume, chunk, chunk_size, offset, stamp: s, crcs, data, missed_by } => {
             let version = store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
-            if let Some(refused) = refuse_if_now_in_sync(hooks, &missed_by) {
-                return Ok(refused);
-            }
             // Before the acknowledgement: an acknowledged write a peer missed is never forgotten.
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            Response::Applied { version }
+            refuse_if_now_in_sync(hooks, &missed_by).unwrap_or(Response::Applied { version })
         }
         Request::RecordMissed { volume, chunk, chunk_size, peers } => {
             record_missed(hooks, &peers, volume, chunk, chunk_size)?;
@@ -613,19 +609,13 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
         }
         Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s, missed_by } => {
             let version = store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
-            if let Some(refused) = refuse_if_now_in_sync(hooks, &missed_by) {
-                return Ok(refused);
-            }
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            Response::Applied { version }
+            refuse_if_now_in_sync(hooks, &missed_by).unwrap_or(Response::Applied { version })
         }
         Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate, missed_by } => {
             let version = store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
-            if let Some(refused) = refuse_if_now_in_sync(hooks, &missed_by) {
-                return Ok(refused);
-            }
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            Response::Applied { version }
+            refuse_if_now_in_sync(hooks, &missed_by).unwrap_or(Response::Applied { version })
         }
         Request::Flush { volume } => {
             store.flush(volume)?;

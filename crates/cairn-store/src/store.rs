@@ -927,6 +927,21 @@ impl Store {
             &mut inner,
             if ends_chunk { version } else { Version::installing(version) },
         )?;
+        if ends_chunk {
+            // Durable before the copier counts it done: a copy whose header (with the source's
+            // version) reached the disk without its blocks would, after a power cut, pass for the
+            // source's copy while holding older data.
+            if let Err(e) =
+                self.fault(IoOp::Sync).and_then(|_| rustix::fs::fdatasync(&handle.file).map_err(Into::into))
+            {
+                lock(&state.inner).poisoned = true;
+                return Err(StoreError::io(format!("syncing {}", handle.path.display()), e, Some(key)));
+            }
+            let dir_unsynced = std::mem::take(&mut lock(&state.inner).dir_unsynced);
+            if dir_unsynced {
+                fsync_dir(&state.dir)?;
+            }
+        }
         Ok(())
     }
 
