@@ -1308,3 +1308,53 @@ fn a_one_way_partition_of_the_leader_keeps_the_pool_writable_and_heals_within_se
     }
     pool.assert_converged("p");
 }
+
+/// A flapping partition: nothing reaches one node's RPC port for 1.5 s, then everything does for
+/// 1.5 s, ten times over, while a client on another node keeps writing and flushing. Every write
+/// succeeds (the flapping node is left out and recorded as having missed them, or takes them),
+/// and once the flapping stops the pool heals by itself: every node holds the last round, and
+/// the replicas are identical.
+#[test]
+fn a_flapping_partition_loses_no_write_and_heals() {
+    let pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "fl", "--size", "8M"]);
+    let leader = wait_for("a leader", Duration::from_secs(30), || pool.leader_seen_by(1));
+    let flapping = (1..=3).find(|k| *k != leader).unwrap();
+    let writer = (1..=3).find(|k| *k != flapping).unwrap();
+    let port = pool.rpc(flapping).port().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flapper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for _ in 0..10 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let rule = DropRule::add(&["-i", "lo", "-p", "tcp", "--dport", &port, "-j", "DROP"]);
+                std::thread::sleep(Duration::from_millis(1500));
+                drop(rule);
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+        })
+    };
+    let url = nbd_url(&pool.nbd(writer), "fl");
+    let mut round = 1;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(30) && !flapper.is_finished() {
+        let mut cmds = pattern_cmds("write", 0, 8, round);
+        cmds.extend(["-c".to_string(), "flush".to_string()]);
+        qemu_io(&url, cmds);
+        qemu_io(&url, pattern_cmds("read", 0, 8, round));
+        round += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    flapper.join().unwrap();
+    let last = round - 1;
+    assert!(last >= 3, "only {last} rounds were written while the partition flapped");
+    pool.wait_in_sync(Duration::from_secs(60));
+    let id = volume_id(&pool, "fl");
+    for k in 1..=3 {
+        verify_chunks_on_node(&pool, k, id, 0..8, last);
+    }
+    pool.assert_converged("fl");
+}
