@@ -16,6 +16,13 @@ fn nbd_url(addr: &str, volume: &str) -> String {
     format!("nbd://{addr}/{volume}")
 }
 
+/// Writes pattern blocks `first..first + count` of `round` through qemu-io, then flushes.
+fn write_flushed(url: &str, first: u64, count: u64, round: u64) {
+    let mut cmds = pattern_cmds("write", first, count, round);
+    cmds.extend(["-c".to_string(), "flush".to_string()]);
+    qemu_io(url, cmds);
+}
+
 #[test]
 fn qemu_img_qemu_io_and_nbdinfo_see_a_correct_disk() {
     let pool = Pool::start(3);
@@ -237,9 +244,7 @@ fn chunks_copied_in_several_pieces_are_caught_up_whole() {
     let url = nbd_url(&pool.nbd(1), "big");
     qemu_io(&url, pattern_cmds("write", 0, 64, 1));
     pool.sigkill(3);
-    let mut cmds = pattern_cmds("write", 0, 64, 2);
-    cmds.extend(["-c".to_string(), "flush".to_string()]);
-    qemu_io(&url, cmds);
+    write_flushed(&url, 0, 64, 2);
     pool.restart(3);
     pool.wait_in_sync(Duration::from_secs(60));
     qemu_io(&nbd_url(&pool.nbd(3), "big"), pattern_cmds("read", 0, 64, 2));
@@ -375,9 +380,7 @@ fn an_unreadable_copy_source_does_not_hold_up_a_peers_catch_up() {
     qemu_io(&url, pattern_cmds("write", 0, 8, 1));
     pool.sigkill(3);
     // Written while node 3 is down: nodes 1 and 2 record that it missed chunks 0..8.
-    let mut cmds = pattern_cmds("write", 0, 8, 2);
-    cmds.extend(["-c".to_string(), "flush".to_string()]);
-    qemu_io(&url, cmds);
+    write_flushed(&url, 0, 8, 2);
     // Node 1's copy of chunk 0 (first in its catch-up batch) gets a corrupt block.
     let path = pool.data().join(format!("node-1/data/volumes/{id:016x}/0000000000000000.chunk"));
     {
@@ -596,9 +599,7 @@ fn a_frozen_node_does_not_demote_healthy_ones() {
     )
     .unwrap();
     let thaw = Thaw(pid);
-    let mut cmds = pattern_cmds("write", 0, 32, 2);
-    cmds.extend(["-c".to_string(), "flush".to_string()]);
-    qemu_io(&url, cmds);
+    write_flushed(&url, 0, 32, 2);
     qemu_io(&nbd_url(&pool.nbd(2), "fz"), pattern_cmds("read", 0, 32, 2));
     let leader = wait_for("a leader among the healthy nodes", Duration::from_secs(30), || {
         [1, 2].into_iter().filter_map(|k| pool.leader_seen_by(k)).find(|l| *l != 3)
@@ -843,9 +844,7 @@ fn a_node_whose_peers_died_after_it_stays_catching_up_until_they_return() {
 fn a_power_cut_of_the_whole_pool_revives_from_the_holders_own_copies() {
     let (mut pool, id) = pool_with_flushed_round_1("pw");
     let saved = save_chunk_files(&pool, 3, id);
-    let mut cmds = pattern_cmds("write", 0, 32, 2);
-    cmds.extend(["-c".to_string(), "flush".to_string()]);
-    qemu_io(&nbd_url(&pool.nbd(1), "pw"), cmds);
+    write_flushed(&nbd_url(&pool.nbd(1), "pw"), 0, 32, 2);
     for k in 1..=3 {
         pool.sigkill(k);
     }
@@ -869,9 +868,7 @@ fn pool_with_flushed_round_1(name: &str) -> (Pool, u64) {
     let pool = Pool::start(3);
     pool.cli_json(&["volume", "create", name, "--size", "36M"]);
     let id = volume_id(&pool, name);
-    let mut cmds = pattern_cmds("write", 0, 32, 1);
-    cmds.extend(["-c".to_string(), "flush".to_string()]);
-    qemu_io(&nbd_url(&pool.nbd(1), name), cmds);
+    write_flushed(&nbd_url(&pool.nbd(1), name), 0, 32, 1);
     (pool, id)
 }
 
@@ -1084,9 +1081,7 @@ fn damaged_chunk_files_and_volume_metadata_are_moved_aside_and_restored_from_rep
     let mut pool = Pool::start(3);
     pool.cli_json(&["volume", "create", "dmg", "--size", "8M"]);
     let url = nbd_url(&pool.nbd(1), "dmg");
-    let mut cmds = pattern_cmds("write", 0, 8, 3);
-    cmds.extend(["-c".to_string(), "flush".to_string()]);
-    qemu_io(&url, cmds);
+    write_flushed(&url, 0, 8, 3);
     let id = volume_id(&pool, "dmg");
     pool.sigkill(3);
     let data = pool.data().join("node-3/data");
@@ -1141,9 +1136,7 @@ fn damaged_chunk_files_and_volume_metadata_are_moved_aside_and_restored_from_rep
     assert!(aside[1].starts_with(&format!("{id:016x}-0000000000000001.chunk-")), "{aside:?}");
     assert!(aside[2].starts_with(&format!("{id:016x}-volume.meta-")), "{aside:?}");
     // And the volume takes writes on node 3 again (its rebuilt fence works).
-    let mut cmds = pattern_cmds("write", 0, 8, 4);
-    cmds.extend(["-c".to_string(), "flush".to_string()]);
-    qemu_io(&nbd_url(&pool.nbd(3), "dmg"), cmds);
+    write_flushed(&nbd_url(&pool.nbd(3), "dmg"), 0, 8, 4);
     verify_chunks_on_node(&pool, 3, id, 0..8, 4);
 }
 
@@ -1216,9 +1209,7 @@ fn a_full_node_fails_writes_with_enospc_and_deleting_volumes_rescues_it() {
     });
     pool.wait_in_sync(Duration::from_secs(60));
     pool.cli_json(&["volume", "create", "small", "--size", "8M"]);
-    let mut cmds = pattern_cmds("write", 0, 8, 5);
-    cmds.extend(["-c".to_string(), "flush".to_string()]);
-    qemu_io(&nbd_url(&pool.nbd(2), "small"), cmds);
+    write_flushed(&nbd_url(&pool.nbd(2), "small"), 0, 8, 5);
     let id = volume_id(&pool, "small");
     verify_chunks_on_node(&pool, 3, id, 0..8, 5);
     pool.assert_converged("small");
@@ -1271,9 +1262,7 @@ fn a_one_way_partition_of_the_leader_keeps_the_pool_writable_and_heals_within_se
     let leader = wait_for("a leader", Duration::from_secs(30), || pool.leader_seen_by(1));
     let other = (1..=3).find(|k| *k != leader).unwrap();
     let write = |round: u64| {
-        let mut cmds = pattern_cmds("write", 0, 8, round);
-        cmds.extend(["-c".to_string(), "flush".to_string()]);
-        qemu_io(&nbd_url(&pool.nbd(other), "p"), cmds);
+        write_flushed(&nbd_url(&pool.nbd(other), "p"), 0, 8, round);
     };
     write(1);
 
@@ -1341,9 +1330,7 @@ fn a_flapping_partition_loses_no_write_and_heals() {
     let mut round = 1;
     let started = std::time::Instant::now();
     while started.elapsed() < Duration::from_secs(30) && !flapper.is_finished() {
-        let mut cmds = pattern_cmds("write", 0, 8, round);
-        cmds.extend(["-c".to_string(), "flush".to_string()]);
-        qemu_io(&url, cmds);
+        write_flushed(&url, 0, 8, round);
         qemu_io(&url, pattern_cmds("read", 0, 8, round));
         round += 1;
     }

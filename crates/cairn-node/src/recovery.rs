@@ -207,7 +207,7 @@ pub async fn run(
             let catching_up =
                 meta.read(|s| s.nodes.get(&me).is_none_or(|n| n.boot_id != meta.boot_id() || n.catching_up));
             if catching_up {
-                pull_own(&store, &missed, &meta, &connections, me).await;
+                pull_own(local).await;
             }
             // Its own copies may be the reverted ones: it copies nothing to others until it
             // has pulled them all back.
@@ -643,13 +643,8 @@ async fn reap_deleted(store: &Arc<Store>, meta: &MetaService<RpcPeerTransport>, 
 static PULL_ROUNDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Pulls back, from in-sync replicas, a batch of the chunks this node recorded as missed by itself.
-async fn pull_own(
-    store: &Arc<Store>,
-    missed: &MissedLog,
-    meta: &MetaService<RpcPeerTransport>,
-    connections: &ConnectionPool,
-    me: u64,
-) {
+async fn pull_own(node: Local<'_>) {
+    let Local { store, missed, meta, connections, me } = node;
     let mut pulled = 0;
     let round = PULL_ROUNDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for (volume, chunk, chunk_size, seq) in missed.batch(me, BATCH_CHUNKS) {
@@ -671,7 +666,7 @@ async fn pull_own(
         let Some(addr) = sources.get((chunk as usize + round) % sources.len().max(1)) else {
             // No holder in sync at all (the whole pool lost power, say): the holders' own copies
             // decide.
-            match revive_chunk(store, missed, meta, connections, me, (volume, chunk, chunk_size)).await {
+            match revive_chunk(node, (volume, chunk, chunk_size)).await {
                 Ok(from) => {
                     pulled += 1;
                     if from != me {
@@ -724,14 +719,8 @@ async fn pull_own(
 /// pick it again. A flushed write is on a majority of the holders (a flush is acknowledged so),
 /// and its chunk's header is synced with it, so it is in what wins; a write never flushed may be
 /// lost — what a power cut of every node may do. Returns the node whose copy this node now has.
-async fn revive_chunk(
-    store: &Arc<Store>,
-    missed: &MissedLog,
-    meta: &MetaService<RpcPeerTransport>,
-    connections: &ConnectionPool,
-    me: u64,
-    (volume, chunk, size): (u64, u64, u32),
-) -> Result<u64, String> {
+async fn revive_chunk(node: Local<'_>, (volume, chunk, size): (u64, u64, u32)) -> Result<u64, String> {
+    let Local { store, missed, meta, connections, me } = node;
     let ids = checked(volume, chunk, size)?;
     let (volume_id, chunk_index, chunk_size) = ids;
     let boot = meta.boot_id();
