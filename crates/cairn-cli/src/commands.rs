@@ -117,6 +117,16 @@ pub fn node_ls(api: &Api, json_out: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn node_set_voter(api: &Api, id: u64, voter: bool, json_out: bool) -> anyhow::Result<()> {
+    let path = format!("/v1/nodes/{id}/{}", if voter { "promote" } else { "demote" });
+    let v: Value = api.post(&path, &serde_json::json!({}))?;
+    if json_out {
+        return print_json(&v);
+    }
+    outln!("node {id} is now a metadata {}", if voter { "voter" } else { "learner" });
+    Ok(())
+}
+
 fn volume_row(v: &Value) -> Vec<String> {
     vec![
         s(&v["name"]),

@@ -84,6 +84,11 @@ enum NodeCommand {
     },
     /// List the pool's nodes.
     Ls,
+    /// Make a metadata learner a voter (it must be up and hold the metadata log).
+    Promote { id: u64 },
+    /// Make a metadata voter a learner (e.g. before rebuilding its lost metadata; see
+    /// docs/operations.md). A majority of the voters must stay up.
+    Demote { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +182,12 @@ fn main() {
         Command::Up(args) => up::run(args),
         Command::Node { command: NodeCommand::Run { config } } => run_node(config),
         Command::Node { command: NodeCommand::Ls } => api().and_then(|a| commands::node_ls(&a, json)),
+        Command::Node { command: NodeCommand::Promote { id } } => {
+            api().and_then(|a| commands::node_set_voter(&a, id, true, json))
+        }
+        Command::Node { command: NodeCommand::Demote { id } } => {
+            api().and_then(|a| commands::node_set_voter(&a, id, false, json))
+        }
         Command::Status => api().and_then(|a| commands::status(&a, json)),
         Command::Gateway { pool, listen, socket } => run_gateway(&pool, listen, socket),
         Command::Events { follow, since } => api().and_then(|a| commands::events(&a, follow, since, json)),

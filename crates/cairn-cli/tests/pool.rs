@@ -371,3 +371,51 @@ fn a_damaged_metadata_file_is_a_clear_error_and_a_learner_is_rebuilt_from_the_po
         ok.then_some(())
     });
 }
+
+/// Whether the pool's map shows node `id` as a metadata voter (asked through the CLI, which
+/// follows redirects to the leader).
+fn voter_in_map(pool: &Pool, id: u64) -> Option<bool> {
+    let (ok, out, _) = pool.cli(&["--json", "node", "ls"]);
+    let nodes: serde_json::Value = serde_json::from_str(&out).ok().filter(|_| ok)?;
+    nodes.as_array()?.iter().find(|n| n["id"] == id)?["voter"].as_bool()
+}
+
+#[test]
+fn a_voter_that_lost_its_metadata_is_demoted_rebuilt_and_promoted() {
+    let mut pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "a", "--size", "1M"]);
+    // Node 1: the voter that formed the pool (it would form a new, empty one if it bootstrapped
+    // again).
+    pool.sigkill(1);
+    let redb = pool.data().join("node-1/data/meta.redb");
+    garble(&redb);
+    // The documented procedure for a voter: demote it while it is stopped (nodes 2 and 3 are a
+    // majority before and after), move the file aside, start it, promote it.
+    wait_for("node 1 to be demoted", Duration::from_secs(60), || {
+        pool.cli(&["node", "demote", "1"]).0.then_some(())
+    });
+    wait_for("the map to show node 1 as a learner", Duration::from_secs(30), || {
+        (voter_in_map(&pool, 1) == Some(false)).then_some(())
+    });
+    std::fs::rename(&redb, redb.with_extension("redb.damaged")).unwrap();
+    pool.restart(1);
+    wait_for("node 1 to get the pool's metadata again", Duration::from_secs(60), || {
+        (volumes_seen_by(&pool, 1) == Some(1)).then_some(())
+    });
+    wait_for("node 1 to be promoted", Duration::from_secs(60), || {
+        pool.cli(&["node", "promote", "1"]).0.then_some(())
+    });
+    wait_for("the map to show node 1 as a voter", Duration::from_secs(30), || {
+        (voter_in_map(&pool, 1) == Some(true)).then_some(())
+    });
+    let (ok, events, _) = pool.cli(&["events"]);
+    assert!(ok && events.contains("node.demoted") && events.contains("node.promoted"), "{events}");
+    // Node 1 votes again: with node 2 down, nodes 1 and 3 are the majority that commits.
+    pool.sigkill(2);
+    wait_for("a change committed without node 2", Duration::from_secs(60), || {
+        pool.cli(&["volume", "create", "b", "--size", "1M"]).0.then_some(())
+    });
+    wait_for("node 1 to follow it", Duration::from_secs(30), || {
+        (volumes_seen_by(&pool, 1) == Some(2)).then_some(())
+    });
+}

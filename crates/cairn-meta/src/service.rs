@@ -26,6 +26,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 // tokio's clock, so that a simulation (turmoil) controls liveness timing too.
 use tokio::time::Instant;
 
+/// A learner is promoted to voter only when its log is at most this many entries behind the
+/// leader's.
+const PROMOTE_LAG_MAX: u64 = 20;
+
 /// Tunables of the metadata service.
 #[derive(Debug, Clone)]
 pub struct MetaConfig {
@@ -61,6 +65,10 @@ pub enum MetaError {
     Rejected(#[from] StateError),
     #[error("metadata service failed: {0}")]
     Internal(String),
+    /// The request is not possible in the pool's current state (the message says why and what to
+    /// do).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What a node measures for its heartbeats.
@@ -248,6 +256,60 @@ impl<T: PeerTransport> MetaService<T> {
             targets = next;
         }
         Err(MetaError::NoQuorum(format!("could not join the pool: {last}")))
+    }
+
+    /// Makes node `id` a metadata voter (`voter`) or a learner, on the leader. A learner is promoted
+    /// only once it holds the metadata log up to within a few entries of the leader's (else its
+    /// votes would slow every commit); the last voter is never demoted. Both are Raft membership
+    /// changes (joint consensus), so a majority of the voters before *and* after must be up.
+    pub async fn set_voter(&self, id: u64, voter: bool) -> Result<(), MetaError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        if membership.get_node(&id).is_none() {
+            return Err(MetaError::Refused(format!("node {id} is not a member of the metadata group")));
+        }
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        if voters.contains(&id) == voter {
+            return Ok(());
+        }
+        let change = if voter {
+            let last = metrics.last_log_index.unwrap_or(0);
+            let matched = metrics
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).cloned().flatten())
+                .map(|l| l.index)
+                .unwrap_or(0);
+            if matched + PROMOTE_LAG_MAX < last {
+                return Err(MetaError::Refused(format!(
+                    "node {id} holds the metadata log up to entry {matched} of {last}: it is not caught up \
+                     (is it running?); try again when it is"
+                )));
+            }
+            openraft::ChangeMembers::AddVoterIds([id].into())
+        } else {
+            if voters.len() <= 1 {
+                return Err(MetaError::Refused(format!("node {id} is the only metadata voter")));
+            }
+            openraft::ChangeMembers::RemoveVoters([id].into())
+        };
+        // `retain`: a demoted voter stays a learner (it keeps receiving the log).
+        let r = tokio::time::timeout(self.config.propose_timeout, self.raft.change_membership(change, true))
+            .await;
+        match r {
+            Err(_) => Err(MetaError::NoQuorum(format!(
+                "the membership change was not committed within {:?}: a majority of the voters before \
+                 and after the change must be up",
+                self.config.propose_timeout
+            ))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(self.not_leader()),
+            Ok(Err(RaftError::APIError(e))) => Err(MetaError::Refused(e.to_string())),
+            Ok(Err(RaftError::Fatal(e))) => Err(MetaError::Internal(e.to_string())),
+        }
     }
 
     /// The current leader, as this node knows it.
@@ -450,6 +512,16 @@ impl<T: PeerTransport> MetaService<T> {
                 if !self.is_leader() {
                     return PeerReply::Join(Err(PeerError::NotLeader { leader: self.leader().map(|l| l.1) }));
                 }
+                let is_voter =
+                    self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
+                if is_voter {
+                    // Only a node that lost its metadata asks to join while it is a member; a voter
+                    // that forgot its votes must not vote again before it is demoted.
+                    return PeerReply::Join(Err(PeerError::Failed(format!(
+                        "node {id} is a metadata voter: a voter that lost its metadata must first be demoted \
+                         (cairn node demote {id}; see the operations guide, \"Rebuilding a node's metadata\")"
+                    ))));
+                }
                 let r =
                     tokio::time::timeout(self.config.propose_timeout, self.raft.add_learner(id, addr, false))
                         .await;
@@ -504,7 +576,9 @@ impl<T: PeerTransport> MetaService<T> {
         let missing: Vec<(u64, NodeAddr)> = self.read(|s| {
             membership
                 .nodes()
-                .filter(|(id, addr)| s.nodes.get(id).is_none_or(|n| n.addr != **addr))
+                .filter(|(id, addr)| {
+                    s.nodes.get(id).is_none_or(|n| n.addr != **addr || n.voter != voters.contains(id))
+                })
                 .map(|(id, addr)| (*id, addr.clone()))
                 .collect()
         });
@@ -806,6 +880,13 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn serves_clients(&self) -> bool {
         true
     }
+    /// Makes a node a metadata voter or learner; see [`MetaService::set_voter`]. A store without
+    /// Raft membership refuses.
+    fn set_voter(&self, id: u64, _voter: bool) -> futures::future::BoxFuture<'_, Result<(), MetaError>> {
+        Box::pin(
+            async move { Err(MetaError::Refused(format!("node {id}: this metadata store has no voters"))) },
+        )
+    }
 }
 
 impl<T: PeerTransport> MetadataStore for MetaService<T> {
@@ -857,6 +938,10 @@ impl<T: PeerTransport> MetadataStore for MetaService<T> {
 
     fn serves_clients(&self) -> bool {
         MetaService::serves_clients(self)
+    }
+
+    fn set_voter(&self, id: u64, voter: bool) -> futures::future::BoxFuture<'_, Result<(), MetaError>> {
+        Box::pin(MetaService::set_voter(self, id, voter))
     }
 }
 

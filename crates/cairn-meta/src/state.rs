@@ -461,7 +461,12 @@ impl ClusterState {
                     Some(n) => {
                         n.addr = addr;
                         n.capacity_bytes = capacity_bytes;
-                        n.voter |= voter;
+                        if n.voter != voter {
+                            n.voter = voter;
+                            let kind = if voter { "node.promoted" } else { "node.demoted" };
+                            let what = if voter { "metadata voter" } else { "metadata learner" };
+                            self.event(time_ms, kind, format!("node {id}"), format!("now a {what}"));
+                        }
                     }
                     None => {
                         let details = format!("{addr}, {}", if voter { "voter" } else { "learner" });

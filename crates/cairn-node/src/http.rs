@@ -59,6 +59,14 @@ pub fn router(meta: Meta, counters: Counters) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/pgs", get(pgs))
         .route("/v1/nodes/{id}/catch-up", post(catch_up))
+        .route(
+            "/v1/nodes/{id}/promote",
+            post(|m: State<Meta>, u: Uri, id: ApiPath<u64>| set_voter(m, u, id, true)),
+        )
+        .route(
+            "/v1/nodes/{id}/demote",
+            post(|m: State<Meta>, u: Uri, id: ApiPath<u64>| set_voter(m, u, id, false)),
+        )
         .fallback(|uri: Uri| async move {
             ApiError::new(StatusCode::NOT_FOUND, format!("no such API path: {}", uri.path()))
         })
@@ -185,6 +193,7 @@ fn map_error(e: MetaError, uri: &Uri) -> ApiError {
             ApiError::new(status, e.to_string())
         }
         MetaError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),
+        MetaError::Refused(m) => ApiError::new(StatusCode::CONFLICT, m),
     }
 }
 
@@ -495,6 +504,19 @@ async fn catch_up(
     let command = Command::SetCatchingUp { id, catching_up: true, time_ms: now_ms() };
     meta.propose(command).await.map_err(|e| map_error(e, &uri))?;
     Ok(Json(serde_json::json!({ "id": id, "catching_up": true })))
+}
+
+/// Makes a node a metadata voter or learner (`cairn node promote|demote`; the procedure that needs
+/// it: rebuilding a voter's lost metadata, docs/operations.md).
+async fn set_voter(
+    State(meta): State<Meta>,
+    uri: Uri,
+    ApiPath(id): ApiPath<u64>,
+    voter: bool,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    lead(&meta, &uri).await?;
+    meta.set_voter(id, voter).await.map_err(|e| map_error(e, &uri))?;
+    Ok(Json(serde_json::json!({ "id": id, "voter": voter })))
 }
 
 /// Serves the API on `listener` until `stop`: at most `limits.connections_max` connections at

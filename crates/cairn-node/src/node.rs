@@ -65,6 +65,11 @@ impl Node {
     /// Starts every part of the node and joins or forms the pool its configuration names.
     pub async fn start(config: &NodeConfig) -> Result<Node, NodeError> {
         reserve_files(config);
+        // A data directory used before (its store identity exists) without `meta.redb`: the
+        // operator moved a damaged one aside, and this node's metadata is rebuilt from the pool.
+        // It must not form a pool of its own (it would forget the volumes), only join.
+        let meta_lost =
+            config.data_dir.join("cairn-store").exists() && !config.data_dir.join("meta.redb").exists();
         let store_config = StoreConfig { open_files_max: config.open_files_max };
         let dir = config.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&dir, store_config))
@@ -184,17 +189,28 @@ impl Node {
         } else {
             config.meta.voters.iter().map(|m| (m.id, node_addr(m))).collect()
         };
-        if voters.contains_key(&me.id) {
+        let mut seeds: Vec<NodeAddr> =
+            config.meta.join.iter().map(|a| NodeAddr { rpc: a.to_string(), ..NodeAddr::default() }).collect();
+        if meta_lost {
+            seeds.extend(voters.iter().filter(|(id, _)| **id != me.id).map(|(_, a)| a.clone()));
+            if seeds.is_empty() {
+                return Err(NodeError::Startup(format!(
+                    "{} is missing but this data directory was used before, and the configuration names no \
+                     other pool member to rebuild the metadata from (a one-node pool's metadata cannot be \
+                     rebuilt: restore meta.redb)",
+                    config.data_dir.join("meta.redb").display()
+                )));
+            }
+            tracing::warn!(
+                "meta.redb is missing in a data directory used before: rebuilding this node's metadata \
+                 from the pool (it joins as a metadata learner; a former voter must be demoted first, \
+                 then promoted with `cairn node promote`)"
+            );
+        } else if voters.contains_key(&me.id) {
             meta.bootstrap(voters).await.map_err(|e| NodeError::Meta(e.to_string()))?;
         }
-        let join_task = (!config.meta.join.is_empty()).then(|| {
+        let join_task = (!seeds.is_empty()).then(|| {
             let meta = meta.clone();
-            let seeds: Vec<NodeAddr> = config
-                .meta
-                .join
-                .iter()
-                .map(|a| NodeAddr { rpc: a.to_string(), ..NodeAddr::default() })
-                .collect();
             tokio::spawn(async move {
                 // Bounded by the node's lifetime: the task is aborted at shutdown.
                 while !meta.is_member() {
