@@ -1298,6 +1298,134 @@ fn a_one_way_partition_of_the_leader_keeps_the_pool_writable_and_heals_within_se
     pool.assert_converged("p");
 }
 
+/// A node cut off from the other nodes in both directions for the test's lifetime: nothing
+/// reaches its RPC port, and nothing it sends to another node's RPC port leaves it. All nodes
+/// share 127.0.0.1, so its outgoing packets are told apart by their sockets: the connections it
+/// holds now (matched by their source ports, read from /proc) and every socket it opens later
+/// (its process is moved into a cgroup of its own, matched by iptables' `cgroup` module). Its
+/// HTTP and NBD ports stay reachable, so the test can watch it. Every rule is deleted by its exact
+/// spec and the cgroup removed when dropped.
+struct Isolation {
+    rules: Vec<(&'static str, Vec<String>)>,
+    cgroup: std::path::PathBuf,
+    pid: u32,
+}
+
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+impl Isolation {
+    fn of(pid: u32, own_rpc: u16, peers_rpc: &[u16]) -> Isolation {
+        let name = format!("cairn-test-{pid}");
+        let cgroup = std::path::Path::new(CGROUP2).join(&name);
+        std::fs::create_dir_all(&cgroup)
+            .unwrap_or_else(|e| panic!("this test needs a writable cgroup2 hierarchy at {CGROUP2}: {e}"));
+        let mut iso = Isolation { rules: Vec::new(), cgroup: cgroup.clone(), pid };
+        std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
+        iso.add("OUTPUT", &["-m", "cgroup", "--path", &name, "-j", "DROP"]);
+        let own = own_rpc.to_string();
+        iso.add("INPUT", &["-i", "lo", "-p", "tcp", "--dport", &own, "-j", "DROP"]);
+        iso.add("OUTPUT", &["-o", "lo", "-p", "tcp", "--sport", &own, "-j", "DROP"]);
+        // Connections the node opened before it moved into the cgroup keep their old one.
+        for port in outgoing_ports(pid, peers_rpc) {
+            iso.add("OUTPUT", &["-o", "lo", "-p", "tcp", "--sport", &port.to_string(), "-j", "DROP"]);
+        }
+        iso
+    }
+
+    fn add(&mut self, chain: &'static str, spec: &[&str]) {
+        let spec: Vec<String> = spec.iter().map(|s| s.to_string()).collect();
+        let out = std::process::Command::new("iptables").arg("-A").arg(chain).args(&spec).output().unwrap();
+        assert!(
+            out.status.success(),
+            "iptables -A {chain} {spec:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.rules.push((chain, spec));
+    }
+}
+
+impl Drop for Isolation {
+    fn drop(&mut self) {
+        for (chain, spec) in &self.rules {
+            let _ = std::process::Command::new("iptables").arg("-D").arg(chain).args(spec).output();
+        }
+        // Back to the root cgroup (if it still runs), then the empty cgroup can go.
+        let _ = std::fs::write(std::path::Path::new(CGROUP2).join("cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// Local ports of `pid`'s TCP connections to any of `remote_ports` on loopback.
+fn outgoing_ports(pid: u32, remote_ports: &[u16]) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| {
+            let target = std::fs::read_link(e.ok()?.path()).ok()?;
+            let t = target.to_string_lossy();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && inodes.contains(f[9]) {
+                if let (Some(local), Some(remote)) = (port(f[1]), port(f[2])) {
+                    if remote_ports.contains(&remote) {
+                        ports.push(local);
+                    }
+                }
+            }
+        }
+    }
+    ports
+}
+
+/// A full, two-way isolation of the metadata leader: the others elect a new leader and keep the
+/// pool writable (through another node) within seconds; the isolated leader answers no
+/// linearizable read (it cannot confirm its leadership); once healed it follows the new leader,
+/// catches up and holds every write, and the replicas are identical.
+#[test]
+fn a_fully_isolated_leader_is_replaced_and_rejoins_within_seconds() {
+    let pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "iso", "--size", "8M"]);
+    let leader = wait_for("a leader", Duration::from_secs(30), || pool.leader_seen_by(1));
+    let writer = (1..=3).find(|k| *k != leader).unwrap();
+    let url = nbd_url(&pool.nbd(writer), "iso");
+    write_flushed(&url, 0, 8, 1);
+
+    let peers: Vec<u16> = (1..=3).filter(|k| *k != leader).map(|k| pool.rpc(k).port()).collect();
+    let isolation = Isolation::of(pool.pid(leader), pool.rpc(leader).port(), &peers);
+    let cut = std::time::Instant::now();
+    let new_leader = wait_for("the others to elect a new leader", Duration::from_secs(20), || {
+        pool.leader_seen_by(writer).filter(|l| *l != leader)
+    });
+    write_flushed(&url, 0, 8, 2);
+    qemu_io(&url, pattern_cmds("read", 0, 8, 2));
+    eprintln!("new leader {new_leader}, pool written again {:?} after the cut", cut.elapsed());
+    // The old leader cannot confirm its leadership: it answers no linearizable read (503, or a
+    // redirect once it has stepped down), never stale metadata.
+    wait_for("the isolated node to stop answering as leader", Duration::from_secs(20), || {
+        let (status, _) = pool.get(leader, "/v1/volumes");
+        (status != 200).then_some(())
+    });
+
+    drop(isolation);
+    let healed = std::time::Instant::now();
+    pool.wait_in_sync(Duration::from_secs(60));
+    assert!(healed.elapsed() < Duration::from_secs(20), "took {:?} to heal", healed.elapsed());
+    wait_for("the old leader to follow the new one", Duration::from_secs(20), || {
+        pool.leader_seen_by(leader).filter(|l| *l != leader)
+    });
+    let id = volume_id(&pool, "iso");
+    for k in 1..=3 {
+        verify_chunks_on_node(&pool, k, id, 0..8, 2);
+    }
+    pool.assert_converged("iso");
+}
+
 /// A flapping partition: nothing reaches one node's RPC port for 1.5 s, then everything does for
 /// 1.5 s, ten times over, while a client on another node keeps writing and flushing. Every write
 /// succeeds (the flapping node is left out and recorded as having missed them, or takes them),
