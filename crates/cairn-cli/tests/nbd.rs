@@ -1255,12 +1255,18 @@ impl Drop for DropRule {
     }
 }
 
-#[test]
-fn a_one_way_partition_of_the_leader_keeps_the_pool_writable_and_heals_within_seconds() {
+/// A three-node pool with an 8 MiB volume `name`: (pool, the metadata leader, another node).
+fn pool_with_volume_and_leader(name: &str) -> (Pool, u64, u64) {
     let pool = Pool::start(3);
-    pool.cli_json(&["volume", "create", "p", "--size", "8M"]);
+    pool.cli_json(&["volume", "create", name, "--size", "8M"]);
     let leader = wait_for("a leader", Duration::from_secs(30), || pool.leader_seen_by(1));
     let other = (1..=3).find(|k| *k != leader).unwrap();
+    (pool, leader, other)
+}
+
+#[test]
+fn a_one_way_partition_of_the_leader_keeps_the_pool_writable_and_heals_within_seconds() {
+    let (pool, leader, other) = pool_with_volume_and_leader("p");
     let write = |round: u64| {
         write_flushed(&nbd_url(&pool.nbd(other), "p"), 0, 8, round);
     };
@@ -1371,12 +1377,12 @@ fn outgoing_ports(pid: u32, remote_ports: &[u16]) -> Vec<u16> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() > 9 && inodes.contains(f[9]) {
-                if let (Some(local), Some(remote)) = (port(f[1]), port(f[2])) {
-                    if remote_ports.contains(&remote) {
-                        ports.push(local);
-                    }
-                }
+            if f.len() > 9
+                && inodes.contains(f[9])
+                && let (Some(local), Some(remote)) = (port(f[1]), port(f[2]))
+                && remote_ports.contains(&remote)
+            {
+                ports.push(local);
             }
         }
     }
@@ -1389,10 +1395,7 @@ fn outgoing_ports(pid: u32, remote_ports: &[u16]) -> Vec<u16> {
 /// catches up and holds every write, and the replicas are identical.
 #[test]
 fn a_fully_isolated_leader_is_replaced_and_rejoins_within_seconds() {
-    let pool = Pool::start(3);
-    pool.cli_json(&["volume", "create", "iso", "--size", "8M"]);
-    let leader = wait_for("a leader", Duration::from_secs(30), || pool.leader_seen_by(1));
-    let writer = (1..=3).find(|k| *k != leader).unwrap();
+    let (pool, leader, writer) = pool_with_volume_and_leader("iso");
     let url = nbd_url(&pool.nbd(writer), "iso");
     write_flushed(&url, 0, 8, 1);
 
