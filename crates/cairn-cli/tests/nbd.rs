@@ -724,20 +724,26 @@ fn verify_finds_a_replica_that_differs_and_a_catch_up_brings_it_back() {
     // That write is what a writer the pool had fenced leaves on a replica the new writer could not
     // reach (it is reported for catch-up): nobody recorded it as missed, yet catching up finds
     // the chunk changed lately there, compares it with an in-sync replica, and copies it back.
+    send_to_catch_up(&pool, 2);
+    pool.wait_in_sync(Duration::from_secs(60));
+    pool.assert_converged("vf");
+}
+
+/// Asks the pool to make node `k` catch up (`POST /v1/nodes/{k}/catch-up`, as a client reporting
+/// a failed write does) and waits until the map shows it.
+fn send_to_catch_up(pool: &Pool, k: u64) {
     let client = reqwest::blocking::Client::new();
-    let url = format!("http://{}/v1/nodes/2/catch-up", pool.http(1));
+    let url = format!("http://{}/v1/nodes/{k}/catch-up", pool.http(1));
     let r = client.post(url).send().unwrap();
     assert!(r.status().is_success() || r.status().as_u16() == 307, "{:?}", r.status());
     if r.status().as_u16() == 307 {
         let to = r.headers()["location"].to_str().unwrap().to_string();
         assert!(client.post(to).send().unwrap().status().is_success());
     }
-    wait_for("node 2 catching up", Duration::from_secs(30), || {
+    wait_for(&format!("node {k} catching up"), Duration::from_secs(30), || {
         let nodes = pool.cli_json(&["node", "ls"]);
-        nodes.as_array()?.iter().any(|n| n["id"] == 2 && n["catching_up"] == true).then_some(())
+        nodes.as_array()?.iter().any(|n| n["id"] == k && n["catching_up"] == true).then_some(())
     });
-    pool.wait_in_sync(Duration::from_secs(60));
-    pool.assert_converged("vf");
 }
 
 /// Issue scenario 4: a node loses its unflushed writes in a power cut. Simulated on a real pool:
@@ -1321,6 +1327,16 @@ const CGROUP2: &str = "/sys/fs/cgroup/unified";
 
 impl Isolation {
     fn of(pid: u32, own_rpc: u16, peers_rpc: &[u16]) -> Isolation {
+        Isolation::cut(pid, Some(own_rpc), peers_rpc)
+    }
+
+    /// Only what the node sends to other nodes' RPC ports is dropped: they still reach it, and
+    /// it still answers them (replies leave through sockets it accepted, outside the cgroup).
+    fn outbound(pid: u32, peers_rpc: &[u16]) -> Isolation {
+        Isolation::cut(pid, None, peers_rpc)
+    }
+
+    fn cut(pid: u32, own_rpc: Option<u16>, peers_rpc: &[u16]) -> Isolation {
         let name = format!("cairn-test-{pid}");
         let cgroup = std::path::Path::new(CGROUP2).join(&name);
         std::fs::create_dir_all(&cgroup)
@@ -1328,9 +1344,10 @@ impl Isolation {
         let mut iso = Isolation { rules: Vec::new(), cgroup: cgroup.clone(), pid };
         std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
         iso.add("OUTPUT", &["-m", "cgroup", "--path", &name, "-j", "DROP"]);
-        let own = own_rpc.to_string();
-        iso.add("INPUT", &["-i", "lo", "-p", "tcp", "--dport", &own, "-j", "DROP"]);
-        iso.add("OUTPUT", &["-o", "lo", "-p", "tcp", "--sport", &own, "-j", "DROP"]);
+        if let Some(own) = own_rpc.map(|p| p.to_string()) {
+            iso.add("INPUT", &["-i", "lo", "-p", "tcp", "--dport", &own, "-j", "DROP"]);
+            iso.add("OUTPUT", &["-o", "lo", "-p", "tcp", "--sport", &own, "-j", "DROP"]);
+        }
         // Connections the node opened before it moved into the cgroup keep their old one.
         for port in outgoing_ports(pid, peers_rpc) {
             iso.add("OUTPUT", &["-o", "lo", "-p", "tcp", "--sport", &port.to_string(), "-j", "DROP"]);
@@ -1427,6 +1444,47 @@ fn a_fully_isolated_leader_is_replaced_and_rejoins_within_seconds() {
         verify_chunks_on_node(&pool, k, id, 0..8, 2);
     }
     pool.assert_converged("iso");
+}
+
+/// A node that can be reached but cannot reach its peers (its outgoing packets dropped) and is
+/// sent to catch up: its catch-up ends (the leader reaches it, and it has no chunk changed lately
+/// to compare), but its serving barrier cannot lift (it cannot ask its peers), so it is sent back
+/// to catching up after 10 s without serving — and then waits longer each time (10 s, 20 s, …)
+/// instead of flipping every ~11 s (clients retry writes it refuses during each in-sync phase).
+/// Once healed it serves again, takes writes, and the replicas are identical.
+#[test]
+fn a_node_that_cannot_reach_its_peers_backs_off_instead_of_flipping() {
+    let (pool, leader, stuck) = pool_with_volume_and_leader("bo");
+    let writer = (1..=3).find(|k| *k != leader && *k != stuck).unwrap();
+    let url = nbd_url(&pool.nbd(writer), "bo");
+    let peers: Vec<u16> = (1..=3).filter(|k| *k != stuck).map(|k| pool.rpc(k).port()).collect();
+    let isolation = Isolation::outbound(pool.pid(stuck), &peers);
+    let events = |since: u64| -> Vec<serde_json::Value> {
+        let (ok, out, err) = pool.cli(&["--json", "events", "--since", &since.to_string()]);
+        assert!(ok, "{err}");
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let from = events(0).iter().filter_map(|e| e["seq"].as_u64()).max().unwrap_or(0);
+    send_to_catch_up(&pool, stuck);
+    let began = std::time::Instant::now();
+    while began.elapsed() < Duration::from_secs(55) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let flips = events(from)
+        .iter()
+        .filter(|e| e["kind"] == "node.catching_up" && e["subject"] == format!("node {stuck}"))
+        .count();
+    // Without backoff: at 0 s and every ~11 s after (5 in 55 s). With it: at 0 s, ~11 s, ~32 s.
+    assert!((2..=3).contains(&flips), "node {stuck} was sent to catch up {flips} times in 55 s");
+
+    drop(isolation);
+    pool.wait_in_sync(Duration::from_secs(60));
+    write_flushed(&url, 0, 8, 1);
+    let id = volume_id(&pool, "bo");
+    for k in 1..=3 {
+        verify_chunks_on_node(&pool, k, id, 0..8, 1);
+    }
+    pool.assert_converged("bo");
 }
 
 /// A flapping partition: nothing reaches one node's RPC port for 1.5 s, then everything does for

@@ -94,6 +94,9 @@ struct Liveness {
     catching_since: HashMap<u64, (Instant, u64, u64)>,
     /// Nodes in sync but not serving (their serving barrier up), and since when.
     not_serving_since: HashMap<u64, Instant>,
+    /// Nodes sent back to catching up because they did not serve, and how many times in a row
+    /// (until they serve): each time their next catch-up ends later ([`stuck_backoff`]).
+    stuck: HashMap<u64, u32>,
 }
 
 /// The metadata service of one node.
@@ -705,7 +708,12 @@ impl<T: PeerTransport> MetaService<T> {
                         .usage
                         .get(&id)
                         .is_none_or(|r| r.epoch < catching_epoch || r.missed_for.contains(&id));
+                    // A node that was in sync without serving (its barrier could not lift)
+                    // waits longer each time before it is in sync again, instead of flipping
+                    // every few seconds while whatever keeps it from its peers lasts.
+                    let backoff = stuck_backoff(l.stuck.get(&id).copied().unwrap_or(0));
                     if booted
+                        && since.elapsed() >= backoff
                         && peers_done
                         && covered
                         && !self_pending
@@ -751,15 +759,24 @@ impl<T: PeerTransport> MetaService<T> {
                 (behind, not_serving)
             });
             l.not_serving_since.retain(|id, _| not_serving.contains(id));
+            // A node that serves again starts its backoff over.
+            let serving: Vec<u64> = l.usage.values().filter(|r| r.serving).map(|r| r.id).collect();
+            for id in serving {
+                l.stuck.remove(&id);
+            }
             let mut stuck = Vec::new();
             for id in not_serving {
                 let since = *l.not_serving_since.entry(id).or_insert(now);
                 if since.elapsed() >= NOT_SERVING_MAX {
+                    let times = l.stuck.get(&id).copied().unwrap_or(0) + 1;
                     tracing::warn!(
                         node = id,
-                        "node {id} is in sync but has not served for {} s (peers it cannot reach?): it catches up again",
-                        NOT_SERVING_MAX.as_secs()
+                        "node {id} is in sync but has not served for {} s (peers it cannot reach?): it catches up \
+                         again, for at least {} s ({times} time(s) in a row)",
+                        NOT_SERVING_MAX.as_secs(),
+                        stuck_backoff(times).as_secs()
                     );
+                    l.stuck.insert(id, times);
                     l.not_serving_since.remove(&id);
                     stuck.push(id);
                 }
@@ -810,6 +827,18 @@ async fn serving_barrier_loop<T: PeerTransport>(service: std::sync::Weak<MetaSer
 
 /// How long a node may stay in sync without serving client IO before it is made to catch up again.
 const NOT_SERVING_MAX: Duration = Duration::from_secs(10);
+
+/// The longest a node sent back to catching up for not serving waits before it is in sync again.
+const STUCK_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// How long a catch-up lasts at least after a node was sent back `times` times in a row for not
+/// serving: nothing the first time it catches up, then 10 s, doubling, at most 5 minutes.
+fn stuck_backoff(times: u32) -> Duration {
+    match times {
+        0 => Duration::ZERO,
+        n => NOT_SERVING_MAX.saturating_mul(1 << (n - 1).min(10)).min(STUCK_BACKOFF_MAX),
+    }
+}
 
 /// How often a node that caught up asks its peers whether they have the new map.
 const SERVING_BARRIER_POLL: Duration = Duration::from_millis(100);
@@ -948,6 +977,13 @@ impl<T: PeerTransport> MetadataStore for MetaService<T> {
 #[cfg(test)]
 mod barrier_tests {
     use super::*;
+
+    #[test]
+    fn a_node_that_does_not_serve_waits_longer_each_time() {
+        let secs: Vec<u64> = (0..8).map(|n| stuck_backoff(n).as_secs()).collect();
+        assert_eq!(secs, vec![0, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(stuck_backoff(u32::MAX), STUCK_BACKOFF_MAX);
+    }
 
     #[test]
     fn a_caught_up_node_waits_for_enough_peers_with_the_new_map_in_every_pg() {
