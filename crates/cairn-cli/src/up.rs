@@ -35,6 +35,9 @@ macro_rules! say {
 }
 
 const POOL_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long `cairn up` waits, once every node is up, for every node to serve client IO.
+const SERVING_WAIT: Duration = Duration::from_secs(30);
 /// How long stopping may take before `cairn up` gives up waiting.
 const POOL_STOP_TIMEOUT: Duration = Duration::from_secs(40);
 /// Most nodes `cairn up` starts (ports must fit under 65536 and a laptop has limits).
@@ -209,6 +212,7 @@ fn wait_healthy(pool: &PoolJson, children: &mut [(u64, PathBuf, Child)]) -> anyh
                 let up =
                     nodes.as_array().map(|a| a.iter().filter(|n| n["state"] == "up").count()).unwrap_or(0);
                 if up == pool.nodes.len() {
+                    wait_serving(pool);
                     return Ok(());
                 }
                 last = format!("{up} of {} nodes up", pool.nodes.len());
@@ -219,6 +223,36 @@ fn wait_healthy(pool: &PoolJson, children: &mut [(u64, PathBuf, Child)]) -> anyh
             bail!("the pool did not become healthy within {POOL_START_TIMEOUT:?}: {last}");
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits (at most [`SERVING_WAIT`]) until every node serves client IO — in sync, and holding a
+/// read lease from its peers (`/v1/status` `serving_clients`) — so that IO right after "pool is
+/// up" is served by every node. A node still catching up after a restart of the pool may take
+/// longer: then the pool is announced anyway, naming it.
+fn wait_serving(pool: &PoolJson) {
+    let deadline = Instant::now() + SERVING_WAIT;
+    loop {
+        let waiting: Vec<u64> = pool
+            .nodes
+            .iter()
+            .filter(|n| {
+                let serving = Api::new(Some(&n.http))
+                    .and_then(|a| a.get::<serde_json::Value>("/v1/status"))
+                    .is_ok_and(|s| s["serving_clients"] == true);
+                !serving
+            })
+            .map(|n| n.id)
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            let ids: Vec<String> = waiting.iter().map(|i| i.to_string()).collect();
+            say!("node(s) {} still catching up: they serve client IO once they have", ids.join(", "));
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

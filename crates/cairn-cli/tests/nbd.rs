@@ -1311,7 +1311,7 @@ fn a_one_way_partition_of_the_leader_keeps_the_pool_writable_and_heals_within_se
 }
 
 /// A node cut off from the other nodes in both directions for the test's lifetime: nothing
-/// reaches its RPC port, and nothing it sends to another node's RPC port leaves it. All nodes
+/// reaches its RPC port, and nothing it sends to the given ports of other nodes leaves it. All nodes
 /// share 127.0.0.1, so its outgoing packets are told apart by their sockets: the connections it
 /// holds now (matched by their source ports, read from /proc) and every socket it opens later
 /// (its process is moved into a cgroup of its own, matched by iptables' `cgroup` module). Its
@@ -1343,7 +1343,12 @@ impl Isolation {
             .unwrap_or_else(|e| panic!("this test needs a writable cgroup2 hierarchy at {CGROUP2}: {e}"));
         let mut iso = Isolation { rules: Vec::new(), cgroup: cgroup.clone(), pid };
         std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
-        iso.add("OUTPUT", &["-m", "cgroup", "--path", &name, "-j", "DROP"]);
+        for port in peers_rpc.iter().map(|p| p.to_string()) {
+            iso.add(
+                "OUTPUT",
+                &["-m", "cgroup", "--path", &name, "-p", "tcp", "--dport", &port, "-j", "DROP"],
+            );
+        }
         if let Some(own) = own_rpc.map(|p| p.to_string()) {
             iso.add("INPUT", &["-i", "lo", "-p", "tcp", "--dport", &own, "-j", "DROP"]);
             iso.add("OUTPUT", &["-o", "lo", "-p", "tcp", "--sport", &own, "-j", "DROP"]);
@@ -1444,6 +1449,178 @@ fn a_fully_isolated_leader_is_replaced_and_rejoins_within_seconds() {
         verify_chunks_on_node(&pool, k, id, 0..8, 2);
     }
     pool.assert_converged("iso");
+}
+
+/// I2 across a partition: a node cut off from every other node (both directions of its RPC port,
+/// and what it sends to their HTTP ports) while a client of another node writes. The writes are
+/// acknowledged without it — and a reader that holds a connection to the cut-off node's NBD
+/// server must not be served the old data: the node's read lease (granted by its PG peers, who
+/// stop granting once they recorded a write it missed, and hold back that write's acknowledgement
+/// until the last lease they granted has run out) lapses, so the node refuses to serve reads and
+/// the reader gets an error instead of stale bytes.
+#[test]
+fn a_node_cut_off_from_the_pool_serves_no_stale_read() {
+    let (pool, leader, writer) = pool_with_volume_and_leader("ls");
+    let cut = (1..=3).find(|k| *k != leader && *k != writer).unwrap();
+    write_flushed(&nbd_url(&pool.nbd(writer), "ls"), 0, 1, 1);
+    // A reader connected through the node to be cut off: it reads block 0 (round 1: bytes of 2),
+    // then again once told to (round 2 would be bytes of 3).
+    let dir = tempfile::tempdir().unwrap();
+    let (ready, go) = (dir.path().join("ready"), dir.path().join("go"));
+    let script = format!(
+        r#"
+import nbd, os, time
+h = nbd.NBD(); h.connect_uri("{uri}")
+print("first", h.pread(4096, 0)[0], flush=True)
+open("{ready}", "w").close()
+deadline = time.time() + 120
+while not os.path.exists("{go}") and time.time() < deadline:
+    time.sleep(0.05)
+try:
+    print("second", h.pread(4096, 0)[0], flush=True)
+except Exception as e:
+    print("error", e, flush=True)
+"#,
+        uri = nbd_url(&pool.nbd(cut), "ls"),
+        ready = ready.display(),
+        go = go.display()
+    );
+    let child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the reader's first read", Duration::from_secs(30), || ready.exists().then_some(()));
+    let others: Vec<u64> = (1..=3).filter(|k| *k != cut).collect();
+    let mut ports: Vec<u16> = others.iter().map(|k| pool.rpc(*k).port()).collect();
+    ports.extend(others.iter().map(|k| pool.http(*k).rsplit(':').next().unwrap().parse::<u16>().unwrap()));
+    let isolation = Isolation::of(pool.pid(cut), pool.rpc(cut).port(), &ports);
+    write_flushed(&nbd_url(&pool.nbd(writer), "ls"), 0, 1, 2);
+    // Round 2 is acknowledged. Through the cut-off node: an error, or round 2 — never round 1.
+    std::fs::write(&go, b"").unwrap();
+    let out = run_to_end_child(child, Duration::from_secs(150));
+    assert!(out.contains("first 2"), "{out}");
+    assert!(
+        !out.contains("second 2"),
+        "the cut-off node served the data of before an acknowledged write: {out}"
+    );
+    drop(isolation);
+    pool.wait_in_sync(Duration::from_secs(60));
+    qemu_io(&nbd_url(&pool.nbd(cut), "ls"), pattern_cmds("read", 0, 1, 2));
+    pool.assert_converged("ls");
+}
+
+/// The other half of the read lease: a node that can no longer be reached by a writer's node (its
+/// packets to the node's RPC and HTTP ports are dropped) but still talks with everyone else keeps renewing
+/// its lease until its peers record the write it missed — so they hold that write's
+/// acknowledgement back until the lease they last granted has run out. A reader hammering the
+/// node's NBD server never gets the old data once the write is acknowledged (it gets the new data
+/// from another replica). Without the hold-back, the node served its old copy for as long as it
+/// took to learn from the metadata that it must catch up.
+#[test]
+fn a_write_is_acknowledged_only_once_the_node_that_missed_it_serves_no_reads() {
+    // The node that misses the write is the metadata leader and the writer's node cannot reach it
+    // at all, so the writer cannot report the failure: the leader learns it from the peers'
+    // reports (within a second or so), and its own copy must not be served meanwhile.
+    let (pool, missing, writer) = pool_with_volume_and_leader("lh");
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    // The writer holds its connection (it opened the volume for writing and wrote block 0 with
+    // bytes of 2) before the cut; then it writes bytes of 3 and prints when that was acknowledged.
+    let writer_script = format!(
+        r#"
+import nbd, os, time
+h = nbd.NBD(); h.connect_uri("{uri}")
+h.pwrite(bytes([2]) * 4096, 0); h.flush()
+open("{ready}", "w").close()
+deadline = time.time() + 90
+while not os.path.exists("{go}") and time.time() < deadline:
+    time.sleep(0.02)
+h.pwrite(bytes([3]) * 4096, 0)
+print("acked", time.time(), flush=True)
+"#,
+        uri = nbd_url(&pool.nbd(writer), "lh"),
+        ready = file("w-ready"),
+        go = file("w-go"),
+    );
+    let reader_script = format!(
+        r#"
+import nbd, os, time
+h = nbd.NBD(); h.connect_uri("{uri}")
+deadline = time.time() + 90
+while not os.path.exists("{go}") and time.time() < deadline:
+    t = time.time()
+    try:
+        print("read", t, h.pread(4096, 0)[0], flush=True)
+    except Exception as e:
+        print("error", t, e, flush=True)
+    open("{ready}", "a").close()
+    time.sleep(0.02)
+"#,
+        uri = nbd_url(&pool.nbd(missing), "lh"),
+        ready = file("r-ready"),
+        go = file("r-go"),
+    );
+    let python = |script: &str| {
+        std::process::Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let writing = python(&writer_script);
+    wait_for("the writer's first write", Duration::from_secs(30), || {
+        std::path::Path::new(&file("w-ready")).exists().then_some(())
+    });
+    let reading = python(&reader_script);
+    wait_for("the reader's first read", Duration::from_secs(30), || {
+        std::path::Path::new(&file("r-ready")).exists().then_some(())
+    });
+    let http = pool.http(missing).rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let isolation = Isolation::outbound(pool.pid(writer), &[pool.rpc(missing).port(), http]);
+    std::fs::write(file("w-go"), b"").unwrap();
+    let written = run_to_end_child(writing, Duration::from_secs(60));
+    let acknowledged: f64 = written
+        .lines()
+        .find_map(|l| l.strip_prefix("acked ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the write was not acknowledged: {written}"));
+    // Keep reading for a while after the acknowledgement.
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::write(file("r-go"), b"").unwrap();
+    let out = run_to_end_child(reading, Duration::from_secs(30));
+    let reads: Vec<(f64, String)> = out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let kind = f.next()?;
+            let t: f64 = f.next()?.parse().ok()?;
+            Some((t, if kind == "read" { f.next()?.to_string() } else { "error".into() }))
+        })
+        .collect();
+    assert!(reads.iter().any(|(t, v)| *t < acknowledged && v == "2"), "{out}");
+    let after: Vec<&(f64, String)> = reads.iter().filter(|(t, _)| *t > acknowledged).collect();
+    assert!(!after.is_empty(), "no read after the acknowledgement: {out}");
+    let stale: Vec<&&(f64, String)> = after.iter().filter(|(_, v)| v == "2").collect();
+    assert!(stale.is_empty(), "old data read after the write was acknowledged: {stale:?}");
+    drop(isolation);
+    pool.wait_in_sync(Duration::from_secs(60));
+    pool.assert_converged("lh");
+}
+
+/// Waits (bounded) for a child to exit and returns its stdout and stderr; kills it past the limit.
+fn run_to_end_child(mut child: std::process::Child, within: Duration) -> String {
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// A node that can be reached but cannot reach its peers (its outgoing packets dropped) and is

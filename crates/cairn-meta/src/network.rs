@@ -67,6 +67,12 @@ pub enum PeerRequest {
     /// alive if either reaches the other, so a one-way partition does not make the leader declare
     /// nodes it can reach down.
     Probe,
+    /// Node `id`, in sync since the map of `in_sync_epoch`, asks a PG peer for a read lease (see
+    /// `MetaService::serves_reads`).
+    Lease {
+        id: u64,
+        in_sync_epoch: u64,
+    },
 }
 
 /// Why a request meant for the leader was not handled.
@@ -87,6 +93,8 @@ pub enum PeerReply {
     Heartbeat(Result<(), PeerError>),
     Join(Result<(), PeerError>),
     Probe(NodeReport),
+    /// Whether the lease is granted.
+    Lease(bool),
 }
 
 /// Carries peer requests to the node at `addr`. Errors are transport failures (unreachable,

@@ -113,6 +113,10 @@ pub struct MetaService<T: PeerTransport> {
     /// The `in_sync_epoch` of this node for which enough PG peers were seen with a map at least as
     /// new (see [`MetaService::serves_clients`]).
     serving_from: Mutex<u64>,
+    /// This node's read lease: the `in_sync_epoch` it was granted for, and until when.
+    lease: Mutex<Option<(u64, Instant)>>,
+    /// When this node last answered each peer's lease request (granted or not).
+    granted: Mutex<HashMap<u64, Instant>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -187,11 +191,13 @@ impl<T: PeerTransport> MetaService<T> {
                 .unwrap_or(1)
                 .max(1),
             serving_from: Mutex::new(0),
+            lease: Mutex::new(None),
+            granted: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
         let leader_task = tokio::spawn(leader_loop(Arc::downgrade(&service)));
         let heartbeat_task = tokio::spawn(heartbeat_loop(Arc::downgrade(&service)));
-        let barrier_task = tokio::spawn(serving_barrier_loop(Arc::downgrade(&service)));
+        let barrier_task = tokio::spawn(lease_loop(Arc::downgrade(&service)));
         lock(&service.tasks).extend([leader_task, heartbeat_task, barrier_task]);
         Ok(service)
     }
@@ -416,20 +422,59 @@ impl<T: PeerTransport> MetaService<T> {
         in_sync_epoch.is_some_and(|e| e == 0 || *lock(&self.serving_from) == e)
     }
 
-    /// One look at the serving barrier: if this node is in sync but not yet serving, asks its PG
-    /// peers which map epoch they have and lifts the barrier once enough of them are new enough.
-    async fn check_serving_barrier(&self) {
-        let me = self.id;
-        let pending = self.read(|s| {
-            s.nodes.get(&me).filter(|n| n.boot_id == self.boot_id && n.in_sync()).map(|n| n.in_sync_epoch)
-        });
-        match pending {
-            Some(e) if e != 0 && *lock(&self.serving_from) != e => {}
-            _ => return,
+    /// Whether this node may serve client *reads* now: it serves clients (above) and holds a read
+    /// lease for its current `in_sync_epoch`. The lease, renewed every ~0.5 s, lasts [`LEASE`]
+    /// from when its request left, and is granted only by peers whose map shows this node in sync
+    /// (at that epoch) and who hold no write recorded as missed by it; it needs, in every PG this
+    /// node holds with R copies, R − q of the other holders. A write acknowledged without this
+    /// node was applied — and recorded as missed by it — by at least q of them, so every set of
+    /// R − q holds one of them, and each of those holds its acknowledgement back until [`LEASE`]
+    /// (plus a margin) after the last lease it granted this node ([`Self::lease_holdback`]). So
+    /// once such a write is acknowledged this node's lease has run out: a node cut off from the
+    /// pool, still reachable by some client, stops serving reads before it can serve stale ones.
+    pub fn serves_reads(&self) -> bool {
+        if !self.serves_clients() {
+            return false;
         }
+        let in_sync_epoch = self.read(|s| s.nodes.get(&self.id).map(|n| n.in_sync_epoch));
+        let lease = *lock(&self.lease);
+        matches!((in_sync_epoch, lease), (Some(e), Some((le, until))) if e == le && until > Instant::now())
+    }
+
+    /// How long a mutation recorded here as missed by `peers` must still be held back before it
+    /// is acknowledged: until [`LEASE_HOLDBACK`] after this node last answered a lease request of
+    /// any of them (see [`Self::serves_reads`]). Zero when it answered none lately. The missed
+    /// write must be recorded *before* this is asked: a lease request answered after the record
+    /// is refused, one answered before it is counted here.
+    pub fn lease_holdback(&self, peers: &[u64]) -> Duration {
+        let granted = lock(&self.granted);
+        let now = Instant::now();
+        peers
+            .iter()
+            .filter_map(|p| granted.get(p))
+            .map(|t| (*t + LEASE_HOLDBACK).saturating_duration_since(now))
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Answers a peer's lease request (see [`Self::serves_reads`]).
+    fn grant_lease(&self, id: u64, in_sync_epoch: u64) -> bool {
+        // Noted before looking at the missed-writes log: a write recorded after this look is held
+        // back past this lease; one recorded before it makes this answer a refusal.
+        lock(&self.granted).insert(id, Instant::now());
+        let in_sync =
+            self.read(|s| s.nodes.get(&id).is_some_and(|n| n.in_sync() && n.in_sync_epoch == in_sync_epoch));
+        in_sync && !(self.usage_probe)().missed_for.contains(&id)
+    }
+
+    /// One look at this node's read lease: while this node is in sync and its lease is older than
+    /// [`LEASE_RENEW`], asks its PG peers to grant it again; the first lease after a catch-up also
+    /// lifts the serving barrier (writes are served from then on).
+    async fn renew_lease(&self) {
+        let me = self.id;
         let Some((in_sync_epoch, needs)) = self.read(|s| {
             let n = s.nodes.get(&me).filter(|n| n.boot_id == self.boot_id && n.in_sync())?;
-            // Per PG this node holds: its other holders, and how many of them must be new enough.
+            // Per PG this node holds: its other holders, and how many of them must grant.
             let needs: Vec<(Vec<u64>, usize)> = s
                 .pg_sets
                 .keys()
@@ -446,7 +491,10 @@ impl<T: PeerTransport> MetaService<T> {
         }) else {
             return;
         };
-        if in_sync_epoch == 0 || *lock(&self.serving_from) == in_sync_epoch {
+        if let Some((e, until)) = *lock(&self.lease)
+            && e == in_sync_epoch
+            && until > Instant::now() + (LEASE - LEASE_RENEW)
+        {
             return;
         }
         let peers: BTreeSet<u64> = needs.iter().flat_map(|(p, _)| p.iter().copied()).collect();
@@ -457,34 +505,28 @@ impl<T: PeerTransport> MetaService<T> {
                 .filter_map(|p| s.nodes.get(p).filter(|n| n.up).map(|n| (*p, n.addr.clone())))
                 .collect()
         });
-        let timeout = Duration::from_millis(self.config.heartbeat_interval_ms / 2);
+        let sent = Instant::now();
+        let request = PeerRequest::Lease { id: me, in_sync_epoch };
         let replies = futures::future::join_all(
-            addrs.iter().map(|(_, addr)| self.transport.call(addr, PeerRequest::Probe, timeout)),
+            addrs.iter().map(|(_, addr)| self.transport.call(addr, request.clone(), LEASE_CALL_TIMEOUT)),
         )
         .await;
-        let current: BTreeSet<u64> = addrs
+        let granted: BTreeSet<u64> = addrs
             .iter()
             .zip(replies)
-            .filter_map(|((id, _), r)| match r {
-                // New enough, and holding no write recorded as missed by this node: a peer that
-                // recorded one (its map still older when it did) has it copied over first — its
-                // next report sends this node back to catching up.
-                Ok(PeerReply::Probe(report))
-                    if report.id == *id
-                        && report.epoch >= in_sync_epoch
-                        && !report.missed_for.contains(&me) =>
-                {
-                    Some(*id)
-                }
-                _ => None,
-            })
+            .filter_map(|((id, _), r)| matches!(r, Ok(PeerReply::Lease(true))).then_some(*id))
             .collect();
-        if barrier_lifted(&needs, &current) {
+        if !barrier_lifted(&needs, &granted) {
+            return;
+        }
+        *lock(&self.lease) = Some((in_sync_epoch, sent + LEASE));
+        let mut serving_from = lock(&self.serving_from);
+        if in_sync_epoch != 0 && *serving_from != in_sync_epoch {
             tracing::info!(
                 epoch = in_sync_epoch,
                 "serving client IO: enough peers have the map in which this node is in sync"
             );
-            *lock(&self.serving_from) = in_sync_epoch;
+            *serving_from = in_sync_epoch;
         }
     }
 
@@ -511,6 +553,7 @@ impl<T: PeerTransport> MetaService<T> {
                 PeerReply::Heartbeat(Ok(()))
             }
             PeerRequest::Probe => PeerReply::Probe(self.report()),
+            PeerRequest::Lease { id, in_sync_epoch } => PeerReply::Lease(self.grant_lease(id, in_sync_epoch)),
             PeerRequest::Join { id, addr } => {
                 if !self.is_leader() {
                     return PeerReply::Join(Err(PeerError::NotLeader { leader: self.leader().map(|l| l.1) }));
@@ -815,11 +858,12 @@ fn barrier_lifted(needs: &[(Vec<u64>, usize)], current: &BTreeSet<u64>) -> bool 
     needs.iter().all(|(holders, need)| holders.iter().filter(|p| current.contains(p)).count() >= *need)
 }
 
-/// Lifts the serving barrier after a catch-up as soon as it can (see `serves_clients`).
-async fn serving_barrier_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) {
+/// Keeps this node's read lease (see `serves_reads`); its first grant after a catch-up lifts the
+/// serving barrier (see `serves_clients`).
+async fn lease_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) {
     loop {
         let Some(s) = service.upgrade() else { return };
-        s.check_serving_barrier().await;
+        s.renew_lease().await;
         drop(s);
         tokio::time::sleep(SERVING_BARRIER_POLL).await;
     }
@@ -842,6 +886,21 @@ fn stuck_backoff(times: u32) -> Duration {
 
 /// How often a node that caught up asks its peers whether they have the new map.
 const SERVING_BARRIER_POLL: Duration = Duration::from_millis(100);
+
+/// How long a read lease lasts, from when its request left the node that holds it.
+pub const LEASE: Duration = Duration::from_secs(3);
+
+/// A lease is renewed once it is this old.
+const LEASE_RENEW: Duration = Duration::from_millis(500);
+
+/// How long a peer may take to answer a lease request.
+const LEASE_CALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long after it last answered a node's lease request a peer holds back the acknowledgement of
+/// a write that node missed: the lease plus a margin for clocks that run at slightly different
+/// rates and for the answer's way back. It must stay well below the clients' RPC timeout (5 s),
+/// else the held-back reply would count as a failure.
+pub const LEASE_HOLDBACK: Duration = Duration::from_millis(3500);
 
 async fn heartbeat_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) {
     loop {
@@ -909,6 +968,10 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn serves_clients(&self) -> bool {
         true
     }
+    /// Whether this node serves client reads now; see [`MetaService::serves_reads`].
+    fn serves_reads(&self) -> bool {
+        self.serves_clients()
+    }
     /// Makes a node a metadata voter or learner; see [`MetaService::set_voter`]. A store without
     /// Raft membership refuses.
     fn set_voter(&self, id: u64, _voter: bool) -> futures::future::BoxFuture<'_, Result<(), MetaError>> {
@@ -967,6 +1030,10 @@ impl<T: PeerTransport> MetadataStore for MetaService<T> {
 
     fn serves_clients(&self) -> bool {
         MetaService::serves_clients(self)
+    }
+
+    fn serves_reads(&self) -> bool {
+        MetaService::serves_reads(self)
     }
 
     fn set_voter(&self, id: u64, voter: bool) -> futures::future::BoxFuture<'_, Result<(), MetaError>> {

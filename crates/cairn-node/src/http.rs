@@ -228,8 +228,8 @@ struct StatusJson {
     local_requests: u64,
     /// Admin API requests this node's NBD server sent (map refreshes, opens).
     nbd_meta_requests: u64,
-    /// Whether this node serves client reads and writes now (in sync, and after a catch-up, once
-    /// enough of its peers have the map that says so).
+    /// Whether this node serves client reads and writes now (in sync, after a catch-up once enough
+    /// of its peers have the map that says so, and holding a read lease from its peers).
     serving_clients: bool,
 }
 
@@ -259,7 +259,7 @@ async fn status(
         events_last_seq: s.next_event_seq - 1,
         local_requests: counters.local_requests.load(Ordering::Relaxed),
         nbd_meta_requests: counters.nbd_meta_requests.load(Ordering::Relaxed),
-        serving_clients: meta.serves_clients(),
+        serving_clients: meta.serves_reads(),
     }))
 }
 

@@ -147,6 +147,14 @@ impl Node {
         let (m1, m2, m3, m4) = (meta.clone(), meta.clone(), meta.clone(), meta.clone());
         let _ = peer.hooks.set(ClientHooks {
             serves_clients: Box::new(move || m1.serves_clients()),
+            serves_reads: {
+                let m = meta.clone();
+                Box::new(move || m.serves_reads())
+            },
+            lease_holdback: {
+                let m = meta.clone();
+                Box::new(move |peers| m.lease_holdback(peers))
+            },
             in_sync: Box::new(move |id| m2.read(|s| s.nodes.get(&id).is_some_and(|n| n.in_sync()))),
             missed: missed.clone(),
             volume_state: {

@@ -50,11 +50,20 @@ pub type PeerHandler = Arc<
     dyn Fn(bytes::Bytes) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, String>> + Send + Sync,
 >;
 
+/// See [`ClientHooks::lease_holdback`].
+pub type LeaseHoldback = Box<dyn Fn(&[u64]) -> std::time::Duration + Send + Sync>;
+
 /// What client IO needs from the rest of the node.
 pub struct ClientHooks {
     /// Whether this node may serve client reads and writes now (the cluster map knows its current
     /// process and it is not catching up).
     pub serves_clients: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Whether this node may serve client reads now: it serves clients and holds a read lease from
+    /// its PG peers (`MetaService::serves_reads`).
+    pub serves_reads: Box<dyn Fn() -> bool + Send + Sync>,
+    /// How long the acknowledgement of a mutation recorded as missed by these peers must still be
+    /// held back (until any read lease this node granted them has run out).
+    pub lease_holdback: LeaseHoldback,
     /// Whether a node is in sync (up, not catching up) in this node's cluster map.
     pub in_sync: Box<dyn Fn(u64) -> bool + Send + Sync>,
     /// Where missed writes of peers are recorded.
@@ -452,6 +461,9 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
         if !(hooks.serves_clients)() {
             return unavailable("the node is catching up on writes it missed");
         }
+        if matches!(request, Request::Read { .. } | Request::Allocation { .. }) && !(hooks.serves_reads)() {
+            return unavailable("the node holds no read lease (its peers do not confirm it is up to date)");
+        }
         if let Request::Write { missed_by, .. }
         | Request::Trim { missed_by, .. }
         | Request::WriteZeroes { missed_by, .. } = &request
@@ -480,9 +492,30 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
             }
         }
     }
+    // Peers a mutation records as having missed it: its acknowledgement waits out any read lease
+    // this node granted them (see `MetaService::serves_reads`).
+    let recorded: Vec<u64> = match &request {
+        Request::Write { missed_by, .. }
+        | Request::Trim { missed_by, .. }
+        | Request::WriteZeroes { missed_by, .. } => missed_by.clone(),
+        Request::RecordMissed { peers, .. } => peers.clone(),
+        _ => Vec::new(),
+    };
+    let slot = wiring.clone();
     let result = tokio::task::spawn_blocking(move || run(&store, wiring.hooks.get(), request)).await;
     match result {
-        Ok(Ok(response)) => response,
+        Ok(Ok(response)) => {
+            if let Some(h) = slot.hooks.get()
+                && !recorded.is_empty()
+                && matches!(response, Response::Applied { .. } | Response::Done)
+            {
+                let wait = (h.lease_holdback)(&recorded);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            response
+        }
         Ok(Err(e)) => {
             if matches!(
                 e,
