@@ -249,7 +249,10 @@ fn wait_serving(pool: &PoolJson) {
         }
         if Instant::now() > deadline {
             let ids: Vec<String> = waiting.iter().map(|i| i.to_string()).collect();
-            say!("node(s) {} still catching up: they serve client IO once they have", ids.join(", "));
+            say!(
+                "node(s) {} do not serve client IO yet (catching up, or no read lease from their peers); see GET /v1/status",
+                ids.join(", ")
+            );
             return;
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -6,7 +6,7 @@
 mod common;
 
 use cairn_client::NodeConnection;
-use cairn_proto::{Request, Response};
+use cairn_proto::{Request, Response, RpcError};
 use cairn_types::{ChunkIndex, ChunkSize, VolumeId};
 use common::*;
 use std::io::{Read, Write};
@@ -622,6 +622,48 @@ fn a_frozen_node_does_not_demote_healthy_ones() {
     pool.assert_converged("fz");
 }
 
+/// A four-node pool with a 64 MiB volume `name`: (pool, volume id, the holders of a chunk).
+fn four_nodes_and_holders(name: &str) -> (Pool, u64, impl Fn(u64) -> Vec<u64>) {
+    let pool = Pool::start(4);
+    pool.cli_json(&["volume", "create", name, "--size", "64M"]);
+    let id = volume_id(&pool, name);
+    let info = pool.cli_json(&["volume", "info", name]);
+    let pg_count = pool.get(1, "/v1/pgs").1["pg_count"].as_u64().unwrap() as u32;
+    let holders = move |chunk: u64| -> Vec<u64> {
+        let pg = cairn_types::placement::pg_of(VolumeId::new(id).unwrap(), ChunkIndex(chunk), pg_count).0;
+        let row = info["pgs"].as_array().unwrap().iter().find(|p| p["pg"] == pg).unwrap();
+        row["nodes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect()
+    };
+    (pool, id, holders)
+}
+
+/// Read leases are per PG: in a four-node pool with two nodes (3 and 4) dead, the chunks whose
+/// copies lie on both survivors stay readable through them (each vouches for the other), although
+/// the PGs that held both dead nodes have no peer left to grant their third holder a lease. With
+/// one lease for the whole node, the survivors served no read at all.
+#[test]
+fn losing_the_peers_of_some_pgs_does_not_stop_reads_of_the_others() {
+    let (pool, _, holders) = four_nodes_and_holders("pp");
+    let url = nbd_url(&pool.nbd(1), "pp");
+    write_flushed(&url, 0, 64, 1);
+    let both =
+        (0..64).find(|c| holders(*c).contains(&1) && holders(*c).contains(&2)).expect("a chunk on 1 and 2");
+    assert!(
+        (0..64).any(|c| holders(c).contains(&3) && holders(c).contains(&4)),
+        "no PG holds both nodes that die: the test would prove nothing"
+    );
+    pool.sigkill(3);
+    pool.sigkill(4);
+    wait_for("nodes 3 and 4 down", Duration::from_secs(30), || {
+        let (status, nodes) = pool.get(pool.leader_seen_by(1)?, "/v1/nodes");
+        let down = nodes.as_array()?.iter().filter(|n| n["state"] == "down").count();
+        (status == 200 && down == 2).then_some(())
+    });
+    let reader = nbd_url(&pool.nbd(2), "pp");
+    qemu_io(&reader, pattern_cmds("read", both, 1, 1));
+    qemu_io(&url, pattern_cmds("read", both, 1, 1));
+}
+
 /// Issue scenario 2, split-brain on handover. In a 4-node pool, chunk X's PG lies on nodes 1-3 and
 /// chunk Y's PG includes node 4. Writer B takes the volume over by writing X; writer A then
 /// writes Y. Fencing at open raises B's generation on every replica before B's first write, so
@@ -629,16 +671,7 @@ fn a_frozen_node_does_not_demote_healthy_ones() {
 /// stay identical. (With fencing only as writes arrive, node 4 had not seen B and applied it.)
 #[test]
 fn a_handover_fences_every_replica_before_the_new_writer_writes() {
-    let pool = Pool::start(4);
-    pool.cli_json(&["volume", "create", "sb", "--size", "64M"]);
-    let id = volume_id(&pool, "sb");
-    let info = pool.cli_json(&["volume", "info", "sb"]);
-    let pg_count = pool.get(1, "/v1/pgs").1["pg_count"].as_u64().unwrap() as u32;
-    let holders = |chunk: u64| -> Vec<u64> {
-        let pg = cairn_types::placement::pg_of(VolumeId::new(id).unwrap(), ChunkIndex(chunk), pg_count).0;
-        let row = info["pgs"].as_array().unwrap().iter().find(|p| p["pg"] == pg).unwrap();
-        row["nodes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect()
-    };
+    let (pool, id, holders) = four_nodes_and_holders("sb");
     let x = (0..64).find(|c| !holders(*c).contains(&4)).expect("a chunk away from node 4");
     let y = (0..64).find(|c| holders(*c).contains(&4)).expect("a chunk on node 4");
     let script = format!(
@@ -674,7 +707,16 @@ except nbd.Error as e:
                 offset: 0,
                 len: 4096,
             };
-            match c.call(&req).await.unwrap() {
+            // A PG created a moment ago (with the volume) has its read leases ~0.1 s later.
+            let t0 = std::time::Instant::now();
+            let mut reply = c.call(&req).await.unwrap();
+            while matches!(reply, Response::Error(RpcError::Unavailable { .. }))
+                && t0.elapsed() < Duration::from_secs(5)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                reply = c.call(&req).await.unwrap();
+            }
+            match reply {
                 Response::Read { data, .. } => {
                     assert!(data.iter().all(|b| *b == 0), "node {k} applied the fenced writer's write")
                 }

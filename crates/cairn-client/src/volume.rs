@@ -18,7 +18,6 @@
 
 use crate::connection::ConnectionPool;
 use crate::meta_client::{MetaClient, MetaClientError, NodeState, VolumeInfo};
-use crate::piece::read_piece;
 use crate::versions::{ChunkVersions, Known, VERSIONS_MAX};
 use bytes::Bytes;
 use cairn_engine::Version;
@@ -370,11 +369,24 @@ impl VolumeClient {
         // Not `call_within`: a timed-out mutation may still sit in this connection's send buffer,
         // and only the same stream keeps the mutations that follow it behind it (a new connection
         // could let a later write overtake it and be overwritten by it).
-        let reply =
-            match tokio::time::timeout(self.config.rpc_timeout, self.connections.call(addr, request)).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("node {node} did not answer within {:?}", self.config.rpc_timeout)),
-            };
+        // A mutation recorded as missed by peers may be held back until the read leases the node
+        // granted them ran out (`cairn_types::limits::READ_LEASE_HOLDBACK`): that is not a failure.
+        let names_missed = match request {
+            Request::Write { missed_by, .. }
+            | Request::Trim { missed_by, .. }
+            | Request::WriteZeroes { missed_by, .. } => !missed_by.is_empty(),
+            Request::RecordMissed { .. } => true,
+            _ => false,
+        };
+        let timeout = if names_missed {
+            self.config.rpc_timeout + cairn_types::limits::READ_LEASE_HOLDBACK
+        } else {
+            self.config.rpc_timeout
+        };
+        let reply = match tokio::time::timeout(timeout, self.connections.call(addr, request)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("node {node} did not answer within {timeout:?}")),
+        };
         self.note_deleted(&reply);
         reply
     }
@@ -687,10 +699,18 @@ impl VolumeClient {
         let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
         for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
             let (c, o) = (ChunkIndex(chunk), offset);
-            let copy =
-                read_piece(|r| async move { self.call(from, &r).await }, volume, c, chunk_size, o, piece)
-                    .await
-                    .map_err(|e| fail(from, e, false))?;
+            let copy = match self
+                .call(from, &Request::Read { volume, chunk: c, chunk_size, offset: o, len: piece })
+                .await
+            {
+                // The source does not serve this read now (no read lease, catching up): not a
+                // failure of the node — the copy is planned again from a fresh look.
+                Ok(Response::Error(RpcError::Unavailable { message })) => {
+                    return Err(fail(from, format!("the source does not serve reads now: {message}"), true));
+                }
+                Ok(reply) => crate::piece::piece_from(reply).map_err(|e| fail(from, e, false))?,
+                Err(e) => return Err(fail(from, e, false)),
+            };
             if copy.version != version {
                 return Err(fail(
                     from,

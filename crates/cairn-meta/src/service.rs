@@ -113,10 +113,13 @@ pub struct MetaService<T: PeerTransport> {
     /// The `in_sync_epoch` of this node for which enough PG peers were seen with a map at least as
     /// new (see [`MetaService::serves_clients`]).
     serving_from: Mutex<u64>,
-    /// This node's read lease: the `in_sync_epoch` it was granted for, and until when.
-    lease: Mutex<Option<(u64, Instant)>>,
-    /// When this node last answered each peer's lease request (granted or not).
+    /// This node's read leases: the `in_sync_epoch` they were granted for, and per granting peer
+    /// when the request it granted left (valid [`LEASE`] from then).
+    leases: Mutex<(u64, HashMap<u64, Instant>)>,
+    /// When this node last granted each peer a lease.
     granted: Mutex<HashMap<u64, Instant>>,
+    /// When this process started: a lease it granted before a restart is not in `granted`.
+    started: Instant,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -191,7 +194,8 @@ impl<T: PeerTransport> MetaService<T> {
                 .unwrap_or(1)
                 .max(1),
             serving_from: Mutex::new(0),
-            lease: Mutex::new(None),
+            leases: Mutex::new((0, HashMap::new())),
+            started: Instant::now(),
             granted: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
@@ -422,88 +426,128 @@ impl<T: PeerTransport> MetaService<T> {
         in_sync_epoch.is_some_and(|e| e == 0 || *lock(&self.serving_from) == e)
     }
 
-    /// Whether this node may serve client *reads* now: it serves clients (above) and holds a read
-    /// lease for its current `in_sync_epoch`. The lease, renewed every ~0.5 s, lasts [`LEASE`]
-    /// from when its request left, and is granted only by peers whose map shows this node in sync
-    /// (at that epoch) and who hold no write recorded as missed by it; it needs, in every PG this
-    /// node holds with R copies, R − q of the other holders. A write acknowledged without this
-    /// node was applied — and recorded as missed by it — by at least q of them, so every set of
-    /// R − q holds one of them, and each of those holds its acknowledgement back until [`LEASE`]
-    /// (plus a margin) after the last lease it granted this node ([`Self::lease_holdback`]). So
-    /// once such a write is acknowledged this node's lease has run out: a node cut off from the
-    /// pool, still reachable by some client, stops serving reads before it can serve stale ones.
-    pub fn serves_reads(&self) -> bool {
+    /// Whether this node may serve client reads of a PG whose other holders are `others`, of which
+    /// `need` must vouch for it: it serves clients (above) and holds a read lease from at least
+    /// `need` of them for its current `in_sync_epoch`. A lease, renewed every ~0.5 s, lasts
+    /// [`LEASE`] from when its request left, and is granted only by a peer whose map shows this
+    /// node in sync (at that epoch) and that holds no write recorded as missed by it. With R copies
+    /// `need` is R − q (q = ⌊R/2⌋ + 1): a write acknowledged without this node was applied — and
+    /// recorded as missed by it — by at least q of the R, so every R − q of the others hold one of
+    /// them, and each of those holds its acknowledgement back until [`LEASE_HOLDBACK`] after the
+    /// last lease it granted this node ([`Self::lease_holdback`]). So once such a write is
+    /// acknowledged this node's lease for that PG has run out: a node cut off from the pool, still
+    /// reachable by some client, stops serving reads before it can serve stale ones. Leases are
+    /// per PG: losing the peers of some PGs does not stop reads of the others.
+    pub fn lease_covers(&self, others: &[u64], need: usize) -> bool {
+        if need == 0 {
+            return self.serves_clients();
+        }
         if !self.serves_clients() {
             return false;
         }
-        let in_sync_epoch = self.read(|s| s.nodes.get(&self.id).map(|n| n.in_sync_epoch));
-        let lease = *lock(&self.lease);
-        matches!((in_sync_epoch, lease), (Some(e), Some((le, until))) if e == le && until > Instant::now())
+        let Some(in_sync_epoch) = self.read(|s| s.nodes.get(&self.id).map(|n| n.in_sync_epoch)) else {
+            return false;
+        };
+        let leases = lock(&self.leases);
+        if leases.0 != in_sync_epoch {
+            return false;
+        }
+        let now = Instant::now();
+        others.iter().filter(|p| leases.1.get(p).is_some_and(|t| *t + LEASE > now)).count() >= need
+    }
+
+    /// Whether this node serves reads of *every* PG it holds (`/v1/status serving_clients`).
+    pub fn serves_reads(&self) -> bool {
+        let Some(needs) = self.lease_needs() else { return false };
+        needs.iter().all(|(others, need)| self.lease_covers(others, *need))
     }
 
     /// How long a mutation recorded here as missed by `peers` must still be held back before it
-    /// is acknowledged: until [`LEASE_HOLDBACK`] after this node last answered a lease request of
-    /// any of them (see [`Self::serves_reads`]). Zero when it answered none lately. The missed
+    /// is acknowledged: until [`LEASE_HOLDBACK`] after this node last granted any of them a lease
+    /// (or after this process started: grants made before a restart are forgotten). The missed
     /// write must be recorded *before* this is asked: a lease request answered after the record
-    /// is refused, one answered before it is counted here.
+    /// is refused, one granted before it is counted here (both under the `granted` lock).
     pub fn lease_holdback(&self, peers: &[u64]) -> Duration {
         let granted = lock(&self.granted);
         let now = Instant::now();
         peers
             .iter()
-            .filter_map(|p| granted.get(p))
-            .map(|t| (*t + LEASE_HOLDBACK).saturating_duration_since(now))
+            .map(|p| granted.get(p).copied().unwrap_or(self.started).max(self.started))
+            .map(|t| (t + LEASE_HOLDBACK).saturating_duration_since(now))
             .max()
             .unwrap_or(Duration::ZERO)
     }
 
-    /// Answers a peer's lease request (see [`Self::serves_reads`]).
+    /// Answers a peer's lease request (see [`Self::lease_covers`]).
     fn grant_lease(&self, id: u64, in_sync_epoch: u64) -> bool {
-        // Noted before looking at the missed-writes log: a write recorded after this look is held
-        // back past this lease; one recorded before it makes this answer a refusal.
-        lock(&self.granted).insert(id, Instant::now());
         let in_sync =
             self.read(|s| s.nodes.get(&id).is_some_and(|n| n.in_sync() && n.in_sync_epoch == in_sync_epoch));
-        in_sync && !(self.usage_probe)().missed_for.contains(&id)
+        if !in_sync {
+            tracing::debug!(
+                node = id,
+                "read lease refused: not in sync at epoch {in_sync_epoch} in this map"
+            );
+            return false;
+        }
+        // Under the `granted` lock: a write recorded before this look makes it a refusal; one
+        // recorded after it finds this grant when it asks how long to hold back.
+        let mut granted = lock(&self.granted);
+        if (self.usage_probe)().missed_for.contains(&id) {
+            tracing::debug!(node = id, "read lease refused: this node holds writes it missed");
+            return false;
+        }
+        granted.insert(id, Instant::now());
+        true
     }
 
-    /// One look at this node's read lease: while this node is in sync and its lease is older than
-    /// [`LEASE_RENEW`], asks its PG peers to grant it again; the first lease after a catch-up also
-    /// lifts the serving barrier (writes are served from then on).
+    /// Per PG this node holds (if it is in sync for this process): its other holders, and how
+    /// many of them must grant it a lease.
+    fn lease_needs(&self) -> Option<Vec<(Vec<u64>, usize)>> {
+        let me = self.id;
+        self.read(|s| {
+            s.nodes.get(&me).filter(|n| n.boot_id == self.boot_id && n.in_sync())?;
+            Some(
+                s.pg_sets
+                    .keys()
+                    .flat_map(|r| {
+                        let need = usize::from(*r).saturating_sub(usize::from(*r) / 2 + 1);
+                        (0..s.pg_count).map(move |pg| (*r, pg, need))
+                    })
+                    .filter_map(|(r, pg, need)| {
+                        let holders = s.holders(r, pg);
+                        holders
+                            .contains(&me)
+                            .then(|| (holders.into_iter().filter(|p| *p != me).collect(), need))
+                    })
+                    .collect(),
+            )
+        })
+    }
+
+    /// One round of this node's read leases: while this node is in sync, every [`LEASE_RENEW`] it
+    /// asks its PG peers (those up in its map) to grant it a lease again; the first time the
+    /// grants cover every PG it holds after a catch-up, the serving barrier lifts (writes are
+    /// served from then on).
     async fn renew_lease(&self) {
         let me = self.id;
-        let Some((in_sync_epoch, needs)) = self.read(|s| {
-            let n = s.nodes.get(&me).filter(|n| n.boot_id == self.boot_id && n.in_sync())?;
-            // Per PG this node holds: its other holders, and how many of them must grant.
-            let needs: Vec<(Vec<u64>, usize)> = s
-                .pg_sets
-                .keys()
-                .flat_map(|r| {
-                    let need = usize::from(*r).saturating_sub(usize::from(*r) / 2 + 1);
-                    (0..s.pg_count).map(move |pg| (*r, pg, need))
-                })
-                .filter_map(|(r, pg, need)| {
-                    let holders = s.holders(r, pg);
-                    holders.contains(&me).then(|| (holders.into_iter().filter(|p| *p != me).collect(), need))
-                })
-                .collect();
-            Some((n.in_sync_epoch, needs))
-        }) else {
-            return;
-        };
-        if let Some((e, until)) = *lock(&self.lease)
-            && e == in_sync_epoch
-            && until > Instant::now() + (LEASE - LEASE_RENEW)
+        let Some(needs) = self.lease_needs() else { return };
+        let Some(in_sync_epoch) = self.read(|s| s.nodes.get(&me).map(|n| n.in_sync_epoch)) else { return };
+        let now = Instant::now();
         {
-            return;
+            let leases = lock(&self.leases);
+            let fresh = leases.0 == in_sync_epoch
+                && !leases.1.is_empty()
+                && leases.1.values().all(|t| *t + LEASE_RENEW > now);
+            let barrier_down = in_sync_epoch != 0 && *lock(&self.serving_from) != in_sync_epoch;
+            if fresh && !barrier_down {
+                return;
+            }
         }
-        let peers: BTreeSet<u64> = needs.iter().flat_map(|(p, _)| p.iter().copied()).collect();
+        // Every other node up in the map is asked, not only today's PG peers: a PG set created a
+        // moment ago (the first volume with its number of copies) is then covered at once.
         // (Peers the map shows down are not asked: they cannot answer, and take no writes.)
         let addrs: Vec<(u64, NodeAddr)> = self.read(|s| {
-            peers
-                .iter()
-                .filter_map(|p| s.nodes.get(p).filter(|n| n.up).map(|n| (*p, n.addr.clone())))
-                .collect()
+            s.nodes.values().filter(|n| n.id != me && n.up).map(|n| (n.id, n.addr.clone())).collect()
         });
         let sent = Instant::now();
         let request = PeerRequest::Lease { id: me, in_sync_epoch };
@@ -516,10 +560,24 @@ impl<T: PeerTransport> MetaService<T> {
             .zip(replies)
             .filter_map(|((id, _), r)| matches!(r, Ok(PeerReply::Lease(true))).then_some(*id))
             .collect();
+        {
+            let mut leases = lock(&self.leases);
+            if leases.0 != in_sync_epoch {
+                *leases = (in_sync_epoch, HashMap::new());
+            }
+            for id in &granted {
+                leases.1.insert(*id, sent);
+            }
+            // A refusal ends that peer's lease at once (it may hold a write this node missed).
+            for (id, _) in &addrs {
+                if !granted.contains(id) {
+                    leases.1.remove(id);
+                }
+            }
+        }
         if !barrier_lifted(&needs, &granted) {
             return;
         }
-        *lock(&self.lease) = Some((in_sync_epoch, sent + LEASE));
         let mut serving_from = lock(&self.serving_from);
         if in_sync_epoch != 0 && *serving_from != in_sync_epoch {
             tracing::info!(
@@ -888,7 +946,7 @@ fn stuck_backoff(times: u32) -> Duration {
 const SERVING_BARRIER_POLL: Duration = Duration::from_millis(100);
 
 /// How long a read lease lasts, from when its request left the node that holds it.
-pub const LEASE: Duration = Duration::from_secs(3);
+pub const LEASE: Duration = cairn_types::limits::READ_LEASE;
 
 /// A lease is renewed once it is this old.
 const LEASE_RENEW: Duration = Duration::from_millis(500);
@@ -896,11 +954,9 @@ const LEASE_RENEW: Duration = Duration::from_millis(500);
 /// How long a peer may take to answer a lease request.
 const LEASE_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long after it last answered a node's lease request a peer holds back the acknowledgement of
-/// a write that node missed: the lease plus a margin for clocks that run at slightly different
-/// rates and for the answer's way back. It must stay well below the clients' RPC timeout (5 s),
-/// else the held-back reply would count as a failure.
-pub const LEASE_HOLDBACK: Duration = Duration::from_millis(3500);
+/// How long after it last granted a node a lease a peer holds back the acknowledgement of a write
+/// that node missed (see `cairn_types::limits::READ_LEASE_HOLDBACK`; clients allow for it).
+pub const LEASE_HOLDBACK: Duration = cairn_types::limits::READ_LEASE_HOLDBACK;
 
 async fn heartbeat_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) {
     loop {

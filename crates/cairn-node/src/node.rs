@@ -149,7 +149,36 @@ impl Node {
             serves_clients: Box::new(move || m1.serves_clients()),
             serves_reads: {
                 let m = meta.clone();
-                Box::new(move || m.serves_reads())
+                let me = me.id;
+                // Per map epoch: each live volume's copies, and each PG's other holders.
+                let index = by_epoch(meta.clone(), move |s| {
+                    let volumes: std::collections::HashMap<u64, u8> =
+                        s.volumes.values().map(|v| (v.id, v.replicas)).collect();
+                    let others: std::collections::HashMap<u8, Vec<Vec<u64>>> = s
+                        .pg_sets
+                        .keys()
+                        .map(|r| {
+                            let per_pg = (0..s.pg_count)
+                                .map(|pg| s.holders(*r, pg).into_iter().filter(|p| *p != me).collect())
+                                .collect();
+                            (*r, per_pg)
+                        })
+                        .collect();
+                    (s.pg_count, volumes, others, s.nodes.len() <= 1)
+                });
+                Box::new(move |volume, chunk| {
+                    index(&|(pg_count, volumes, others, alone)| {
+                        // A volume this node's map does not know: no lease covers it yet (its map
+                        // may be behind), unless no other node exists to have taken writes.
+                        let Some(r) = volumes.get(&volume.get()) else { return *alone && m.serves_clients() };
+                        let pg = cairn_types::placement::pg_of(volume, chunk, *pg_count).0;
+                        let Some(peers) = others.get(r).and_then(|p| p.get(pg as usize)) else {
+                            return false;
+                        };
+                        let need = usize::from(*r).saturating_sub(usize::from(*r) / 2 + 1);
+                        m.lease_covers(peers, need)
+                    })
+                })
             },
             lease_holdback: {
                 let m = meta.clone();

@@ -50,6 +50,9 @@ pub type PeerHandler = Arc<
     dyn Fn(bytes::Bytes) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, String>> + Send + Sync,
 >;
 
+/// See [`ClientHooks::serves_reads`].
+pub type ServesReads = Box<dyn Fn(cairn_types::VolumeId, cairn_types::ChunkIndex) -> bool + Send + Sync>;
+
 /// See [`ClientHooks::lease_holdback`].
 pub type LeaseHoldback = Box<dyn Fn(&[u64]) -> std::time::Duration + Send + Sync>;
 
@@ -58,9 +61,9 @@ pub struct ClientHooks {
     /// Whether this node may serve client reads and writes now (the cluster map knows its current
     /// process and it is not catching up).
     pub serves_clients: Box<dyn Fn() -> bool + Send + Sync>,
-    /// Whether this node may serve client reads now: it serves clients and holds a read lease from
-    /// its PG peers (`MetaService::serves_reads`).
-    pub serves_reads: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Whether this node may serve client reads of a chunk now: it serves clients and holds a read
+    /// lease for the chunk's PG from enough of its other holders (`MetaService::lease_covers`).
+    pub serves_reads: ServesReads,
     /// How long the acknowledgement of a mutation recorded as missed by these peers must still be
     /// held back (until any read lease this node granted them has run out).
     pub lease_holdback: LeaseHoldback,
@@ -461,8 +464,12 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
         if !(hooks.serves_clients)() {
             return unavailable("the node is catching up on writes it missed");
         }
-        if matches!(request, Request::Read { .. } | Request::Allocation { .. }) && !(hooks.serves_reads)() {
-            return unavailable("the node holds no read lease (its peers do not confirm it is up to date)");
+        if let Request::Read { volume, chunk, .. } | Request::Allocation { volume, chunk, .. } = &request
+            && !(hooks.serves_reads)(*volume, *chunk)
+        {
+            return unavailable(
+                "no read lease for this chunk's PG (its peers do not confirm this copy is current)",
+            );
         }
         if let Request::Write { missed_by, .. }
         | Request::Trim { missed_by, .. }

@@ -159,8 +159,27 @@ pub struct Store {
     quarantined: Mutex<BTreeMap<ChunkKey, String>>,
     /// Chunks quarantined since the last [`Store::take_damaged`]: for the node to fetch copies.
     damaged_found: Mutex<Vec<ChunkKey>>,
+    /// Free bytes the store leaves on its file system (see [`Store::check_space`]).
+    reserve_bytes: u64,
+    /// The file system's free bytes, and when they were last looked up.
+    free: Mutex<(Option<std::time::Instant>, u64)>,
     /// Held for the store's lifetime: the flock on DATA_DIR/lock.
     _lock: File,
+}
+
+/// The most a store keeps free on its file system for the node's own files (metadata database,
+/// missed-writes log): 64 MiB, or a quarter of a small file system.
+const RESERVE_BYTES_MAX: u64 = 64 << 20;
+
+/// What a mutation may take besides its data: a new chunk file's header and block table.
+const CHUNK_FILE_OVERHEAD_BYTES: u64 = 8 << 10;
+
+/// How long a looked-up free-space figure is trusted.
+const FREE_SPACE_TTL: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn free_bytes(dir: &Path) -> Option<(u64, u64)> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some((s.f_blocks.saturating_mul(s.f_frsize), s.f_bavail.saturating_mul(s.f_frsize)))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -229,8 +248,34 @@ impl Store {
             faults,
             quarantined: Mutex::default(),
             damaged_found: Mutex::default(),
+            reserve_bytes: free_bytes(dir).map(|(total, _)| (total / 4).min(RESERVE_BYTES_MAX)).unwrap_or(0),
+            free: Mutex::new((None, 0)),
             _lock: lock_file,
         })
+    }
+
+    /// Refuses a mutation that may take space (`NoSpace`) once the file system has less than the
+    /// reserve free: the node's metadata database and missed-writes log live there too, and a
+    /// node that cannot write them cannot even learn that a volume was deleted to free space.
+    /// The free-space figure is looked up at most every [`FREE_SPACE_TTL`] and lowered by every
+    /// mutation's size in between (and looked up again when that would cross the reserve), so a
+    /// burst of writes cannot overshoot it.
+    fn check_space(&self, volume: VolumeId, chunk: ChunkIndex, bytes: u64) -> Result<(), StoreError> {
+        if self.reserve_bytes == 0 {
+            return Ok(());
+        }
+        let take = bytes.saturating_add(CHUNK_FILE_OVERHEAD_BYTES);
+        let need = self.reserve_bytes.saturating_add(take);
+        let mut free = lock(&self.free);
+        if free.0.is_none_or(|t| t.elapsed() > FREE_SPACE_TTL) || free.1 < need {
+            let now = free_bytes(&self.root).map(|(_, f)| f).unwrap_or(u64::MAX);
+            *free = (Some(std::time::Instant::now()), now);
+        }
+        if free.1 < need {
+            return Err(StoreError::NoSpace { volume, chunk });
+        }
+        free.1 -= take;
+        Ok(())
     }
 
     /// The data directory.
@@ -643,6 +688,7 @@ impl Store {
     ) -> Result<Version, StoreError> {
         let first_block = check_range(chunk_size, offset, data.len() as u64)?;
         check_received(volume, chunk, first_block, data, crcs)?;
+        self.check_space(volume, chunk, data.len() as u64)?;
         let state = self.volume(volume)?;
         let _fence = self.admit(volume, &state, stamp)?;
         // (A new chunk file is at version none: a refused write may leave one, reading as zeros.)
@@ -852,6 +898,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         let first_block = check_range(chunk_size, offset, present.len() as u64 * BLOCK)?;
         let n_present = present.iter().filter(|p| **p).count();
+        if n_present > 0 {
+            self.check_space(volume, chunk, data.len() as u64)?;
+        }
         if data.len() != n_present * BLOCK as usize || crcs.len() != n_present {
             return Err(StoreError::InvalidRequest(
                 "chunk install: data does not match the present blocks".into(),

@@ -90,6 +90,16 @@ impl fmt::Display for ChunkSize {
     }
 }
 
+/// How long a node's read lease lasts, from when its request left (see `cairn_meta`'s
+/// `MetaService::lease_covers`).
+pub const READ_LEASE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How long after it last granted a node a read lease a peer holds back the acknowledgement of a
+/// write that node missed: the lease plus a margin for clocks that run at slightly different
+/// rates and for the answer's way back. Clients wait this much longer than their RPC timeout for
+/// a reply to a mutation that names missed peers.
+pub const READ_LEASE_HOLDBACK: std::time::Duration = std::time::Duration::from_millis(3500);
+
 #[cfg(test)]
 mod tests {
     use super::*;
