@@ -571,9 +571,12 @@ impl VolumeClient {
                             return Err(IoError::Fenced);
                         }
                         if e.stale && stale_rounds < SETTLE_ROUNDS_MAX {
-                            // A copy moved since its version was read: ask them all again.
+                            // A copy moved since its version was read, or the source does not
+                            // serve reads for a moment (a read lease on its way): ask them all
+                            // again after a pause (32 rounds of 100 ms outlast a lease round).
                             stale_rounds += 1;
                             reported.clear();
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                             continue 'settle;
                         }
                         if e.unrecorded {

@@ -509,12 +509,10 @@ impl<T: PeerTransport> MetaService<T> {
             Some(
                 s.pg_sets
                     .keys()
-                    .flat_map(|r| {
-                        let need = usize::from(*r).saturating_sub(usize::from(*r) / 2 + 1);
-                        (0..s.pg_count).map(move |pg| (*r, pg, need))
-                    })
-                    .filter_map(|(r, pg, need)| {
+                    .flat_map(|r| (0..s.pg_count).map(move |pg| (*r, pg)))
+                    .filter_map(|(r, pg)| {
                         let holders = s.holders(r, pg);
+                        let need = lease_need(r, holders.len());
                         holders
                             .contains(&me)
                             .then(|| (holders.into_iter().filter(|p| *p != me).collect(), need))
@@ -568,12 +566,9 @@ impl<T: PeerTransport> MetaService<T> {
             for id in &granted {
                 leases.1.insert(*id, sent);
             }
-            // A refusal ends that peer's lease at once (it may hold a write this node missed).
-            for (id, _) in &addrs {
-                if !granted.contains(id) {
-                    leases.1.remove(id);
-                }
-            }
+            // A refusal ends that peer's lease at once (it may hold a write this node missed), and
+            // only peers asked this round are kept (one gone down would look stale forever).
+            leases.1.retain(|id, _| granted.contains(id));
         }
         if !barrier_lifted(&needs, &granted) {
             return;
@@ -908,6 +903,14 @@ async fn leader_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>)
         drop(s);
         tokio::time::sleep(interval).await;
     }
+}
+
+/// How many of a PG's other holders must grant a holder a read lease: all holders but a write
+/// quorum of the R copies (q = ⌊R/2⌋ + 1). A write acknowledged without the holder was recorded
+/// by at least q of the others, so any `holders − q` grants include one of them. (Counted from the
+/// holders, not from R: a PG that also lists a member being filled has more holders than R.)
+pub fn lease_need(replicas: u8, holders: usize) -> usize {
+    holders.saturating_sub(usize::from(replicas) / 2 + 1)
 }
 
 /// Whether a node that caught up may serve: in every PG it holds (its other holders, and how

@@ -154,12 +154,21 @@ impl Node {
                 let index = by_epoch(meta.clone(), move |s| {
                     let volumes: std::collections::HashMap<u64, u8> =
                         s.volumes.values().map(|v| (v.id, v.replicas)).collect();
-                    let others: std::collections::HashMap<u8, Vec<Vec<u64>>> = s
+                    // Per PG: this node's other holders and how many must grant, or None where
+                    // this node is no holder (it has no copy to serve).
+                    type Others = Option<(Vec<u64>, usize)>;
+                    let others: std::collections::HashMap<u8, Vec<Others>> = s
                         .pg_sets
                         .keys()
                         .map(|r| {
                             let per_pg = (0..s.pg_count)
-                                .map(|pg| s.holders(*r, pg).into_iter().filter(|p| *p != me).collect())
+                                .map(|pg| {
+                                    let holders = s.holders(*r, pg);
+                                    let need = cairn_meta::service::lease_need(*r, holders.len());
+                                    holders
+                                        .contains(&me)
+                                        .then(|| (holders.into_iter().filter(|p| *p != me).collect(), need))
+                                })
                                 .collect();
                             (*r, per_pg)
                         })
@@ -172,11 +181,10 @@ impl Node {
                         // may be behind), unless no other node exists to have taken writes.
                         let Some(r) = volumes.get(&volume.get()) else { return *alone && m.serves_clients() };
                         let pg = cairn_types::placement::pg_of(volume, chunk, *pg_count).0;
-                        let Some(peers) = others.get(r).and_then(|p| p.get(pg as usize)) else {
+                        let Some(Some((peers, need))) = others.get(r).and_then(|p| p.get(pg as usize)) else {
                             return false;
                         };
-                        let need = usize::from(*r).saturating_sub(usize::from(*r) / 2 + 1);
-                        m.lease_covers(peers, need)
+                        m.lease_covers(peers, *need)
                     })
                 })
             },

@@ -688,7 +688,6 @@ impl Store {
     ) -> Result<Version, StoreError> {
         let first_block = check_range(chunk_size, offset, data.len() as u64)?;
         check_received(volume, chunk, first_block, data, crcs)?;
-        self.check_space(volume, chunk, data.len() as u64)?;
         let state = self.volume(volume)?;
         let _fence = self.admit(volume, &state, stamp)?;
         // (A new chunk file is at version none: a refused write may leave one, reading as zeros.)
@@ -699,6 +698,8 @@ impl Store {
         if !Self::check_expected(volume, chunk, header_version(&inner.header), &stamp)? {
             return Ok(header_version(&inner.header));
         }
+        // After the fence and the version: a fenced or mismatched write is answered as such.
+        self.check_space(volume, chunk, data.len() as u64)?;
         self.begin_mutation(&state, &handle, &mut inner)?;
         self.write_locked(&handle, chunk_size, first_block, data, crcs, (volume, chunk))?;
         self.bump_version(&handle, &mut inner, stamp.version())
