@@ -319,6 +319,57 @@ print("DATA-OK")
     assert!(out.contains("DATA-OK"), "{out}");
 }
 
+/// A flush covers every write acknowledged before it was asked for: also one that was in flight
+/// while an earlier flush ran (that flush took the write's PG out of the set of PGs to flush
+/// before the write reached the replicas — the later flush found nothing to do and returned at
+/// once, leaving the write unsynced), and, on a shared volume, one acknowledged on another
+/// connection (NBD `CAN_MULTI_CONN`: each connection had its own set). Checked with every node's
+/// `unsynced_chunks` (chunks mutated since their last fdatasync) after each flush.
+#[test]
+fn a_flush_covers_every_write_acknowledged_before_it() {
+    let pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "fl", "--size", "64M", "--shared"]);
+    let script = format!(
+        r#"
+import nbd, json, urllib.request
+addrs = {addrs:?}
+def unsynced():
+    return [json.load(urllib.request.urlopen(f"http://{{a}}/v1/status"))["unsynced_chunks"] for a in addrs]
+a = nbd.NBD(); a.connect_uri("nbd://{a}/fl")
+b = nbd.NBD(); b.connect_uri("nbd://{a}/fl")
+buf = nbd.Buffer.from_bytearray(bytearray(b"w" * 4096))
+# Another connection's write (both connections to one server: CAN_MULTI_CONN is per server).
+multi = []
+for i in range(20):
+    a.pwrite(b"m" * 4096, i * 1048576 + 8192)
+    b.flush()
+    multi.append(sum(unsynced()))
+print("MULTI", multi)
+# A write in flight while a flush runs, then a flush asked for after both completed.
+raced = 0
+for i in range(200):
+    w = a.aio_pwrite(buf, (i % 64) * 1048576 + (i // 64) * 4096)
+    f = a.aio_flush()
+    done_w = done_f = False
+    while not (done_w and done_f):
+        done_w = done_w or a.aio_command_completed(w)
+        done_f = done_f or a.aio_command_completed(f)
+        if not (done_w and done_f):
+            a.poll(-1)
+    a.flush()
+    if sum(unsynced()) != 0:
+        raced += 1
+print("RACED", raced)
+"#,
+        addrs = (1..=3).map(|k| pool.http(k)).collect::<Vec<_>>(),
+        a = pool.nbd(1),
+    );
+    let (ok, out) = run_tool("/usr/bin/python3", &["-c".to_string(), script], Duration::from_secs(180));
+    assert!(ok, "{out}");
+    assert!(out.contains("MULTI [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]"), "{out}");
+    assert!(out.contains("RACED 0"), "{out}");
+}
+
 #[test]
 fn a_corrupt_replica_is_detected_and_repaired() {
     let pool = Pool::start(3);

@@ -66,7 +66,14 @@ pub struct MetaClient {
     volumes: std::sync::Mutex<std::collections::HashMap<String, VolumeSlot>>,
     /// Admin API requests sent (each counts once, redirects included).
     requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Per volume id, the PGs mutated through any volume client of this `MetaClient` since a
+    /// flush covered them: a flush on one connection covers every connection's acknowledged
+    /// writes (NBD `CAN_MULTI_CONN`). Entries no client holds are dropped at the next insert.
+    touched: std::sync::Mutex<std::collections::HashMap<u64, std::sync::Weak<TouchedPgs>>>,
 }
+
+/// PGs mutated since a flush covered them.
+pub type TouchedPgs = std::sync::Mutex<std::collections::BTreeSet<u32>>;
 
 type VolumeSlot = std::sync::Arc<tokio::sync::Mutex<Option<(u64, VolumeInfo)>>>;
 
@@ -103,7 +110,21 @@ impl MetaClient {
             view: tokio::sync::Mutex::new(None),
             volumes: Default::default(),
             requests: Default::default(),
+            touched: Default::default(),
         })
+    }
+
+    /// The set of PGs of volume `id` mutated since a flush covered them, shared by every volume
+    /// client of this `MetaClient` that has the volume open.
+    pub fn touched_pgs(&self, id: u64) -> std::sync::Arc<TouchedPgs> {
+        let mut all = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = all.get(&id).and_then(|w| w.upgrade()) {
+            return set;
+        }
+        all.retain(|_, w| w.strong_count() > 0);
+        let set = std::sync::Arc::new(TouchedPgs::default());
+        all.insert(id, std::sync::Arc::downgrade(&set));
+        set
     }
 
     async fn request(&self, post: bool, path: &str) -> Result<(u16, serde_json::Value), MetaClientError> {

@@ -210,8 +210,9 @@ pub struct VolumeClient {
     /// Nodes this client saw miss a write; not read from until the map shows them catching up.
     suspects: Mutex<BTreeMap<u64, Instant>>,
     /// PGs mutated since the last successful flush: a flush reaches only their replicas, so a PG
-    /// this client never wrote (perhaps without a majority) cannot stall it.
-    touched_pgs: Mutex<BTreeSet<u32>>,
+    /// never written (perhaps without a majority) cannot stall it. Shared by every client of the
+    /// volume in this process (`MetaClient::touched_pgs`): a flush covers every connection's writes.
+    touched_pgs: Arc<crate::meta_client::TouchedPgs>,
     refresher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -239,6 +240,7 @@ impl VolumeClient {
         config: ClientConfig,
     ) -> Result<Arc<Self>, MetaClientError> {
         let map = fetch_map(&meta, name, Instant::now(), None).await?;
+        let touched_pgs = meta.touched_pgs(map.volume.id);
         let client = Arc::new(VolumeClient {
             meta,
             name: name.to_string(),
@@ -252,7 +254,7 @@ impl VolumeClient {
             chunk_locks: Mutex::new(HashMap::new()),
             rotation: AtomicUsize::new(0),
             suspects: Mutex::new(BTreeMap::new()),
-            touched_pgs: Mutex::new(BTreeSet::new()),
+            touched_pgs,
             refresher: Mutex::new(None),
         });
         let weak = Arc::downgrade(&client);
@@ -1270,6 +1272,12 @@ impl VolumeClient {
                     // does not hold leaves it at none); if they differ, look it up next time.
                     let at = (now_at.len() == 1).then(|| now_at.first().copied()).flatten();
                     lock(&self.versions).set(chunk, at);
+                    // Again now that it is acknowledged: a flush that began while it was in flight
+                    // took the PG out of the set and may have reached the replicas before it
+                    // did; a flush asked for after this acknowledgement must cover it.
+                    if let Some(pg) = map.pg(chunk) {
+                        lock(&self.touched_pgs).insert(pg);
+                    }
                     return Ok(Round::Done);
                 }
             } else {
@@ -1331,8 +1339,13 @@ impl VolumeClient {
         loop {
             self.check_deleted()?;
             let map = self.map();
-            let nodes: BTreeSet<u64> =
-                pgs.iter().flat_map(|pg| map.replicas_of_pg(*pg)).filter(|n| map.in_sync(*n)).collect();
+            // A node this client saw miss a write does not count, even before the map says so.
+            let suspects: BTreeSet<u64> = lock(&self.suspects).keys().copied().collect();
+            let nodes: BTreeSet<u64> = pgs
+                .iter()
+                .flat_map(|pg| map.replicas_of_pg(*pg))
+                .filter(|n| map.in_sync(*n) && !suspects.contains(n))
+                .collect();
             let request = Request::Flush { volume };
             let results = futures::future::join_all(nodes.iter().map(|n| self.call(*n, &request))).await;
             let flushed: BTreeSet<u64> = nodes

@@ -45,6 +45,8 @@ pub struct Counters {
     pub local_requests: Arc<AtomicU64>,
     /// Admin API requests this node's NBD server sent (map refreshes of every connection).
     pub nbd_meta_requests: Arc<AtomicU64>,
+    /// The node's store, for `unsynced_chunks`.
+    pub store: Option<Arc<cairn_store::Store>>,
 }
 
 /// The API's router; `/v1/status` reports the counters.
@@ -228,6 +230,8 @@ struct StatusJson {
     local_requests: u64,
     /// Admin API requests this node's NBD server sent (map refreshes, opens).
     nbd_meta_requests: u64,
+    /// Chunks mutated since their last fdatasync (what flushes still have to make durable).
+    unsynced_chunks: u64,
     /// Whether this node serves client reads and writes now (in sync, after a catch-up once enough
     /// of its peers have the map that says so, and holding a read lease from its peers).
     serving_clients: bool,
@@ -259,6 +263,7 @@ async fn status(
         events_last_seq: s.next_event_seq - 1,
         local_requests: counters.local_requests.load(Ordering::Relaxed),
         nbd_meta_requests: counters.nbd_meta_requests.load(Ordering::Relaxed),
+        unsynced_chunks: counters.store.as_ref().map_or(0, |s| s.unsynced_count()),
         serving_clients: meta.serves_reads(),
     }))
 }

@@ -290,6 +290,7 @@ impl Node {
         let counters = crate::http::Counters {
             local_requests: local.requests.clone(),
             nbd_meta_requests: meta_client.counter(),
+            store: Some(store.clone()),
         };
         let app = crate::http::router(meta.clone() as Arc<dyn cairn_meta::MetadataStore>, counters);
         let limits = config.limits;

@@ -1348,6 +1348,13 @@ impl Store {
         Ok(())
     }
 
+    /// Chunks mutated since their last fdatasync, over every volume held (what the next flush of
+    /// each volume syncs; `/v1/status` reports it as `unsynced_chunks`).
+    pub fn unsynced_count(&self) -> u64 {
+        let volumes: Vec<Arc<VolumeState>> = lock(&self.volumes).values().cloned().collect();
+        volumes.iter().map(|v| lock(&v.inner).unsynced.len() as u64).sum()
+    }
+
     /// Flushes every volume that has dirty chunks.
     pub fn flush_all(&self) -> Result<(), StoreError> {
         let volumes: Vec<VolumeId> = lock(&self.volumes).keys().copied().collect();
