@@ -652,6 +652,39 @@ impl Store {
         Ok(version)
     }
 
+    /// A mutation found the copy at its own new version (a re-send of a mutation applied here):
+    /// answered as applied only if the blocks it names hold what it writes (`entries`: the
+    /// table entries it would leave). Two writers whose versions collide (the same count and
+    /// writer tag) would otherwise each be told their different data was applied, and the copies
+    /// would differ at one version; such a mutation is refused as a conflict and settled instead.
+    fn already_applied(
+        &self,
+        handle: &ChunkHandle,
+        inner: &ChunkInner,
+        first_block: u32,
+        entries: &[TableEntry],
+        key: ChunkKey,
+        stamp: &WriteStamp,
+    ) -> Result<Version, StoreError> {
+        let current = header_version(&inner.header);
+        let mut table = vec![0u8; entries.len() * TABLE_ENTRY_LEN];
+        let at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
+        self.fault(IoOp::Read)
+            .and_then(|_| handle.file.read_exact_at(&mut table, at))
+            .map_err(|e| StoreError::io(format!("reading {}", handle.path.display()), e, Some(key)))?;
+        let same = table.chunks_exact(TABLE_ENTRY_LEN).map(TableEntry::decode).eq(entries.iter().copied());
+        match stamp.expect {
+            Some(expected) if !same => Err(StoreError::VersionMismatch {
+                volume: key.0,
+                chunk: key.1,
+                current,
+                expected,
+                behind: false,
+            }),
+            _ => Ok(current),
+        }
+    }
+
     /// Checks a mutation's expected version against the chunk's (`current`, under its lock).
     /// `Ok(true)`: apply it; `Ok(false)`: the copy is already at the mutation's version (a re-send).
     fn check_expected(
@@ -696,7 +729,8 @@ impl Store {
             .ok_or_else(|| StoreError::InvalidRequest("chunk vanished while being created".into()))?;
         let mut inner = lock(&handle.inner);
         if !Self::check_expected(volume, chunk, header_version(&inner.header), &stamp)? {
-            return Ok(header_version(&inner.header));
+            let entries: Vec<TableEntry> = crcs.iter().map(|c| TableEntry::data(*c)).collect();
+            return self.already_applied(&handle, &inner, first_block, &entries, (volume, chunk), &stamp);
         }
         // After the fence and the version: a fenced or mismatched write is answered as such.
         self.check_space(volume, chunk, data.len() as u64)?;
@@ -801,7 +835,8 @@ impl Store {
         };
         let mut inner = lock(&handle.inner);
         if !Self::check_expected(volume, chunk, header_version(&inner.header), &stamp)? {
-            return Ok(header_version(&inner.header));
+            let entries = vec![TableEntry::UNWRITTEN; (len / BLOCK_SIZE_BYTES) as usize];
+            return self.already_applied(&handle, &inner, first_block, &entries, (volume, chunk), &stamp);
         }
         self.begin_mutation(&state, &handle, &mut inner)?;
         self.punch_locked(&handle, chunk_size, first_block, len, (volume, chunk))?;
@@ -899,9 +934,6 @@ impl Store {
     ) -> Result<(), StoreError> {
         let first_block = check_range(chunk_size, offset, present.len() as u64 * BLOCK)?;
         let n_present = present.iter().filter(|p| **p).count();
-        if n_present > 0 {
-            self.check_space(volume, chunk, data.len() as u64)?;
-        }
         if data.len() != n_present * BLOCK as usize || crcs.len() != n_present {
             return Err(StoreError::InvalidRequest(
                 "chunk install: data does not match the present blocks".into(),
@@ -937,6 +969,11 @@ impl Store {
             if current != expected {
                 return Err(mismatch(current, expected));
             }
+        }
+        // After the fence and the version check: a superseded or stale copy is told so, not
+        // "no space" (which would make a healthy, nearly full node look failed).
+        if n_present > 0 {
+            self.check_space(volume, chunk, data.len() as u64)?;
         }
         // An install replaces this node's copy: a damaged (quarantined) copy is replaced too.
         self.replace_if_damaged(volume, chunk)?;

@@ -428,9 +428,13 @@ fn mutations_apply_only_on_the_version_they_expect() {
     assert_eq!(r.unwrap(), ver(5, 1));
     // Sent again (a retry), it is answered as applied and changes nothing.
     assert_eq!(
-        store.write(v, c, cs, 0, &b, &block_crcs(&b), stamp(1, Expected::Below(5))).unwrap(),
+        store.write(v, c, cs, 0, &a, &block_crcs(&a), stamp(1, Expected::Below(5))).unwrap(),
         ver(5, 1)
     );
+    // Another write that would leave the same version with other data (two writers whose
+    // versions collide) is not answered as applied: a conflict, and nothing changes.
+    let collided = store.write(v, c, cs, 0, &b, &block_crcs(&b), stamp(1, Expected::Below(5)));
+    assert!(matches!(collided, Err(StoreError::VersionMismatch { behind: false, .. })), "{collided:?}");
     assert_eq!(store.read(v, c, cs, 0, 4096).unwrap().data, a);
     // A write expecting a version the copy has not reached: behind, refused.
     let behind = store.write(v, c, cs, 0, &b, &block_crcs(&b), stamp(9, Expected::Exact(ver(5, 8))));
@@ -446,6 +450,11 @@ fn mutations_apply_only_on_the_version_they_expect() {
     assert_eq!(t.unwrap(), Version::NONE, "nothing to trim, the chunk stays at none");
     assert!(store.trim(v, c, cs, 0, 4096, stamp(2, Expected::Exact(ver(5, 0)))).is_err());
     assert_eq!(store.trim(v, c, cs, 0, 4096, stamp(2, Expected::Exact(ver(5, 1)))).unwrap(), ver(5, 2));
+    assert_eq!(
+        store.trim(v, c, cs, 0, 4096, stamp(2, Expected::Exact(ver(5, 1)))).unwrap(),
+        ver(5, 2),
+        "a re-sent trim is answered as applied"
+    );
     // A read reports the version with the data, and which blocks hold data.
     let read = store.read(v, c, cs, 0, 8192).unwrap();
     assert_eq!((read.version, read.present), (ver(5, 2), vec![false, false]));
