@@ -260,7 +260,8 @@ pub async fn run(
                 let outcome = if me_catching_up && in_sync_source() {
                     Err(CopyFailure::Source("this node is catching up itself".into()))
                 } else {
-                    copy_chunk(&store, &conn, volume, chunk, chunk_size).await
+                    let shared = meta.read(|s| s.volumes.values().any(|v| v.id == volume && v.shared));
+                    copy_chunk(&store, &conn, (volume, chunk, chunk_size), shared).await
                 };
                 match outcome {
                     Ok(()) => {
@@ -807,16 +808,43 @@ async fn revive_chunk(node: Local<'_>, (volume, chunk, size): (u64, u64, u32)) -
             continue;
         }
         let Some(addr) = addrs.get(&id) else { continue };
-        let Ok(conn) = connections.get(*addr).await else { continue };
+        let conn = connections.get(*addr).await.map_err(|e| format!("holder {id}: {e}"))?;
         // Taken only if it reads back whole (a torn block fails its checksum), checked before
-        // this node's own copy is replaced.
-        if copy_from(From::Any(&conn), ids, None, |_, _, _| async { Ok(()) }).await.is_ok()
-            && pull_chunk(store, From::Any(&conn), volume, chunk, size).await.is_ok()
-        {
-            return Ok(id);
+        // this node's own copy is replaced. Only the holder's answer that its copy cannot be
+        // read passes over it; a failure to get an answer (or to install the copy here) is tried
+        // again next round — falling back to an older copy then would make it the one everybody
+        // takes, flushed writes lost.
+        if !reads_whole(&conn, ids).await.map_err(|e| format!("holder {id}: {e}"))? {
+            continue;
         }
+        pull_chunk(store, From::Any(&conn), volume, chunk, size)
+            .await
+            .map_err(|e| format!("holder {id}: {e}"))?;
+        return Ok(id);
     }
     Err("no holder's copy reads back whole".into())
+}
+
+/// Whether a holder's copy of a chunk reads back whole (`ReadCopy`, piece by piece, every block's
+/// checksum checked by the holder): `Ok(false)` if the holder answered that it cannot be read,
+/// `Err` if no answer came.
+async fn reads_whole(
+    conn: &NodeConnection,
+    (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize),
+) -> Result<bool, String> {
+    let piece = RPC_IO_MAX_BYTES.min(chunk_size.bytes());
+    for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
+        let request = Request::ReadCopy { volume, chunk, chunk_size, offset, len: piece };
+        match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
+            Ok(Ok(Response::Error(_))) => return Ok(false),
+            Ok(Ok(reply)) => {
+                piece_from(reply)?;
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("timed out".into()),
+        }
+    }
+    Ok(true)
 }
 
 /// A missed-writes log entry's ids, checked.
@@ -834,9 +862,15 @@ async fn pull_chunk(
     size: u32,
 ) -> Result<(), String> {
     let ids = checked(volume, chunk, size)?;
-    // This node serves nothing while it pulls its own copies: the first piece goes over whatever
-    // is here.
-    copy_from(conn, ids, None, |offset, copy: Piece, expect| {
+    // The first piece goes over the copy here as it is now (a damaged one counts as none): a peer
+    // that installs a newer copy meanwhile (catching this node up) is not undone by this one.
+    let s = store.clone();
+    let here = tokio::task::spawn_blocking(move || s.chunk_state(ids.0, ids.1))
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|st| st.map_or(cairn_types::Version::NONE, |st| st.version()))
+        .unwrap_or(cairn_types::Version::NONE);
+    copy_from(conn, ids, Some(here), |offset, copy: Piece, expect| {
         let s = store.clone();
         async move {
             let (kept, kept_crcs) = copy.present_only();
@@ -913,8 +947,8 @@ async fn relay_chunk(
     ids: (VolumeId, ChunkIndex, ChunkSize),
     generation: cairn_types::Generation,
 ) -> Result<(), String> {
-    let first = target_version(to, ids).await;
-    copy_from(From::Serving(from), ids, first, |offset, copy: Piece, expect| async move {
+    let first = target_version(to, ids).await?;
+    copy_from(From::Serving(from), ids, Some(first), |offset, copy: Piece, expect| async move {
         let (data, crcs) = copy.present_only();
         let (volume, chunk, chunk_size) = ids;
         let request = Request::InstallRange {
@@ -940,17 +974,22 @@ async fn relay_chunk(
 }
 
 /// The version of a chunk on a peer, for a copy's first piece to expect: a piece that arrives
-/// late (after a copy given up on, retried and finished) then changes nothing. `None` (install
-/// over anything) if it cannot tell — a damaged copy there, say.
+/// late (after a copy given up on, retried and finished) then changes nothing. A copy the peer
+/// cannot read (damaged) counts as none: the store lets an install expecting none replace a
+/// quarantined copy, and refuses it over any other. `Err` if the peer did not answer: a copy is
+/// never installed without a condition (a late one could roll back a newer copy).
 async fn target_version(
     to: &NodeConnection,
     (volume, chunk, _): (VolumeId, ChunkIndex, ChunkSize),
-) -> Option<cairn_types::Version> {
+) -> Result<cairn_types::Version, String> {
     match tokio::time::timeout(COPY_TIMEOUT, to.call(&Request::ChunkVersion { volume, chunk })).await {
         Ok(Ok(Response::ChunkVersion(info))) => {
-            Some(info.map(|i| i.chunk_version()).unwrap_or(cairn_types::Version::NONE))
+            Ok(info.map(|i| i.chunk_version()).unwrap_or(cairn_types::Version::NONE))
         }
-        _ => None,
+        Ok(Ok(Response::Error(_))) => Ok(cairn_types::Version::NONE),
+        Ok(Ok(other)) => Err(format!("asking the peer for its version: unexpected reply {other:?}")),
+        Ok(Err(e)) => Err(format!("asking the peer for its version: {e}")),
+        Err(_) => Err("asking the peer for its version: timed out".into()),
     }
 }
 
@@ -1027,9 +1066,8 @@ const UNREADABLE_SKIP: Duration = Duration::from_secs(30);
 async fn copy_chunk(
     store: &Arc<Store>,
     conn: &NodeConnection,
-    volume: u64,
-    chunk: u64,
-    size: u32,
+    (volume, chunk, size): (u64, u64, u32),
+    shared: bool,
 ) -> Result<(), CopyFailure> {
     let (volume, chunk, chunk_size) = checked(volume, chunk, size).map_err(CopyFailure::Source)?;
     let s = store.clone();
@@ -1043,13 +1081,16 @@ async fn copy_chunk(
     .await
     .map_err(|e| CopyFailure::Source(e.to_string()))?
     .map_err(|e| CopyFailure::Source(e.to_string()))?;
-    let first_expect = target_version(conn, (volume, chunk, chunk_size)).await;
-    if first_expect.is_some_and(|t| t >= reply.version && !t.is_installing()) {
-        // The peer holds this very copy already (the writer re-sent the write to it, say), or a
-        // newer one (versions of a chunk only grow along its one chain): never put an older copy
-        // over it.
+    let target = target_version(conn, (volume, chunk, chunk_size)).await.map_err(CopyFailure::Target)?;
+    // The peer holds this very copy already (the writer re-sent the write to it, say): done. A
+    // newer one, on a volume with one writer per generation, is further along the chunk's one
+    // chain of versions: never put an older copy over it. On a shared volume two writers make
+    // sibling versions, and a higher one there may be a write never acknowledged that this copy
+    // (holding the acknowledged one) must replace.
+    if target == reply.version || (target > reply.version && !target.is_installing() && !shared) {
         return Ok(());
     }
+    let first_expect = Some(target);
     let range_blocks = (RPC_IO_MAX_BYTES / BLOCK_SIZE_BYTES) as usize;
     let bs = BLOCK_SIZE_BYTES as usize;
     for (i, flags) in reply.present.chunks(range_blocks).enumerate() {

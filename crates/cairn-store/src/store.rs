@@ -958,13 +958,14 @@ impl Store {
         };
         if let Some(expected) = expect {
             // Checked before anything changes: no file created, no quarantine lifted for a copy
-            // planned against another state.
-            if lock(&self.quarantined).contains_key(&key) {
-                return Err(mismatch(Version::NONE, expected));
-            }
-            let current = match self.chunk(volume, &state, chunk, chunk_size, false)? {
-                Some(h) => header_version(&lock(&h.inner).header),
-                None => Version::NONE,
+            // planned against another state. A quarantined (damaged) copy counts as none.
+            let current = if lock(&self.quarantined).contains_key(&key) {
+                Version::NONE
+            } else {
+                match self.chunk(volume, &state, chunk, chunk_size, false)? {
+                    Some(h) => header_version(&lock(&h.inner).header),
+                    None => Version::NONE,
+                }
             };
             if current != expected {
                 return Err(mismatch(current, expected));
