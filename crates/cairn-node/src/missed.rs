@@ -39,6 +39,10 @@ struct Entry {
 struct Inner {
     peers: BTreeMap<u64, BTreeMap<ChunkKey, Entry>>,
     next_seq: u64,
+    /// An append failed: the file may hold a partial line and the memory entries that were not
+    /// appended. Every later record fails (until the node restarts and replays the file), so no
+    /// re-sent write is acknowledged on the strength of an entry held only in memory.
+    poisoned: Option<String>,
 }
 
 #[derive(Debug)]
@@ -55,6 +59,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl MissedLog {
     pub fn open(path: &Path) -> std::io::Result<MissedLog> {
         let mut inner = Inner::default();
+        // A crash in the middle of an append leaves a partial last line: cut it off, or the next
+        // append would be glued onto it and both skipped at the next replay.
+        if let Ok(bytes) = std::fs::read(path) {
+            let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            if whole < bytes.len() {
+                let f = OpenOptions::new().write(true).open(path)?;
+                f.set_len(whole as u64)?;
+                f.sync_data()?;
+            }
+        }
         if let Ok(f) = File::open(path) {
             for line in std::io::BufReader::new(f).lines() {
                 let line = line?;
@@ -87,6 +101,9 @@ impl MissedLog {
         let mut new_lines = String::new();
         {
             let mut inner = lock(&self.inner);
+            if let Some(why) = &inner.poisoned {
+                return Err(std::io::Error::other(format!("the missed-writes log failed earlier: {why}")));
+            }
             for peer in peers {
                 inner.next_seq += 1;
                 let seq = inner.next_seq;
@@ -106,8 +123,15 @@ impl MissedLog {
         if new_lines.is_empty() {
             return Ok(());
         }
-        f.write_all(new_lines.as_bytes())?;
-        f.sync_data()
+        let written = f.write_all(new_lines.as_bytes()).and_then(|_| f.sync_data());
+        self.poison_on_error(written)
+    }
+
+    fn poison_on_error<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &r {
+            lock(&self.inner).poisoned.get_or_insert_with(|| e.to_string());
+        }
+        r
     }
 
     /// Peers this node holds missed writes for.
@@ -153,11 +177,11 @@ impl MissedLog {
         if emptied {
             // Nothing pending: start the file afresh. (Not synced: if this is lost, replaying the old
             // file repeats copies, which is harmless.)
-            f.set_len(0)?;
-            return Ok(());
+            return self.poison_on_error(f.set_len(0));
         }
         let line = serde_json::to_string(&Line::Done(peer, volume, chunk)).map_err(std::io::Error::other)?;
-        f.write_all(format!("{line}\n").as_bytes())
+        let written = f.write_all(format!("{line}\n").as_bytes());
+        self.poison_on_error(written)
     }
 
     pub fn path(&self) -> &Path {
@@ -193,5 +217,36 @@ mod tests {
         log.done(3, 1, 10, b[0].3).unwrap();
         assert!(log.pending_peers().is_empty());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_partial_last_line_is_cut_off_so_later_records_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missed.log");
+        let log = MissedLog::open(&path).unwrap();
+        log.record(&[2], 1, 10, 1 << 20).unwrap();
+        drop(log);
+        // A crash in the middle of the next append.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"add":[3,1,1"#).unwrap();
+        drop(f);
+        let log = MissedLog::open(&path).unwrap();
+        log.record(&[4], 1, 12, 1 << 20).unwrap();
+        drop(log);
+        let log = MissedLog::open(&path).unwrap();
+        assert_eq!(log.pending_peers(), vec![2, 4], "the record after the torn line was replayed");
+    }
+
+    #[test]
+    fn a_failed_append_fails_every_later_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missed.log");
+        let log = MissedLog::open(&path).unwrap();
+        // A handle that cannot be written (as a full or failing disk would refuse).
+        *lock(&log.file) = File::open(&path).unwrap();
+        assert!(log.record(&[2], 1, 10, 1 << 20).is_err());
+        // The same record again (a re-sent write): the entry is in memory, but not in the file.
+        assert!(log.record(&[2], 1, 10, 1 << 20).is_err(), "never acknowledged from memory alone");
+        assert!(log.record(&[3], 1, 11, 1 << 20).is_err());
     }
 }
