@@ -49,6 +49,9 @@ struct PendingTable {
     waiters: HashMap<u64, oneshot::Sender<Result<Response, ConnectionError>>>,
     /// Set once the connection failed; later callers get it at once.
     failed: Option<ConnectionError>,
+    /// The highest request id sent: a reply to a lower id without a waiter is a late one (its
+    /// caller gave up), dropped; a reply to a higher one was never asked for.
+    highest: u64,
 }
 
 /// A connection to one storage node.
@@ -153,18 +156,42 @@ impl NodeConnection {
                 return Err(e.clone());
             }
             table.waiters.insert(id, tx);
+            table.highest = table.highest.max(id);
         }
+        // Removes the waiter however this call ends: also when the caller gives up on it (a
+        // timeout drops this future), so a node that never answers leaves no waiters behind.
+        let _waiter = Waiter { pending: &self.pending, id };
         let mut buf = BytesMut::new();
         let frame = Frame { version: self.version, kind: FrameKind::Request, request_id: id, body };
         if let Err(e) = frame.encode(&mut buf) {
-            lock(&self.pending).waiters.remove(&id);
             return Err(ConnectionError::Protocol { addr: self.addr, message: e.to_string() });
         }
         if self.outgoing.send(buf).await.is_err() {
-            lock(&self.pending).waiters.remove(&id);
             return Err(lost("writer task ended".into()));
         }
         rx.await.map_err(|_| lost("reply task ended".into()))?
+    }
+
+    /// Whether the connection has failed (closed, or a protocol error): nothing more goes on it.
+    pub fn has_failed(&self) -> bool {
+        lock(&self.pending).failed.is_some()
+    }
+
+    /// Requests waiting for their reply (each removed when its reply comes or its caller gives up).
+    pub fn waiting(&self) -> usize {
+        lock(&self.pending).waiters.len()
+    }
+}
+
+/// A call's entry in the table of requests waiting for replies; removed when dropped.
+struct Waiter<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).waiters.remove(&self.id);
     }
 }
 
@@ -216,11 +243,16 @@ async fn read_replies(
                 break ConnectionError::Protocol { addr, message: e.to_string() };
             }
         };
-        let waiter = lock(&pending).waiters.remove(&frame.request_id);
+        let (waiter, highest) = {
+            let mut table = lock(&pending);
+            (table.waiters.remove(&frame.request_id), table.highest)
+        };
         match waiter {
             Some(tx) => {
                 let _ = tx.send(Ok(response));
             }
+            // Its caller gave up on it (a timeout): the other calls on this connection go on.
+            None if frame.request_id <= highest => {}
             None => {
                 break ConnectionError::Protocol {
                     addr,
@@ -257,7 +289,10 @@ impl ConnectionPool {
     pub async fn get(&self, addr: SocketAddr) -> Result<Arc<NodeConnection>, ConnectionError> {
         let slot = self.slot(addr);
         let mut conn = slot.lock().await;
-        if let Some(c) = conn.as_ref() {
+        // A connection known to have failed (the node closed it: it restarted, say) is replaced
+        // before anything is sent on it: the request would fail without reaching the node, and
+        // the node be suspected for nothing.
+        if let Some(c) = conn.as_ref().filter(|c| !c.has_failed()) {
             return Ok(c.clone());
         }
         let c = Arc::new(NodeConnection::connect(addr).await?);
@@ -346,5 +381,59 @@ mod tests {
         );
         stuck.abort();
         drop(frozen);
+    }
+
+    /// A node that completes the hello and then answers late: calls given up on by their callers
+    /// (timeouts) leave no waiters behind, and their late replies do not end the connection.
+    #[tokio::test]
+    async fn calls_given_up_on_leave_no_waiters_and_late_replies_keep_the_connection() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = silent.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut frames = FramedRead::new(read, FrameCodec);
+            let _hello = frames.next().await;
+            let reply = HelloReply::Accepted { version: PROTOCOL_VERSION_MAX };
+            let mut buf = BytesMut::new();
+            Frame { version: 0, kind: FrameKind::HelloReply, request_id: 0, body: encode(&reply).unwrap() }
+                .encode(&mut buf)
+                .unwrap();
+            write.write_all(&buf).await.unwrap();
+            // Answers each request 50 ms late (its caller gave up after 5 ms), then answers the
+            // last one at once.
+            let mut n = 0;
+            while let Some(Ok(frame)) = frames.next().await {
+                n += 1;
+                if n <= 20 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let body = encode(&Response::Done).unwrap();
+                let mut buf = BytesMut::new();
+                Frame {
+                    version: PROTOCOL_VERSION_MAX,
+                    kind: FrameKind::Response,
+                    request_id: frame.request_id,
+                    body,
+                }
+                .encode(&mut buf)
+                .unwrap();
+                write.write_all(&buf).await.unwrap();
+            }
+        });
+        let conn = NodeConnection::connect(addr).await.unwrap();
+        let request = Request::ChunkVersion {
+            volume: cairn_types::VolumeId::new(1).unwrap(),
+            chunk: cairn_types::ChunkIndex(0),
+        };
+        for _ in 0..20 {
+            let r = tokio::time::timeout(Duration::from_millis(5), conn.call(&request)).await;
+            assert!(r.is_err(), "the node answers late");
+        }
+        assert_eq!(conn.waiting(), 0);
+        // The late replies do not end the connection: a call after them is answered.
+        let r = tokio::time::timeout(Duration::from_secs(5), conn.call(&request)).await;
+        assert!(matches!(r, Ok(Ok(Response::Done))), "{r:?}");
+        server.abort();
     }
 }

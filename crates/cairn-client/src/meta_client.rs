@@ -72,8 +72,53 @@ pub struct MetaClient {
     touched: std::sync::Mutex<std::collections::HashMap<u64, std::sync::Weak<TouchedPgs>>>,
 }
 
-/// PGs mutated since a flush covered them.
-pub type TouchedPgs = std::sync::Mutex<std::collections::BTreeSet<u32>>;
+/// PGs mutated since a flush covered them, each with the count of its latest mutation (marked
+/// when a mutation starts and again when it is acknowledged). A flush takes nothing out until it
+/// succeeded, and then only the PGs not marked again since it began: a flush running at the same
+/// time (another connection's, a FUA write's) finds them still there and flushes them itself
+/// instead of returning at once.
+#[derive(Debug, Default)]
+pub struct TouchedPgs {
+    inner: std::sync::Mutex<(std::collections::BTreeMap<u32, u64>, u64)>,
+}
+
+impl TouchedPgs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (std::collections::BTreeMap<u32, u64>, u64)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `pg` as mutated.
+    pub fn touch(&self, pg: u32) {
+        let mut g = self.lock();
+        g.1 += 1;
+        let n = g.1;
+        g.0.insert(pg, n);
+    }
+
+    /// The PGs a flush must cover now (those of `only`, if given), with their marks.
+    pub fn pending(
+        &self,
+        only: Option<&std::collections::BTreeSet<u32>>,
+    ) -> std::collections::BTreeMap<u32, u64> {
+        self.lock()
+            .0
+            .iter()
+            .filter(|(pg, _)| only.is_none_or(|o| o.contains(pg)))
+            .map(|(p, n)| (*p, *n))
+            .collect()
+    }
+
+    /// A flush of `covered` (as returned by [`Self::pending`]) succeeded: the PGs not marked again
+    /// since are clean.
+    pub fn flushed(&self, covered: &std::collections::BTreeMap<u32, u64>) {
+        let mut g = self.lock();
+        for (pg, n) in covered {
+            if g.0.get(pg) == Some(n) {
+                g.0.remove(pg);
+            }
+        }
+    }
+}
 
 type VolumeSlot = std::sync::Arc<tokio::sync::Mutex<Option<(u64, VolumeInfo)>>>;
 

@@ -368,9 +368,10 @@ impl VolumeClient {
             let n = map.nodes.get(&node).ok_or_else(|| format!("unknown node {node}"))?;
             n.rpc.parse().map_err(|e| format!("node {node} address {:?}: {e}", n.rpc))?
         };
-        // Not `call_within`: a timed-out mutation may still sit in this connection's send buffer,
-        // and only the same stream keeps the mutations that follow it behind it (a new connection
-        // could let a later write overtake it and be overwritten by it).
+        // A connection on which a call timed out is replaced (`call_within`): after a partition it
+        // may sit in TCP's retransmission back-off for minutes. A mutation still in its send
+        // buffer may then arrive after later ones sent on the new connection; it changes nothing
+        // there, as it expects a version the copy has left (versioned mutations).
         // A mutation recorded as missed by peers may be held back until the read leases the node
         // granted them ran out (`cairn_types::limits::READ_LEASE_HOLDBACK`): that is not a failure.
         let names_missed = match request {
@@ -385,10 +386,11 @@ impl VolumeClient {
         } else {
             self.config.rpc_timeout
         };
-        let reply = match tokio::time::timeout(timeout, self.connections.call(addr, request)).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("node {node} did not answer within {timeout:?}")),
-        };
+        let reply = self
+            .connections
+            .call_within(addr, request, timeout)
+            .await
+            .map_err(|e| format!("node {node}: {e}"));
         self.note_deleted(&reply);
         reply
     }
@@ -536,6 +538,10 @@ impl VolumeClient {
         dirty: BTreeMap<u64, BTreeMap<u64, ChunkInfo>>,
     ) -> Result<usize, IoError> {
         let mut reconciled = 0usize;
+        // A holder that fails for one chunk takes no part in the later ones either (it is
+        // suspected and recorded as having missed each): a frozen holder must not cost a timeout
+        // per dirty chunk, with every write waiting on the open.
+        let mut reached = reached.clone();
         for (chunk, mut reported) in dirty {
             let holders = map.replicas(chunk);
             let mut live: BTreeSet<u64> = holders.iter().copied().filter(|n| reached.contains(n)).collect();
@@ -544,9 +550,16 @@ impl VolumeClient {
             'settle: while !live.is_empty() {
                 let ask: Vec<u64> = live.iter().copied().filter(|n| !reported.contains_key(n)).collect();
                 let (asked, failed) = self.chunk_infos(volume, chunk, &ask).await;
-                if let Some((node, why)) = failed.into_iter().next() {
-                    self.suspect(node, &format!("open: chunk {chunk} version: {why}"));
-                    live.remove(&node);
+                if !failed.is_empty() {
+                    for (node, why, answered) in failed {
+                        self.suspect(node, &format!("open: chunk {chunk} version: {why}"));
+                        live.remove(&node);
+                        // One that did not answer at all is left out of the later chunks too; one
+                        // that answered with an error (a damaged copy of this chunk) is not.
+                        if !answered {
+                            reached.remove(&node);
+                        }
+                    }
                     continue 'settle;
                 }
                 reported.extend(asked);
@@ -585,6 +598,7 @@ impl VolumeClient {
                             return Err(IoError::Io(format!("open: chunk {chunk}: {}", e.why)));
                         }
                         live.remove(&e.node);
+                        reached.remove(&e.node);
                         continue 'settle;
                     }
                     reconciled += 1;
@@ -596,7 +610,8 @@ impl VolumeClient {
             let outside: Vec<u64> = holders.iter().copied().filter(|n| !live.contains(n)).collect();
             if !outside.is_empty() {
                 let on: Vec<u64> = live.iter().copied().collect();
-                let confirmed = self.record_missed(&on, &outside, volume, chunk, chunk_size).await;
+                let (confirmed, _) =
+                    self.record_missed(&on, &outside, volume, chunk, chunk_size, &BTreeMap::new()).await;
                 for node in on.iter().filter(|n| !confirmed.contains(n)) {
                     self.suspect(
                         *node,
@@ -614,13 +629,13 @@ impl VolumeClient {
     }
 
     /// The state of `chunk` on each of `nodes` (a node without it: at version none), and the
-    /// nodes that did not answer.
+    /// nodes that failed to tell (with whether they answered at all).
     async fn chunk_infos(
         &self,
         volume: VolumeId,
         chunk: u64,
         nodes: &[u64],
-    ) -> (BTreeMap<u64, ChunkInfo>, Vec<(u64, String)>) {
+    ) -> (BTreeMap<u64, ChunkInfo>, Vec<(u64, String, bool)>) {
         let ask = Request::ChunkVersion { volume, chunk: ChunkIndex(chunk) };
         let replies = futures::future::join_all(nodes.iter().map(|n| self.call(*n, &ask))).await;
         let mut infos = BTreeMap::new();
@@ -630,7 +645,8 @@ impl VolumeClient {
                 Ok(Response::ChunkVersion(info)) => {
                     infos.insert(*node, info.unwrap_or_else(ChunkInfo::absent));
                 }
-                other => failed.push((*node, format!("{other:?}"))),
+                Ok(other) => failed.push((*node, format!("{other:?}"), true)),
+                Err(e) => failed.push((*node, e, false)),
             }
         }
         (infos, failed)
@@ -671,7 +687,8 @@ impl VolumeClient {
             && !e.fenced
         {
             if e.node == install.node {
-                let confirmed = self.record_missed(&[from], &[e.node], volume, chunk, chunk_size).await;
+                let (confirmed, _) =
+                    self.record_missed(&[from], &[e.node], volume, chunk, chunk_size, &BTreeMap::new()).await;
                 if !confirmed.contains(&from) {
                     e.unrecorded = true;
                     e.why = format!("{} and node {from} could not record it", e.why);
@@ -737,6 +754,9 @@ impl VolumeClient {
                 // The first piece is installed over the planned copy; the next ones over the
                 // pieces before them (the target is "being installed" in between).
                 expect: Some(if o == 0 { expect } else { Version::installing(version) }),
+                // Refused if the target recorded the source as having missed a write to the
+                // chunk since this copy was planned (the copy would undo that write).
+                source: Some(from),
             };
             match self.call(to, &install).await {
                 Ok(Response::Done) => {}
@@ -777,7 +797,7 @@ impl VolumeClient {
                 .filter(|n| map.in_sync(*n) && !suspects.contains(n))
                 .collect();
             let (infos, failed) = self.chunk_infos(volume, chunk, &nodes).await;
-            if let Some((node, why)) = failed.first() {
+            if let Some((node, why, _)) = failed.first() {
                 last = format!("node {node}: chunk version: {why}");
             }
             let versions: BTreeMap<u64, Version> =
@@ -978,7 +998,7 @@ impl VolumeClient {
         for r in futures::future::join_all(writes).await {
             r?;
         }
-        if fua { self.flush().await } else { Ok(()) }
+        if fua { self.flush_range(offset, data.len() as u64).await } else { Ok(()) }
     }
 
     async fn write_piece(&self, p: Piece, data: Bytes) -> Result<(), IoError> {
@@ -1045,7 +1065,7 @@ impl VolumeClient {
                 self.mutate_settled(p.chunk, a0, Mutation::Trim((a1 - a0) as u32)).await?;
             }
         }
-        if fua { self.flush().await } else { Ok(()) }
+        if fua { self.flush_range(offset, len).await } else { Ok(()) }
     }
 
     /// Makes `len` bytes at `offset` read as zeros; `no_hole` keeps them allocated.
@@ -1070,7 +1090,7 @@ impl VolumeClient {
             let _guard = lock.lock().await;
             self.mutate_settled(p.chunk, a0, Mutation::Zero((a1 - a0) as u32, no_hole)).await?;
         }
-        if fua { self.flush().await } else { Ok(()) }
+        if fua { self.flush_range(offset, len).await } else { Ok(()) }
     }
 
     /// Applies one aligned mutation to every in-sync replica of `chunk` (caller holds the chunk
@@ -1090,7 +1110,7 @@ impl VolumeClient {
         let mut last = String::new();
         // Before any replica can apply it: a later flush must cover this PG.
         if let Some(pg) = self.map().pg(chunk) {
-            lock(&self.touched_pgs).insert(pg);
+            self.touched_pgs.touch(pg);
         }
         let generation = self.generation().await?;
         let expected = match read_at {
@@ -1111,6 +1131,8 @@ impl VolumeClient {
             sequence: lock(&self.versions).next_sequence(expected),
             expect: Some(expected),
         };
+        // Replicas that applied this mutation in some attempt.
+        let mut applied_by: BTreeSet<u64> = BTreeSet::new();
         loop {
             self.check_deleted()?;
             let map = self.map();
@@ -1159,13 +1181,18 @@ impl VolumeClient {
                 let mut conflict = false;
                 let mut fenced = false;
                 let mut now_at = BTreeSet::new();
+                // The version each replica that applied it is at now.
+                let mut applied_at = BTreeMap::new();
                 // The versions replicas that refused it are at.
                 let mut refused_at = Vec::new();
+                // Replicas that refused it as behind (a volume with one writer).
+                let mut behind = Vec::new();
                 for (node, r) in targets.iter().zip(results) {
                     match r {
                         Ok(Response::Applied { version }) => {
                             ok.push(*node);
                             now_at.insert(version);
+                            applied_at.insert(*node, version);
                         }
                         Ok(Response::Error(RpcError::Fenced { .. })) => {
                             self.on_fenced(generation).await?;
@@ -1184,6 +1211,7 @@ impl VolumeClient {
                                 conflict = true;
                             } else {
                                 failed.push(*node);
+                                behind.push(*node);
                             }
                         }
                         // Another chain (a concurrent writer of a shared volume, or a leftover of
@@ -1222,6 +1250,7 @@ impl VolumeClient {
                         }
                     }
                 }
+                applied_by.extend(ok.iter().copied());
                 if fenced {
                     return Ok(Round::Settled);
                 }
@@ -1244,14 +1273,32 @@ impl VolumeClient {
                     }
                     return Ok(Round::Settled);
                 }
+                // Every replica is behind the version this writer's last acknowledged mutation
+                // left: they all lost it (every holder lost power before a flush made it
+                // durable, which a power cut of every holder may do). They are not failing — none
+                // is suspected — but this write, built on data that is gone, is not acknowledged:
+                // it fails, and the next mutation of the chunk looks its version up again.
+                if ok.is_empty() && !behind.is_empty() && behind.len() == targets.len() {
+                    lock(&self.versions).set(chunk, None);
+                    return Err(IoError::Io(format!(
+                        "chunk {chunk}: every replica lost this writer's last acknowledged, unflushed \
+                         mutation of it ({last})"
+                    )));
+                }
                 // Replicas that applied it record who did not: those known in advance were named in
                 // the request itself (recorded durably before the reply); replicas that failed
                 // during it are recorded here. Every applier must confirm before the mutation is
                 // acknowledged: the catch-up relies on each of them holding the record.
+                // A record is made only if the copy still holds this mutation (`at`): on a shared
+                // volume another writer's reconciliation may have replaced it since it applied
+                // (`moved`), and then it is not acknowledged but settled and done again.
                 let mut recorded = true;
+                let mut moved = false;
                 if !ok.is_empty() && !failed.is_empty() {
-                    let confirmed = self.record_missed(&ok, &failed, volume, chunk, chunk_size).await;
-                    for node in ok.iter().filter(|n| !confirmed.contains(n)) {
+                    let (confirmed, refused) =
+                        self.record_missed(&ok, &failed, volume, chunk, chunk_size, &applied_at).await;
+                    moved = !refused.is_empty();
+                    for node in ok.iter().filter(|n| !confirmed.contains(n) && !refused.contains(n)) {
                         recorded = false;
                         last = format!("node {node} could not record that node(s) {failed:?} missed a write");
                         self.suspect(*node, &last);
@@ -1261,6 +1308,10 @@ impl VolumeClient {
                     // The storage nodes' heartbeats report the missed write to the leader too;
                     // this only speeds things up.
                     self.suspect(*node, &format!("write to chunk {chunk} failed: {last}"));
+                }
+                if moved {
+                    self.settle_chunk(chunk).await?;
+                    return Ok(Round::Settled);
                 }
                 if no_space && recorded {
                     return Err(IoError::NoSpace);
@@ -1276,7 +1327,7 @@ impl VolumeClient {
                     // took the PG out of the set and may have reached the replicas before it
                     // did; a flush asked for after this acknowledgement must cover it.
                     if let Some(pg) = map.pg(chunk) {
-                        lock(&self.touched_pgs).insert(pg);
+                        self.touched_pgs.touch(pg);
                     }
                     return Ok(Round::Done);
                 }
@@ -1288,6 +1339,17 @@ impl VolumeClient {
                 );
             }
             if Instant::now() > deadline {
+                // Not acknowledged, but applied on some replicas: the others (one that kept
+                // answering that it does not serve, say) are recorded as having missed it, so that
+                // they catch it up — nothing else would (the chunk is not dirty on them, and the
+                // appliers' dirty flags may be cleared before anyone opens the volume again).
+                let others: Vec<u64> =
+                    self.map().replicas(chunk).into_iter().filter(|n| !applied_by.contains(n)).collect();
+                if !applied_by.is_empty() && !others.is_empty() {
+                    let on: Vec<u64> = applied_by.iter().copied().collect();
+                    let _ =
+                        self.record_missed(&on, &others, volume, chunk, chunk_size, &BTreeMap::new()).await;
+                }
                 return Err(IoError::Io(format!("write to chunk {chunk} did not reach a majority: {last}")));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1295,6 +1357,9 @@ impl VolumeClient {
         }
     }
 
+    /// Has each node of `on` record that `peers` missed a write to `chunk` — where `at` names a
+    /// node's version, only if its copy is still at it. Returns the nodes that recorded it and
+    /// those whose copy had moved (refused with `VersionMismatch`).
     async fn record_missed(
         &self,
         on: &[u64],
@@ -1302,36 +1367,62 @@ impl VolumeClient {
         volume: VolumeId,
         chunk: u64,
         chunk_size: ChunkSize,
-    ) -> BTreeSet<u64> {
-        let request =
-            Request::RecordMissed { volume, chunk: ChunkIndex(chunk), chunk_size, peers: peers.to_vec() };
-        let results = futures::future::join_all(on.iter().map(|n| self.call(*n, &request))).await;
+        at: &BTreeMap<u64, Version>,
+    ) -> (BTreeSet<u64>, BTreeSet<u64>) {
+        let request = |node: u64| Request::RecordMissed {
+            volume,
+            chunk: ChunkIndex(chunk),
+            chunk_size,
+            peers: peers.to_vec(),
+            at: at.get(&node).copied(),
+        };
+        let results = futures::future::join_all(on.iter().map(|n| {
+            let r = request(*n);
+            async move { self.call(*n, &r).await }
+        }))
+        .await;
         let mut confirmed = BTreeSet::new();
+        let mut moved = BTreeSet::new();
         for (node, r) in on.iter().zip(results) {
             match r {
                 Ok(Response::Done) => {
                     confirmed.insert(*node);
                 }
+                Ok(Response::Error(RpcError::VersionMismatch { current, .. })) => {
+                    tracing::debug!(node, chunk, %current, "recording a missed write: the copy moved on");
+                    moved.insert(*node);
+                }
                 other => tracing::warn!(node, chunk, "recording a missed write: {other:?}"),
             }
         }
-        confirmed
+        (confirmed, moved)
     }
 
     /// Makes every write acknowledged before it durable on a majority of each chunk's replicas.
-    /// Only the PGs this client mutated since its last successful flush are involved.
+    /// Only the PGs mutated since a flush last covered them are involved.
     pub async fn flush(&self) -> Result<(), IoError> {
+        self.flush_only(None).await
+    }
+
+    /// A FUA mutation of `[offset, offset + len)`: makes it (and whatever else is pending in its
+    /// chunks' PGs) durable, not every PG pending.
+    async fn flush_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        let map = self.map();
+        let pgs: BTreeSet<u32> = self.pieces(offset, len).iter().filter_map(|p| map.pg(p.chunk)).collect();
+        self.flush_only(Some(&pgs)).await
+    }
+
+    async fn flush_only(&self, only: Option<&BTreeSet<u32>>) -> Result<(), IoError> {
         let (volume, _) = self.ids()?;
-        let pgs: BTreeSet<u32> = std::mem::take(&mut *lock(&self.touched_pgs));
-        if pgs.is_empty() {
+        let covered = self.touched_pgs.pending(only);
+        if covered.is_empty() {
             return Ok(());
         }
-        let result = self.flush_pgs(volume, &pgs).await;
-        if result.is_err() {
-            // Not durable: the next flush must cover these PGs again.
-            lock(&self.touched_pgs).extend(pgs);
-        }
-        result
+        let pgs: BTreeSet<u32> = covered.keys().copied().collect();
+        self.flush_pgs(volume, &pgs).await?;
+        // Durable: those not mutated again since this flush began are clean (the others stay).
+        self.touched_pgs.flushed(&covered);
+        Ok(())
     }
 
     async fn flush_pgs(&self, volume: VolumeId, pgs: &BTreeSet<u32>) -> Result<(), IoError> {

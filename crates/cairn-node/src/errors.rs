@@ -15,8 +15,8 @@ pub(crate) fn to_rpc(e: StoreError) -> RpcError {
         StoreError::InvalidRequest(message) => RpcError::InvalidRequest { message },
         e @ StoreError::Installing { .. } => RpcError::Unavailable { message: e.to_string() },
         StoreError::VersionMismatch { current, behind, .. } => RpcError::VersionMismatch { current, behind },
+        e @ StoreError::BadChunkFile { .. } => RpcError::Damaged { message: e.to_string() },
         other @ (StoreError::Io { .. }
-        | StoreError::BadChunkFile { .. }
         | StoreError::Poisoned { .. }
         | StoreError::DataDirLocked { .. }
         | StoreError::BadDataDir { .. }) => RpcError::Io { message: other.to_string() },

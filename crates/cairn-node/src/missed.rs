@@ -39,9 +39,10 @@ struct Entry {
 struct Inner {
     peers: BTreeMap<u64, BTreeMap<ChunkKey, Entry>>,
     next_seq: u64,
-    /// An append failed: the file may hold a partial line and the memory entries that were not
-    /// appended. Every later record fails (until the node restarts and replays the file), so no
-    /// re-sent write is acknowledged on the strength of an entry held only in memory.
+    /// An fdatasync of the file failed (its pages may be gone: what is on disk is unknown), or a
+    /// failed append could not be cut off again. Every later record fails until the node restarts
+    /// and replays the file, so no write is acknowledged on the strength of a record that may not
+    /// be on disk.
     poisoned: Option<String>,
 }
 
@@ -99,6 +100,7 @@ impl MissedLog {
         // in-memory state changed (replay must see an Add after a Done of the same chunk).
         let mut f = lock(&self.file);
         let mut new_lines = String::new();
+        let mut added = Vec::new();
         {
             let mut inner = lock(&self.inner);
             if let Some(why) = &inner.poisoned {
@@ -111,9 +113,10 @@ impl MissedLog {
                 match map.get_mut(&(volume, chunk)) {
                     Some(e) => e.seq = seq,
                     None => {
-                        map.insert((volume, chunk), Entry { chunk_size, seq });
                         let line = serde_json::to_string(&Line::Add(*peer, volume, chunk, chunk_size))
                             .map_err(std::io::Error::other)?;
+                        map.insert((volume, chunk), Entry { chunk_size, seq });
+                        added.push(*peer);
                         new_lines.push_str(&line);
                         new_lines.push('\n');
                     }
@@ -123,15 +126,36 @@ impl MissedLog {
         if new_lines.is_empty() {
             return Ok(());
         }
-        let written = f.write_all(new_lines.as_bytes()).and_then(|_| f.sync_data());
-        self.poison_on_error(written)
+        if let Err(e) = self.append(&mut f, new_lines.as_bytes()) {
+            // Not recorded: the entries go from memory too, so that a re-sent write records
+            // them again instead of finding them there.
+            let mut inner = lock(&self.inner);
+            for peer in added {
+                if let Some(map) = inner.peers.get_mut(&peer) {
+                    map.remove(&(volume, chunk));
+                    if map.is_empty() {
+                        inner.peers.remove(&peer);
+                    }
+                }
+            }
+            return Err(e);
+        }
+        if let Err(e) = f.sync_data() {
+            lock(&self.inner).poisoned.get_or_insert_with(|| format!("fdatasync: {e}"));
+            return Err(e);
+        }
+        Ok(())
     }
 
-    fn poison_on_error<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
-        if let Err(e) = &r {
-            lock(&self.inner).poisoned.get_or_insert_with(|| e.to_string());
+    /// Appends `bytes`; if that fails, cuts the file back to where it was (a partial line would
+    /// swallow the next append at replay), and poisons the log if that fails too.
+    fn append(&self, f: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+        let before = f.metadata()?.len();
+        let Err(e) = f.write_all(bytes) else { return Ok(()) };
+        if let Err(t) = f.set_len(before) {
+            lock(&self.inner).poisoned.get_or_insert_with(|| format!("append: {e}; cutting it off: {t}"));
         }
-        r
+        Err(e)
     }
 
     /// Peers this node holds missed writes for.
@@ -176,12 +200,11 @@ impl MissedLog {
         };
         if emptied {
             // Nothing pending: start the file afresh. (Not synced: if this is lost, replaying the old
-            // file repeats copies, which is harmless.)
-            return self.poison_on_error(f.set_len(0));
+            // file repeats copies, which is harmless; so is a failure here.)
+            return f.set_len(0);
         }
         let line = serde_json::to_string(&Line::Done(peer, volume, chunk)).map_err(std::io::Error::other)?;
-        let written = f.write_all(format!("{line}\n").as_bytes());
-        self.poison_on_error(written)
+        self.append(&mut f, format!("{line}\n").as_bytes())
     }
 
     pub fn path(&self) -> &Path {
@@ -238,15 +261,23 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_append_fails_every_later_record() {
+    fn a_failed_append_is_not_kept_in_memory() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missed.log");
         let log = MissedLog::open(&path).unwrap();
         // A handle that cannot be written (as a full or failing disk would refuse).
-        *lock(&log.file) = File::open(&path).unwrap();
+        let writable = std::mem::replace(&mut *lock(&log.file), File::open(&path).unwrap());
         assert!(log.record(&[2], 1, 10, 1 << 20).is_err());
-        // The same record again (a re-sent write): the entry is in memory, but not in the file.
+        // The same record again (a re-sent write): the entry must not be found in memory alone.
         assert!(log.record(&[2], 1, 10, 1 << 20).is_err(), "never acknowledged from memory alone");
-        assert!(log.record(&[3], 1, 11, 1 << 20).is_err());
+        assert!(log.missed_by(1, 10).is_empty());
+        // The failed append could not be cut off either (the handle refuses that too): the log
+        // is poisoned, and records fail until the node restarts and replays the file.
+        *lock(&log.file) = writable;
+        assert!(log.record(&[3], 1, 11, 1 << 20).is_err(), "poisoned");
+        drop(log);
+        let log = MissedLog::open(&path).unwrap();
+        log.record(&[2], 1, 10, 1 << 20).unwrap();
+        assert_eq!(log.pending(2), 1);
     }
 }

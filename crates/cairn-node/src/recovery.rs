@@ -21,7 +21,7 @@ use bytes::Bytes;
 use cairn_client::piece::{Piece, piece_from, read_piece};
 use cairn_client::{ConnectionPool, NodeConnection};
 use cairn_meta::MetaService;
-use cairn_proto::{Request, Response};
+use cairn_proto::{Request, Response, RpcError};
 use cairn_store::Store;
 use cairn_types::limits::RPC_IO_MAX_BYTES;
 use cairn_types::placement::pg_of;
@@ -261,7 +261,7 @@ pub async fn run(
                     Err(CopyFailure::Source("this node is catching up itself".into()))
                 } else {
                     let shared = meta.read(|s| s.volumes.values().any(|v| v.id == volume && v.shared));
-                    copy_chunk(&store, &conn, (volume, chunk, chunk_size), shared).await
+                    copy_chunk(&store, &conn, (volume, chunk, chunk_size), (me, shared)).await
                 };
                 match outcome {
                     Ok(()) => {
@@ -759,7 +759,7 @@ async fn revive_chunk(node: Local<'_>, (volume, chunk, size): (u64, u64, u32)) -
                 Some(Some(info.unwrap_or_else(cairn_proto::ChunkInfo::absent)))
             }
             // It answered, but its copy cannot be read (damaged): it cannot win.
-            Ok(Response::Error(_)) => Some(None),
+            Ok(Response::Error(RpcError::Damaged { .. } | RpcError::Corrupt { .. })) => Some(None),
             _ => None,
         }
     }))
@@ -836,7 +836,9 @@ async fn reads_whole(
     for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
         let request = Request::ReadCopy { volume, chunk, chunk_size, offset, len: piece };
         match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
-            Ok(Ok(Response::Error(_))) => return Ok(false),
+            // The holder says its copy cannot be read (damaged, or a block fails its checksum).
+            Ok(Ok(Response::Error(RpcError::Damaged { .. } | RpcError::Corrupt { .. }))) => return Ok(false),
+            Ok(Ok(Response::Error(e))) => return Err(e.to_string()),
             Ok(Ok(reply)) => {
                 piece_from(reply)?;
             }
@@ -962,6 +964,7 @@ async fn relay_chunk(
             generation,
             version: copy.version,
             expect,
+            source: None,
         };
         match tokio::time::timeout(COPY_TIMEOUT, to.call(&request)).await {
             Ok(Ok(Response::Done)) => Ok(()),
@@ -986,7 +989,10 @@ async fn target_version(
         Ok(Ok(Response::ChunkVersion(info))) => {
             Ok(info.map(|i| i.chunk_version()).unwrap_or(cairn_types::Version::NONE))
         }
-        Ok(Ok(Response::Error(_))) => Ok(cairn_types::Version::NONE),
+        // Damaged there, or a block fails its checksum: no copy to keep.
+        Ok(Ok(Response::Error(RpcError::Damaged { .. } | RpcError::Corrupt { .. }))) => {
+            Ok(cairn_types::Version::NONE)
+        }
         Ok(Ok(other)) => Err(format!("asking the peer for its version: unexpected reply {other:?}")),
         Ok(Err(e)) => Err(format!("asking the peer for its version: {e}")),
         Err(_) => Err("asking the peer for its version: timed out".into()),
@@ -1067,7 +1073,7 @@ async fn copy_chunk(
     store: &Arc<Store>,
     conn: &NodeConnection,
     (volume, chunk, size): (u64, u64, u32),
-    shared: bool,
+    (me, shared): (u64, bool),
 ) -> Result<(), CopyFailure> {
     let (volume, chunk, chunk_size) = checked(volume, chunk, size).map_err(CopyFailure::Source)?;
     let s = store.clone();
@@ -1117,6 +1123,10 @@ async fn copy_chunk(
             // The first piece goes over the copy the peer had when this copy began, the next
             // ones over the pieces before them.
             expect: if i == 0 { first_expect } else { Some(cairn_types::Version::installing(reply.version)) },
+            // On a shared volume this copy may replace a higher (sibling) version: refused if the
+            // peer recorded this node as having missed a write to the chunk (its copy would undo
+            // that write; the record's own copy comes first).
+            source: shared.then_some(me),
         };
         let failed = match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
             Ok(Ok(Response::Done)) => continue,

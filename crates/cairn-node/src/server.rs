@@ -22,6 +22,7 @@ use cairn_proto::{
     Request, Response, RpcError,
 };
 use cairn_store::{Store, StoreError, WriteStamp};
+use cairn_types::Version;
 use cairn_types::limits::RPC_IO_MAX_BYTES;
 use futures::StreamExt;
 use std::net::SocketAddr;
@@ -598,6 +599,22 @@ fn chunk_info(
     }
 }
 
+/// Per-chunk (striped) locks that make a record of missed writes and the checks that depend on it
+/// one step with respect to installs: a mutation applied and recorded as missed by peers, a
+/// `RecordMissed` checked against the copy's version, and an `InstallRange` checked against the
+/// records (see `Request::RecordMissed::at` and `Request::InstallRange::source`). Taken outside the
+/// store's own chunk lock, only by requests that record or name a source.
+static RECORD_STRIPES: [std::sync::Mutex<()>; 64] = [const { std::sync::Mutex::new(()) }; 64];
+
+fn record_stripe(
+    volume: cairn_types::VolumeId,
+    chunk: cairn_types::ChunkIndex,
+) -> std::sync::MutexGuard<'static, ()> {
+    let h = volume.get().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ chunk.0.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let stripe = &RECORD_STRIPES[(h >> 58) as usize];
+    stripe.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<Response, StoreError> {
     let stamp = |s: cairn_proto::Stamp| WriteStamp {
         generation: s.generation,
@@ -611,12 +628,28 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             Response::Read { crcs: r.crcs, data: r.data.into(), present: r.present, version: r.version }
         }
         Request::Write { volume, chunk, chunk_size, offset, stamp: s, crcs, data, missed_by } => {
+            let _stripe = (!missed_by.is_empty()).then(|| record_stripe(volume, chunk));
             let version = store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
             // Before the acknowledgement: an acknowledged write a peer missed is never forgotten.
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
             refuse_if_now_in_sync(hooks, &missed_by).unwrap_or(Response::Applied { version })
         }
-        Request::RecordMissed { volume, chunk, chunk_size, peers } => {
+        Request::RecordMissed { volume, chunk, chunk_size, peers, at } => {
+            let _stripe = record_stripe(volume, chunk);
+            if let Some(at) = at {
+                // The write being acknowledged must still be here: a copy installed over it since
+                // (another shared writer's reconciliation) no longer holds it.
+                let current = store.chunk_state(volume, chunk)?.map_or(Version::NONE, |st| st.version());
+                if current != at {
+                    return Err(StoreError::VersionMismatch {
+                        volume,
+                        chunk,
+                        current,
+                        expected: cairn_types::Expected::Exact(at),
+                        behind: current < at,
+                    });
+                }
+            }
             record_missed(hooks, &peers, volume, chunk, chunk_size)?;
             Response::Done
         }
@@ -634,7 +667,24 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             generation,
             version,
             expect,
+            source,
         } => {
+            let _stripe = source.map(|_| record_stripe(volume, chunk));
+            if let Some(source) = source {
+                // A copy from a node recorded here as having missed a write to the chunk would undo
+                // that write (the record came after the copy was planned).
+                let hooks = hooks.ok_or_else(|| StoreError::InvalidRequest("the node is starting".into()))?;
+                if hooks.missed.missed_by(volume.get(), chunk.0).contains(&source) {
+                    let current = store.chunk_state(volume, chunk)?.map_or(Version::NONE, |st| st.version());
+                    return Err(StoreError::VersionMismatch {
+                        volume,
+                        chunk,
+                        current,
+                        expected: cairn_types::Expected::Exact(expect.unwrap_or(Version::NONE)),
+                        behind: false,
+                    });
+                }
+            }
             store.install_range(
                 volume, chunk, chunk_size, offset, &present, &data, &crcs, generation, version, expect,
             )?;
@@ -648,11 +698,13 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             Response::Done
         }
         Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s, missed_by } => {
+            let _stripe = (!missed_by.is_empty()).then(|| record_stripe(volume, chunk));
             let version = store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
             refuse_if_now_in_sync(hooks, &missed_by).unwrap_or(Response::Applied { version })
         }
         Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate, missed_by } => {
+            let _stripe = (!missed_by.is_empty()).then(|| record_stripe(volume, chunk));
             let version = store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
             refuse_if_now_in_sync(hooks, &missed_by).unwrap_or(Response::Applied { version })

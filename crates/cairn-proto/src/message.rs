@@ -105,6 +105,12 @@ pub enum Request {
         chunk: ChunkIndex,
         chunk_size: ChunkSize,
         peers: Vec<u64>,
+        /// Record only if this node's copy is still at this version (version 5): the one the
+        /// write being acknowledged left here. A copy replaced meanwhile (another writer's
+        /// reconciliation of a shared volume) no longer holds that write, and acknowledging it
+        /// would lose it; the node refuses (`VersionMismatch`), checked and recorded in one step
+        /// with respect to installs.
+        at: Option<Version>,
     },
     /// Catch-up: replace a range of a chunk with a peer's copy. `data` holds the present blocks.
     InstallRange {
@@ -123,6 +129,10 @@ pub enum Request {
         /// Install only if this node's copy is still at this version (version 4): a
         /// reconciliation planned against it never overwrites a newer one.
         expect: Option<Version>,
+        /// The node the copy comes from (version 5): refused (`VersionMismatch`) if this node
+        /// recorded it as having missed a write to the chunk — a record made after the copy was
+        /// planned (the write it missed is here, and the copy would undo it).
+        source: Option<u64>,
     },
     /// Rewrite blocks this node holds corrupt with good copies read elsewhere.
     Repair {
@@ -297,6 +307,10 @@ pub enum RpcError {
     /// it holds another chain (a concurrent writer of a shared volume, or a leftover).
     #[error("chunk copy at version {current} is not the one the writer expects{}", if *behind { " (behind)" } else { "" })]
     VersionMismatch { current: Version, behind: bool },
+    /// The node's copy of the chunk is damaged (version 5): its file failed its checks and was
+    /// moved aside; the node holds no copy until one is installed from a replica.
+    #[error("chunk copy is damaged: {message}")]
+    Damaged { message: String },
 }
 
 /// The payload of an `InstallRange` from a read of the same range: the blocks `present` marks

@@ -917,7 +917,8 @@ impl Store {
     /// expects. Fenced like a write: refused if `generation` is below the volume's fence (raised if
     /// above). With `expect`, applied only if this copy is still at that version (a reconciliation
     /// planned against it), checked and applied under the chunk's lock in one go, before anything
-    /// changes (a damaged chunk has no version: only an unconditional install replaces it).
+    /// changes (a damaged, quarantined chunk counts as holding none: an install expecting
+    /// `Version::NONE` or none at all replaces it).
     #[allow(clippy::too_many_arguments)]
     pub fn install_range(
         &self,
