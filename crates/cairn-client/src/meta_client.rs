@@ -25,6 +25,9 @@ pub struct VolumeInfo {
     pub replicas: u8,
     pub shared: bool,
     pub generation: u64,
+    /// Writers numbered so far (the latest open's or `writer`'s number).
+    #[serde(default)]
+    pub writers: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -282,6 +285,12 @@ impl MetaClient {
     /// Obtains a new writer generation for the volume (committed before it is returned).
     pub async fn open(&self, name: &str) -> Result<VolumeInfo, MetaClientError> {
         self.get_json(true, &format!("/v1/volumes/{name}/open"), name).await
+    }
+
+    /// Numbers a new writer of `name` under its current generation (committed): the returned
+    /// `writers` is this writer's number.
+    pub async fn writer(&self, name: &str) -> Result<VolumeInfo, MetaClientError> {
+        self.get_json(true, &format!("/v1/volumes/{name}/writer"), name).await
     }
 
     /// Tells the pool that a node missed a write while it stayed up: it must catch up.

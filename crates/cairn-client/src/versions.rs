@@ -15,10 +15,10 @@ use std::hash::{BuildHasher, Hasher};
 pub(crate) const VERSIONS_MAX: usize = 1 << 20;
 
 /// Bits of a sequence number that name its writer (the rest count): versions made by two writers
-/// of a shared volume (one generation) differ unless both the count and the 24-bit tag do. Tags
-/// are distinct within one process (its writers are numbered from a random start), so only
-/// writers in different processes (hosts) can share one, with a chance of about the number of
-/// their writers over 2^24.
+/// of a shared volume (one generation) differ because their tags do. A writer's tag is its
+/// number from the metadata (`Volume::writers`, committed when it opens the volume or joins a
+/// shared volume's generation), so tags repeat only after 2^24 writers of one volume; until a
+/// writer has its number it uses one distinct within its process from a random start.
 const TAG_BITS: u32 = 24;
 
 /// The tag of this process's next writer.
@@ -75,6 +75,11 @@ impl ChunkVersions {
             self.forgot = true;
         }
         self.known.insert(chunk, version);
+    }
+
+    /// Sets this writer's tag (its number from the metadata).
+    pub(crate) fn set_tag(&mut self, number: u64) {
+        self.tag = number & ((1 << TAG_BITS) - 1);
     }
 
     /// The sequence number of a new mutation expecting `expected`: above the expected version's

@@ -416,16 +416,23 @@ impl VolumeClient {
         }
         let mut g = self.generation.lock().await;
         if *g == 0 {
+            // A shared volume's writer joins the current generation (if any) with a number of its
+            // own; any other writer opens a new generation, which numbers it too.
             let adopted = if self.shared() {
-                let v = self.meta.volume(&self.name).await.map_err(meta_err)?;
-                (v.generation != 0).then_some(v.generation)
+                let v = self.meta.writer(&self.name).await.map_err(meta_err)?;
+                (v.generation != 0).then(|| {
+                    lock(&self.versions).set_tag(v.writers);
+                    v.generation
+                })
             } else {
                 None
             };
             let generation = match adopted {
                 Some(generation) => generation,
                 None => {
-                    let generation = self.meta.open(&self.name).await.map_err(meta_err)?.generation;
+                    let opened = self.meta.open(&self.name).await.map_err(meta_err)?;
+                    lock(&self.versions).set_tag(opened.writers);
+                    let generation = opened.generation;
                     // Before the first write: no replica accepts the previous writer's mutations
                     // from now on, and the chunks it may have left different are made identical.
                     match self.fence_and_reconcile(generation).await {
@@ -548,6 +555,14 @@ impl VolumeClient {
             let mut stale_rounds = 0;
             // Each failure takes one holder out (suspected, caught up later), so this ends.
             'settle: while !live.is_empty() {
+                // Never decided by fewer than a quorum of the holders (the others' copies may hold
+                // what wins): the open fails and the next write tries it again.
+                if live.len() < map.quorum() {
+                    return Err(IoError::Io(format!(
+                        "open: chunk {chunk}: only {} of its holders take part in its reconciliation",
+                        live.len()
+                    )));
+                }
                 let ask: Vec<u64> = live.iter().copied().filter(|n| !reported.contains_key(n)).collect();
                 let (asked, failed) = self.chunk_infos(volume, chunk, &ask).await;
                 if !failed.is_empty() {
@@ -1108,10 +1123,6 @@ impl VolumeClient {
         let (volume, chunk_size) = self.ids()?;
         let deadline = Instant::now() + self.config.io_timeout;
         let mut last = String::new();
-        // Before any replica can apply it: a later flush must cover this PG.
-        if let Some(pg) = self.map().pg(chunk) {
-            self.touched_pgs.touch(pg);
-        }
         let generation = self.generation().await?;
         let expected = match read_at {
             Some(v) => Expected::Exact(v),
@@ -1294,7 +1305,11 @@ impl VolumeClient {
                 // (`moved`), and then it is not acknowledged but settled and done again.
                 let mut recorded = true;
                 let mut moved = false;
-                if !ok.is_empty() && !failed.is_empty() {
+                // Only when enough applied it to acknowledge it: a record for an attempt applied
+                // by fewer (its leftovers are settled like any failed write's) could face another
+                // writer's acknowledged sibling whose appliers recorded this one — each side would
+                // then refuse the other's copy for good.
+                if ok.len() >= map.quorum() && !failed.is_empty() {
                     let (confirmed, refused) =
                         self.record_missed(&ok, &failed, volume, chunk, chunk_size, &applied_at).await;
                     moved = !refused.is_empty();
@@ -1323,9 +1338,11 @@ impl VolumeClient {
                     // does not hold leaves it at none); if they differ, look it up next time.
                     let at = (now_at.len() == 1).then(|| now_at.first().copied()).flatten();
                     lock(&self.versions).set(chunk, at);
-                    // Again now that it is acknowledged: a flush that began while it was in flight
-                    // took the PG out of the set and may have reached the replicas before it
-                    // did; a flush asked for after this acknowledgement must cover it.
+                    // Marked for flushing once acknowledged (a flush covers the writes
+                    // acknowledged before it was asked for; one that began while this was in
+                    // flight may have reached the replicas first, and leaves the mark). A
+                    // mutation that fails leaves none: a PG that lost its majority does not fail
+                    // every later flush.
                     if let Some(pg) = map.pg(chunk) {
                         self.touched_pgs.touch(pg);
                     }
@@ -1345,7 +1362,7 @@ impl VolumeClient {
                 // appliers' dirty flags may be cleared before anyone opens the volume again).
                 let others: Vec<u64> =
                     self.map().replicas(chunk).into_iter().filter(|n| !applied_by.contains(n)).collect();
-                if !applied_by.is_empty() && !others.is_empty() {
+                if applied_by.len() >= self.map().quorum() && !others.is_empty() {
                     let on: Vec<u64> = applied_by.iter().copied().collect();
                     let _ =
                         self.record_missed(&on, &others, volume, chunk, chunk_size, &BTreeMap::new()).await;

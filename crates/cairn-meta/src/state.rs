@@ -100,6 +100,11 @@ pub struct Volume {
     /// (Always serialized: binary encodings need every field.)
     #[serde(default)]
     pub stale_from_bytes: Option<u64>,
+    /// Writers numbered so far: every writer (an open, or a shared volume's writer joining) gets
+    /// the next number, the tag its versions carry, so two writers of one generation never make
+    /// the same version.
+    #[serde(default)]
+    pub writers: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,10 +171,15 @@ pub enum Command {
         name: String,
         time_ms: u64,
     },
-    /// Issue a new writer generation for a volume.
+    /// Issue a new writer generation for a volume (and a writer number).
     OpenVolume {
         name: String,
         time_ms: u64,
+    },
+    /// Number a new writer of a volume under its current generation (a shared volume's writer
+    /// that adopts the generation another opened).
+    AddWriter {
+        name: String,
     },
     /// A node started with data-directory incarnation `incarnation` (a new value when it may have
     /// lost unflushed writes). Its entries of another incarnation become void; it becomes a backfill
@@ -576,6 +586,7 @@ impl ClusterState {
                     created_ms: time_ms,
                     generation: 0,
                     stale_from_bytes: None,
+                    writers: 0,
                 };
                 self.next_volume_id += 1;
                 self.volumes.insert(name.clone(), volume.clone());
@@ -627,6 +638,7 @@ impl ClusterState {
                     self.volumes.get_mut(&name).ok_or_else(|| StateError::UnknownVolume(name.clone()))?;
                 self.last_generation += 1;
                 volume.generation = self.last_generation;
+                volume.writers += 1;
                 let volume = volume.clone();
                 self.event(
                     time_ms,
@@ -635,6 +647,12 @@ impl ClusterState {
                     format!("generation {}", volume.generation),
                 );
                 Ok(CommandResult::Volume(volume))
+            }
+            Command::AddWriter { name } => {
+                let volume =
+                    self.volumes.get_mut(&name).ok_or_else(|| StateError::UnknownVolume(name.clone()))?;
+                volume.writers += 1;
+                Ok(CommandResult::Volume(volume.clone()))
             }
             Command::NodeStarted { id, incarnation, time_ms } => {
                 let node = self.nodes.get_mut(&id).ok_or(StateError::UnknownNode(id))?;
@@ -739,6 +757,23 @@ mod tests {
             shared: false,
             time_ms: 2,
         })
+    }
+
+    #[test]
+    fn every_writer_gets_its_own_number() {
+        let mut s = with_nodes(3);
+        create(&mut s, "w", 1 << 20, 3);
+        let number = |r: CommandResult| match r {
+            CommandResult::Volume(v) => (v.generation, v.writers),
+            other => panic!("{other:?}"),
+        };
+        let a = number(s.apply(Command::OpenVolume { name: "w".into(), time_ms: 3 }));
+        let b = number(s.apply(Command::AddWriter { name: "w".into() }));
+        let c = number(s.apply(Command::OpenVolume { name: "w".into(), time_ms: 4 }));
+        assert_eq!((a.1, b.1, c.1), (1, 2, 3), "numbers never repeat");
+        assert_eq!(a.0, b.0, "a writer joining keeps the generation");
+        assert!(c.0 > b.0);
+        assert!(matches!(s.apply(Command::AddWriter { name: "nope".into() }), CommandResult::Rejected(_)));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! | GET | /v1/volumes/{name} | one volume and the nodes holding its placement groups |
 //! | DELETE | /v1/volumes/{name} | delete |
 //! | POST | /v1/volumes/{name}/resize | `{"size_bytes", "allow_shrink"?}` |
-//! | POST | /v1/volumes/{name}/open | issue a new writer generation |
+//! | POST | /v1/volumes/{name}/open | issue a new writer generation (and writer number) |
+//! | POST | /v1/volumes/{name}/writer | number a new writer under the current generation |
 //! | GET | /v1/events?since=N | events with sequence number above N |
 //! | POST | /v1/nodes/{id}/catch-up | a client saw the node miss a write: it must catch up |
 //! | GET | /v1/pgs | the placement-group table: `{"epoch", "pg_count", "table": [[node, …], …]}` |
@@ -58,6 +59,7 @@ pub fn router(meta: Meta, counters: Counters) -> Router {
         .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/open", post(open_volume))
+        .route("/v1/volumes/{name}/writer", post(add_writer))
         .route("/v1/events", get(events))
         .route("/v1/pgs", get(pgs))
         .route("/v1/nodes/{id}/catch-up", post(catch_up))
@@ -463,6 +465,14 @@ async fn open_volume(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Volume>, ApiError> {
     Ok(Json(propose_volume(&meta, &uri, Command::OpenVolume { name, time_ms: now_ms() }).await?))
+}
+
+async fn add_writer(
+    State(meta): State<Meta>,
+    uri: Uri,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Volume>, ApiError> {
+    Ok(Json(propose_volume(&meta, &uri, Command::AddWriter { name }).await?))
 }
 
 #[derive(Deserialize)]

@@ -759,7 +759,9 @@ async fn revive_chunk(node: Local<'_>, (volume, chunk, size): (u64, u64, u32)) -
                 Some(Some(info.unwrap_or_else(cairn_proto::ChunkInfo::absent)))
             }
             // It answered, but its copy cannot be read (damaged): it cannot win.
-            Ok(Response::Error(RpcError::Damaged { .. } | RpcError::Corrupt { .. })) => Some(None),
+            Ok(Response::Error(
+                RpcError::Damaged { .. } | RpcError::Corrupt { .. } | RpcError::Io { .. },
+            )) => Some(None),
             _ => None,
         }
     }))
@@ -836,8 +838,13 @@ async fn reads_whole(
     for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
         let request = Request::ReadCopy { volume, chunk, chunk_size, offset, len: piece };
         match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
-            // The holder says its copy cannot be read (damaged, or a block fails its checksum).
-            Ok(Ok(Response::Error(RpcError::Damaged { .. } | RpcError::Corrupt { .. }))) => return Ok(false),
+            // The holder says its copy cannot be read (damaged, a block fails its checksum, or its
+            // disk failed the read).
+            Ok(Ok(Response::Error(
+                RpcError::Damaged { .. } | RpcError::Corrupt { .. } | RpcError::Io { .. },
+            ))) => {
+                return Ok(false);
+            }
             Ok(Ok(Response::Error(e))) => return Err(e.to_string()),
             Ok(Ok(reply)) => {
                 piece_from(reply)?;

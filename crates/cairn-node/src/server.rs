@@ -673,7 +673,11 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             if let Some(source) = source {
                 // A copy from a node recorded here as having missed a write to the chunk would undo
                 // that write (the record came after the copy was planned).
-                let hooks = hooks.ok_or_else(|| StoreError::InvalidRequest("the node is starting".into()))?;
+                let Some(hooks) = hooks else {
+                    return Ok(Response::Error(RpcError::Unavailable {
+                        message: "the node is starting".into(),
+                    }));
+                };
                 if hooks.missed.missed_by(volume.get(), chunk.0).contains(&source) {
                     let current = store.chunk_state(volume, chunk)?.map_or(Version::NONE, |st| st.version());
                     return Err(StoreError::VersionMismatch {

@@ -343,10 +343,22 @@ impl Pool {
         (ok, report)
     }
 
-    /// Asserts that every replica of every chunk of `name` is identical.
+    /// Asserts that every replica of every chunk of `name` is identical. Copies that could not be
+    /// compared (a replica catching up, or without a read lease for a moment, refuses to serve
+    /// them) are compared again, for at most 30 s; copies that differ fail at once.
     pub fn assert_converged(&self, name: &str) {
-        let (ok, report) = self.verify(name);
-        assert!(ok && report["consistent"] == true, "replicas of {name} differ: {report}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (ok, report) = self.verify(name);
+            if ok && report["consistent"] == true {
+                return;
+            }
+            let differing = report["chunks_differing"].as_array().is_none_or(|d| !d.is_empty());
+            if differing || std::time::Instant::now() > deadline {
+                panic!("replicas of {name} differ: {report}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// GET on node k's API without following redirects: (status, body).
