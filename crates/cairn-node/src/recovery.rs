@@ -236,6 +236,9 @@ pub async fn run(
             unreadable.retain(|_, until| *until > now);
             let me_catching_up = meta.read(|s| s.nodes.get(&me).is_none_or(|n| n.catching_up));
             let batch = missed.batch(peer, BATCH_CHUNKS + unreadable.len());
+            // Shared volumes (their copies may be siblings), looked up once per batch.
+            let shared: std::collections::HashSet<u64> =
+                meta.read(|s| s.volumes.values().filter(|v| v.shared).map(|v| v.id).collect());
             let mut copied = 0;
             for (volume, chunk, chunk_size, seq) in batch {
                 if unreadable.contains_key(&(volume, chunk)) {
@@ -260,8 +263,8 @@ pub async fn run(
                 let outcome = if me_catching_up && in_sync_source() {
                     Err(CopyFailure::Source("this node is catching up itself".into()))
                 } else {
-                    let shared = meta.read(|s| s.volumes.values().any(|v| v.id == volume && v.shared));
-                    copy_chunk(&store, &conn, (volume, chunk, chunk_size), (me, shared)).await
+                    copy_chunk(&store, &conn, (volume, chunk, chunk_size), (me, shared.contains(&volume)))
+                        .await
                 };
                 match outcome {
                     Ok(()) => {
@@ -767,10 +770,9 @@ async fn revive_chunk(node: Local<'_>, (volume, chunk, size): (u64, u64, u32)) -
     }))
     .await;
     let s = store.clone();
-    let mine = tokio::task::spawn_blocking(move || s.chunk_state(volume_id, chunk_index))
+    let mine = tokio::task::spawn_blocking(move || s.chunk_version(volume_id, chunk_index))
         .await
         .map_err(|e| e.to_string())?
-        .map(|st| st.map(|st| st.version()).unwrap_or(cairn_types::Version::NONE))
         .ok();
     let own_records = missed.missed_by(volume, chunk);
     // (version, node, whether the node still records itself as unsure of its copy)
@@ -874,10 +876,9 @@ async fn pull_chunk(
     // The first piece goes over the copy here as it is now (a damaged one counts as none): a peer
     // that installs a newer copy meanwhile (catching this node up) is not undone by this one.
     let s = store.clone();
-    let here = tokio::task::spawn_blocking(move || s.chunk_state(ids.0, ids.1))
+    let here = tokio::task::spawn_blocking(move || s.chunk_version(ids.0, ids.1))
         .await
         .map_err(|e| e.to_string())?
-        .map(|st| st.map_or(cairn_types::Version::NONE, |st| st.version()))
         .unwrap_or(cairn_types::Version::NONE);
     copy_from(conn, ids, Some(here), |offset, copy: Piece, expect| {
         let s = store.clone();

@@ -639,7 +639,7 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             if let Some(at) = at {
                 // The write being acknowledged must still be here: a copy installed over it since
                 // (another shared writer's reconciliation) no longer holds it.
-                let current = store.chunk_state(volume, chunk)?.map_or(Version::NONE, |st| st.version());
+                let current = store.chunk_version(volume, chunk)?;
                 if current != at {
                     return Err(StoreError::VersionMismatch {
                         volume,
@@ -679,7 +679,7 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
                     }));
                 };
                 if hooks.missed.missed_by(volume.get(), chunk.0).contains(&source) {
-                    let current = store.chunk_state(volume, chunk)?.map_or(Version::NONE, |st| st.version());
+                    let current = store.chunk_version(volume, chunk)?;
                     return Err(StoreError::VersionMismatch {
                         volume,
                         chunk,

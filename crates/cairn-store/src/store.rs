@@ -1451,6 +1451,11 @@ impl Store {
         }))
     }
 
+    /// The version of this node's copy of a chunk (`Version::NONE` if it holds none).
+    pub fn chunk_version(&self, volume: VolumeId, chunk: ChunkIndex) -> Result<Version, StoreError> {
+        Ok(self.chunk_state(volume, chunk)?.map_or(Version::NONE, |st| st.version()))
+    }
+
     /// The highest generation this node has persisted for `volume` (0 if none).
     pub fn highest_generation(&self, volume: VolumeId) -> Result<Generation, StoreError> {
         let Some(state) = self.existing_volume(volume)? else { return Ok(Generation(0)) };
