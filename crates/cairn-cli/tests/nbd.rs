@@ -582,23 +582,19 @@ fn malformed_nbd_traffic_gets_errors_and_the_server_keeps_serving() {
 }
 
 /// Issue scenario 1: a fourth node joins a pool holding data. It enters the balancer's target of
-/// most PGs but holds nothing, so it must neither serve reads nor take part in read-modify-writes:
-/// every byte reads back right through every node, and 512-byte writes land on the real copies.
+/// most PGs holding nothing: it is filled (a backfill member: every mutation of those PGs names it
+/// as having missed it, and their holders copy it every chunk) and serves nothing of them, nor takes
+/// part in read-modify-writes, until the end of its catch-up admits it. Every byte reads back right
+/// through every node meanwhile, 512-byte writes made during the fill land on every copy, and once
+/// admitted the new node holds and serves the same bytes as the others.
 #[test]
-fn a_node_joining_a_pool_with_data_serves_nothing_it_does_not_hold() {
+fn a_node_joining_a_pool_with_data_is_filled_before_it_serves() {
     let mut pool = Pool::start(3);
     pool.cli_json(&["volume", "create", "jv", "--size", "64M"]);
     qemu_io(&nbd_url(&pool.nbd(1), "jv"), pattern_cmds("write", 0, 64, 7));
+    let id = volume_id(&pool, "jv");
     pool.add_node(4);
     let url = |k| nbd_url(&pool.nbd(k), "jv");
-    let info = pool.cli_json(&["volume", "info", "jv"]);
-    let holders_with_4 = info["pgs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["nodes"].as_array().unwrap().contains(&4.into()))
-        .count();
-    assert_eq!(holders_with_4, 0, "node 4 holds no copy yet, so it is no PG's holder: {info}");
     let (_, pgs) = pool.get(1, "/v1/pgs");
     let targeted = pgs["table"]
         .as_array()
@@ -607,10 +603,8 @@ fn a_node_joining_a_pool_with_data_serves_nothing_it_does_not_hold() {
         .filter(|r| r.as_array().unwrap()[..3].contains(&4.into()))
         .count();
     assert!(targeted > 100, "node 4 entered the target of {targeted} PGs only");
-    for k in [1, 2, 4] {
-        qemu_io(&url(k), pattern_cmds("read", 0, 64, 7));
-    }
-    // Unaligned writes inside every chunk: each is a read-modify-write of one 4 KiB block.
+    // Unaligned writes inside every chunk while it is filled: each is a read-modify-write of one
+    // 4 KiB block, through the new node's own NBD server.
     let mut cmds = Vec::new();
     for b in 0..64u64 {
         cmds.push("-c".to_string());
@@ -629,7 +623,70 @@ fn a_node_joining_a_pool_with_data_serves_nothing_it_does_not_hold() {
             reads.push(c);
         }
     }
-    qemu_io(&url(2), reads);
+    for k in [2, 4] {
+        qemu_io(&url(k), reads.clone());
+    }
+    // Admitted: a holder of the PGs it entered the target of.
+    let held = wait_for("node 4 to be filled and admitted", Duration::from_secs(90), || {
+        let (_, pgs) = pool.get(1, "/v1/pgs");
+        let held: Vec<u64> = (0..pgs["pg_count"].as_u64().unwrap())
+            .filter(|pg| pgs["holders"]["3"][*pg as usize].as_array().unwrap().contains(&4.into()))
+            .collect();
+        let filling = pgs["backfill"]["3"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_array().unwrap().contains(&4.into()));
+        (held.len() >= targeted && !filling).then_some(held)
+    });
+    pool.wait_in_sync(Duration::from_secs(60));
+    let (_, events) = pool.get(1, "/v1/events");
+    assert!(
+        events.as_array().unwrap().iter().any(|e| e["kind"] == "node.caught_up"
+            && e["subject"] == "node 4"
+            && e["details"].as_str().unwrap_or("").contains("more placement group")),
+        "no admission event: {events}"
+    );
+    // Its own copies, read from it directly (it serves them now), hold every byte.
+    wait_for("node 4 to serve client IO", Duration::from_secs(30), || {
+        (pool.get(4, "/v1/status").1["serving_clients"] == true).then_some(())
+    });
+    let pg_count = pgs["pg_count"].as_u64().unwrap() as u32;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut checked = 0;
+    rt.block_on(async {
+        let c = NodeConnection::connect(pool.rpc(4)).await.unwrap();
+        for b in 0..64u64 {
+            let pg = cairn_types::placement::pg_of(VolumeId::new(id).unwrap(), ChunkIndex(b), pg_count).0;
+            if !held.contains(&u64::from(pg)) {
+                continue;
+            }
+            let req = Request::Read {
+                volume: VolumeId::new(id).unwrap(),
+                chunk: ChunkIndex(b),
+                chunk_size: ChunkSize::DEFAULT,
+                offset: 0,
+                len: 1 << 20,
+            };
+            let data = match c.call(&req).await.unwrap() {
+                Response::Read { data, .. } => data,
+                other => panic!("node 4 chunk {b}: {other:?}"),
+            };
+            let p = ((b + 7) % 251 + 1) as u8;
+            let ok = data[..1000].iter().all(|x| *x == p)
+                && data[1000..1512].iter().all(|x| *x == 0xee)
+                && data[1512..].iter().all(|x| *x == p);
+            assert!(ok, "node 4 chunk {b}: its copy is not the pool's");
+            checked += 1;
+        }
+    });
+    assert!(checked > 20, "node 4 holds only {checked} of the 64 chunks");
+    // Its copies were synced as they were installed, and are not dirty (not reported for
+    // reconciliation at the next open).
+    assert_eq!(pool.get(4, "/v1/status").1["unsynced_chunks"], 0);
+    // Writes now reach it as a holder, and every copy agrees.
+    qemu_io(&url(1), pattern_cmds("write", 0, 64, 9));
+    qemu_io(&url(4), pattern_cmds("read", 0, 64, 9));
     pool.assert_converged("jv");
 }
 

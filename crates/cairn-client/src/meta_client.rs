@@ -39,6 +39,10 @@ pub struct PgTable {
     /// Per replica count in use, each PG's holders (the nodes that have its data).
     #[serde(default)]
     pub holders: std::collections::BTreeMap<u8, Vec<Vec<u64>>>,
+    /// Per replica count in use, each PG's backfill members (being filled; named as having missed
+    /// every mutation of the PG).
+    #[serde(default)]
+    pub backfill: std::collections::BTreeMap<u8, Vec<Vec<u64>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -98,6 +98,9 @@ struct VolumeMap {
     pg_count: u32,
     /// Per PG, the nodes that hold this volume's data (the holders for its replica count).
     table: Vec<Vec<u64>>,
+    /// Per PG, the nodes being filled with a copy of it: every mutation names them as having
+    /// missed it (a node refuses one that does not: "stale map").
+    backfill: Vec<Vec<u64>>,
     nodes: HashMap<u64, NodeState>,
 }
 
@@ -114,6 +117,11 @@ impl VolumeMap {
 
     fn replicas_of_pg(&self, pg: u32) -> Vec<u64> {
         self.table.get(pg as usize).cloned().unwrap_or_default()
+    }
+
+    fn backfill(&self, chunk: u64) -> Vec<u64> {
+        let Some(pg) = self.pg(chunk) else { return Vec::new() };
+        self.backfill.get(pg as usize).cloned().unwrap_or_default()
     }
 
     fn in_sync(&self, node: u64) -> bool {
@@ -553,11 +561,14 @@ impl VolumeClient {
             let holders = map.replicas(chunk);
             let mut live: BTreeSet<u64> = holders.iter().copied().filter(|n| reached.contains(n)).collect();
             let mut stale_rounds = 0;
+            let mut installed = false;
             // Each failure takes one holder out (suspected, caught up later), so this ends.
             'settle: while !live.is_empty() {
                 // Never decided by fewer than a quorum of the holders (the others' copies may hold
                 // what wins): the open fails and the next write tries it again.
-                if live.len() < map.quorum() {
+                // (holders − q + 1 of them: every acknowledged write was applied by q of the
+                // holders, and a PG that took in a filled node has more than R.)
+                if live.len() < map.quorum().max((holders.len() + 1).saturating_sub(map.quorum())) {
                     return Err(IoError::Io(format!(
                         "open: chunk {chunk}: only {} of its holders take part in its reconciliation",
                         live.len()
@@ -617,12 +628,18 @@ impl VolumeClient {
                         continue 'settle;
                     }
                     reconciled += 1;
+                    installed = true;
                 }
                 break;
             }
             // Holders that took no part may hold another copy (a stray write of the old writer,
             // a torn one): the copies made identical record them as having missed the chunk.
-            let outside: Vec<u64> = holders.iter().copied().filter(|n| !live.contains(n)).collect();
+            // So do the nodes being filled with a copy of its PG if a copy was installed here
+            // (theirs came from a holder's copy as it was; no writer's mutation reaches them).
+            let mut outside: Vec<u64> = holders.iter().copied().filter(|n| !live.contains(n)).collect();
+            if installed {
+                outside.extend(map.backfill(chunk));
+            }
             if !outside.is_empty() {
                 let on: Vec<u64> = live.iter().copied().collect();
                 let (confirmed, _) =
@@ -1149,8 +1166,15 @@ impl VolumeClient {
             let map = self.map();
             let replicas = map.replicas(chunk);
             let suspects: BTreeSet<u64> = lock(&self.suspects).keys().copied().collect();
-            let (targets, missed): (Vec<u64>, Vec<u64>) =
+            let (targets, mut missed): (Vec<u64>, Vec<u64>) =
                 replicas.iter().partition(|n| map.in_sync(**n) && !suspects.contains(n));
+            // Nodes being filled with a copy of the PG: the appliers record that they missed it,
+            // and copy it to them.
+            for n in map.backfill(chunk) {
+                if !missed.contains(&n) {
+                    missed.push(n);
+                }
+            }
             if targets.len() >= map.quorum() {
                 let request = match &mutation {
                     Mutation::Write(data) => Request::Write {
@@ -1549,11 +1573,13 @@ async fn fetch_map(
             pgs.table.iter().map(|r| r.iter().take(usize::from(volume.replicas)).copied().collect()).collect()
         }
     };
+    let backfill = pgs.backfill.get(&volume.replicas).cloned().unwrap_or_default();
     Ok(VolumeMap {
         volume,
         epoch: pgs.epoch,
         pg_count: pgs.pg_count,
         table,
+        backfill,
         nodes: nodes.iter().map(|n| (n.id, n.clone())).collect(),
     })
 }

@@ -48,6 +48,9 @@ pub struct NodeReport {
     pub epoch: u64,
     /// Whether the node serves client IO (see `MetaService::serves_clients`).
     pub serving: bool,
+    /// The map epoch as of which the node has seeded every backfill member of the PGs it holds
+    /// (see `cairn_node::recovery::Seeding`).
+    pub seeded_epoch: u64,
 }
 
 /// A request from one metadata peer to another.

@@ -78,6 +78,9 @@ pub struct Probe {
     pub used_bytes: u64,
     /// Peers this node holds missed writes for.
     pub missed_for: Vec<u64>,
+    /// The map epoch as of which this node has seeded every backfill member of the PGs it holds
+    /// (recorded its chunks of them as missed by the member).
+    pub seeded_epoch: u64,
 }
 
 /// Measures the node's capacity, usage and pending catch-up work, for its heartbeats.
@@ -97,7 +100,14 @@ struct Liveness {
     /// Nodes sent back to catching up because they did not serve, and how many times in a row
     /// (until they serve): each time their next catch-up ends later ([`stuck_backoff`]).
     stuck: HashMap<u64, u32>,
+    /// Per node being filled (backfill member of some PGs): those PGs, and the map epoch and time
+    /// when the leader first saw exactly them. Its holders must have seeded them from a map at
+    /// least that new, and reported since, before it is admitted.
+    backfill_seen: HashMap<u64, BackfillSeen>,
 }
+
+/// See [`Liveness::backfill_seen`]: (replica count, PG) pairs, map epoch, time.
+type BackfillSeen = (Vec<(u8, u32)>, u64, Instant);
 
 /// The metadata service of one node.
 pub struct MetaService<T: PeerTransport> {
@@ -660,6 +670,7 @@ impl<T: PeerTransport> MetaService<T> {
                 // caught up only on reports received in this term.
                 l.usage.clear();
                 l.catching_since.clear();
+                l.backfill_seen.clear();
                 true
             } else {
                 false
@@ -728,6 +739,7 @@ impl<T: PeerTransport> MetaService<T> {
             capacity_bytes: p.capacity_bytes,
             used_bytes: p.used_bytes,
             missed_for: p.missed_for,
+            seeded_epoch: p.seeded_epoch,
             epoch,
             serving: self.serves_clients(),
         }
@@ -750,6 +762,19 @@ impl<T: PeerTransport> MetaService<T> {
                 let catching: Vec<u64> =
                     s.nodes.values().filter(|n| n.up && n.catching_up).map(|n| n.id).collect();
                 l.catching_since.retain(|id, _| catching.contains(id));
+                // The PGs each node is being filled with, and since when exactly those.
+                let mut filling: HashMap<u64, Vec<(u8, u32)>> = HashMap::new();
+                for (r, set) in &s.pg_sets {
+                    for pg in 0..set.len() as u32 {
+                        for x in s.backfill(*r, pg) {
+                            filling.entry(x).or_default().push((*r, pg));
+                        }
+                    }
+                }
+                l.backfill_seen.retain(|id, (pgs, ..)| filling.get(id) == Some(pgs));
+                for (id, pgs) in filling {
+                    l.backfill_seen.entry(id).or_insert((pgs, s.epoch, now));
+                }
                 for id in catching {
                     let boot = s.nodes.get(&id).map(|n| n.boot_id).unwrap_or(0);
                     // (When it began, for which process, and the map epoch that shows it.)
@@ -775,12 +800,15 @@ impl<T: PeerTransport> MetaService<T> {
                     // Peers that are down count for nothing: two failures in sequence must not let
                     // a node that missed writes serve its old copy (it waits for them instead).
                     let covered = s.pg_sets.keys().all(|r| {
-                        let need = usize::from(*r).saturating_sub(usize::from(*r) / 2 + 1);
                         (0..s.pg_count).all(|pg| {
                             let holders = s.holders(*r, pg);
                             if !holders.contains(&id) {
                                 return true;
                             }
+                            // Of its holders − 1 others, at least q applied every such write:
+                            // any holders − q of them include one. (Not R − q: a PG that took in
+                            // a filled node has more holders than R.)
+                            let need = lease_need(*r, holders.len());
                             let good = holders
                                 .iter()
                                 .filter(|p| **p != id)
@@ -795,6 +823,33 @@ impl<T: PeerTransport> MetaService<T> {
                             good >= need
                         })
                     });
+                    // Being filled: every PG it is a backfill member of must have been seeded,
+                    // from a map that shows it so, by every up holder (each recorded its chunks
+                    // of the PG as missed by it; every mutation applied there since is recorded
+                    // too), and each such holder has reported since and holds nothing for it,
+                    // with at least holders − q + 1 of them in sync: a write acknowledged without
+                    // it was applied by at least q of the holders, so one of those covers it.
+                    let filled = match l.backfill_seen.get(&id) {
+                        None => true,
+                        Some((pgs, seen_epoch, seen_at)) => pgs.iter().all(|(r, pg)| {
+                            let holders = s.holders(*r, *pg);
+                            let need = holders.len().saturating_sub(usize::from(*r) / 2 + 1) + 1;
+                            let mut good = 0;
+                            for p in &holders {
+                                let Some(n) = s.nodes.get(p).filter(|n| n.up) else { continue };
+                                let fresh = l.last_seen.get(p).is_some_and(|t| *t > since.max(*seen_at))
+                                    || *p == self.id;
+                                let Some(r) = l.usage.get(p) else { return false };
+                                if !fresh || r.seeded_epoch < *seen_epoch || r.missed_for.contains(&id) {
+                                    return false;
+                                }
+                                if n.in_sync() {
+                                    good += 1;
+                                }
+                            }
+                            good >= need
+                        }),
+                    };
                     let self_pending = l.usage.get(&self.id).is_some_and(|r| r.missed_for.contains(&id));
                     // The node itself may hold chunks to pull back (after a power loss, or chunks
                     // changed lately that differ from its peers'): its report must come from a
@@ -812,6 +867,7 @@ impl<T: PeerTransport> MetaService<T> {
                         && since.elapsed() >= backoff
                         && peers_done
                         && covered
+                        && filled
                         && !self_pending
                         && !own_pending
                         && since.elapsed() >= Duration::from_millis(self.config.heartbeat_interval_ms)
@@ -838,6 +894,14 @@ impl<T: PeerTransport> MetaService<T> {
                     })
                     .map(|n| n.id)
                     .collect();
+                for id in &behind {
+                    let holding: Vec<u64> =
+                        l.usage.values().filter(|r| r.missed_for.contains(id)).map(|r| r.id).collect();
+                    tracing::info!(
+                        node = id,
+                        "node {id} catches up again: node(s) {holding:?} hold writes it missed"
+                    );
+                }
                 // In sync but not serving (its serving barrier has not lifted: peers it cannot
                 // reach, say): clients send it writes it refuses. Past a while it catches up
                 // again, so clients leave it out meanwhile.

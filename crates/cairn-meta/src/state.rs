@@ -362,9 +362,24 @@ impl ClusterState {
     /// moment a node joins, before the new node holds anything.
     pub fn holders(&self, replicas: u8, pg: u32) -> Vec<u64> {
         match self.pg(replicas, pg) {
-            Some(a) => a.all(),
+            Some(a) => a.members.iter().filter(|m| m.phase != Phase::Backfill).map(|m| m.node).collect(),
             None => self.target(replicas, pg),
         }
+    }
+
+    /// The nodes being filled with a copy of PG `pg` (backfill members): every mutation of the PG
+    /// names them as having missed it, so that its appliers record it and copy it to them; they
+    /// serve nothing and count for nothing until the commit that ends their catch-up admits them.
+    pub fn backfill(&self, replicas: u8, pg: u32) -> Vec<u64> {
+        match self.pg(replicas, pg) {
+            Some(a) => a.members.iter().filter(|m| m.phase == Phase::Backfill).map(|m| m.node).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether `node` is a backfill member of any PG.
+    pub fn backfilling(&self, node: u64) -> bool {
+        self.pg_sets.values().flatten().any(|a| a.entry(node).is_some_and(|m| m.phase == Phase::Backfill))
     }
 
     /// The authority of PG `pg` of the `replicas`-copy set, if that set exists.
@@ -373,7 +388,9 @@ impl ClusterState {
     }
 
     /// Adds backfill entries for nodes that are in a PG's target but not its members (a joined or
-    /// restarted node), and drops void entries that are no longer needed.
+    /// restarted node), and drops void entries that are no longer needed. A node that gets a
+    /// backfill entry catches up (it is filled by its peers' catch-up; the commit that ends it
+    /// admits it).
     fn reconcile_targets(&mut self) {
         let incarnations = self.incarnations();
         let targets: BTreeMap<(u8, u32), Vec<u64>> = self
@@ -382,14 +399,18 @@ impl ClusterState {
             .flat_map(|(r, set)| (0..set.len() as u32).map(move |pg| (*r, pg)))
             .map(|(r, pg)| ((r, pg), self.target(r, pg)))
             .collect();
+        let mut filled = BTreeSet::new();
         for (r, set) in self.pg_sets.iter_mut() {
             for (pg, authority) in set.iter_mut().enumerate() {
                 // Void entries go first where they may, so that their nodes come back as backfill.
                 authority.prune_void(&incarnations, min_size(*r));
                 for node in targets.get(&(*r, pg as u32)).into_iter().flatten() {
-                    // A node is added only once it has started (incarnation 0: never started).
-                    if let Some(inc) = incarnations.get(node).filter(|i| **i != 0) {
-                        authority.add_backfill(*node, *inc);
+                    // (Production nodes keep incarnation 0: their restarts are handled by the
+                    // catch-up, not by incarnations.)
+                    if let Some(inc) = incarnations.get(node)
+                        && authority.add_backfill(*node, *inc)
+                    {
+                        filled.insert(*node);
                     }
                 }
                 // Checked, not asserted: a panic in `apply` would crash every replica of the
@@ -402,6 +423,28 @@ impl ClusterState {
                 );
             }
         }
+        for id in filled {
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.catching_up = true;
+            }
+        }
+    }
+
+    /// Admits every backfill entry of `node` (its catch-up ended: its peers copied it every chunk
+    /// of those PGs, see `MetaService::track_catch_up`): backfill → joining → active. Returns how
+    /// many PGs it joined.
+    fn admit_backfill(&mut self, node: u64) -> usize {
+        let Some(inc) = self.nodes.get(&node).map(|n| n.incarnation) else { return 0 };
+        let mut admitted = 0;
+        for authority in self.pg_sets.values_mut().flatten() {
+            if authority.entry(node).is_some_and(|m| m.phase == Phase::Backfill && m.incarnation == inc)
+                && authority.admit(node, inc, Phase::Joining)
+                && authority.admit(node, inc, Phase::Active)
+            {
+                admitted += 1;
+            }
+        }
+        admitted
     }
 
     /// Nodes that hold data.
@@ -546,7 +589,13 @@ impl ClusterState {
                         node.in_sync_epoch = epoch;
                     }
                     let kind = if catching_up { "node.catching_up" } else { "node.caught_up" };
-                    self.event(time_ms, kind, format!("node {id}"), String::new());
+                    let admitted = if catching_up { 0 } else { self.admit_backfill(id) };
+                    let details = if admitted > 0 {
+                        format!("filled: now holds {admitted} more placement group(s)")
+                    } else {
+                        String::new()
+                    };
+                    self.event(time_ms, kind, format!("node {id}"), details);
                 }
                 Ok(CommandResult::Done)
             }
@@ -967,6 +1016,24 @@ mod tests {
         assert_eq!(before, after, "a joined node holds nothing yet, so it serves nothing");
         assert!((0..s.pg_count).any(|pg| s.target(3, pg).contains(&4)), "the target moved");
         assert_eq!(s.holders(2, 0), s.target(2, 0), "no 2-copy volume yet: the target");
+        // It is being filled wherever it entered the target, and catches up meanwhile.
+        let filled: Vec<u32> = (0..s.pg_count).filter(|pg| s.backfill(3, *pg) == vec![4]).collect();
+        let entered: Vec<u32> = (0..s.pg_count).filter(|pg| s.target(3, *pg).contains(&4)).collect();
+        assert_eq!(filled, entered);
+        assert!(s.nodes[&4].catching_up && s.backfilling(4));
+        let interval = s.pg(3, filled[0]).unwrap().interval;
+        // The end of its catch-up admits it: it holds those PGs from then on.
+        s.apply(Command::SetCatchingUp { id: 4, catching_up: false, time_ms: 6 });
+        assert!(!s.backfilling(4));
+        for pg in 0..s.pg_count {
+            let mut expected = before[pg as usize].clone();
+            if filled.contains(&pg) {
+                expected.push(4);
+            }
+            assert_eq!(s.holders(3, pg), expected);
+        }
+        assert!(s.pg(3, filled[0]).unwrap().interval > interval);
+        assert!(s.events.back().unwrap().details.contains(&format!("{} more", filled.len())));
     }
 
     #[test]

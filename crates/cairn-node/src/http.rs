@@ -498,6 +498,9 @@ struct PgTableJson {
     table: Vec<Vec<u64>>,
     /// Per replica count in use, each PG's holders: the nodes the data path uses.
     holders: BTreeMap<u8, Vec<Vec<u64>>>,
+    /// Per replica count in use, each PG's backfill members: nodes being filled with a copy, named
+    /// as having missed every mutation of the PG until they are admitted.
+    backfill: BTreeMap<u8, Vec<Vec<u64>>>,
 }
 
 async fn pgs(State(meta): State<Meta>, uri: Uri) -> Result<Json<PgTableJson>, ApiError> {
@@ -505,7 +508,15 @@ async fn pgs(State(meta): State<Meta>, uri: Uri) -> Result<Json<PgTableJson>, Ap
     let s = meta.state();
     let holders =
         s.pg_sets.keys().map(|r| (*r, (0..s.pg_count).map(|pg| s.holders(*r, pg)).collect())).collect();
-    Ok(Json(PgTableJson { epoch: s.epoch, pg_count: s.pg_count, table: s.pg_table.clone(), holders }))
+    let backfill =
+        s.pg_sets.keys().map(|r| (*r, (0..s.pg_count).map(|pg| s.backfill(*r, pg)).collect())).collect();
+    Ok(Json(PgTableJson {
+        epoch: s.epoch,
+        pg_count: s.pg_count,
+        table: s.pg_table.clone(),
+        holders,
+        backfill,
+    }))
 }
 
 async fn catch_up(

@@ -96,6 +96,14 @@ impl MissedLog {
 
     /// Records that `peers` missed a write to `(volume, chunk)`; durable when it returns.
     pub fn record(&self, peers: &[u64], volume: u64, chunk: u64, chunk_size: u32) -> std::io::Result<()> {
+        let entries: Vec<(u64, u64, u64, u32)> =
+            peers.iter().map(|p| (*p, volume, chunk, chunk_size)).collect();
+        self.record_many(&entries)
+    }
+
+    /// Records each `(peer, volume, chunk, chunk_size)` with one append and one fdatasync;
+    /// durable when it returns (all of them, or, on an error, none).
+    pub fn record_many(&self, entries: &[(u64, u64, u64, u32)]) -> std::io::Result<()> {
         // The file lock is taken first and held throughout, so lines reach the file in the order the
         // in-memory state changed (replay must see an Add after a Done of the same chunk).
         let mut f = lock(&self.file);
@@ -106,17 +114,17 @@ impl MissedLog {
             if let Some(why) = &inner.poisoned {
                 return Err(std::io::Error::other(format!("the missed-writes log failed earlier: {why}")));
             }
-            for peer in peers {
+            for (peer, volume, chunk, chunk_size) in entries.iter().copied() {
                 inner.next_seq += 1;
                 let seq = inner.next_seq;
-                let map = inner.peers.entry(*peer).or_default();
+                let map = inner.peers.entry(peer).or_default();
                 match map.get_mut(&(volume, chunk)) {
                     Some(e) => e.seq = seq,
                     None => {
-                        let line = serde_json::to_string(&Line::Add(*peer, volume, chunk, chunk_size))
+                        let line = serde_json::to_string(&Line::Add(peer, volume, chunk, chunk_size))
                             .map_err(std::io::Error::other)?;
                         map.insert((volume, chunk), Entry { chunk_size, seq });
-                        added.push(*peer);
+                        added.push((peer, volume, chunk));
                         new_lines.push_str(&line);
                         new_lines.push('\n');
                     }
@@ -130,7 +138,7 @@ impl MissedLog {
             // Not recorded: the entries go from memory too, so that a re-sent write records
             // them again instead of finding them there.
             let mut inner = lock(&self.inner);
-            for peer in added {
+            for (peer, volume, chunk) in added {
                 if let Some(map) = inner.peers.get_mut(&peer) {
                     map.remove(&(volume, chunk));
                     if map.is_empty() {

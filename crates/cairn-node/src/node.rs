@@ -44,8 +44,17 @@ fn usage(dir: &Path) -> (u64, u64) {
     }
 }
 
-fn probe(dir: &Path, missed: &MissedLog, dirty_check: &crate::recovery::DirtyCheck, me: u64) -> Probe {
+fn probe(
+    dir: &Path,
+    missed: &MissedLog,
+    dirty_check: &crate::recovery::DirtyCheck,
+    seeding: &crate::recovery::Seeding,
+    me: u64,
+) -> Probe {
     let (capacity_bytes, used_bytes) = usage(dir);
+    // Before the records: a seed made after this look is in `missed_for` below, so the report
+    // never says "seeded" without the records the seed made.
+    let seeded_epoch = seeding.epoch();
     let mut missed_for = missed.pending_peers();
     // Until a power-loss restart has compared chunk lists, or a catch-up has compared the chunks
     // dirty here, this node may lack writes nobody recorded: it holds writes it missed (its own),
@@ -54,7 +63,7 @@ fn probe(dir: &Path, missed: &MissedLog, dirty_check: &crate::recovery::DirtyChe
     if own && !missed_for.contains(&me) {
         missed_for.push(me);
     }
-    Probe { capacity_bytes, used_bytes, missed_for }
+    Probe { capacity_bytes, used_bytes, missed_for, seeded_epoch }
 }
 
 fn node_addr(m: &crate::config::Member) -> NodeAddr {
@@ -115,6 +124,8 @@ impl Node {
         let probe_missed = missed.clone();
         let dirty_check = Arc::new(crate::recovery::DirtyCheck::default());
         let probe_check = dirty_check.clone();
+        let seeding = Arc::new(crate::recovery::Seeding::default());
+        let probe_seeding = seeding.clone();
         let meta_config = MetaConfig { down_after_ms: config.meta.down_after_ms, ..MetaConfig::default() };
         let meta = MetaService::start(
             me.id,
@@ -124,7 +135,7 @@ impl Node {
             meta_config,
             {
                 let me = me.id;
-                Arc::new(move || probe(&dir, &probe_missed, &probe_check, me))
+                Arc::new(move || probe(&dir, &probe_missed, &probe_check, &probe_seeding, me))
             },
         )
         .await
@@ -192,7 +203,51 @@ impl Node {
                 let m = meta.clone();
                 Box::new(move |peers| m.lease_holdback(peers))
             },
-            in_sync: Box::new(move |id| m2.read(|s| s.nodes.get(&id).is_some_and(|n| n.in_sync()))),
+            stale_missed: {
+                // Per map epoch: live volumes' copies, each PG's holders and backfill members, and
+                // the nodes in sync.
+                let index = by_epoch(m2, |s| {
+                    let volumes: std::collections::HashMap<u64, u8> =
+                        s.volumes.values().map(|v| (v.id, v.replicas)).collect();
+                    // Per replica count, per PG: (holders, backfill members).
+                    type Rows = Vec<(Vec<u64>, Vec<u64>)>;
+                    let sets: std::collections::HashMap<u8, Rows> = s
+                        .pg_sets
+                        .keys()
+                        .map(|r| (*r, (0..s.pg_count).map(|pg| (s.holders(*r, pg), s.backfill(*r, pg))).collect()))
+                        .collect();
+                    let in_sync: std::collections::HashSet<u64> =
+                        s.nodes.values().filter(|n| n.in_sync()).map(|n| n.id).collect();
+                    (s.pg_count, volumes, sets, in_sync)
+                });
+                Box::new(move |volume, chunk, missed_by| {
+                    index(&|(pg_count, volumes, sets, in_sync)| {
+                        let pg = cairn_types::placement::pg_of(volume, chunk, *pg_count).0 as usize;
+                        // A volume this map does not know yet (created since): every set its PG
+                        // could be in is checked for holders; its writers' maps are newer than this
+                        // one, so they name whatever backfill members it has.
+                        let rows: Vec<&(Vec<u64>, Vec<u64>)> = match volumes.get(&volume.get()) {
+                            Some(r) => sets.get(r).and_then(|set| set.get(pg)).into_iter().collect(),
+                            None => sets.values().filter_map(|set| set.get(pg)).collect(),
+                        };
+                        let known = volumes.contains_key(&volume.get());
+                        for (holders, backfill) in rows {
+                            if let Some(p) = missed_by.iter().find(|p| in_sync.contains(p) && holders.contains(p)) {
+                                return Some(format!(
+                                    "stale cluster map: node {p} is in sync and holds this chunk's PG; refresh the map"
+                                ));
+                            }
+                            if let Some(p) = backfill.iter().find(|p| known && !missed_by.contains(p)) {
+                                return Some(format!(
+                                    "stale cluster map: node {p} is being filled with a copy of this chunk's PG \
+                                     and must be named as having missed the mutation; refresh the map"
+                                ));
+                            }
+                        }
+                        None
+                    })
+                })
+            },
             missed: missed.clone(),
             volume_state: {
                 // Per-request lookup by volume id: live volumes' generations and deleted ids, so
@@ -224,6 +279,7 @@ impl Node {
             me.id,
             config.data_dir.clone(),
             dirty_check.clone(),
+            seeding,
             recovery_stop.clone(),
         ));
 

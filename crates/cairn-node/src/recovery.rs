@@ -151,6 +151,94 @@ impl DirtyCheck {
     }
 }
 
+/// Which backfill members' PGs this node has *seeded*: recorded every chunk it holds of the PG as
+/// missed by the member, so that the catch-up copies them (a node that joins is filled so). A
+/// mutation applied here after this node's map showed the member is recorded for it too (or
+/// refused as from a stale map: `ClientHooks::stale_missed`, checked again after applying), so the
+/// seed and the records cover every write the member must get.
+#[derive(Debug, Default)]
+pub struct Seeding {
+    /// (member, replica count, PG) seeded by this process.
+    done: std::sync::Mutex<std::collections::HashSet<(u64, u8, u32)>>,
+    /// The map epoch as of which every backfill entry in a PG this node holds is seeded (reported
+    /// to the leader, which admits a member only after every up holder seeded it).
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+impl Seeding {
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Seeds the backfill members of the PGs this node holds that it has not seeded yet (see
+/// [`Seeding`]). Returns false if something failed (tried again next round).
+async fn seed_backfill(
+    store: &Arc<Store>,
+    missed: &MissedLog,
+    meta: &MetaService<RpcPeerTransport>,
+    me: u64,
+    seeding: &Seeding,
+) -> bool {
+    let (epoch, wanted, volumes, pg_count) = meta.read(|s| {
+        let wanted: Vec<(u64, u8, u32)> = s
+            .pg_sets
+            .keys()
+            .flat_map(|r| (0..s.pg_count).map(move |pg| (*r, pg)))
+            .filter(|(r, pg)| s.holders(*r, *pg).contains(&me))
+            .flat_map(|(r, pg)| s.backfill(r, pg).into_iter().map(move |x| (x, r, pg)))
+            .collect();
+        let volumes: Vec<(u64, u8, u32)> = s
+            .volumes
+            .values()
+            .filter(|v| !s.deleted_volumes.contains(&v.id))
+            .map(|v| (v.id, v.replicas, v.chunk_size_bytes))
+            .collect();
+        (s.epoch, wanted, volumes, s.pg_count)
+    });
+    let todo: Vec<(u64, u8, u32)> = {
+        let mut done = seeding.done.lock().unwrap_or_else(|p| p.into_inner());
+        // A member admitted since is forgotten (filled again later, it is seeded again).
+        done.retain(|w| wanted.contains(w));
+        wanted.into_iter().filter(|w| !done.contains(w)).collect()
+    };
+    if !todo.is_empty() {
+        let mut entries = Vec::new();
+        for (id, replicas, chunk_size) in volumes {
+            let Ok(volume) = VolumeId::new(id) else { continue };
+            let members: Vec<(u64, u32)> =
+                todo.iter().filter(|(_, r, _)| *r == replicas).map(|(x, _, pg)| (*x, *pg)).collect();
+            if members.is_empty() {
+                continue;
+            }
+            let st = store.clone();
+            let Ok(Ok(chunks)) = tokio::task::spawn_blocking(move || st.list_chunks(volume)).await else {
+                return false;
+            };
+            for chunk in chunks {
+                let pg = pg_of(volume, chunk, pg_count).0;
+                for (x, _) in members.iter().filter(|(_, p)| *p == pg) {
+                    entries.push((*x, id, chunk.0, chunk_size));
+                }
+            }
+        }
+        if let Err(e) = missed.record_many(&entries) {
+            tracing::error!("seeding a backfill: missed-writes log: {e}");
+            return false;
+        }
+        if !entries.is_empty() {
+            tracing::info!(
+                chunks = entries.len(),
+                pgs = todo.len(),
+                "backfill: recorded this node's chunks of the PGs being filled, to copy them over"
+            );
+        }
+        seeding.done.lock().unwrap_or_else(|p| p.into_inner()).extend(todo);
+    }
+    seeding.epoch.fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+    true
+}
+
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     store: Arc<Store>,
@@ -159,6 +247,7 @@ pub async fn run(
     me: u64,
     data_dir: std::path::PathBuf,
     dirty_check: Arc<DirtyCheck>,
+    seeding: Arc<Seeding>,
     stop: CancellationToken,
 ) {
     let connections = ConnectionPool::default();
@@ -200,6 +289,7 @@ pub async fn run(
             reap_deleted(&store, &meta, &stop).await;
             reaped = tokio::time::Instant::now();
         }
+        seed_backfill(&store, &missed, &meta, me, &seeding).await;
         if missed.pending(me) > 0 {
             // Only while the node serves no client IO (the leader makes a node that reports writes
             // it missed itself catching up): a pull racing a client write could put older data over
@@ -239,6 +329,9 @@ pub async fn run(
             // Shared volumes (their copies may be siblings), looked up once per batch.
             let shared: std::collections::HashSet<u64> =
                 meta.read(|s| s.volumes.values().filter(|v| v.shared).map(|v| v.id).collect());
+            // And each volume's writer generation in the map (the fence a copy carries at least).
+            let generations: std::collections::HashMap<u64, u64> =
+                meta.read(|s| s.volumes.values().map(|v| (v.id, v.generation)).collect());
             let mut copied = 0;
             for (volume, chunk, chunk_size, seq) in batch {
                 if unreadable.contains_key(&(volume, chunk)) {
@@ -260,11 +353,24 @@ pub async fn run(
                     copy_sources(&meta, &missed, (me, peer), v, ChunkIndex(chunk))
                         .is_some_and(|s| !s.is_empty())
                 };
+                // On a shared volume a copy may replace a higher version on the peer, so it must
+                // be current: only a node that serves reads of the chunk (its peers confirm its
+                // copy is current) copies its own; any other passes on an in-sync replica's (a
+                // holder frozen past a write it missed would otherwise put its older copy over the
+                // newer one another replica gave the peer).
                 let outcome = if me_catching_up && in_sync_source() {
                     Err(CopyFailure::Source("this node is catching up itself".into()))
+                } else if shared.contains(&volume) && !serves_reads_of(&meta, me, volume, chunk) {
+                    Err(CopyFailure::Source("this node does not serve reads of the chunk now".into()))
                 } else {
-                    copy_chunk(&store, &conn, (volume, chunk, chunk_size), (me, shared.contains(&volume)))
-                        .await
+                    let map_generation = generations.get(&volume).copied().unwrap_or(0);
+                    copy_chunk(
+                        &store,
+                        &conn,
+                        (volume, chunk, chunk_size),
+                        (me, shared.contains(&volume), map_generation),
+                    )
+                    .await
                 };
                 match outcome {
                     Ok(()) => {
@@ -401,6 +507,19 @@ fn copy_sources(
                 .collect(),
         )
     })
+}
+
+/// Whether this node serves client reads of a chunk now (it serves clients and enough of the
+/// chunk's PG's other holders granted it a read lease: its copy is current).
+fn serves_reads_of(meta: &MetaService<RpcPeerTransport>, me: u64, volume: u64, chunk: u64) -> bool {
+    let Ok(id) = VolumeId::new(volume) else { return false };
+    let lease = meta.read(|s| {
+        let v = s.volumes.values().find(|v| v.id == volume)?;
+        let holders = s.holders(v.replicas, pg_of(id, ChunkIndex(chunk), s.pg_count).0);
+        let need = cairn_meta::service::lease_need(v.replicas, holders.len());
+        holders.contains(&me).then(|| (holders.into_iter().filter(|n| *n != me).collect::<Vec<u64>>(), need))
+    });
+    lease.is_some_and(|(others, need)| meta.lease_covers(&others, need))
 }
 
 /// What the comparisons of this node's copies with its peers' work with.
@@ -931,6 +1050,9 @@ async fn relay_from_replica(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    // At least the volume's writer generation in the map (this node may have missed its fence).
+    let in_map = meta.read(|s| s.volumes.values().find(|v| v.id == ids.0.get()).map(|v| v.generation));
+    let generation = generation.max(cairn_types::Generation(in_map.unwrap_or(0)));
     let mut last = String::from("no other in-sync replica");
     for (node, rpc) in sources {
         let Ok(addr) = rpc.parse::<SocketAddr>() else { continue };
@@ -1081,27 +1203,41 @@ async fn copy_chunk(
     store: &Arc<Store>,
     conn: &NodeConnection,
     (volume, chunk, size): (u64, u64, u32),
-    (me, shared): (u64, bool),
+    (me, shared, map_generation): (u64, bool, u64),
 ) -> Result<(), CopyFailure> {
     let (volume, chunk, chunk_size) = checked(volume, chunk, size).map_err(CopyFailure::Source)?;
+    // The peer's version first: a peer that holds this copy already (another replica's copy got
+    // there first, or the writer re-sent the write to it) costs one question, not a read of the
+    // whole chunk; and the copy read after it is at least as new as what the peer had then.
+    let target = target_version(conn, (volume, chunk, chunk_size)).await.map_err(CopyFailure::Target)?;
+    let s = store.clone();
+    let here = tokio::task::spawn_blocking(move || s.chunk_version(volume, chunk))
+        .await
+        .map_err(|e| CopyFailure::Source(e.to_string()))?
+        .map_err(|e| CopyFailure::Source(e.to_string()))?;
+    // The peer holds this very copy already: done. A newer one, on a volume with one writer per
+    // generation, is further along the chunk's one chain of versions: never put an older copy
+    // over it. On a shared volume two writers make sibling versions, and a higher one there may
+    // be a write never acknowledged that this copy (holding the acknowledged one) must replace.
+    let holds =
+        |mine: cairn_types::Version| target == mine || (target > mine && !target.is_installing() && !shared);
+    if holds(here) {
+        return Ok(());
+    }
     let s = store.clone();
     let (reply, generation) = tokio::task::spawn_blocking(move || {
         // Data, allocation and version as of one moment (read under the chunk's lock).
         let reply = s.read(volume, chunk, chunk_size, 0, chunk_size.bytes())?;
-        // The generation this node accepted: a target fenced by a newer writer refuses the copy.
-        let generation = s.highest_generation(volume)?;
+        // The generation this node accepted, or the volume's in its map if newer (a holder that
+        // missed the writer's fence): a target fenced by a newer writer refuses the copy, and one
+        // already raised to the map's by another replica's copy takes it.
+        let generation = s.highest_generation(volume)?.max(cairn_types::Generation(map_generation));
         Ok::<_, cairn_store::StoreError>((reply, generation))
     })
     .await
     .map_err(|e| CopyFailure::Source(e.to_string()))?
     .map_err(|e| CopyFailure::Source(e.to_string()))?;
-    let target = target_version(conn, (volume, chunk, chunk_size)).await.map_err(CopyFailure::Target)?;
-    // The peer holds this very copy already (the writer re-sent the write to it, say): done. A
-    // newer one, on a volume with one writer per generation, is further along the chunk's one
-    // chain of versions: never put an older copy over it. On a shared volume two writers make
-    // sibling versions, and a higher one there may be a write never acknowledged that this copy
-    // (holding the acknowledged one) must replace.
-    if target == reply.version || (target > reply.version && !target.is_installing() && !shared) {
+    if holds(reply.version) {
         return Ok(());
     }
     let first_expect = Some(target);

@@ -68,8 +68,11 @@ pub struct ClientHooks {
     /// How long the acknowledgement of a mutation recorded as missed by these peers must still be
     /// held back (until any read lease this node granted them has run out).
     pub lease_holdback: LeaseHoldback,
-    /// Whether a node is in sync (up, not catching up) in this node's cluster map.
-    pub in_sync: Box<dyn Fn(u64) -> bool + Send + Sync>,
+    /// Checks the peers a mutation of a chunk names as having missed it against this node's
+    /// cluster map: `Some(why)` if the writer's map is stale — it names a node that is in sync and
+    /// holds the chunk's PG (that node may already serve reads: it must get the mutation itself),
+    /// or it leaves out a node being filled with a copy of the PG (its catch-up would miss it).
+    pub stale_missed: StaleMissed,
     /// Where missed writes of peers are recorded.
     pub missed: Arc<crate::missed::MissedLog>,
     /// A volume as this node's cluster map knows it: a mutation of a generation older than the
@@ -80,6 +83,10 @@ pub struct ClientHooks {
     /// RPC's reserved connection slots.
     pub member_ip: Box<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>,
 }
+
+/// See [`ClientHooks::stale_missed`].
+pub type StaleMissed =
+    Box<dyn Fn(cairn_types::VolumeId, cairn_types::ChunkIndex, &[u64]) -> Option<String> + Send + Sync>;
 
 /// A volume in a node's cluster map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -472,12 +479,12 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
                 "no read lease for this chunk's PG (its peers do not confirm this copy is current)",
             );
         }
-        if let Request::Write { missed_by, .. }
-        | Request::Trim { missed_by, .. }
-        | Request::WriteZeroes { missed_by, .. } = &request
-            && let Some(p) = missed_by.iter().find(|p| (hooks.in_sync)(**p))
+        if let Request::Write { volume, chunk, missed_by, .. }
+        | Request::Trim { volume, chunk, missed_by, .. }
+        | Request::WriteZeroes { volume, chunk, missed_by, .. } = &request
+            && let Some(why) = (hooks.stale_missed)(*volume, *chunk, missed_by)
         {
-            return unavailable(&format!("stale cluster map: node {p} is in sync; refresh the map"));
+            return unavailable(&why);
         }
         let stamped = match &request {
             Request::Write { volume, stamp, .. }
@@ -569,18 +576,24 @@ fn record_missed(
     })
 }
 
-/// For a mutation applied here and recorded as missed by peers: if this node's map now shows one
-/// of them in sync (the map moved since the check before the mutation), the mutation is not
-/// acknowledged from here ("stale map": the writer sends it there too, with the same stamp, and
-/// then it counts), since that node may already serve reads. The record stays: it keeps that
-/// node's serving barrier down and sends it back to catching up, and the copy is skipped at once if
-/// the node holds this version by then (the writer's re-send reached it).
-fn refuse_if_now_in_sync(hooks: Option<&ClientHooks>, missed_by: &[u64]) -> Option<Response> {
+/// For a mutation applied here and recorded as missed by peers: if this node's map now finds the
+/// writer's map stale (it moved since the check before the mutation), the mutation is not
+/// acknowledged from here ("stale map": the writer refreshes and sends it again with the same
+/// stamp, and then it counts). Either a node it names is now in sync and holds the PG (it may
+/// already serve reads; the record stays: it keeps that node's serving barrier down and sends it
+/// back to catching up, and the copy is skipped at once if the node holds this version by then), or
+/// it leaves out a node now being filled with a copy of the PG: a listing of the PG's chunks for
+/// that node made after this node's map showed it may have come before this mutation, so the
+/// mutation must be recorded for it (the re-send names it).
+fn refuse_if_stale(
+    hooks: Option<&ClientHooks>,
+    volume: cairn_types::VolumeId,
+    chunk: cairn_types::ChunkIndex,
+    missed_by: &[u64],
+) -> Option<Response> {
     let h = hooks?;
-    let p = missed_by.iter().find(|p| (h.in_sync)(**p))?;
-    Some(Response::Error(RpcError::Unavailable {
-        message: format!("stale cluster map: node {p} is in sync; refresh the map"),
-    }))
+    let why = (h.stale_missed)(volume, chunk, missed_by)?;
+    Some(Response::Error(RpcError::Unavailable { message: why }))
 }
 
 /// A chunk's state as peers see it, with the peers this node recorded as having missed it.
@@ -632,7 +645,7 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             let version = store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
             // Before the acknowledgement: an acknowledged write a peer missed is never forgotten.
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            refuse_if_now_in_sync(hooks, &missed_by).unwrap_or(Response::Applied { version })
+            refuse_if_stale(hooks, volume, chunk, &missed_by).unwrap_or(Response::Applied { version })
         }
         Request::RecordMissed { volume, chunk, chunk_size, peers, at } => {
             let _stripe = record_stripe(volume, chunk);
@@ -705,13 +718,13 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             let _stripe = (!missed_by.is_empty()).then(|| record_stripe(volume, chunk));
             let version = store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            refuse_if_now_in_sync(hooks, &missed_by).unwrap_or(Response::Applied { version })
+            refuse_if_stale(hooks, volume, chunk, &missed_by).unwrap_or(Response::Applied { version })
         }
         Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate, missed_by } => {
             let _stripe = (!missed_by.is_empty()).then(|| record_stripe(volume, chunk));
             let version = store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
             record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            refuse_if_now_in_sync(hooks, &missed_by).unwrap_or(Response::Applied { version })
+            refuse_if_stale(hooks, volume, chunk, &missed_by).unwrap_or(Response::Applied { version })
         }
         Request::Flush { volume } => {
             store.flush(volume)?;

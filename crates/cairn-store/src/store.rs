@@ -1030,6 +1030,22 @@ impl Store {
             if dir_unsynced {
                 fsync_dir(&state.dir)?;
             }
+            // The whole copy is durable and is its source's copy: no longer dirty (else every
+            // chunk a catch-up or a backfill copied would be reported at the next open and
+            // compared at the next catch-up). Not synced: if it is lost the chunk merely looks
+            // dirty after a crash. (The chunk lock is held: no mutation of it came in between.)
+            let mut header = inner.header;
+            header.dirty = false;
+            self.fault(IoOp::WriteHeader)
+                .and_then(|_| handle.file.write_all_at(&header.encode(), 0))
+                .map_err(|e| {
+                    StoreError::io(format!("clearing dirty flag of {}", handle.path.display()), e, Some(key))
+                })?;
+            inner.header = header;
+            inner.dirty_durable = false;
+            let mut v = lock(&state.inner);
+            v.dirty.remove(&chunk);
+            v.unsynced.remove(&chunk);
         }
         Ok(())
     }

@@ -474,8 +474,15 @@ fn mutations_apply_only_on_the_version_they_expect() {
     let other =
         store.install_range(v, c, cs, 8192, &rest, &[], &[], Generation(5), ver(5, 3), Some(ver(5, 4)));
     assert!(other.is_err(), "a piece of another copy is refused");
+    assert!(store.chunk_state(v, c).unwrap().unwrap().dirty, "half a copy is dirty");
     store.install_range(v, c, cs, 8192, &rest, &[], &[], Generation(5), ver(5, 4), Some(installing)).unwrap();
     let read = store.read(v, c, cs, 0, 4096).unwrap();
     assert_eq!((read.version, read.data), (ver(5, 4), b));
     assert_eq!(store.chunk_state(v, c).unwrap().unwrap().version(), ver(5, 4));
+    // A whole copy is synced and is its source's copy: neither dirty nor waiting for a flush
+    // (a node filled by copies reports none of them at the next open).
+    let state = store.chunk_state(v, c).unwrap().unwrap();
+    assert!(!state.dirty);
+    assert!(!store.dirty_chunks(v).unwrap().contains(&c));
+    assert!(!store.unsynced_chunks(v).unwrap().contains(&c));
 }

@@ -158,7 +158,10 @@ pub struct Pool {
     pub dir: tempfile::TempDir,
     pub up: Option<Child>,
     pub port_base: u16,
+    /// Nodes `cairn up` started.
     pub nodes: usize,
+    /// Nodes added to the pool since (`add_node`).
+    pub added: usize,
     /// Nodes started by the test itself (restarts, added nodes), by node id.
     pub restarted: Vec<(u64, Child)>,
     client: reqwest::blocking::Client,
@@ -221,7 +224,7 @@ impl Pool {
                 }
             };
             if let Some(up) = launch_up(&dir.path().join("cairn-data"), nodes, port_base) {
-                return Pool { dir, up: Some(up), port_base, nodes, restarted: Vec::new(), client };
+                return Pool { dir, up: Some(up), port_base, nodes, added: 0, restarted: Vec::new(), client };
             }
             // (A port may have been taken between the check and the start.)
             eprintln!("pool start attempt {attempt} failed; retrying on other ports");
@@ -326,6 +329,7 @@ impl Pool {
             self.port_base
         );
         std::fs::write(dir.join("node.toml"), config).unwrap();
+        self.added += 1;
         self.restart(k);
         wait_for("the new node to be up", Duration::from_secs(30), || {
             let (status, nodes) = self.get(1, "/v1/nodes");
@@ -437,6 +441,18 @@ impl Drop for Pool {
             let _ = up.kill();
             let _ = up.wait();
         }
+        // A failed test leaves the end of every node's log in its output (the directory goes).
+        if std::thread::panicking() {
+            for k in 1..=self.nodes as u64 {
+                let path = self.data().join(format!("node-{k}")).join("node.log");
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- {} (last {} lines) ---", path.display(), lines.len().min(60));
+                for line in &lines[lines.len().saturating_sub(60)..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
     }
 }
 
@@ -453,20 +469,21 @@ impl Pool {
 
     /// Waits until every node is up and none is catching up.
     pub fn wait_in_sync(&self, within: Duration) {
+        let count = self.nodes + self.added;
         wait_for("every node up and in sync", within, || {
-            for k in 1..=self.nodes as u64 {
+            for k in 1..=count as u64 {
                 let (status, nodes) = self.get(k, "/v1/nodes");
                 if status == 200 {
                     let all = nodes.as_array()?;
-                    let ok = all.len() == self.nodes
+                    let ok = all.len() == count
                         && all.iter().all(|n| n["state"] == "up" && n["catching_up"] == false);
                     if !ok {
                         return None;
                     }
                     // And every node serves client IO (after a catch-up, once enough peers have
                     // the map that says so).
-                    let serving = (1..=self.nodes as u64)
-                        .all(|j| self.get(j, "/v1/status").1["serving_clients"] == true);
+                    let serving =
+                        (1..=count as u64).all(|j| self.get(j, "/v1/status").1["serving_clients"] == true);
                     return serving.then_some(());
                 }
             }
