@@ -358,11 +358,14 @@ pub async fn run(
                 // copy is current) copies its own; any other passes on an in-sync replica's (a
                 // holder frozen past a write it missed would otherwise put its older copy over the
                 // newer one another replica gave the peer).
+                // (`passed_on`: this node's copy is passed over by rule, not because it failed.)
+                let mut passed_on = true;
                 let outcome = if me_catching_up && in_sync_source() {
                     Err(CopyFailure::Source("this node is catching up itself".into()))
                 } else if shared.contains(&volume) && !serves_reads_of(&meta, me, volume, chunk) {
                     Err(CopyFailure::Source("this node does not serve reads of the chunk now".into()))
                 } else {
+                    passed_on = false;
                     let map_generation = generations.get(&volume).copied().unwrap_or(0);
                     copy_chunk(
                         &store,
@@ -394,6 +397,19 @@ pub async fn run(
                         )
                         .await
                         {
+                            Ok(from) if passed_on => {
+                                tracing::debug!(
+                                    peer,
+                                    volume,
+                                    chunk,
+                                    "catch-up: {e}: copied node {from}'s copy"
+                                );
+                                copied += 1;
+                                if let Err(e) = missed.done(peer, volume, chunk, seq) {
+                                    tracing::error!("missed-writes log: {e}");
+                                }
+                                continue;
+                            }
                             Ok(from) => {
                                 tracing::warn!(
                                     peer,
