@@ -131,6 +131,13 @@ impl VolumeMap {
     fn quorum(&self) -> usize {
         usize::from(self.volume.replicas) / 2 + 1
     }
+
+    /// How many of a PG's holders must take part for a decision to see every acknowledged write:
+    /// each was applied by `quorum()` of them, so any holders − quorum + 1 include one (more than
+    /// a quorum once a PG holds more than R copies: a node that joined was admitted to it).
+    fn deciders(&self, pg: u32) -> usize {
+        self.quorum().max((self.replicas_of_pg(pg).len() + 1).saturating_sub(self.quorum()))
+    }
 }
 
 /// One chunk's share of a byte range.
@@ -568,7 +575,7 @@ impl VolumeClient {
                 // what wins): the open fails and the next write tries it again.
                 // (holders − q + 1 of them: every acknowledged write was applied by q of the
                 // holders, and a PG that took in a filled node has more than R.)
-                if live.len() < map.quorum().max((holders.len() + 1).saturating_sub(map.quorum())) {
+                if map.pg(chunk).is_none_or(|pg| live.len() < map.deciders(pg)) {
                     return Err(IoError::Io(format!(
                         "open: chunk {chunk}: only {} of its holders take part in its reconciliation",
                         live.len()
@@ -834,7 +841,7 @@ impl VolumeClient {
             }
             let versions: BTreeMap<u64, Version> =
                 infos.iter().map(|(n, i)| (*n, i.chunk_version())).collect();
-            if infos.len() >= map.quorum()
+            if map.pg(chunk).is_some_and(|pg| infos.len() >= map.deciders(pg))
                 && let Some((winner, installs)) = settle(&versions, &may_win(&infos), None)
             {
                 let top = versions.get(&winner).copied().unwrap_or(Version::NONE);
@@ -1487,7 +1494,7 @@ impl VolumeClient {
                 .map(|(n, _)| *n)
                 .collect();
             let all_pgs_durable = pgs.iter().all(|pg| {
-                map.replicas_of_pg(*pg).iter().filter(|n| flushed.contains(n)).count() >= map.quorum()
+                map.replicas_of_pg(*pg).iter().filter(|n| flushed.contains(n)).count() >= map.deciders(*pg)
             });
             if all_pgs_durable {
                 return Ok(());

@@ -406,7 +406,12 @@ impl ClusterState {
                 authority.prune_void(&incarnations, min_size(*r));
                 for node in targets.get(&(*r, pg as u32)).into_iter().flatten() {
                     // (Production nodes keep incarnation 0: their restarts are handled by the
-                    // catch-up, not by incarnations.)
+                    // catch-up, not by incarnations.) A 1-copy PG is not filled: admitted, the
+                    // new node would make its one holder depend on it for reads (a lease) until
+                    // the displaced member can be removed (the self-healing issue).
+                    if *r == 1 {
+                        continue;
+                    }
                     if let Some(inc) = incarnations.get(node)
                         && authority.add_backfill(*node, *inc)
                     {
@@ -476,18 +481,36 @@ impl ClusterState {
             return;
         }
         let incarnations = self.incarnations();
+        // A node being filled (a backfill member elsewhere) is catching up until its fill ends: it
+        // takes part as a backfill member here too, and the next node of the row holds the PG
+        // meanwhile (else a 1- or 2-copy volume whose PG it entered could not take writes until
+        // its fill ends).
+        let filling: BTreeSet<u64> = self.nodes.keys().copied().filter(|n| self.backfilling(*n)).collect();
+        let member = |node: u64, phase| Member {
+            node,
+            incarnation: incarnations.get(&node).copied().unwrap_or(0),
+            phase,
+        };
         let set = (0..self.pg_count)
-            .map(|pg| PgAuthority {
-                interval: 1,
-                members: self
-                    .target(replicas, pg)
-                    .into_iter()
-                    .map(|node| Member {
-                        node,
-                        incarnation: incarnations.get(&node).copied().unwrap_or(0),
-                        phase: Phase::Active,
-                    })
-                    .collect(),
+            .map(|pg| {
+                let row = self.pg_table.get(pg as usize).cloned().unwrap_or_default();
+                let mut members: Vec<Member> = row
+                    .iter()
+                    .copied()
+                    .filter(|n| !filling.contains(n))
+                    .take(usize::from(replicas))
+                    .map(|n| member(n, Phase::Active))
+                    .collect();
+                // (A 1-copy PG is not filled: see `reconcile_targets`.)
+                if replicas > 1 {
+                    members.extend(
+                        self.target(replicas, pg)
+                            .into_iter()
+                            .filter(|n| filling.contains(n))
+                            .map(|n| member(n, Phase::Backfill)),
+                    );
+                }
+                PgAuthority { interval: 1, members }
             })
             .collect();
         self.pg_sets.insert(replicas, set);
@@ -1034,6 +1057,32 @@ mod tests {
         }
         assert!(s.pg(3, filled[0]).unwrap().interval > interval);
         assert!(s.events.back().unwrap().details.contains(&format!("{} more", filled.len())));
+    }
+
+    #[test]
+    fn a_pg_set_created_while_a_node_is_filled_takes_it_as_backfill() {
+        let mut s = with_nodes(3);
+        create(&mut s, "v", 1 << 30, 3);
+        let addr = NodeAddr { rpc: "127.0.0.1:4".into(), ..NodeAddr::default() };
+        s.apply(Command::RegisterNode { id: 4, addr, voter: false, capacity_bytes: 1 << 30, time_ms: 5 });
+        assert!(s.backfilling(4));
+        // A 2-copy volume now: where node 4 is in the target, the next node of the row holds.
+        create(&mut s, "w", 1 << 30, 2);
+        let mut entered = 0;
+        for pg in 0..s.pg_count {
+            let holders = s.holders(2, pg);
+            assert_eq!(holders.len(), 2);
+            assert!(!holders.contains(&4));
+            if s.target(2, pg).contains(&4) {
+                entered += 1;
+                assert_eq!(s.backfill(2, pg), vec![4]);
+            }
+        }
+        assert!(entered > 0);
+        // Its fill's end admits it there too.
+        s.apply(Command::SetCatchingUp { id: 4, catching_up: false, time_ms: 6 });
+        assert!(!s.backfilling(4));
+        assert!((0..s.pg_count).any(|pg| s.holders(2, pg).contains(&4)));
     }
 
     #[test]

@@ -163,9 +163,20 @@ pub struct Seeding {
     /// The map epoch as of which every backfill entry in a PG this node holds is seeded (reported
     /// to the leader, which admits a member only after every up holder seeded it).
     epoch: std::sync::atomic::AtomicU64,
+    /// When a failed seed was last logged (at most one warning every 30 s: it is retried every
+    /// round).
+    warned: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Seeding {
+    fn warn(&self, message: String) {
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            tracing::warn!("{message}; every fill of a PG this node holds waits for it");
+            *warned = Some(std::time::Instant::now());
+        }
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -212,8 +223,17 @@ async fn seed_backfill(
                 continue;
             }
             let st = store.clone();
-            let Ok(Ok(chunks)) = tokio::task::spawn_blocking(move || st.list_chunks(volume)).await else {
-                return false;
+            let chunks = match tokio::task::spawn_blocking(move || st.list_chunks(volume)).await {
+                Ok(Ok(chunks)) => chunks,
+                Ok(Err(e)) => {
+                    // Every fill this node holds a PG of waits on it: say why.
+                    seeding.warn(format!("seeding a backfill: listing the chunks of volume {id}: {e}"));
+                    return false;
+                }
+                Err(e) => {
+                    seeding.warn(format!("seeding a backfill: {e}"));
+                    return false;
+                }
             };
             for chunk in chunks {
                 let pg = pg_of(volume, chunk, pg_count).0;
@@ -223,7 +243,7 @@ async fn seed_backfill(
             }
         }
         if let Err(e) = missed.record_many(&entries) {
-            tracing::error!("seeding a backfill: missed-writes log: {e}");
+            seeding.warn(format!("seeding a backfill: missed-writes log: {e}"));
             return false;
         }
         if !entries.is_empty() {
@@ -879,6 +899,11 @@ async fn revive_chunk(node: Local<'_>, (volume, chunk, size): (u64, u64, u32)) -
         .ok_or("the map does not know this process or the volume yet")?;
     if holders.iter().any(|(id, _, in_sync, _)| *id != me && *in_sync) {
         return Err("a holder is in sync: its copy is the one to take".into());
+    }
+    // A node being filled with the PG holds copies the holders gave it; theirs decide, and it
+    // pulls the one they revive.
+    if !holders.iter().any(|(id, ..)| *id == me) {
+        return Err("this node does not hold the chunk's PG yet: it waits for a holder's revived copy".into());
     }
     // Every holder says which version it has and whom it recorded as missing it: all of them, so
     // that every holder decides from the same copies (one that is down is waited for).

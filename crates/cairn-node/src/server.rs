@@ -68,11 +68,9 @@ pub struct ClientHooks {
     /// How long the acknowledgement of a mutation recorded as missed by these peers must still be
     /// held back (until any read lease this node granted them has run out).
     pub lease_holdback: LeaseHoldback,
-    /// Checks the peers a mutation of a chunk names as having missed it against this node's
-    /// cluster map: `Some(why)` if the writer's map is stale — it names a node that is in sync and
-    /// holds the chunk's PG (that node may already serve reads: it must get the mutation itself),
-    /// or it leaves out a node being filled with a copy of the PG (its catch-up would miss it).
-    pub stale_missed: StaleMissed,
+    /// A chunk's PG as this node's cluster map has it, checked against the peers a mutation names
+    /// as having missed it (see [`PgCheck`]).
+    pub pg_check: PgCheckFn,
     /// Where missed writes of peers are recorded.
     pub missed: Arc<crate::missed::MissedLog>,
     /// A volume as this node's cluster map knows it: a mutation of a generation older than the
@@ -84,9 +82,27 @@ pub struct ClientHooks {
     pub member_ip: Box<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>,
 }
 
-/// See [`ClientHooks::stale_missed`].
-pub type StaleMissed =
-    Box<dyn Fn(cairn_types::VolumeId, cairn_types::ChunkIndex, &[u64]) -> Option<String> + Send + Sync>;
+/// See [`ClientHooks::pg_check`].
+pub type PgCheckFn =
+    Box<dyn Fn(cairn_types::VolumeId, cairn_types::ChunkIndex, &[u64]) -> PgCheck + Send + Sync>;
+
+/// A chunk's PG in this node's cluster map, and what it says of a mutation's `missed_by`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PgCheck {
+    /// `Some(why)` if the writer's map is stale: the mutation names a node that is in sync and
+    /// holds the PG (it may already serve reads: it must get the mutation itself), or leaves out
+    /// a node being filled with a copy of the PG.
+    pub stale: Option<String>,
+    /// The PG's membership interval (grows with every member added or admitted): a mutation
+    /// checked before it is applied is not acknowledged from here if it moved meanwhile.
+    pub interval: u64,
+    /// The PG's backfill members other than this node: every mutation applied here, and every copy
+    /// installed here while this node holds the PG, is recorded as missed by them (whatever the
+    /// writer named), so that their fill gets it.
+    pub backfill: Vec<u64>,
+    /// Whether this node holds the PG.
+    pub holder: bool,
+}
 
 /// A volume in a node's cluster map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,6 +474,8 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
     {
         return Response::Error(RpcError::Deleted { volume });
     }
+    // The chunk's PG as checked before a mutation is applied (compared again after).
+    let mut pre: Option<PgCheck> = None;
     let client_io = matches!(
         request,
         Request::Read { .. }
@@ -482,9 +500,12 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
         if let Request::Write { volume, chunk, missed_by, .. }
         | Request::Trim { volume, chunk, missed_by, .. }
         | Request::WriteZeroes { volume, chunk, missed_by, .. } = &request
-            && let Some(why) = (hooks.stale_missed)(*volume, *chunk, missed_by)
         {
-            return unavailable(&why);
+            let check = (hooks.pg_check)(*volume, *chunk, missed_by);
+            if let Some(why) = &check.stale {
+                return unavailable(why);
+            }
+            pre = Some(check);
         }
         let stamped = match &request {
             Request::Write { volume, stamp, .. }
@@ -509,15 +530,18 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
     }
     // Peers a mutation records as having missed it: its acknowledgement waits out any read lease
     // this node granted them (see `MetaService::serves_reads`).
-    let recorded: Vec<u64> = match &request {
+    let mut recorded: Vec<u64> = match &request {
         Request::Write { missed_by, .. }
         | Request::Trim { missed_by, .. }
         | Request::WriteZeroes { missed_by, .. } => missed_by.clone(),
         Request::RecordMissed { peers, .. } => peers.clone(),
         _ => Vec::new(),
     };
+    if let Some(check) = &pre {
+        recorded.extend(check.backfill.iter().filter(|p| !recorded.contains(p)).copied().collect::<Vec<_>>());
+    }
     let slot = wiring.clone();
-    let result = tokio::task::spawn_blocking(move || run(&store, wiring.hooks.get(), request)).await;
+    let result = tokio::task::spawn_blocking(move || run(&store, wiring.hooks.get(), request, pre)).await;
     match result {
         Ok(Ok(response)) => {
             if let Some(h) = slot.hooks.get()
@@ -585,15 +609,32 @@ fn record_missed(
 /// it leaves out a node now being filled with a copy of the PG: a listing of the PG's chunks for
 /// that node made after this node's map showed it may have come before this mutation, so the
 /// mutation must be recorded for it (the re-send names it).
-fn refuse_if_stale(
-    hooks: Option<&ClientHooks>,
-    volume: cairn_types::VolumeId,
-    chunk: cairn_types::ChunkIndex,
-    missed_by: &[u64],
-) -> Option<Response> {
-    let h = hooks?;
-    let why = (h.stale_missed)(volume, chunk, missed_by)?;
+fn refuse_if_stale(now: Option<&PgCheck>, pre: Option<&PgCheck>) -> Option<Response> {
+    let now = now?;
+    let why = match (&now.stale, pre) {
+        (Some(why), _) => why.clone(),
+        // Its members changed while it was applied (a node's fill began or ended): the records
+        // made for it may not match what the seeds and the admission relied on.
+        (None, Some(pre)) if pre.interval != now.interval => {
+            "stale cluster map: this chunk's PG changed members while the mutation was applied; refresh the map"
+                .to_string()
+        }
+        _ => return None,
+    };
     Some(Response::Error(RpcError::Unavailable { message: why }))
+}
+
+/// A mutation's records: the peers the writer named, and the backfill members of the chunk's PG
+/// in this node's map now (whatever the writer's map said: a node being filled gets every
+/// mutation applied here after its seed).
+fn peers_to_record(now: Option<&PgCheck>, missed_by: &[u64]) -> Vec<u64> {
+    let mut peers = missed_by.to_vec();
+    for p in now.map(|c| c.backfill.as_slice()).unwrap_or_default() {
+        if !peers.contains(p) {
+            peers.push(*p);
+        }
+    }
+    peers
 }
 
 /// A chunk's state as peers see it, with the peers this node recorded as having missed it.
@@ -628,7 +669,18 @@ fn record_stripe(
     stripe.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<Response, StoreError> {
+fn run(
+    store: &Store,
+    hooks: Option<&ClientHooks>,
+    request: Request,
+    pre: Option<PgCheck>,
+) -> Result<Response, StoreError> {
+    let check = |volume, chunk, missed_by: &[u64]| hooks.map(|h| (h.pg_check)(volume, chunk, missed_by));
+    // A mutation takes the record lock if it records anything (named peers, or backfill members
+    // as checked before it; the look after it is applied, under the lock, decides what is
+    // recorded).
+    let needs_stripe =
+        |missed_by: &[u64]| !missed_by.is_empty() || pre.as_ref().is_some_and(|c| !c.backfill.is_empty());
     let stamp = |s: cairn_proto::Stamp| WriteStamp {
         generation: s.generation,
         sequence: s.sequence,
@@ -641,11 +693,12 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             Response::Read { crcs: r.crcs, data: r.data.into(), present: r.present, version: r.version }
         }
         Request::Write { volume, chunk, chunk_size, offset, stamp: s, crcs, data, missed_by } => {
-            let _stripe = (!missed_by.is_empty()).then(|| record_stripe(volume, chunk));
+            let _stripe = needs_stripe(&missed_by).then(|| record_stripe(volume, chunk));
             let version = store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
             // Before the acknowledgement: an acknowledged write a peer missed is never forgotten.
-            record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            refuse_if_stale(hooks, volume, chunk, &missed_by).unwrap_or(Response::Applied { version })
+            let now = check(volume, chunk, &missed_by);
+            record_missed(hooks, &peers_to_record(now.as_ref(), &missed_by), volume, chunk, chunk_size)?;
+            refuse_if_stale(now.as_ref(), pre.as_ref()).unwrap_or(Response::Applied { version })
         }
         Request::RecordMissed { volume, chunk, chunk_size, peers, at } => {
             let _stripe = record_stripe(volume, chunk);
@@ -682,7 +735,11 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             expect,
             source,
         } => {
-            let _stripe = source.map(|_| record_stripe(volume, chunk));
+            // A copy installed here while this node holds the PG changes what a node being filled
+            // must get (a writer's settle, an open's reconciliation): recorded for it, under the
+            // record lock, once installed (from the map as it is then: a seed made after this
+            // node's map showed the fill lists the chunk after the install, or this records it).
+            let _stripe = record_stripe(volume, chunk);
             if let Some(source) = source {
                 // A copy from a node recorded here as having missed a write to the chunk would undo
                 // that write (the record came after the copy was planned).
@@ -705,6 +762,9 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             store.install_range(
                 volume, chunk, chunk_size, offset, &present, &data, &crcs, generation, version, expect,
             )?;
+            let filling =
+                check(volume, chunk, &[]).filter(|c| c.holder).map(|c| c.backfill).unwrap_or_default();
+            record_missed(hooks, &filling, volume, chunk, chunk_size)?;
             Response::Done
         }
         Request::Repair { volume, chunk, chunk_size, offset, crcs, data } => {
@@ -715,16 +775,18 @@ fn run(store: &Store, hooks: Option<&ClientHooks>, request: Request) -> Result<R
             Response::Done
         }
         Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s, missed_by } => {
-            let _stripe = (!missed_by.is_empty()).then(|| record_stripe(volume, chunk));
+            let _stripe = needs_stripe(&missed_by).then(|| record_stripe(volume, chunk));
             let version = store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
-            record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            refuse_if_stale(hooks, volume, chunk, &missed_by).unwrap_or(Response::Applied { version })
+            let now = check(volume, chunk, &missed_by);
+            record_missed(hooks, &peers_to_record(now.as_ref(), &missed_by), volume, chunk, chunk_size)?;
+            refuse_if_stale(now.as_ref(), pre.as_ref()).unwrap_or(Response::Applied { version })
         }
         Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate, missed_by } => {
-            let _stripe = (!missed_by.is_empty()).then(|| record_stripe(volume, chunk));
+            let _stripe = needs_stripe(&missed_by).then(|| record_stripe(volume, chunk));
             let version = store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
-            record_missed(hooks, &missed_by, volume, chunk, chunk_size)?;
-            refuse_if_stale(hooks, volume, chunk, &missed_by).unwrap_or(Response::Applied { version })
+            let now = check(volume, chunk, &missed_by);
+            record_missed(hooks, &peers_to_record(now.as_ref(), &missed_by), volume, chunk, chunk_size)?;
+            refuse_if_stale(now.as_ref(), pre.as_ref()).unwrap_or(Response::Applied { version })
         }
         Request::Flush { volume } => {
             store.flush(volume)?;
