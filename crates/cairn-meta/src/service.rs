@@ -872,7 +872,11 @@ impl<T: PeerTransport> MetaService<T> {
                         && !own_pending
                         && since.elapsed() >= Duration::from_millis(self.config.heartbeat_interval_ms)
                     {
-                        finished.push(id);
+                        // With the PGs its fill was checked for: admitted only if they are still
+                        // exactly those when the command applies.
+                        let checked =
+                            l.backfill_seen.get(&id).map(|(pgs, ..)| pgs.clone()).unwrap_or_default();
+                        finished.push((id, checked));
                     }
                 }
                 (boots, finished)
@@ -944,14 +948,17 @@ impl<T: PeerTransport> MetaService<T> {
             behind.into_iter().chain(stuck).collect()
         };
         for id in behind {
-            self.propose(Command::SetCatchingUp { id, catching_up: true, time_ms: now_ms() }).await?;
+            self.propose(Command::SetCatchingUp { id, catching_up: true, time_ms: now_ms(), filled: None })
+                .await?;
         }
         for (id, boot_id) in boots {
             self.propose(Command::NodeBooted { id, boot_id, time_ms: now_ms() }).await?;
         }
-        for id in finished {
+        for (id, checked) in finished {
             tracing::info!(node = id, "node caught up");
-            self.propose(Command::SetCatchingUp { id, catching_up: false, time_ms: now_ms() }).await?;
+            let command =
+                Command::SetCatchingUp { id, catching_up: false, time_ms: now_ms(), filled: Some(checked) };
+            self.propose(command).await?;
         }
         Ok(())
     }

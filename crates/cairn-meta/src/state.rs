@@ -141,11 +141,17 @@ pub enum Command {
         boot_id: u64,
         time_ms: u64,
     },
-    /// Start or end a node's catch-up.
+    /// Start or end a node's catch-up. Ending it admits the node's backfill entries; with
+    /// `filled`, only if they are exactly those (replica count, PG) the leader checked (else the
+    /// command is refused and the leader checks again).
     SetCatchingUp {
         id: u64,
         catching_up: bool,
         time_ms: u64,
+        /// (No `skip_serializing_if`: commands also travel postcard-encoded inside Raft's
+        /// messages, which cannot skip fields.)
+        #[serde(default)]
+        filled: Option<Vec<(u8, u32)>>,
     },
     /// A new leader took office (proposed by itself).
     LeaderElected {
@@ -241,6 +247,8 @@ pub enum StateError {
     Fenced { name: String, generation: u64, current: u64 },
     #[error("node {node} cannot be admitted to pg {pg} as {phase:?} (incarnation {incarnation})")]
     NotAdmissible { pg: u32, node: u64, incarnation: u64, phase: Phase },
+    #[error("node {id} is being filled with other placement groups than the ones checked")]
+    FillChanged { id: u64 },
     #[error(
         "volume {name:?} was shrunk to {stale_from} bytes and its old data beyond that is not erased yet; it cannot grow past {stale_from} bytes (create a new volume instead)"
     )]
@@ -375,6 +383,18 @@ impl ClusterState {
             Some(a) => a.members.iter().filter(|m| m.phase == Phase::Backfill).map(|m| m.node).collect(),
             None => Vec::new(),
         }
+    }
+
+    /// The (replica count, PG) pairs `node` is a backfill member of, in order.
+    pub fn filling(&self, node: u64) -> Vec<(u8, u32)> {
+        self.pg_sets
+            .iter()
+            .flat_map(|(r, set)| {
+                set.iter().enumerate().filter_map(move |(pg, a)| {
+                    a.entry(node).is_some_and(|m| m.phase == Phase::Backfill).then_some((*r, pg as u32))
+                })
+            })
+            .collect()
     }
 
     /// Whether `node` is a backfill member of any PG.
@@ -603,7 +623,13 @@ impl ClusterState {
                 }
                 Ok(CommandResult::Done)
             }
-            Command::SetCatchingUp { id, catching_up, time_ms } => {
+            Command::SetCatchingUp { id, catching_up, time_ms, filled } => {
+                if !catching_up
+                    && let Some(checked) = filled
+                    && self.filling(id) != checked
+                {
+                    return Err(StateError::FillChanged { id });
+                }
                 let epoch = self.epoch + 1; // this command's
                 let node = self.nodes.get_mut(&id).ok_or(StateError::UnknownNode(id))?;
                 if node.catching_up != catching_up {
@@ -896,12 +922,12 @@ mod tests {
     fn coming_back_in_sync_records_the_epoch_it_happened_at() {
         let mut s = with_nodes(3);
         assert_eq!(s.nodes[&2].in_sync_epoch, 0, "a node that never caught up has none");
-        s.apply(Command::SetCatchingUp { id: 2, catching_up: true, time_ms: 3 });
+        s.apply(Command::SetCatchingUp { id: 2, catching_up: true, time_ms: 3, filled: None });
         assert_eq!(s.nodes[&2].in_sync_epoch, 0);
-        s.apply(Command::SetCatchingUp { id: 2, catching_up: false, time_ms: 4 });
+        s.apply(Command::SetCatchingUp { id: 2, catching_up: false, time_ms: 4, filled: None });
         assert_eq!(s.nodes[&2].in_sync_epoch, s.epoch, "the epoch of the map that shows it in sync");
         let before = s.epoch;
-        s.apply(Command::SetCatchingUp { id: 2, catching_up: false, time_ms: 5 });
+        s.apply(Command::SetCatchingUp { id: 2, catching_up: false, time_ms: 5, filled: None });
         assert_eq!(s.nodes[&2].in_sync_epoch, before, "no change, no new epoch for it");
     }
 
@@ -1045,8 +1071,16 @@ mod tests {
         assert_eq!(filled, entered);
         assert!(s.nodes[&4].catching_up && s.backfilling(4));
         let interval = s.pg(3, filled[0]).unwrap().interval;
-        // The end of its catch-up admits it: it holds those PGs from then on.
-        s.apply(Command::SetCatchingUp { id: 4, catching_up: false, time_ms: 6 });
+        // The end of its catch-up admits it: it holds those PGs from then on — only if they are
+        // the ones the leader checked.
+        let checked: Vec<(u8, u32)> = filled[1..].iter().map(|pg| (3, *pg)).collect();
+        assert!(matches!(
+            s.apply(Command::SetCatchingUp { id: 4, catching_up: false, time_ms: 6, filled: Some(checked) }),
+            CommandResult::Rejected(StateError::FillChanged { id: 4 })
+        ));
+        assert!(s.nodes[&4].catching_up);
+        let checked: Vec<(u8, u32)> = filled.iter().map(|pg| (3, *pg)).collect();
+        s.apply(Command::SetCatchingUp { id: 4, catching_up: false, time_ms: 6, filled: Some(checked) });
         assert!(!s.backfilling(4));
         for pg in 0..s.pg_count {
             let mut expected = before[pg as usize].clone();
@@ -1080,7 +1114,7 @@ mod tests {
         }
         assert!(entered > 0);
         // Its fill's end admits it there too.
-        s.apply(Command::SetCatchingUp { id: 4, catching_up: false, time_ms: 6 });
+        s.apply(Command::SetCatchingUp { id: 4, catching_up: false, time_ms: 6, filled: None });
         assert!(!s.backfilling(4));
         assert!((0..s.pg_count).any(|pg| s.holders(2, pg).contains(&4)));
     }

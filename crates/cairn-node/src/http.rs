@@ -527,7 +527,7 @@ async fn catch_up(
     if !meta.is_leader() {
         lead(&meta, &uri).await?;
     }
-    let command = Command::SetCatchingUp { id, catching_up: true, time_ms: now_ms() };
+    let command = Command::SetCatchingUp { id, catching_up: true, time_ms: now_ms(), filled: None };
     meta.propose(command).await.map_err(|e| map_error(e, &uri))?;
     Ok(Json(serde_json::json!({ "id": id, "catching_up": true })))
 }

@@ -249,6 +249,12 @@ impl Node {
                             check.holder = holders.contains(&me);
                             check.backfill = backfill.iter().copied().filter(|n| *n != me).collect();
                         }
+                        if known.is_some() && !check.holder {
+                            // (A writer routing by a view older than the PG's set, say.)
+                            check.stale = Some(
+                                "stale cluster map: this node does not hold this chunk's PG; refresh the map".into(),
+                            );
+                        }
                         for (holders, backfill, _) in rows.iter() {
                             if let Some(p) = missed_by.iter().find(|p| in_sync.contains(p) && holders.contains(p)) {
                                 check.stale = Some(format!(

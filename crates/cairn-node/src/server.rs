@@ -762,8 +762,13 @@ fn run(
             store.install_range(
                 volume, chunk, chunk_size, offset, &present, &data, &crcs, generation, version, expect,
             )?;
-            let filling =
-                check(volume, chunk, &[]).filter(|c| c.holder).map(|c| c.backfill).unwrap_or_default();
+            // (Only while this node serves: a copy installed on a holder that is catching up
+            // repeats a version an in-sync holder already recorded for the fill or gave it.)
+            let serving = hooks.is_some_and(|h| (h.serves_clients)());
+            let filling = check(volume, chunk, &[])
+                .filter(|c| c.holder && serving)
+                .map(|c| c.backfill)
+                .unwrap_or_default();
             record_missed(hooks, &filling, volume, chunk, chunk_size)?;
             Response::Done
         }

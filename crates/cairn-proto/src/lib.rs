@@ -20,9 +20,9 @@ pub use frame::{Frame, FrameCodec, FrameError, FrameKind};
 pub use message::{BodyError, ChunkInfo, Hello, HelloReply, Request, Response, RpcError, Stamp};
 
 /// Oldest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MIN: u16 = 5;
+pub const PROTOCOL_VERSION_MIN: u16 = 6;
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 5;
+pub const PROTOCOL_VERSION_MAX: u16 = 6;
 
 /// Picks the version to speak with a peer speaking `[min, max]`: the highest both speak.
 pub fn negotiate(min: u16, max: u16) -> Option<u16> {
@@ -36,14 +36,15 @@ mod tests {
 
     #[test]
     fn negotiation() {
-        assert_eq!(negotiate(5, 5), Some(5));
-        assert_eq!(negotiate(1, 9), Some(5));
+        assert_eq!(negotiate(6, 6), Some(6));
+        assert_eq!(negotiate(1, 9), Some(6));
         assert_eq!(negotiate(1, 1), None, "version 1 has no fencing at open");
         assert_eq!(negotiate(2, 2), None, "version 2 has no refusal of deleted volumes");
         assert_eq!(negotiate(3, 3), None, "version 3 has no versioned mutations");
         assert_eq!(negotiate(4, 4), None, "version 4 records missed writes without checking the copy");
-        assert_eq!(negotiate(6, 9), None);
+        assert_eq!(negotiate(5, 5), None, "version 5 writers do not name nodes being filled");
+        assert_eq!(negotiate(7, 9), None);
         assert_eq!(negotiate(0, 0), None);
-        assert_eq!(negotiate(5, 1), None);
+        assert_eq!(negotiate(6, 1), None);
     }
 }

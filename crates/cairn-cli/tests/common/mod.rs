@@ -446,7 +446,8 @@ impl Drop for Pool {
             for k in 1..=self.nodes as u64 {
                 let path = self.data().join(format!("node-{k}")).join("node.log");
                 let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
+                // (Without openraft's own lines: a down peer fills the log with them.)
+                let lines: Vec<&str> = text.lines().filter(|l| !l.contains("openraft")).collect();
                 eprintln!("--- {} (last {} lines) ---", path.display(), lines.len().min(60));
                 for line in &lines[lines.len().saturating_sub(60)..] {
                     eprintln!("{line}");
