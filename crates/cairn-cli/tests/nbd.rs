@@ -715,9 +715,10 @@ fn check_held_copies(
     })
 }
 
-/// A node joins while a writer writes and flushes, and a holder is SIGKILLed during the fill and
-/// restarted: the workload sees no error, the new node is admitted with every byte of what it
-/// holds, the copies converge, and once an original node is lost the new one serves its share.
+/// A node joins while a writer writes and flushes, and a holder is SIGKILLed during the fill: the
+/// workload sees no error, the new node is admitted with the two other holders, the killed one
+/// returns without sending it back to catching up, the new node holds every byte of what it holds,
+/// the copies converge, and once an original node is lost the new one serves its share.
 #[test]
 fn a_join_during_writes_with_a_holder_killed_loses_nothing() {
     let mut pool = Pool::start(3);
@@ -736,11 +737,19 @@ fn a_join_during_writes_with_a_holder_killed_loses_nothing() {
         std::thread::spawn(move || qemu_io(&url, cmds))
     };
     pool.add_node(4);
+    // Killed once it has seeded node 4's fill (its missed-writes log holds seeds' entries), most
+    // of them not yet copied.
+    let log = pool.data().join("node-3/data/missed.log");
+    wait_for("node 3 to seed node 4's fill", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).ok().filter(|t| t.contains("\"seed\"")).map(|_| ())
+    });
     pool.sigkill(3);
     worker.join().expect("the workload saw an IO error");
     qemu_io(&url, pattern_cmds("read", 0, 96, 2));
-    pool.restart(3);
+    // Admitted while node 3 is down (the two holders up suffice); node 3 comes back with the
+    // writes it recorded for node 4 before it died (node 4 may catch up once more for them).
     let held = wait_admitted(&pool, 4, targeted(&pool, 4), Duration::from_secs(120));
+    pool.restart(3);
     pool.wait_in_sync(Duration::from_secs(60));
     let checked = check_held_copies(&pool, 4, id, &held, 96, |b, data| {
         let want = ((b + 2) % 251 + 1) as u8;
@@ -755,6 +764,46 @@ fn a_join_during_writes_with_a_holder_killed_loses_nothing() {
         pool.leader_seen_by(4).filter(|l| *l != 1)
     });
     qemu_io(&nbd_url(&pool.nbd(4), "jw"), pattern_cmds("read", 0, 96, 2));
+}
+
+/// A holder SIGKILLed after it seeded a joining node's fill, and back after the node was admitted
+/// without it: the entries it seeded were the fill's alone, so they are dropped, and the admitted
+/// node does not go back to catching up for them (it did, serving none of its PGs until every
+/// seeded chunk had been offered to it again).
+#[test]
+fn a_holder_back_after_a_fill_ended_does_not_send_the_node_back_to_catching_up() {
+    let mut pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "js", "--size", "96M"]);
+    qemu_io(&nbd_url(&pool.nbd(1), "js"), pattern_cmds("write", 0, 96, 3));
+    pool.add_node(4);
+    let log = pool.data().join("node-3/data/missed.log");
+    wait_for("node 3 to seed node 4's fill", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).ok().filter(|t| t.contains("\"seed\"")).map(|_| ())
+    });
+    pool.sigkill(3);
+    wait_admitted(&pool, 4, targeted(&pool, 4), Duration::from_secs(120));
+    let admitted_at =
+        pool.get(1, "/v1/events").1.as_array().unwrap().last().unwrap()["seq"].as_u64().unwrap();
+    pool.restart(3);
+    pool.wait_in_sync(Duration::from_secs(60));
+    // Node 3 drops the entries it seeded once its map shows node 4 admitted (its log empties).
+    wait_for("node 3 to drop the entries it seeded", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).ok().filter(|t| t.is_empty()).map(|_| ())
+    });
+    let (_, events) = pool.get(1, "/v1/events");
+    let again: Vec<&serde_json::Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["seq"].as_u64().unwrap() > admitted_at
+                && e["kind"] == "node.catching_up"
+                && e["subject"] == "node 4"
+        })
+        .collect();
+    assert!(again.is_empty(), "node 4 went back to catching up: {again:?}");
+    qemu_io(&nbd_url(&pool.nbd(4), "js"), pattern_cmds("read", 0, 96, 3));
+    pool.assert_converged("js");
 }
 
 /// Resumes a SIGSTOPped process when dropped (also when the test fails), so the pool can stop.

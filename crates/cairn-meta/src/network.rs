@@ -44,6 +44,9 @@ pub struct NodeReport {
     pub used_bytes: u64,
     /// Peers this node holds writes for that they missed (it will copy them over).
     pub missed_for: Vec<u64>,
+    /// Peers this node holds only seeds' entries for: chunks to copy to a node being filled, which
+    /// count for its admission and for nothing once it is admitted.
+    pub seeded_for: Vec<u64>,
     /// The epoch of the cluster map this node has applied (at least; read before the rest).
     pub epoch: u64,
     /// Whether the node serves client IO (see `MetaService::serves_clients`).

@@ -78,6 +78,8 @@ pub struct Probe {
     pub used_bytes: u64,
     /// Peers this node holds missed writes for.
     pub missed_for: Vec<u64>,
+    /// Peers this node holds only seeds' entries for (their fill's; see `cairn_node::missed`).
+    pub seeded_for: Vec<u64>,
     /// The map epoch as of which this node has seeded every backfill member of the PGs it holds
     /// (recorded its chunks of them as missed by the member).
     pub seeded_epoch: u64,
@@ -739,6 +741,7 @@ impl<T: PeerTransport> MetaService<T> {
             capacity_bytes: p.capacity_bytes,
             used_bytes: p.used_bytes,
             missed_for: p.missed_for,
+            seeded_for: p.seeded_for,
             seeded_epoch: p.seeded_epoch,
             epoch,
             serving: self.serves_clients(),
@@ -840,7 +843,8 @@ impl<T: PeerTransport> MetaService<T> {
                                 let fresh = l.last_seen.get(p).is_some_and(|t| *t > since.max(*seen_at))
                                     || *p == self.id;
                                 let Some(r) = l.usage.get(p) else { return false };
-                                if !fresh || r.seeded_epoch < *seen_epoch || r.missed_for.contains(&id) {
+                                let holds = r.missed_for.contains(&id) || r.seeded_for.contains(&id);
+                                if !fresh || r.seeded_epoch < *seen_epoch || holds {
                                     return false;
                                 }
                                 if n.in_sync() {

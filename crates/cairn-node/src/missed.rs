@@ -7,8 +7,14 @@
 //! never forgotten. Recording an entry that already exists is free; so catch-up cost is bounded by
 //! the number of distinct chunks written while the peer was away, not by the number of writes.
 //!
-//! File: `DATA_DIR/missed.log`, JSON lines `{"add":[peer,volume,chunk,chunk_size]}` and
-//! `{"done":[peer,volume,chunk]}`, replayed at start; truncated whenever nothing is pending.
+//! A node being filled with a PG (a backfill member) is *seeded*: each holder records every chunk
+//! it holds of the PG for it (`seed`). An entry only a seed made counts for that fill alone: once
+//! the node is admitted (the leader checked that enough holders had copied it everything) such
+//! entries are dropped, and they never make an admitted node catch up again.
+//!
+//! File: `DATA_DIR/missed.log`, JSON lines `{"add":[peer,volume,chunk,chunk_size]}`,
+//! `{"seed":[peer,volume,chunk,chunk_size]}` and `{"done":[peer,volume,chunk]}`, replayed at start;
+//! truncated whenever nothing is pending.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -26,6 +32,8 @@ enum Line {
     Add(u64, u64, u64, u32),
     #[serde(rename = "done")]
     Done(u64, u64, u64),
+    #[serde(rename = "seed")]
+    Seed(u64, u64, u64, u32),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +41,8 @@ struct Entry {
     chunk_size: u32,
     /// Bumped at every record, so a copy that started before a newer write does not clear it.
     seq: u64,
+    /// Made by a seed only (no write recorded it since).
+    seeded: bool,
 }
 
 #[derive(Debug, Default)]
@@ -78,7 +88,14 @@ impl MissedLog {
                     Ok(Line::Add(peer, v, c, size)) => {
                         inner.next_seq += 1;
                         let seq = inner.next_seq;
-                        inner.peers.entry(peer).or_default().insert((v, c), Entry { chunk_size: size, seq });
+                        let entry = Entry { chunk_size: size, seq, seeded: false };
+                        inner.peers.entry(peer).or_default().insert((v, c), entry);
+                    }
+                    Ok(Line::Seed(peer, v, c, size)) => {
+                        inner.next_seq += 1;
+                        let seq = inner.next_seq;
+                        let entry = Entry { chunk_size: size, seq, seeded: true };
+                        inner.peers.entry(peer).or_default().entry((v, c)).or_insert(entry);
                     }
                     Ok(Line::Done(peer, v, c)) => {
                         if let Some(m) = inner.peers.get_mut(&peer) {
@@ -98,12 +115,13 @@ impl MissedLog {
     pub fn record(&self, peers: &[u64], volume: u64, chunk: u64, chunk_size: u32) -> std::io::Result<()> {
         let entries: Vec<(u64, u64, u64, u32)> =
             peers.iter().map(|p| (*p, volume, chunk, chunk_size)).collect();
-        self.record_many(&entries)
+        self.record_many(&entries, false)
     }
 
     /// Records each `(peer, volume, chunk, chunk_size)` with one append and one fdatasync;
-    /// durable when it returns (all of them, or, on an error, none).
-    pub fn record_many(&self, entries: &[(u64, u64, u64, u32)]) -> std::io::Result<()> {
+    /// durable when it returns (all of them, or, on an error, none). With `seed`, for a fill (see
+    /// the module documentation): an entry that exists already is left as it is.
+    pub fn record_many(&self, entries: &[(u64, u64, u64, u32)], seed: bool) -> std::io::Result<()> {
         // The file lock is taken first and held throughout, so lines reach the file in the order the
         // in-memory state changed (replay must see an Add after a Done of the same chunk).
         let mut f = lock(&self.file);
@@ -118,16 +136,32 @@ impl MissedLog {
                 inner.next_seq += 1;
                 let seq = inner.next_seq;
                 let map = inner.peers.entry(peer).or_default();
-                match map.get_mut(&(volume, chunk)) {
-                    Some(e) => e.seq = seq,
-                    None => {
-                        let line = serde_json::to_string(&Line::Add(peer, volume, chunk, chunk_size))
-                            .map_err(std::io::Error::other)?;
-                        map.insert((volume, chunk), Entry { chunk_size, seq });
-                        added.push((peer, volume, chunk));
-                        new_lines.push_str(&line);
-                        new_lines.push('\n');
+                let line = match map.get_mut(&(volume, chunk)) {
+                    Some(_) if seed => None,
+                    // A write recorded over a seed's entry: no longer the fill's alone (written
+                    // down, so that a restart knows it too).
+                    Some(e) if e.seeded => {
+                        e.seq = seq;
+                        e.seeded = false;
+                        Some(Line::Add(peer, volume, chunk, e.chunk_size))
                     }
+                    Some(e) => {
+                        e.seq = seq;
+                        None
+                    }
+                    None => {
+                        map.insert((volume, chunk), Entry { chunk_size, seq, seeded: seed });
+                        added.push((peer, volume, chunk));
+                        Some(if seed {
+                            Line::Seed(peer, volume, chunk, chunk_size)
+                        } else {
+                            Line::Add(peer, volume, chunk, chunk_size)
+                        })
+                    }
+                };
+                if let Some(line) = line {
+                    new_lines.push_str(&serde_json::to_string(&line).map_err(std::io::Error::other)?);
+                    new_lines.push('\n');
                 }
             }
         }
@@ -177,6 +211,54 @@ impl MissedLog {
         lock(&self.inner).peers.keys().copied().collect()
     }
 
+    /// The peers this node holds entries for, split in two: those with an entry a write made,
+    /// and those whose entries all come from seeds (their fill's alone).
+    pub fn pending_split(&self) -> (Vec<u64>, Vec<u64>) {
+        let inner = lock(&self.inner);
+        let mut written = Vec::new();
+        let mut seeded = Vec::new();
+        for (p, m) in &inner.peers {
+            if m.values().all(|e| e.seeded) {
+                seeded.push(*p);
+            } else {
+                written.push(*p);
+            }
+        }
+        (written, seeded)
+    }
+
+    /// Drops the entries of `peer` that only a seed made (its fill ended: it was admitted).
+    /// Returns how many. (Not synced, like `done`: replaying them costs a needless copy.)
+    pub fn drop_seeded(&self, peer: u64) -> std::io::Result<usize> {
+        let mut f = lock(&self.file);
+        let (dropped, emptied) = {
+            let mut inner = lock(&self.inner);
+            let Some(map) = inner.peers.get_mut(&peer) else { return Ok(0) };
+            let dropped: Vec<ChunkKey> = map.iter().filter(|(_, e)| e.seeded).map(|(k, _)| *k).collect();
+            for k in &dropped {
+                map.remove(k);
+            }
+            if map.is_empty() {
+                inner.peers.remove(&peer);
+            }
+            (dropped, inner.peers.is_empty())
+        };
+        if dropped.is_empty() {
+            return Ok(0);
+        }
+        if emptied {
+            f.set_len(0)?;
+            return Ok(dropped.len());
+        }
+        let mut lines = String::new();
+        for (v, c) in &dropped {
+            lines.push_str(&serde_json::to_string(&Line::Done(peer, *v, *c)).map_err(std::io::Error::other)?);
+            lines.push('\n');
+        }
+        self.append(&mut f, lines.as_bytes())?;
+        Ok(dropped.len())
+    }
+
     /// Up to `max` chunks `peer` missed: (volume, chunk, chunk size, seq).
     pub fn batch(&self, peer: u64, max: usize) -> Vec<(u64, u64, u32, u64)> {
         lock(&self.inner)
@@ -223,6 +305,28 @@ impl MissedLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeded_entries_are_the_fills_alone_until_a_write_records_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missed.log");
+        let log = MissedLog::open(&path).unwrap();
+        log.record_many(&[(4, 1, 1, 4096), (4, 1, 2, 4096), (5, 1, 1, 4096)], true).unwrap();
+        log.record(&[4], 1, 2, 4096).unwrap();
+        log.record_many(&[(4, 1, 2, 4096)], true).unwrap();
+        assert_eq!(log.pending_split(), (vec![4], vec![5]));
+        drop(log);
+        // The same after a restart.
+        let log = MissedLog::open(&path).unwrap();
+        assert_eq!(log.pending_split(), (vec![4], vec![5]));
+        // Admitted: the seeds' entries go, the write's stays.
+        assert_eq!(log.drop_seeded(4).unwrap(), 1);
+        assert_eq!(log.batch(4, 10).iter().map(|b| (b.0, b.1)).collect::<Vec<_>>(), vec![(1, 2)]);
+        assert_eq!(log.drop_seeded(5).unwrap(), 1);
+        drop(log);
+        let log = MissedLog::open(&path).unwrap();
+        assert_eq!(log.pending_split(), (vec![4], vec![]));
+    }
 
     #[test]
     fn survives_reopen_and_respects_newer_records() {

@@ -55,7 +55,7 @@ fn probe(
     // Before the records: a seed made after this look is in `missed_for` below, so the report
     // never says "seeded" without the records the seed made.
     let seeded_epoch = seeding.epoch();
-    let mut missed_for = missed.pending_peers();
+    let (mut missed_for, seeded_for) = missed.pending_split();
     // Until a power-loss restart has compared chunk lists, or a catch-up has compared the chunks
     // dirty here, this node may lack writes nobody recorded: it holds writes it missed (its own),
     // so it stays catching up.
@@ -63,7 +63,7 @@ fn probe(
     if own && !missed_for.contains(&me) {
         missed_for.push(me);
     }
-    Probe { capacity_bytes, used_bytes, missed_for, seeded_epoch }
+    Probe { capacity_bytes, used_bytes, missed_for, seeded_for, seeded_epoch }
 }
 
 fn node_addr(m: &crate::config::Member) -> NodeAddr {

@@ -242,7 +242,7 @@ async fn seed_backfill(
                 }
             }
         }
-        if let Err(e) = missed.record_many(&entries) {
+        if let Err(e) = missed.record_many(&entries, true) {
             seeding.warn(format!("seeding a backfill: missed-writes log: {e}"));
             return false;
         }
@@ -310,6 +310,20 @@ pub async fn run(
             reaped = tokio::time::Instant::now();
         }
         seed_backfill(&store, &missed, &meta, me, &seeding).await;
+        // Fills that ended (the node was admitted): the seeds' own entries for it are done with.
+        for peer in missed.pending_peers() {
+            if peer != me && meta.read(|s| s.nodes.contains_key(&peer) && !s.backfilling(peer)) {
+                match missed.drop_seeded(peer) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        peer,
+                        entries = n,
+                        "backfill: node {peer} was admitted; dropped this node's seeded entries for it"
+                    ),
+                    Err(e) => tracing::error!("missed-writes log: {e}"),
+                }
+            }
+        }
         if missed.pending(me) > 0 {
             // Only while the node serves no client IO (the leader makes a node that reports writes
             // it missed itself catching up): a pull racing a client write could put older data over
