@@ -166,6 +166,22 @@ fn verify_on_node(pool: &Pool, k: u64, volume_id: u64, blocks: u64, round: u64) 
 
 /// As [`verify_on_node`], for the 1 MiB chunks (= pattern blocks) in `chunks`.
 fn verify_chunks_on_node(pool: &Pool, k: u64, volume_id: u64, chunks: std::ops::Range<u64>, round: u64) {
+    check_copies_on_node(pool, k, volume_id, chunks, |b, data| {
+        let want = ((b + round) % 251 + 1) as u8;
+        data.iter().all(|x| *x == want)
+    });
+}
+
+/// Reads node `k`'s own copy of each 1 MiB chunk in `chunks` straight from its RPC (it serves
+/// them only with a read lease from its peers) and checks each with `ok(chunk, data)`. Returns how
+/// many it checked.
+fn check_copies_on_node(
+    pool: &Pool,
+    k: u64,
+    volume_id: u64,
+    chunks: impl IntoIterator<Item = u64>,
+    ok: impl Fn(u64, &[u8]) -> bool,
+) -> usize {
     // In sync is not yet serving: after a catch-up the node waits until enough peers have the map.
     wait_for(&format!("node {k} to serve client IO"), Duration::from_secs(30), || {
         (pool.get(k, "/v1/status").1["serving_clients"] == true).then_some(())
@@ -173,6 +189,7 @@ fn verify_chunks_on_node(pool: &Pool, k: u64, volume_id: u64, chunks: std::ops::
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = NodeConnection::connect(pool.rpc(k)).await.unwrap();
+        let mut checked = 0;
         for b in chunks {
             let req = Request::Read {
                 volume: VolumeId::new(volume_id).unwrap(),
@@ -183,13 +200,14 @@ fn verify_chunks_on_node(pool: &Pool, k: u64, volume_id: u64, chunks: std::ops::
             };
             match c.call(&req).await.unwrap() {
                 Response::Read { data, .. } => {
-                    let want = ((b + round) % 251 + 1) as u8;
-                    assert!(data.iter().all(|x| *x == want), "node {k} block {b}: stale or wrong data");
+                    assert!(ok(b, &data), "node {k} chunk {b}: stale or wrong data");
                 }
-                other => panic!("node {k} block {b}: {other:?}"),
+                other => panic!("node {k} chunk {b}: {other:?}"),
             }
+            checked += 1;
         }
-    });
+        checked
+    })
 }
 
 fn volume_id(pool: &Pool, name: &str) -> u64 {
@@ -673,9 +691,8 @@ fn targeted(pool: &Pool, k: u64) -> usize {
     pgs["table"].as_array().unwrap().iter().filter(|r| r.as_array().unwrap()[..3].contains(&k.into())).count()
 }
 
-/// Reads node `k`'s own copy of every 1 MiB chunk (of the first `chunks`) in a PG it holds,
-/// straight from its RPC (it serves them only with a read lease from its peers), and checks each
-/// with `ok(chunk, data)`. Returns how many it checked.
+/// Checks node `k`'s own copy of every 1 MiB chunk (of the first `chunks`) in a PG it holds
+/// with `ok(chunk, data)` (see [`check_copies_on_node`]). Returns how many it checked.
 fn check_held_copies(
     pool: &Pool,
     k: u64,
@@ -684,35 +701,12 @@ fn check_held_copies(
     chunks: u64,
     ok: impl Fn(u64, &[u8]) -> bool,
 ) -> usize {
-    wait_for(&format!("node {k} to serve client IO"), Duration::from_secs(30), || {
-        (pool.get(k, "/v1/status").1["serving_clients"] == true).then_some(())
-    });
     let pg_count = pool.get(1, "/v1/pgs").1["pg_count"].as_u64().unwrap() as u32;
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let c = NodeConnection::connect(pool.rpc(k)).await.unwrap();
-        let mut checked = 0;
-        for b in 0..chunks {
-            let pg = cairn_types::placement::pg_of(VolumeId::new(id).unwrap(), ChunkIndex(b), pg_count).0;
-            if !held.contains(&u64::from(pg)) {
-                continue;
-            }
-            let req = Request::Read {
-                volume: VolumeId::new(id).unwrap(),
-                chunk: ChunkIndex(b),
-                chunk_size: ChunkSize::DEFAULT,
-                offset: 0,
-                len: 1 << 20,
-            };
-            let data = match c.call(&req).await.unwrap() {
-                Response::Read { data, .. } => data,
-                other => panic!("node {k} chunk {b}: {other:?}"),
-            };
-            assert!(ok(b, &data), "node {k} chunk {b}: its copy is not the pool's");
-            checked += 1;
-        }
-        checked
-    })
+    let in_held = |b: &u64| {
+        let pg = cairn_types::placement::pg_of(VolumeId::new(id).unwrap(), ChunkIndex(*b), pg_count).0;
+        held.contains(&u64::from(pg))
+    };
+    check_copies_on_node(pool, k, id, (0..chunks).filter(in_held), ok)
 }
 
 /// A node joins while a writer writes and flushes, and a holder is SIGKILLed during the fill: the

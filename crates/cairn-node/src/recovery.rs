@@ -431,26 +431,22 @@ pub async fn run(
                         )
                         .await
                         {
-                            Ok(from) if passed_on => {
-                                tracing::debug!(
-                                    peer,
-                                    volume,
-                                    chunk,
-                                    "catch-up: {e}: copied node {from}'s copy"
-                                );
-                                copied += 1;
-                                if let Err(e) = missed.done(peer, volume, chunk, seq) {
-                                    tracing::error!("missed-writes log: {e}");
-                                }
-                                continue;
-                            }
                             Ok(from) => {
-                                tracing::warn!(
-                                    peer,
-                                    volume,
-                                    chunk,
-                                    "catch-up: this node's copy cannot be read ({e}); copied node {from}'s instead"
-                                );
+                                if passed_on {
+                                    tracing::debug!(
+                                        peer,
+                                        volume,
+                                        chunk,
+                                        "catch-up: {e}: copied node {from}'s copy"
+                                    );
+                                } else {
+                                    tracing::warn!(
+                                        peer,
+                                        volume,
+                                        chunk,
+                                        "catch-up: this node's copy cannot be read ({e}); copied node {from}'s instead"
+                                    );
+                                }
                                 copied += 1;
                                 if let Err(e) = missed.done(peer, volume, chunk, seq) {
                                     tracing::error!("missed-writes log: {e}");
