@@ -8,13 +8,17 @@
 //! Layers:
 //! * `state` — the state machine (nodes, placement-group table, volumes, generations, events);
 //! * `authority` — per-PG authoritative members (active, joining, backfill) and intervals;
+//! * `catchup` — the leader's catch-up decisions and the read-lease rules, apart from I/O;
+//! * `pgcheck` — what a node's map says of a mutation's `missed_by` (stale map, fills);
 //! * `placement` — the weighted rendezvous-hash balancer that computes the PG table;
 //! * `storage` — openraft's log and state-machine storage on redb;
 //! * `network` — openraft's network over any [`network::PeerTransport`];
 //! * `service` — [`service::MetaService`], the small API the rest of Cairn uses, plus liveness.
 
 pub mod authority;
+pub mod catchup;
 pub mod network;
+pub mod pgcheck;
 pub mod placement;
 pub mod service;
 pub mod state;

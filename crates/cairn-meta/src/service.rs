@@ -14,12 +14,13 @@
 //! `heartbeat_interval_ms`; usage is kept in the leader's memory, not in the log.
 
 use crate::Raft;
+use crate::catchup::{Grants, LeaderView, Leases, barrier_lifted, lease_needs};
 use crate::network::{Network, NodeReport, PeerError, PeerReply, PeerRequest, PeerTransport};
 use crate::state::{ClusterState, Command, CommandResult, NodeAddr, StateError};
 use crate::storage::{LogStore, StateMachineStore, open_db};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -90,26 +91,11 @@ pub type UsageProbe = Arc<dyn Fn() -> Probe + Send + Sync>;
 
 #[derive(Debug, Default)]
 struct Liveness {
-    last_seen: HashMap<u64, Instant>,
-    usage: HashMap<u64, NodeReport>,
     /// Term in which this node last took office (to run the take-office steps once).
     led_term: Option<u64>,
-    /// When each catching-up node started catching up, and its boot id then: a restart while
-    /// catching up starts the wait again (peers' reports from before it prove nothing about it).
-    catching_since: HashMap<u64, (Instant, u64, u64)>,
-    /// Nodes in sync but not serving (their serving barrier up), and since when.
-    not_serving_since: HashMap<u64, Instant>,
-    /// Nodes sent back to catching up because they did not serve, and how many times in a row
-    /// (until they serve): each time their next catch-up ends later ([`stuck_backoff`]).
-    stuck: HashMap<u64, u32>,
-    /// Per node being filled (backfill member of some PGs): those PGs, and the map epoch and time
-    /// when the leader first saw exactly them. Its holders must have seeded them from a map at
-    /// least that new, and reported since, before it is admitted.
-    backfill_seen: HashMap<u64, BackfillSeen>,
+    /// What the leader knows beyond the map (reports, catch-up clocks).
+    view: LeaderView,
 }
-
-/// See [`Liveness::backfill_seen`]: (replica count, PG) pairs, map epoch, time.
-type BackfillSeen = (Vec<(u8, u32)>, u64, Instant);
 
 /// The metadata service of one node.
 pub struct MetaService<T: PeerTransport> {
@@ -125,12 +111,12 @@ pub struct MetaService<T: PeerTransport> {
     /// The `in_sync_epoch` of this node for which enough PG peers were seen with a map at least as
     /// new (see [`MetaService::serves_clients`]).
     serving_from: Mutex<u64>,
-    /// This node's read leases: the `in_sync_epoch` they were granted for, and per granting peer
-    /// when the request it granted left (valid [`LEASE`] from then).
-    leases: Mutex<(u64, HashMap<u64, Instant>)>,
-    /// When this node last granted each peer a lease.
-    granted: Mutex<HashMap<u64, Instant>>,
-    /// When this process started: a lease it granted before a restart is not in `granted`.
+    /// This node's read leases (see [`Leases`]).
+    leases: Mutex<Leases>,
+    /// The leases this node granted its peers (see [`Grants`]).
+    granted: Mutex<Grants>,
+    /// When this process started: the origin of the millisecond clock the catch-up rules use
+    /// ([`Self::clock_ms`]).
     started: Instant,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -206,9 +192,9 @@ impl<T: PeerTransport> MetaService<T> {
                 .unwrap_or(1)
                 .max(1),
             serving_from: Mutex::new(0),
-            leases: Mutex::new((0, HashMap::new())),
+            leases: Mutex::new(Leases::default()),
             started: Instant::now(),
-            granted: Mutex::new(HashMap::new()),
+            granted: Mutex::new(Grants::new(0)),
             tasks: Mutex::new(Vec::new()),
         });
         let leader_task = tokio::spawn(leader_loop(Arc::downgrade(&service)));
@@ -411,7 +397,7 @@ impl<T: PeerTransport> MetaService<T> {
 
     /// The latest report of a node's capacity and usage (known on the leader).
     pub fn usage(&self, id: u64) -> Option<NodeReport> {
-        lock(&self.liveness).usage.get(&id).cloned()
+        lock(&self.liveness).view.usage(id).cloned()
     }
 
     /// This process's boot id.
@@ -429,13 +415,13 @@ impl<T: PeerTransport> MetaService<T> {
     /// q of the R; so once, in every PG, R − q peers have the new map, any such write meets one of
     /// them and is refused.
     pub fn serves_clients(&self) -> bool {
-        let in_sync_epoch = self.read(|s| {
-            s.nodes
-                .get(&self.id)
-                .filter(|n| n.boot_id == self.boot_id && n.in_sync())
-                .map(|n| n.in_sync_epoch)
-        });
-        in_sync_epoch.is_some_and(|e| e == 0 || *lock(&self.serving_from) == e)
+        let serving_from = *lock(&self.serving_from);
+        self.read(|s| crate::catchup::serves_clients(s, self.id, self.boot_id, serving_from))
+    }
+
+    /// Milliseconds since this process started: the clock of the catch-up and lease rules.
+    fn clock_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     /// Whether this node may serve client reads of a PG whose other holders are `others`, of which
@@ -460,12 +446,7 @@ impl<T: PeerTransport> MetaService<T> {
         let Some(in_sync_epoch) = self.read(|s| s.nodes.get(&self.id).map(|n| n.in_sync_epoch)) else {
             return false;
         };
-        let leases = lock(&self.leases);
-        if leases.0 != in_sync_epoch {
-            return false;
-        }
-        let now = Instant::now();
-        others.iter().filter(|p| leases.1.get(p).is_some_and(|t| *t + LEASE > now)).count() >= need
+        lock(&self.leases).covers(in_sync_epoch, others, need, self.clock_ms())
     }
 
     /// Whether this node serves reads of *every* PG it holds (`/v1/status serving_clients`).
@@ -480,58 +461,23 @@ impl<T: PeerTransport> MetaService<T> {
     /// write must be recorded *before* this is asked: a lease request answered after the record
     /// is refused, one granted before it is counted here (both under the `granted` lock).
     pub fn lease_holdback(&self, peers: &[u64]) -> Duration {
-        let granted = lock(&self.granted);
-        let now = Instant::now();
-        peers
-            .iter()
-            .map(|p| granted.get(p).copied().unwrap_or(self.started).max(self.started))
-            .map(|t| (t + LEASE_HOLDBACK).saturating_duration_since(now))
-            .max()
-            .unwrap_or(Duration::ZERO)
+        lock(&self.granted).holdback(peers, self.clock_ms())
     }
 
     /// Answers a peer's lease request (see [`Self::lease_covers`]).
     fn grant_lease(&self, id: u64, in_sync_epoch: u64) -> bool {
-        let in_sync =
-            self.read(|s| s.nodes.get(&id).is_some_and(|n| n.in_sync() && n.in_sync_epoch == in_sync_epoch));
-        if !in_sync {
-            tracing::debug!(
-                node = id,
-                "read lease refused: not in sync at epoch {in_sync_epoch} in this map"
-            );
-            return false;
-        }
         // Under the `granted` lock: a write recorded before this look makes it a refusal; one
         // recorded after it finds this grant when it asks how long to hold back.
         let mut granted = lock(&self.granted);
-        if (self.usage_probe)().missed_for.contains(&id) {
-            tracing::debug!(node = id, "read lease refused: this node holds writes it missed");
-            return false;
-        }
-        granted.insert(id, Instant::now());
-        true
+        let holds_missed = (self.usage_probe)().missed_for.contains(&id);
+        let now = self.clock_ms();
+        self.read(|s| granted.grant(s, id, in_sync_epoch, holds_missed, now))
     }
 
     /// Per PG this node holds (if it is in sync for this process): its other holders, and how
     /// many of them must grant it a lease.
     fn lease_needs(&self) -> Option<Vec<(Vec<u64>, usize)>> {
-        let me = self.id;
-        self.read(|s| {
-            s.nodes.get(&me).filter(|n| n.boot_id == self.boot_id && n.in_sync())?;
-            Some(
-                s.pg_sets
-                    .keys()
-                    .flat_map(|r| (0..s.pg_count).map(move |pg| (*r, pg)))
-                    .filter_map(|(r, pg)| {
-                        let holders = s.holders(r, pg);
-                        let need = lease_need(r, holders.len());
-                        holders
-                            .contains(&me)
-                            .then(|| (holders.into_iter().filter(|p| *p != me).collect(), need))
-                    })
-                    .collect(),
-            )
-        })
+        self.read(|s| lease_needs(s, self.id, self.boot_id))
     }
 
     /// One round of this node's read leases: while this node is in sync, every [`LEASE_RENEW`] it
@@ -542,12 +488,8 @@ impl<T: PeerTransport> MetaService<T> {
         let me = self.id;
         let Some(needs) = self.lease_needs() else { return };
         let Some(in_sync_epoch) = self.read(|s| s.nodes.get(&me).map(|n| n.in_sync_epoch)) else { return };
-        let now = Instant::now();
         {
-            let leases = lock(&self.leases);
-            let fresh = leases.0 == in_sync_epoch
-                && !leases.1.is_empty()
-                && leases.1.values().all(|t| *t + LEASE_RENEW > now);
+            let fresh = lock(&self.leases).fresh(in_sync_epoch, self.clock_ms());
             let barrier_down = in_sync_epoch != 0 && *lock(&self.serving_from) != in_sync_epoch;
             if fresh && !barrier_down {
                 return;
@@ -559,7 +501,7 @@ impl<T: PeerTransport> MetaService<T> {
         let addrs: Vec<(u64, NodeAddr)> = self.read(|s| {
             s.nodes.values().filter(|n| n.id != me && n.up).map(|n| (n.id, n.addr.clone())).collect()
         });
-        let sent = Instant::now();
+        let sent = self.clock_ms();
         let request = PeerRequest::Lease { id: me, in_sync_epoch };
         let replies = futures::future::join_all(
             addrs.iter().map(|(_, addr)| self.transport.call(addr, request.clone(), LEASE_CALL_TIMEOUT)),
@@ -570,18 +512,9 @@ impl<T: PeerTransport> MetaService<T> {
             .zip(replies)
             .filter_map(|((id, _), r)| matches!(r, Ok(PeerReply::Lease(true))).then_some(*id))
             .collect();
-        {
-            let mut leases = lock(&self.leases);
-            if leases.0 != in_sync_epoch {
-                *leases = (in_sync_epoch, HashMap::new());
-            }
-            for id in &granted {
-                leases.1.insert(*id, sent);
-            }
-            // A refusal ends that peer's lease at once (it may hold a write this node missed), and
-            // only peers asked this round are kept (one gone down would look stale forever).
-            leases.1.retain(|id, _| granted.contains(id));
-        }
+        // A refusal ends that peer's lease at once (it may hold a write this node missed), and
+        // only peers asked this round are kept (one gone down would look stale forever).
+        lock(&self.leases).renewed(in_sync_epoch, &granted, sent);
         if !barrier_lifted(&needs, &granted) {
             return;
         }
@@ -597,7 +530,7 @@ impl<T: PeerTransport> MetaService<T> {
 
     /// Milliseconds since the leader last heard from a node.
     pub fn silent_ms(&self, id: u64) -> Option<u64> {
-        lock(&self.liveness).last_seen.get(&id).map(|t| t.elapsed().as_millis() as u64)
+        lock(&self.liveness).view.silent_ms(id, self.clock_ms())
     }
 
     /// Handles a request from a peer.
@@ -614,7 +547,7 @@ impl<T: PeerTransport> MetaService<T> {
                         leader: self.leader().map(|l| l.1),
                     }));
                 }
-                self.record_heartbeat(report);
+                self.record_heartbeat(report, None);
                 PeerReply::Heartbeat(Ok(()))
             }
             PeerRequest::Probe => PeerReply::Probe(self.report()),
@@ -645,10 +578,9 @@ impl<T: PeerTransport> MetaService<T> {
         }
     }
 
-    fn record_heartbeat(&self, report: NodeReport) {
-        let mut l = lock(&self.liveness);
-        l.last_seen.insert(report.id, Instant::now());
-        l.usage.insert(report.id, report);
+    fn record_heartbeat(&self, report: NodeReport, probe_sent_ms: Option<u64>) {
+        let now = self.clock_ms();
+        lock(&self.liveness).view.heard(report, probe_sent_ms, now);
     }
 
     /// One round of the leader's housekeeping (see the module documentation).
@@ -662,17 +594,10 @@ impl<T: PeerTransport> MetaService<T> {
         let took_office = {
             let mut l = lock(&self.liveness);
             if l.led_term != Some(term) {
-                // A new leader has not heard anyone yet: everyone starts a fresh grace period.
-                let now = Instant::now();
-                let ids: Vec<u64> = self.read(|s| s.nodes.keys().copied().collect());
-                for id in ids {
-                    l.last_seen.insert(id, now);
-                }
-                // Reports and catch-up clocks from an earlier term prove nothing now: a node
-                // caught up only on reports received in this term.
-                l.usage.clear();
-                l.catching_since.clear();
-                l.backfill_seen.clear();
+                // A new leader has not heard anyone yet: everyone starts a fresh grace period, and
+                // a node is caught up only on reports received in this term.
+                let now = self.clock_ms();
+                self.read(|s| l.view.took_office(s, now));
                 true
             } else {
                 false
@@ -697,36 +622,30 @@ impl<T: PeerTransport> MetaService<T> {
         for (id, addr) in missing {
             let capacity_bytes = self.usage(id).map(|u| u.capacity_bytes).unwrap_or(0);
             let voter = voters.contains(&id);
-            lock(&self.liveness).last_seen.entry(id).or_insert_with(Instant::now);
+            let now = self.clock_ms();
+            lock(&self.liveness).view.registering(id, now);
             self.propose(Command::RegisterNode { id, addr, voter, capacity_bytes, time_ms: now_ms() })
                 .await?;
         }
-        // Liveness verdicts.
-        let changes: Vec<(u64, bool)> = {
-            let l = lock(&self.liveness);
-            self.read(|s| {
-                s.nodes
-                    .values()
-                    .filter_map(|n| {
-                        let silent = if n.id == self.id {
-                            0
-                        } else {
-                            l.last_seen.get(&n.id).map(|t| t.elapsed().as_millis() as u64).unwrap_or(u64::MAX)
-                        };
-                        let up = silent < self.config.down_after_ms;
-                        (up != n.up).then_some((n.id, up))
-                    })
-                    .collect()
-            })
+        // Liveness verdicts, restarts and catch-ups (see `LeaderView::decide`).
+        let decisions = {
+            let mut l = lock(&self.liveness);
+            let now = self.clock_ms();
+            let (down_after, interval) = (self.config.down_after_ms, self.config.heartbeat_interval_ms);
+            self.read(|s| l.view.decide(s, self.id, now, down_after, interval))
         };
-        self.track_catch_up().await?;
-        for (id, up) in changes {
-            if up {
+        for (id, up) in &decisions.liveness {
+            if *up {
                 tracing::info!(node = id, "node is up");
             } else {
                 tracing::warn!(node = id, "node is down: no heartbeat for {} ms", self.config.down_after_ms);
             }
-            self.propose(Command::SetNodeLiveness { id, up, time_ms: now_ms() }).await?;
+        }
+        for (id, _) in &decisions.finished {
+            tracing::info!(node = id, "node caught up");
+        }
+        for command in decisions.commands(now_ms()) {
+            self.propose(command).await?;
         }
         Ok(())
     }
@@ -747,225 +666,6 @@ impl<T: PeerTransport> MetaService<T> {
             serving: self.serves_clients(),
         }
     }
-
-    /// Boot ids and catch-up: record restarts; end a node's catch-up once every up peer has
-    /// reported since it started catching up and none holds writes it missed.
-    async fn track_catch_up(&self) -> Result<(), MetaError> {
-        let (boots, finished) = {
-            let mut l = lock(&self.liveness);
-            let now = Instant::now();
-            self.read(|s| {
-                let boots: Vec<(u64, u64)> = l
-                    .usage
-                    .values()
-                    .filter(|r| s.nodes.get(&r.id).is_some_and(|n| n.boot_id != r.boot_id))
-                    .map(|r| (r.id, r.boot_id))
-                    .collect();
-                let mut finished = Vec::new();
-                let catching: Vec<u64> =
-                    s.nodes.values().filter(|n| n.up && n.catching_up).map(|n| n.id).collect();
-                l.catching_since.retain(|id, _| catching.contains(id));
-                // The PGs each node is being filled with, and since when exactly those.
-                let mut filling: HashMap<u64, Vec<(u8, u32)>> = HashMap::new();
-                for (r, set) in &s.pg_sets {
-                    for pg in 0..set.len() as u32 {
-                        for x in s.backfill(*r, pg) {
-                            filling.entry(x).or_default().push((*r, pg));
-                        }
-                    }
-                }
-                l.backfill_seen.retain(|id, (pgs, ..)| filling.get(id) == Some(pgs));
-                for (id, pgs) in filling {
-                    l.backfill_seen.entry(id).or_insert((pgs, s.epoch, now));
-                }
-                for id in catching {
-                    let boot = s.nodes.get(&id).map(|n| n.boot_id).unwrap_or(0);
-                    // (When it began, for which process, and the map epoch that shows it.)
-                    let entry = l.catching_since.entry(id).or_insert((now, boot, s.epoch));
-                    if entry.1 != boot {
-                        *entry = (now, boot, s.epoch);
-                    }
-                    let (since, catching_epoch) = (entry.0, entry.2);
-                    let booted = l
-                        .usage
-                        .get(&id)
-                        .is_some_and(|r| Some(r.boot_id) == s.nodes.get(&id).map(|n| n.boot_id));
-                    let peers_done = s.nodes.values().filter(|p| p.up && p.id != id).all(|p| {
-                        let fresh = l.last_seen.get(&p.id).is_some_and(|t| *t > since) || p.id == self.id;
-                        let pending = l.usage.get(&p.id).is_some_and(|r| r.missed_for.contains(&id));
-                        fresh && !pending
-                    });
-                    // Per PG it holds: enough of the other holders have reported since its
-                    // catch-up began and hold nothing for it that every write it missed is known
-                    // to have been copied. A write acknowledged without it was applied by at least
-                    // a majority q of the R holders, all among the R − 1 others, each recording it
-                    // durably before the acknowledgement; so any R − q such peers cover every one.
-                    // Peers that are down count for nothing: two failures in sequence must not let
-                    // a node that missed writes serve its old copy (it waits for them instead).
-                    let covered = s.pg_sets.keys().all(|r| {
-                        (0..s.pg_count).all(|pg| {
-                            let holders = s.holders(*r, pg);
-                            if !holders.contains(&id) {
-                                return true;
-                            }
-                            // Of its holders − 1 others, at least q applied every such write:
-                            // any holders − q of them include one. (Not R − q: a PG that took in
-                            // a filled node has more holders than R.)
-                            let need = lease_need(*r, holders.len());
-                            let good = holders
-                                .iter()
-                                .filter(|p| **p != id)
-                                .filter(|p| {
-                                    let up = s.nodes.get(p).is_some_and(|n| n.up);
-                                    let fresh =
-                                        l.last_seen.get(p).is_some_and(|t| *t > since) || **p == self.id;
-                                    let pending = l.usage.get(p).is_some_and(|r| r.missed_for.contains(&id));
-                                    up && fresh && !pending
-                                })
-                                .count();
-                            good >= need
-                        })
-                    });
-                    // Being filled: every PG it is a backfill member of must have been seeded,
-                    // from a map that shows it so, by every up holder (each recorded its chunks
-                    // of the PG as missed by it; every mutation applied there since is recorded
-                    // too), and each such holder has reported since and holds nothing for it,
-                    // with at least holders − q + 1 of them in sync: a write acknowledged without
-                    // it was applied by at least q of the holders, so one of those covers it.
-                    let filled = match l.backfill_seen.get(&id) {
-                        None => true,
-                        Some((pgs, seen_epoch, seen_at)) => pgs.iter().all(|(r, pg)| {
-                            let holders = s.holders(*r, *pg);
-                            let need = holders.len().saturating_sub(usize::from(*r) / 2 + 1) + 1;
-                            let mut good = 0;
-                            for p in &holders {
-                                let Some(n) = s.nodes.get(p).filter(|n| n.up) else { continue };
-                                let fresh = l.last_seen.get(p).is_some_and(|t| *t > since.max(*seen_at))
-                                    || *p == self.id;
-                                let Some(r) = l.usage.get(p) else { return false };
-                                let holds = r.missed_for.contains(&id) || r.seeded_for.contains(&id);
-                                if !fresh || r.seeded_epoch < *seen_epoch || holds {
-                                    return false;
-                                }
-                                if n.in_sync() {
-                                    good += 1;
-                                }
-                            }
-                            good >= need
-                        }),
-                    };
-                    let self_pending = l.usage.get(&self.id).is_some_and(|r| r.missed_for.contains(&id));
-                    // The node itself may hold chunks to pull back (after a power loss, or chunks
-                    // changed lately that differ from its peers'): its report must come from a
-                    // map that shows it catching up (it compares only then), and say nothing is
-                    // left.
-                    let own_pending = l
-                        .usage
-                        .get(&id)
-                        .is_none_or(|r| r.epoch < catching_epoch || r.missed_for.contains(&id));
-                    // A node that was in sync without serving (its barrier could not lift)
-                    // waits longer each time before it is in sync again, instead of flipping
-                    // every few seconds while whatever keeps it from its peers lasts.
-                    let backoff = stuck_backoff(l.stuck.get(&id).copied().unwrap_or(0));
-                    if booted
-                        && since.elapsed() >= backoff
-                        && peers_done
-                        && covered
-                        && filled
-                        && !self_pending
-                        && !own_pending
-                        && since.elapsed() >= Duration::from_millis(self.config.heartbeat_interval_ms)
-                    {
-                        // With the PGs its fill was checked for: admitted only if they are still
-                        // exactly those when the command applies.
-                        let checked =
-                            l.backfill_seen.get(&id).map(|(pgs, ..)| pgs.clone()).unwrap_or_default();
-                        finished.push((id, checked));
-                    }
-                }
-                (boots, finished)
-            })
-        };
-        // A node the map shows in sync but that some node holds missed writes for (a write failed on
-        // it while it stayed up) must catch up before it serves reads again.
-        let behind: Vec<u64> = {
-            let mut l = lock(&self.liveness);
-            let now = Instant::now();
-            let (behind, not_serving): (Vec<u64>, Vec<u64>) = self.read(|s| {
-                let behind = s
-                    .nodes
-                    .values()
-                    .filter(|n| {
-                        // Its own report counts too: a node that must pull chunks back after a
-                        // power loss serves nothing until it has.
-                        n.in_sync() && l.usage.values().any(|r| r.missed_for.contains(&n.id))
-                    })
-                    .map(|n| n.id)
-                    .collect();
-                for id in &behind {
-                    let holding: Vec<u64> =
-                        l.usage.values().filter(|r| r.missed_for.contains(id)).map(|r| r.id).collect();
-                    tracing::info!(
-                        node = id,
-                        "node {id} catches up again: node(s) {holding:?} hold writes it missed"
-                    );
-                }
-                // In sync but not serving (its serving barrier has not lifted: peers it cannot
-                // reach, say): clients send it writes it refuses. Past a while it catches up
-                // again, so clients leave it out meanwhile.
-                let not_serving = s
-                    .nodes
-                    .values()
-                    .filter(|n| {
-                        n.in_sync()
-                            && l.usage.get(&n.id).is_some_and(|r| {
-                                r.boot_id == n.boot_id && r.epoch >= n.in_sync_epoch && !r.serving
-                            })
-                    })
-                    .map(|n| n.id)
-                    .collect();
-                (behind, not_serving)
-            });
-            l.not_serving_since.retain(|id, _| not_serving.contains(id));
-            // A node that serves again starts its backoff over.
-            let serving: Vec<u64> = l.usage.values().filter(|r| r.serving).map(|r| r.id).collect();
-            for id in serving {
-                l.stuck.remove(&id);
-            }
-            let mut stuck = Vec::new();
-            for id in not_serving {
-                let since = *l.not_serving_since.entry(id).or_insert(now);
-                if since.elapsed() >= NOT_SERVING_MAX {
-                    let times = l.stuck.get(&id).copied().unwrap_or(0) + 1;
-                    tracing::warn!(
-                        node = id,
-                        "node {id} is in sync but has not served for {} s (peers it cannot reach?): it catches up \
-                         again, for at least {} s ({times} time(s) in a row)",
-                        NOT_SERVING_MAX.as_secs(),
-                        stuck_backoff(times).as_secs()
-                    );
-                    l.stuck.insert(id, times);
-                    l.not_serving_since.remove(&id);
-                    stuck.push(id);
-                }
-            }
-            behind.into_iter().chain(stuck).collect()
-        };
-        for id in behind {
-            self.propose(Command::SetCatchingUp { id, catching_up: true, time_ms: now_ms(), filled: None })
-                .await?;
-        }
-        for (id, boot_id) in boots {
-            self.propose(Command::NodeBooted { id, boot_id, time_ms: now_ms() }).await?;
-        }
-        for (id, checked) in finished {
-            tracing::info!(node = id, "node caught up");
-            let command =
-                Command::SetCatchingUp { id, catching_up: false, time_ms: now_ms(), filled: Some(checked) };
-            self.propose(command).await?;
-        }
-        Ok(())
-    }
 }
 
 async fn leader_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) {
@@ -980,19 +680,7 @@ async fn leader_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>)
     }
 }
 
-/// How many of a PG's other holders must grant a holder a read lease: all holders but a write
-/// quorum of the R copies (q = ⌊R/2⌋ + 1). A write acknowledged without the holder was recorded
-/// by at least q of the others, so any `holders − q` grants include one of them. (Counted from the
-/// holders, not from R: a PG that also lists a member being filled has more holders than R.)
-pub fn lease_need(replicas: u8, holders: usize) -> usize {
-    holders.saturating_sub(usize::from(replicas) / 2 + 1)
-}
-
-/// Whether a node that caught up may serve: in every PG it holds (its other holders, and how
-/// many of them must have the new map), enough of the `current` ones (those seen with it).
-fn barrier_lifted(needs: &[(Vec<u64>, usize)], current: &BTreeSet<u64>) -> bool {
-    needs.iter().all(|(holders, need)| holders.iter().filter(|p| current.contains(p)).count() >= *need)
-}
+pub use crate::catchup::lease_need;
 
 /// Keeps this node's read lease (see `serves_reads`); its first grant after a catch-up lifts the
 /// serving barrier (see `serves_clients`).
@@ -1005,36 +693,13 @@ async fn lease_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) 
     }
 }
 
-/// How long a node may stay in sync without serving client IO before it is made to catch up again.
-const NOT_SERVING_MAX: Duration = Duration::from_secs(10);
-
-/// The longest a node sent back to catching up for not serving waits before it is in sync again.
-const STUCK_BACKOFF_MAX: Duration = Duration::from_secs(300);
-
-/// How long a catch-up lasts at least after a node was sent back `times` times in a row for not
-/// serving: nothing the first time it catches up, then 10 s, doubling, at most 5 minutes.
-fn stuck_backoff(times: u32) -> Duration {
-    match times {
-        0 => Duration::ZERO,
-        n => NOT_SERVING_MAX.saturating_mul(1 << (n - 1).min(10)).min(STUCK_BACKOFF_MAX),
-    }
-}
-
 /// How often a node that caught up asks its peers whether they have the new map.
 const SERVING_BARRIER_POLL: Duration = Duration::from_millis(100);
 
-/// How long a read lease lasts, from when its request left the node that holds it.
-pub const LEASE: Duration = cairn_types::limits::READ_LEASE;
-
-/// A lease is renewed once it is this old.
-const LEASE_RENEW: Duration = Duration::from_millis(500);
+pub use crate::catchup::{LEASE, LEASE_HOLDBACK};
 
 /// How long a peer may take to answer a lease request.
 const LEASE_CALL_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// How long after it last granted a node a lease a peer holds back the acknowledgement of a write
-/// that node missed (see `cairn_types::limits::READ_LEASE_HOLDBACK`; clients allow for it).
-pub const LEASE_HOLDBACK: Duration = cairn_types::limits::READ_LEASE_HOLDBACK;
 
 async fn heartbeat_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T>>) {
     loop {
@@ -1042,7 +707,7 @@ async fn heartbeat_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T
         let interval = Duration::from_millis(s.config.heartbeat_interval_ms);
         let report = s.report();
         if s.is_leader() {
-            s.record_heartbeat(report);
+            s.record_heartbeat(report, None);
             // And ask every other node for its report: a node the leader can reach is heard even
             // if its own heartbeats cannot reach the leader (a one-way partition).
             let others: Vec<(u64, NodeAddr)> = s.read(|st| {
@@ -1051,19 +716,16 @@ async fn heartbeat_loop<T: PeerTransport>(service: std::sync::Weak<MetaService<T
             for (id, addr) in others {
                 let weak = service.clone();
                 let transport = s.transport.clone();
+                let sent = s.clock_ms();
                 tokio::spawn(async move {
-                    let sent = Instant::now();
                     if let Ok(PeerReply::Probe(report)) =
                         transport.call(&addr, PeerRequest::Probe, interval).await
                         && report.id == id
                         && let Some(s) = weak.upgrade()
                         && s.is_leader()
                     {
-                        // A report the node sent itself after this probe left is newer: keep it.
-                        let newer = lock(&s.liveness).last_seen.get(&id).is_some_and(|t| *t > sent);
-                        if !newer {
-                            s.record_heartbeat(report);
-                        }
+                        // (A report the node sent itself after this probe left is newer: kept.)
+                        s.record_heartbeat(report, Some(sent));
                     }
                 });
             }
@@ -1172,27 +834,5 @@ impl<T: PeerTransport> MetadataStore for MetaService<T> {
 
     fn set_voter(&self, id: u64, voter: bool) -> futures::future::BoxFuture<'_, Result<(), MetaError>> {
         Box::pin(MetaService::set_voter(self, id, voter))
-    }
-}
-
-#[cfg(test)]
-mod barrier_tests {
-    use super::*;
-
-    #[test]
-    fn a_node_that_does_not_serve_waits_longer_each_time() {
-        let secs: Vec<u64> = (0..8).map(|n| stuck_backoff(n).as_secs()).collect();
-        assert_eq!(secs, vec![0, 10, 20, 40, 80, 160, 300, 300]);
-        assert_eq!(stuck_backoff(u32::MAX), STUCK_BACKOFF_MAX);
-    }
-
-    #[test]
-    fn a_caught_up_node_waits_for_enough_peers_with_the_new_map_in_every_pg() {
-        // Three copies (need one other holder with the new map per PG), and one copy (none).
-        let needs = vec![(vec![1, 2], 1), (vec![2, 3], 1), (vec![], 0)];
-        assert!(!barrier_lifted(&needs, &BTreeSet::new()));
-        assert!(!barrier_lifted(&needs, &[1].into()), "the PG held with 2 and 3 has none");
-        assert!(barrier_lifted(&needs, &[2].into()));
-        assert!(barrier_lifted(&[(vec![], 0)], &BTreeSet::new()), "a one-copy volume waits for nobody");
     }
 }

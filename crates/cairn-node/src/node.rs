@@ -206,70 +206,9 @@ impl Node {
             pg_check: {
                 // Per map epoch: live volumes' copies, each PG's holders, backfill members and
                 // interval, and the nodes in sync.
-                let index = by_epoch(m2, |s| {
-                    let volumes: std::collections::HashMap<u64, u8> =
-                        s.volumes.values().map(|v| (v.id, v.replicas)).collect();
-                    // Per replica count, per PG: (holders, backfill members, interval).
-                    type Rows = Vec<(Vec<u64>, Vec<u64>, u64)>;
-                    let sets: std::collections::HashMap<u8, Rows> = s
-                        .pg_sets
-                        .iter()
-                        .map(|(r, set)| {
-                            let rows = (0..s.pg_count)
-                                .map(|pg| {
-                                    let interval = set.get(pg as usize).map(|a| a.interval).unwrap_or(0);
-                                    (s.holders(*r, pg), s.backfill(*r, pg), interval)
-                                })
-                                .collect();
-                            (*r, rows)
-                        })
-                        .collect();
-                    let in_sync: std::collections::HashSet<u64> =
-                        s.nodes.values().filter(|n| n.in_sync()).map(|n| n.id).collect();
-                    (s.pg_count, volumes, sets, in_sync)
-                });
+                let index = by_epoch(m2, cairn_meta::pgcheck::PgIndex::new);
                 let me = me.id;
-                Box::new(move |volume, chunk, missed_by| {
-                    index(&|(pg_count, volumes, sets, in_sync)| {
-                        let pg = cairn_types::placement::pg_of(volume, chunk, *pg_count).0 as usize;
-                        // A volume this map does not know yet (created since): every set its PG
-                        // could be in is checked for holders; its writers' maps are newer than this
-                        // one, so they name whatever backfill members it has.
-                        let known = volumes.get(&volume.get());
-                        let rows: Vec<&(Vec<u64>, Vec<u64>, u64)> = match known {
-                            Some(r) => sets.get(r).and_then(|set| set.get(pg)).into_iter().collect(),
-                            None => sets.values().filter_map(|set| set.get(pg)).collect(),
-                        };
-                        let mut check = crate::server::PgCheck::default();
-                        for (holders, backfill, interval) in rows.iter().copied() {
-                            check.interval += interval;
-                            if known.is_none() {
-                                continue;
-                            }
-                            check.holder = holders.contains(&me);
-                            check.backfill = backfill.iter().copied().filter(|n| *n != me).collect();
-                        }
-                        if known.is_some() && !check.holder {
-                            // (A writer routing by a view older than the PG's set, say.)
-                            check.stale = Some(
-                                "stale cluster map: this node does not hold this chunk's PG; refresh the map".into(),
-                            );
-                        }
-                        for (holders, backfill, _) in rows.iter() {
-                            if let Some(p) = missed_by.iter().find(|p| in_sync.contains(p) && holders.contains(p)) {
-                                check.stale = Some(format!(
-                                    "stale cluster map: node {p} is in sync and holds this chunk's PG; refresh the map"
-                                ));
-                            } else if let Some(p) = backfill.iter().find(|p| known.is_some() && !missed_by.contains(p)) {
-                                check.stale = Some(format!(
-                                    "stale cluster map: node {p} is being filled with a copy of this chunk's PG \
-                                     and must be named as having missed the mutation; refresh the map"
-                                ));
-                            }
-                        }
-                        check
-                    })
-                })
+                Box::new(move |volume, chunk, missed_by| index(&|i| i.check(me, volume, chunk, missed_by)))
             },
             missed: missed.clone(),
             volume_state: {

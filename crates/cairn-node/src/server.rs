@@ -86,23 +86,7 @@ pub struct ClientHooks {
 pub type PgCheckFn =
     Box<dyn Fn(cairn_types::VolumeId, cairn_types::ChunkIndex, &[u64]) -> PgCheck + Send + Sync>;
 
-/// A chunk's PG in this node's cluster map, and what it says of a mutation's `missed_by`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PgCheck {
-    /// `Some(why)` if the writer's map is stale: the mutation names a node that is in sync and
-    /// holds the PG (it may already serve reads: it must get the mutation itself), or leaves out
-    /// a node being filled with a copy of the PG.
-    pub stale: Option<String>,
-    /// The PG's membership interval (grows with every member added or admitted): a mutation
-    /// checked before it is applied is not acknowledged from here if it moved meanwhile.
-    pub interval: u64,
-    /// The PG's backfill members other than this node: every mutation applied here, and every copy
-    /// installed here while this node holds the PG, is recorded as missed by them (whatever the
-    /// writer named), so that their fill gets it.
-    pub backfill: Vec<u64>,
-    /// Whether this node holds the PG.
-    pub holder: bool,
-}
+pub use cairn_meta::pgcheck::PgCheck;
 
 /// A volume in a node's cluster map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -601,40 +585,19 @@ fn record_missed(
 }
 
 /// For a mutation applied here and recorded as missed by peers: if this node's map now finds the
-/// writer's map stale (it moved since the check before the mutation), the mutation is not
-/// acknowledged from here ("stale map": the writer refreshes and sends it again with the same
-/// stamp, and then it counts). Either a node it names is now in sync and holds the PG (it may
-/// already serve reads; the record stays: it keeps that node's serving barrier down and sends it
-/// back to catching up, and the copy is skipped at once if the node holds this version by then), or
-/// it leaves out a node now being filled with a copy of the PG: a listing of the PG's chunks for
-/// that node made after this node's map showed it may have come before this mutation, so the
-/// mutation must be recorded for it (the re-send names it).
+/// writer's map stale, or the PG's members moved since the check before (see
+/// [`PgCheck::refusal`]), the mutation is not acknowledged from here ("stale map": the writer
+/// refreshes and sends it again with the same stamp, and then it counts). The record stays: it
+/// keeps a named node's serving barrier down and sends it back to catching up, and the copy is
+/// skipped at once if the node holds this version by then.
 fn refuse_if_stale(now: Option<&PgCheck>, pre: Option<&PgCheck>) -> Option<Response> {
-    let now = now?;
-    let why = match (&now.stale, pre) {
-        (Some(why), _) => why.clone(),
-        // Its members changed while it was applied (a node's fill began or ended): the records
-        // made for it may not match what the seeds and the admission relied on.
-        (None, Some(pre)) if pre.interval != now.interval => {
-            "stale cluster map: this chunk's PG changed members while the mutation was applied; refresh the map"
-                .to_string()
-        }
-        _ => return None,
-    };
+    let why = now?.refusal(pre)?;
     Some(Response::Error(RpcError::Unavailable { message: why }))
 }
 
-/// A mutation's records: the peers the writer named, and the backfill members of the chunk's PG
-/// in this node's map now (whatever the writer's map said: a node being filled gets every
-/// mutation applied here after its seed).
+/// See [`PgCheck::to_record`].
 fn peers_to_record(now: Option<&PgCheck>, missed_by: &[u64]) -> Vec<u64> {
-    let mut peers = missed_by.to_vec();
-    for p in now.map(|c| c.backfill.as_slice()).unwrap_or_default() {
-        if !peers.contains(p) {
-            peers.push(*p);
-        }
-    }
-    peers
+    PgCheck::to_record(now, missed_by)
 }
 
 /// A chunk's state as peers see it, with the peers this node recorded as having missed it.
