@@ -58,6 +58,8 @@ async fn main() {
             crcs: block_crcs(&fill),
             data: fill.clone(),
             missed_by: vec![],
+            // (Newer than any map: the PG check passes it.)
+            pg_interval: u64::MAX,
         };
         conn.call(&req).await.unwrap();
     }
@@ -86,6 +88,8 @@ async fn main() {
             crcs: crcs.clone(),
             data: data.clone(),
             missed_by: vec![],
+            // (Newer than any map: the PG check passes it.)
+            pg_interval: u64::MAX,
         };
         conn.call(&req).await.unwrap();
         w.push(s.elapsed().as_secs_f64() * 1e6);

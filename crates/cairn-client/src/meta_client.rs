@@ -43,6 +43,10 @@ pub struct PgTable {
     /// every mutation of the PG).
     #[serde(default)]
     pub backfill: std::collections::BTreeMap<u8, Vec<Vec<u64>>>,
+    /// Per replica count in use, each PG's membership interval (sent with every mutation: a node
+    /// whose map has a newer one refuses it).
+    #[serde(default)]
+    pub intervals: std::collections::BTreeMap<u8, Vec<u64>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

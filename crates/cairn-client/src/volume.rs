@@ -101,6 +101,8 @@ struct VolumeMap {
     /// Per PG, the nodes being filled with a copy of it: every mutation names them as having
     /// missed it (a node refuses one that does not: "stale map").
     backfill: Vec<Vec<u64>>,
+    /// Per PG, its membership interval in this map (sent with every mutation).
+    intervals: Vec<u64>,
     nodes: HashMap<u64, NodeState>,
 }
 
@@ -122,6 +124,11 @@ impl VolumeMap {
     fn backfill(&self, chunk: u64) -> Vec<u64> {
         let Some(pg) = self.pg(chunk) else { return Vec::new() };
         self.backfill.get(pg as usize).cloned().unwrap_or_default()
+    }
+
+    fn interval(&self, chunk: u64) -> u64 {
+        let Some(pg) = self.pg(chunk) else { return 0 };
+        self.intervals.get(pg as usize).copied().unwrap_or(0)
     }
 
     fn in_sync(&self, node: u64) -> bool {
@@ -318,7 +325,12 @@ impl VolumeClient {
         // SUSPECT_TTL: if the pool never heard of its failure (the report was lost), naming it as
         // missing forever would make every write to its PGs fail as "stale map".
         lock(&self.suspects).retain(|n, since| map.in_sync(*n) && since.elapsed() < SUSPECT_TTL);
-        *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+        // Never backwards: two refreshes may finish in the other order, and an older map would
+        // count a PG's older holders for flushes and settles (found by review).
+        let mut current = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if map.epoch >= current.epoch {
+            *current = Arc::new(map);
+        }
         Ok(())
     }
 
@@ -448,6 +460,10 @@ impl VolumeClient {
                     let opened = self.meta.open(&self.name).await.map_err(meta_err)?;
                     lock(&self.versions).set_tag(opened.writers);
                     let generation = opened.generation;
+                    // Fence and reconcile by a map at least as new as the open: one up to a
+                    // refresh old could miss a member admitted since, which would then take the
+                    // old writer's mutations unfenced (found by review).
+                    self.refresh().await?;
                     // Before the first write: no replica accepts the previous writer's mutations
                     // from now on, and the chunks it may have left different are made identical.
                     match self.fence_and_reconcile(generation).await {
@@ -1193,6 +1209,7 @@ impl VolumeClient {
                         crcs: block_crcs(data),
                         data: data.clone(),
                         missed_by: missed.clone(),
+                        pg_interval: map.interval(chunk),
                     },
                     Mutation::Trim(len) => Request::Trim {
                         volume,
@@ -1202,6 +1219,7 @@ impl VolumeClient {
                         len: *len,
                         stamp,
                         missed_by: missed.clone(),
+                        pg_interval: map.interval(chunk),
                     },
                     Mutation::Zero(len, allocate) => Request::WriteZeroes {
                         volume,
@@ -1212,6 +1230,7 @@ impl VolumeClient {
                         stamp,
                         allocate: *allocate,
                         missed_by: missed.clone(),
+                        pg_interval: map.interval(chunk),
                     },
                 };
                 let results =
@@ -1581,12 +1600,26 @@ async fn fetch_map(
         }
     };
     let backfill = pgs.backfill.get(&volume.replicas).cloned().unwrap_or_default();
+    // Every mutation carries its PG's interval: without them (a leader of an older version) every
+    // one would be refused as "stale cluster map"; say so instead.
+    let intervals = match pgs.intervals.get(&volume.replicas) {
+        Some(rows) => rows.clone(),
+        None if pgs.holders.contains_key(&volume.replicas) => {
+            return Err(MetaClientError::Failed(
+                "the metadata leader does not report PG intervals (/v1/pgs): it runs an older Cairn; \
+                 every node and client of a pool must run the same version"
+                    .into(),
+            ));
+        }
+        None => Vec::new(),
+    };
     Ok(VolumeMap {
         volume,
         epoch: pgs.epoch,
         pg_count: pgs.pg_count,
         table,
         backfill,
+        intervals,
         nodes: nodes.iter().map(|n| (n.id, n.clone())).collect(),
     })
 }

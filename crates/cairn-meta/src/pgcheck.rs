@@ -33,6 +33,9 @@ pub struct PgCheck {
     pub backfill: Vec<u64>,
     /// Whether this node holds the PG.
     pub holder: bool,
+    /// Whether this node's map knows the volume (`interval` is then its PG set's, else the sum over
+    /// every set the chunk's PG could be in).
+    pub known: bool,
 }
 
 impl PgCheck {
@@ -51,6 +54,24 @@ impl PgCheck {
             ),
             _ => None,
         }
+    }
+
+    /// For a mutation routed by a writer's map in which the chunk's PG had membership interval
+    /// `writer_interval`: why it must be refused, if this node's map is newer for that PG. A writer
+    /// whose map predates a member (a node that joined and was filled and admitted since) neither
+    /// sends it the mutation nor names it as having missed it, and no other check catches that
+    /// omission: acknowledged by the older members, the write would be missing on a member that
+    /// serves reads, with no record to copy it (found by the simulation of production's data path,
+    /// `cairn-sim` `production`). A writer with a newer map than this node's is accepted: it
+    /// routes and names by the newer membership.
+    pub fn writer_behind(&self, writer_interval: u64) -> Option<String> {
+        (self.known && writer_interval < self.interval).then(|| {
+            format!(
+                "stale cluster map: this chunk's PG changed members since the writer's map (interval {writer_interval}, \
+                 {} here); refresh the map",
+                self.interval
+            )
+        })
     }
 
     /// A mutation's records: the peers the writer named, and the backfill members of the chunk's
@@ -102,6 +123,13 @@ impl PgIndex {
         PgIndex { pg_count: s.pg_count, volumes, sets, in_sync }
     }
 
+    /// The membership interval of `chunk`'s PG for a volume of `replicas` copies (what a writer
+    /// routing by this map sends with a mutation); 0 if this map has no such PG set.
+    pub fn interval(&self, replicas: u8, volume: VolumeId, chunk: ChunkIndex) -> u64 {
+        let pg = pg_of(volume, chunk, self.pg_count).0 as usize;
+        self.sets.get(&replicas).and_then(|set| set.get(pg)).map(|row| row.2).unwrap_or(0)
+    }
+
     /// Node `me`'s check of a mutation of `chunk` of `volume` naming `missed_by`.
     pub fn check(&self, me: u64, volume: VolumeId, chunk: ChunkIndex, missed_by: &[u64]) -> PgCheck {
         let pg = pg_of(volume, chunk, self.pg_count).0 as usize;
@@ -119,6 +147,7 @@ impl PgIndex {
             if known.is_none() {
                 continue;
             }
+            check.known = true;
             check.holder = holders.contains(&me);
             check.backfill = backfill.iter().copied().filter(|n| *n != me).collect();
         }
@@ -140,5 +169,61 @@ impl PgIndex {
             }
         }
         check
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, NodeAddr};
+
+    fn pool(nodes: u64) -> ClusterState {
+        let mut s = ClusterState { pg_count: 4, ..ClusterState::default() };
+        for id in 1..=nodes {
+            let addr = NodeAddr { rpc: format!("n{id}"), ..NodeAddr::default() };
+            s.apply(Command::RegisterNode { id, addr, voter: true, capacity_bytes: 1 << 40, time_ms: 0 });
+        }
+        s.apply(Command::CreateVolume {
+            name: "v".into(),
+            size_bytes: 1 << 30,
+            chunk_size_bytes: 1 << 20,
+            replicas: 3,
+            shared: false,
+            time_ms: 0,
+        });
+        s
+    }
+
+    #[test]
+    fn a_writer_whose_map_predates_a_join_is_refused_by_nodes_that_know_it() {
+        let mut s = pool(3);
+        let v = VolumeId::new(s.volumes["v"].id).unwrap();
+        let chunk = ChunkIndex(0);
+        let old = PgIndex::new(&s).interval(3, v, chunk);
+        s.apply(Command::RegisterNode {
+            id: 4,
+            addr: NodeAddr { rpc: "n4".into(), ..NodeAddr::default() },
+            voter: false,
+            capacity_bytes: 1 << 40,
+            time_ms: 1,
+        });
+        let index = PgIndex::new(&s);
+        let pg = pg_of(v, chunk, s.pg_count).0;
+        let holder = s.holders(3, pg)[0];
+        let check = index.check(holder, v, chunk, &[]);
+        if s.backfill(3, pg).is_empty() {
+            // The join did not touch this chunk's PG: its interval did not move.
+            assert_eq!(check.writer_behind(old), None);
+        } else {
+            assert!(check.writer_behind(old).is_some_and(|why| why.contains("stale cluster map")));
+            assert_eq!(check.writer_behind(index.interval(3, v, chunk)), None, "the current map is accepted");
+            assert_eq!(check.writer_behind(u64::MAX), None, "a writer with a newer map is accepted");
+        }
+        // Some PG took the new node in; its writers with the old map are refused.
+        let moved = (0..s.pg_count).find(|p| !s.backfill(3, *p).is_empty()).unwrap();
+        let c = (0..1024).map(ChunkIndex).find(|c| pg_of(v, *c, s.pg_count).0 == moved).unwrap();
+        let check = index.check(s.holders(3, moved)[0], v, c, &[4]);
+        assert!(check.known && check.stale.is_none());
+        assert!(check.writer_behind(index.interval(3, v, c) - 1).is_some());
     }
 }

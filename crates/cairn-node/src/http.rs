@@ -501,6 +501,9 @@ struct PgTableJson {
     /// Per replica count in use, each PG's backfill members: nodes being filled with a copy, named
     /// as having missed every mutation of the PG until they are admitted.
     backfill: BTreeMap<u8, Vec<Vec<u64>>>,
+    /// Per replica count in use, each PG's membership interval (grows with every member added or
+    /// admitted; writers send it with every mutation).
+    intervals: BTreeMap<u8, Vec<u64>>,
 }
 
 async fn pgs(State(meta): State<Meta>, uri: Uri) -> Result<Json<PgTableJson>, ApiError> {
@@ -510,12 +513,14 @@ async fn pgs(State(meta): State<Meta>, uri: Uri) -> Result<Json<PgTableJson>, Ap
         s.pg_sets.keys().map(|r| (*r, (0..s.pg_count).map(|pg| s.holders(*r, pg)).collect())).collect();
     let backfill =
         s.pg_sets.keys().map(|r| (*r, (0..s.pg_count).map(|pg| s.backfill(*r, pg)).collect())).collect();
+    let intervals = s.pg_sets.iter().map(|(r, set)| (*r, set.iter().map(|a| a.interval).collect())).collect();
     Ok(Json(PgTableJson {
         epoch: s.epoch,
         pg_count: s.pg_count,
         table: s.pg_table.clone(),
         holders,
         backfill,
+        intervals,
     }))
 }
 

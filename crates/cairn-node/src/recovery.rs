@@ -417,7 +417,25 @@ pub async fn run(
                         }
                     }
                     Err(CopyFailure::Source(e)) => {
-                        // This node's copy cannot be read: the peer gets an in-sync replica's.
+                        // This node's copy cannot be read or is passed over: the peer gets an
+                        // in-sync replica's. This node's own version, before the relay: the
+                        // record is done only if the peer ends up with a copy at least as new
+                        // (one writer). An in-sync replica may lack a write this node applied
+                        // whose failure there is not recorded yet (the writer is still waiting
+                        // for it); relayed, its copy would clear this record, the write later
+                        // acknowledged, and a node being filled admitted without it (found by
+                        // the simulation of production's data path).
+                        let st = store.clone();
+                        let own = tokio::task::spawn_blocking(move || {
+                            VolumeId::new(volume)
+                                .ok()
+                                .and_then(|v| st.chunk_version(v, ChunkIndex(chunk)).ok())
+                        })
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or(cairn_types::Version::NONE);
+                        let is_shared = shared.contains(&volume);
                         match relay_from_replica(
                             &store,
                             &missed,
@@ -428,10 +446,21 @@ pub async fn run(
                             volume,
                             chunk,
                             chunk_size,
+                            is_shared,
                         )
                         .await
                         {
-                            Ok(from) => {
+                            Ok((from, held)) if !is_shared && held < own => {
+                                tracing::debug!(
+                                    peer,
+                                    volume,
+                                    chunk,
+                                    "catch-up: {e}: node {from}'s copy is older than this node's ({held} < {own}); \
+                                     the record is kept until a copy at least as new reaches the peer"
+                                );
+                                continue;
+                            }
+                            Ok((from, _)) => {
                                 if passed_on {
                                     tracing::debug!(
                                         peer,
@@ -1078,10 +1107,14 @@ async fn pull_chunk(
         }
     })
     .await
+    .map(|_| ())
 }
 
 /// Copies a chunk to `peer` (through `to`) from another in-sync replica of it (neither `me` nor
-/// `peer`), for a chunk whose copy here cannot be read. Returns the replica copied.
+/// `peer`), for a chunk whose copy here cannot be read or is passed over. Returns the replica
+/// copied and the version the peer holds now (the relayed copy's, or its own if that was at least
+/// as new: one writer's versions grow along one chain, so an older copy never goes over a newer
+/// one).
 #[allow(clippy::too_many_arguments)]
 async fn relay_from_replica(
     store: &Arc<Store>,
@@ -1093,7 +1126,8 @@ async fn relay_from_replica(
     volume: u64,
     chunk: u64,
     size: u32,
-) -> Result<u64, String> {
+    shared: bool,
+) -> Result<(u64, cairn_types::Version), String> {
     let ids = checked(volume, chunk, size)?;
     let sources = copy_sources(meta, missed, (me, peer), ids.0, ids.1).unwrap_or_default();
     let s = store.clone();
@@ -1114,8 +1148,8 @@ async fn relay_from_replica(
                 continue;
             }
         };
-        match relay_chunk(&from, to, ids, generation).await {
-            Ok(()) => return Ok(node),
+        match relay_chunk(&from, to, ids, generation, shared).await {
+            Ok(held) => return Ok((node, held)),
             Err(e) => last = format!("node {node}: {e}"),
         }
     }
@@ -1129,8 +1163,15 @@ async fn relay_chunk(
     to: &NodeConnection,
     ids: (VolumeId, ChunkIndex, ChunkSize),
     generation: cairn_types::Generation,
-) -> Result<(), String> {
+    shared: bool,
+) -> Result<cairn_types::Version, String> {
     let first = target_version(to, ids).await?;
+    // A peer already at the source's version or a newer one keeps its copy (one writer): an older
+    // copy would go over writes another replica already gave it. (On a shared volume two writers
+    // make sibling versions, and the relayed in-sync copy replaces a higher one.)
+    if !shared && first >= target_version(from, ids).await? {
+        return Ok(first);
+    }
     copy_from(From::Serving(from), ids, Some(first), |offset, copy: Piece, expect| async move {
         let (data, crcs) = copy.present_only();
         let (volume, chunk, chunk_size) = ids;
@@ -1191,13 +1232,13 @@ enum From<'a> {
 /// Reads a chunk whole from node `from`, piece by piece, and hands each piece to `install` with
 /// the version the target must be at for it: `first` for the first piece, the copy's "being
 /// installed" marker for the next ones (they go over the pieces before them). Every piece must
-/// come from one version of the source.
+/// come from one version of the source, which is returned.
 async fn copy_from<I, F>(
     from: From<'_>,
     ids: (VolumeId, ChunkIndex, ChunkSize),
     first: Option<cairn_types::Version>,
     install: I,
-) -> Result<(), String>
+) -> Result<cairn_types::Version, String>
 where
     I: Fn(u32, Piece, Option<cairn_types::Version>) -> F,
     F: std::future::Future<Output = Result<(), String>>,
@@ -1232,7 +1273,7 @@ where
         first_version = Some(version);
         install(offset, copy, expect).await?;
     }
-    Ok(())
+    Ok(first_version.unwrap_or(cairn_types::Version::NONE))
 }
 
 /// Why a copy to a peer failed: this node's copy (skip the chunk), the peer (back off), or

@@ -481,13 +481,18 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
                 "no read lease for this chunk's PG (its peers do not confirm this copy is current)",
             );
         }
-        if let Request::Write { volume, chunk, missed_by, .. }
-        | Request::Trim { volume, chunk, missed_by, .. }
-        | Request::WriteZeroes { volume, chunk, missed_by, .. } = &request
+        if let Request::Write { volume, chunk, missed_by, pg_interval, .. }
+        | Request::Trim { volume, chunk, missed_by, pg_interval, .. }
+        | Request::WriteZeroes { volume, chunk, missed_by, pg_interval, .. } = &request
         {
             let check = (hooks.pg_check)(*volume, *chunk, missed_by);
             if let Some(why) = &check.stale {
                 return unavailable(why);
+            }
+            // A writer routing by an older membership of the PG may leave a newer member out
+            // without naming it.
+            if let Some(why) = check.writer_behind(*pg_interval) {
+                return unavailable(&why);
             }
             pre = Some(check);
         }
@@ -655,7 +660,7 @@ fn run(
             let r = store.read(volume, chunk, chunk_size, offset, len)?;
             Response::Read { crcs: r.crcs, data: r.data.into(), present: r.present, version: r.version }
         }
-        Request::Write { volume, chunk, chunk_size, offset, stamp: s, crcs, data, missed_by } => {
+        Request::Write { volume, chunk, chunk_size, offset, stamp: s, crcs, data, missed_by, .. } => {
             let _stripe = needs_stripe(&missed_by).then(|| record_stripe(volume, chunk));
             let version = store.write(volume, chunk, chunk_size, offset, &data, &crcs, stamp(s))?;
             // Before the acknowledgement: an acknowledged write a peer missed is never forgotten.
@@ -742,14 +747,24 @@ fn run(
             }
             Response::Done
         }
-        Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s, missed_by } => {
+        Request::Trim { volume, chunk, chunk_size, offset, len, stamp: s, missed_by, .. } => {
             let _stripe = needs_stripe(&missed_by).then(|| record_stripe(volume, chunk));
             let version = store.trim(volume, chunk, chunk_size, offset, len, stamp(s))?;
             let now = check(volume, chunk, &missed_by);
             record_missed(hooks, &peers_to_record(now.as_ref(), &missed_by), volume, chunk, chunk_size)?;
             refuse_if_stale(now.as_ref(), pre.as_ref()).unwrap_or(Response::Applied { version })
         }
-        Request::WriteZeroes { volume, chunk, chunk_size, offset, len, stamp: s, allocate, missed_by } => {
+        Request::WriteZeroes {
+            volume,
+            chunk,
+            chunk_size,
+            offset,
+            len,
+            stamp: s,
+            allocate,
+            missed_by,
+            ..
+        } => {
             let _stripe = needs_stripe(&missed_by).then(|| record_stripe(volume, chunk));
             let version = store.write_zeroes(volume, chunk, chunk_size, offset, len, stamp(s), allocate)?;
             let now = check(volume, chunk, &missed_by);

@@ -55,6 +55,10 @@ pub enum Request {
         /// Replicas of this chunk the writer knows will not get this write (down or catching up):
         /// the node records them so that it later brings them up to date.
         missed_by: Vec<u64>,
+        /// The membership interval of the chunk's PG in the writer's map (version 7): a node whose
+        /// map has a newer one refuses the mutation ("stale cluster map"), since a writer routing
+        /// by older members may leave a newer member out without naming it.
+        pg_interval: u64,
     },
     Trim {
         volume: VolumeId,
@@ -65,6 +69,8 @@ pub enum Request {
         stamp: Stamp,
         /// As for `Write` (version 2).
         missed_by: Vec<u64>,
+        /// As for `Write` (version 7).
+        pg_interval: u64,
     },
     WriteZeroes {
         volume: VolumeId,
@@ -77,6 +83,8 @@ pub enum Request {
         allocate: bool,
         /// As for `Write` (version 2).
         missed_by: Vec<u64>,
+        /// As for `Write` (version 7).
+        pg_interval: u64,
     },
     /// Make every mutation of the volume acknowledged before this request durable.
     Flush {
@@ -397,6 +405,7 @@ mod tests {
                     crcs,
                     data: Bytes::from(data),
                     missed_by: vec![2, 3],
+                    pg_interval: 7,
                 }),
             (vol(), any::<u64>(), size(), any::<u32>(), any::<u32>(), stamp()).prop_map(
                 |(volume, c, chunk_size, offset, len, stamp)| Request::Trim {
@@ -406,7 +415,8 @@ mod tests {
                     offset,
                     len,
                     stamp,
-                    missed_by: vec![3]
+                    missed_by: vec![3],
+                    pg_interval: 1,
                 }
             ),
             (vol(), any::<u64>(), size(), any::<u32>(), any::<u32>(), stamp(), any::<bool>()).prop_map(
@@ -420,6 +430,7 @@ mod tests {
                         stamp,
                         allocate,
                         missed_by: Vec::new(),
+                        pg_interval: 0,
                     }
                 }
             ),

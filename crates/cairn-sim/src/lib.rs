@@ -30,6 +30,8 @@
 // One arm per message kind, with its condition inside, reads better than guards here.
 #![allow(clippy::collapsible_match)]
 
+pub mod production;
+
 use cairn_engine::Version;
 use cairn_engine::reconcile::{Pull, recovery_plan, settle};
 use cairn_engine::replica::{Mutation, NodeView, ReadVerdict, Verdict, check_mutation, check_read};
@@ -2079,12 +2081,22 @@ fn register(id: u64) -> Command {
     }
 }
 
-trait ExpectNode<'a> {
-    fn expect_node(self) -> &'a mut Node;
+/// A node the simulation names is one it has (of either model).
+trait ExpectNode<'a, T> {
+    fn expect_node(self) -> T;
 }
 
-impl<'a> ExpectNode<'a> for Option<&'a mut Node> {
-    fn expect_node(self) -> &'a mut Node {
+impl<'a, N> ExpectNode<'a, &'a mut N> for Option<&'a mut N> {
+    fn expect_node(self) -> &'a mut N {
+        match self {
+            Some(n) => n,
+            None => unreachable!("the simulation only names nodes it has"),
+        }
+    }
+}
+
+impl<'a, N> ExpectNode<'a, &'a N> for Option<&'a N> {
+    fn expect_node(self) -> &'a N {
         match self {
             Some(n) => n,
             None => unreachable!("the simulation only names nodes it has"),

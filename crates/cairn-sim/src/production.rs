@@ -1,0 +1,1827 @@
+//! Deterministic simulation of the data path production runs today: majority writes with a
+//! missed-writes log, per-node catch-up ended by the leader, per-PG read leases with the hold-back
+//! of missed writes, and joins filled (seeded, copied, admitted) before they serve.
+//!
+//! **Under test, unchanged (production's own code):** the metadata state machine
+//! (`ClusterState::apply`: liveness, restarts, catch-up, rebalance, backfill and admission), the
+//! leader's decisions (`cairn_meta::catchup::LeaderView::decide`: who is down, who restarted, who
+//! catches up again, whose catch-up or fill ends), the read-lease books and rules
+//! (`Grants::grant`/`holdback`, `Leases::covers`/`renewed`, `lease_needs`, `barrier_lifted`,
+//! `serves_clients`) and a storage node's stale-map check of a mutation (`PgIndex::check`,
+//! `PgCheck::refusal`, `PgCheck::to_record`).
+//! **Modelled after production's async shells** (`cairn-client::volume` `mutate`/`read_aligned`,
+//! `cairn-node::server` `handle`, `cairn-node::recovery` `run`/`seed_backfill`, `cairn-node::missed`,
+//! `MetaService`'s loops): which nodes a write goes to and names as missed, when it is acknowledged
+//! (every target applied, at least a majority, records confirmed), the records a node makes and
+//! when it holds an acknowledgement back, lease rounds, reports, seeding, and the catch-up copies
+//! (version asked first, installed only over that version, never from a source the target recorded
+//! as having missed the chunk, entries cleared only if not written again meanwhile).
+//!
+//! **Faults:** SIGKILL and restart of any node (the page cache survives; memory does not), a node
+//! frozen (messages to it wait, it does nothing, then it resumes with its old memory), two-way
+//! partitions between any two endpoints (nodes, the client), a node joining, metadata fail-over
+//! (the new leader knows nothing of earlier reports), and up to two faults at a time.
+//!
+//! **Oracle:** every read returns the latest value acknowledged before it began or a later one
+//! (I2: never older, never zeros for written data). At the end every fault is healed, the pool must
+//! settle (every node in sync and serving, no missed-writes entry left, nobody being filled), a
+//! final write of every chunk must be acknowledged, and then every holder of every chunk must
+//! hold it (I1, I5).
+//!
+//! Simplifications, stated so nobody reads more into a pass: one volume of 3 copies, one writer
+//! (no handover, no fencing, no shared volume), whole-chunk writes whose versions grow with every
+//! write (so a late or leftover mutation never goes over a newer one); a node handles each message
+//! atomically (its map may advance between a mutation's check before and after it is applied);
+//! power loss (unflushed writes dropped, the dirty-chunk pull) is not modelled yet; links fail both
+//! ways (TCP).
+
+use crate::{ExpectNode, Rng};
+use cairn_meta::catchup::{
+    Grants, LeaderView, Leases, barrier_lifted, lease_need, lease_needs, serves_clients,
+};
+use cairn_meta::network::NodeReport;
+use cairn_meta::pgcheck::{PgCheck, PgIndex};
+use cairn_meta::state::{ClusterState, Command, CommandResult, NodeAddr};
+use cairn_types::placement::pg_of;
+use cairn_types::{ChunkIndex, VolumeId};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::rc::Rc;
+
+const R: u8 = 3;
+const Q: usize = 2;
+const VOLUME_ID: u64 = 1;
+const CHUNKS: u64 = 8;
+const PG_COUNT: u32 = 4;
+/// Production's timings (milliseconds): `MetaConfig` defaults, the client's and recovery's.
+const HEARTBEAT_MS: u64 = 1000;
+const DOWN_AFTER_MS: u64 = 5000;
+const LEADER_TICK_MS: u64 = 250;
+const LEASE_POLL_MS: u64 = 100;
+const LEASE_CALL_TIMEOUT_MS: u64 = 1000;
+const RECOVERY_MS: u64 = 300;
+const MAP_SYNC_MS: u64 = 50;
+const CLIENT_REFRESH_MS: u64 = 1000;
+const CLIENT_RETRY_MS: u64 = 100;
+const RPC_TIMEOUT_MS: u64 = 5000;
+const HOLDBACK_ALLOWANCE_MS: u64 = 3500;
+const IO_TIMEOUT_MS: u64 = 30_000;
+const SUSPECT_TTL_MS: u64 = 15_000;
+const ELECTION_MS: u64 = 1500;
+const RUN_MS: u64 = 60_000;
+const HEAL_MS: u64 = 240_000;
+
+/// What a run leaves out of production's rules, to show what the simulation finds without them.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Nodes refuse a mutation routed by a map older than theirs for the chunk's PG
+    /// (`PgCheck::writer_behind`).
+    pub check_writer_interval: bool,
+    /// A catch-up copy relayed from another replica clears the relayer's entry only if it is at
+    /// least as new as the relayer's own copy.
+    pub relay_keeps_newer: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { check_writer_interval: true, relay_keeps_newer: true }
+    }
+}
+
+type Ep = u64;
+/// The writer's endpoint (nodes are 1..).
+const CLIENT: Ep = 0;
+/// A second client that only reads (another host reading the volume: a live-migration target, a
+/// node's own NBD export), with its own map and no knowledge of the writer's failures.
+const READER: Ep = 100;
+
+#[derive(Debug, Clone)]
+enum Msg {
+    /// Client requests carry the op and its attempt: a reply is matched to its request (as
+    /// production's RPC matches replies per call), never to a later attempt.
+    Write {
+        op: (u64, u64),
+        chunk: u64,
+        version: u64,
+        missed_by: Vec<u64>,
+        interval: u64,
+    },
+    WriteReply {
+        op: (u64, u64),
+        from: u64,
+        reply: Answer,
+    },
+    RecordMissed {
+        op: (u64, u64),
+        chunk: u64,
+        peers: Vec<u64>,
+        at: u64,
+    },
+    RecordReply {
+        op: (u64, u64),
+        from: u64,
+        ok: bool,
+    },
+    Read {
+        op: (u64, u64),
+        chunk: u64,
+    },
+    ReadReply {
+        op: (u64, u64),
+        from: u64,
+        version: Option<u64>,
+    },
+    LeaseReq {
+        round: u64,
+        from: u64,
+        in_sync_epoch: u64,
+    },
+    LeaseReply {
+        round: u64,
+        from: u64,
+        granted: bool,
+    },
+    VersionReq {
+        job: u64,
+        from: u64,
+        chunk: u64,
+    },
+    VersionReply {
+        job: u64,
+        version: u64,
+    },
+    SourceRead {
+        job: u64,
+        from: u64,
+        chunk: u64,
+    },
+    SourceReply {
+        job: u64,
+        version: Option<u64>,
+    },
+    Install {
+        job: u64,
+        from: u64,
+        chunk: u64,
+        version: u64,
+        expect: u64,
+        source: u64,
+    },
+    InstallReply {
+        job: u64,
+        ok: bool,
+    },
+    Report(NodeReport),
+    CatchUp {
+        node: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Applied,
+    Unavailable,
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    Deliver {
+        from: Ep,
+        to: Ep,
+        msg: Msg,
+    },
+    /// Node timers carry the node's life (a restart starts new ones).
+    Heartbeat(u64, u64),
+    LeasePoll(u64, u64),
+    LeaseRoundEnd {
+        node: u64,
+        round: u64,
+    },
+    Recovery(u64, u64),
+    JobTimeout {
+        node: u64,
+        job: u64,
+    },
+    MapSync(u64, u64),
+    LeaderTick,
+    Commit {
+        term: u64,
+        commands: Vec<Command>,
+    },
+    ClientNext(Ep),
+    ClientRefresh(Ep),
+    ClientTimeout {
+        client: Ep,
+        op: u64,
+        attempt: u64,
+    },
+    ClientRetry {
+        client: Ep,
+        op: u64,
+        attempt: u64,
+    },
+    Fault,
+    Restart(u64),
+    Unfreeze(u64),
+    Heal {
+        a: Ep,
+        b: Ep,
+    },
+}
+
+struct Queued {
+    at: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// One entry of a node's missed-writes log (durable).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    seed: bool,
+    seq: u64,
+}
+
+#[derive(Debug, Clone)]
+struct LeaseRound {
+    id: u64,
+    sent: u64,
+    epoch: u64,
+    needs: Vec<(Vec<u64>, usize)>,
+    asked: BTreeSet<u64>,
+    granted: BTreeSet<u64>,
+    answered: BTreeSet<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Job {
+    id: u64,
+    peer: u64,
+    chunk: u64,
+    seq: u64,
+    /// The node whose copy is sent (this node, or an in-sync replica relayed).
+    source: u64,
+    target_version: Option<u64>,
+    /// The version sent (the source's).
+    version: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Node {
+    id: u64,
+    alive: bool,
+    frozen: bool,
+    /// Process starts so far (timers of an earlier process stop).
+    life: u64,
+    boot_id: u64,
+    /// The node's applied cluster map (survives a restart, as Raft's state does).
+    map: Rc<ClusterState>,
+    index: Rc<PgIndex>,
+    index_epoch: u64,
+    /// chunk → version (the value is the version: each write's own); survives a kill.
+    store: BTreeMap<u64, u64>,
+    /// (peer, chunk) → entry; durable.
+    missed: BTreeMap<(u64, u64), Entry>,
+    next_seq: u64,
+    grants: Grants,
+    leases: Leases,
+    serving_from: u64,
+    seeded: BTreeSet<(u64, u8, u32)>,
+    seeded_epoch: u64,
+    lease_round: Option<LeaseRound>,
+    job: Option<Job>,
+    /// Messages that reached it while frozen.
+    held: Vec<(Ep, Msg)>,
+}
+
+#[derive(Debug, Clone)]
+enum OpKind {
+    Write { version: u64, applied_by: BTreeSet<u64> },
+    Read { floor: u64 },
+}
+
+#[derive(Debug, Clone)]
+struct Op {
+    id: u64,
+    chunk: u64,
+    kind: OpKind,
+    deadline: u64,
+    attempt: u64,
+    /// Nodes asked in this attempt, and their answers (None: none yet).
+    asked: BTreeMap<u64, Option<Answer>>,
+    /// Read: candidates left to try in this attempt.
+    candidates: Vec<u64>,
+    /// Write: the records phase (the appliers asked to record who failed; whether a target
+    /// answered "stale map"; the appliers' answers).
+    recording: Option<(BTreeSet<u64>, bool, BTreeMap<u64, bool>)>,
+}
+
+/// A volume client (`VolumeClient`): its map, the nodes it saw fail, its one operation in flight.
+#[derive(Debug)]
+struct Client {
+    ep: Ep,
+    writer: bool,
+    map: Rc<ClusterState>,
+    suspects: BTreeMap<u64, u64>,
+    op: Option<Op>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProductionStats {
+    pub writes_acked: u64,
+    pub writes_failed: u64,
+    pub reads_checked: u64,
+    pub reads_failed: u64,
+    pub faults: u64,
+    pub catch_ups: u64,
+    pub fills: u64,
+    pub holdbacks: u64,
+}
+
+struct ProductionWorld {
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Queued>>,
+    nodes: BTreeMap<u64, Node>,
+    meta: Rc<ClusterState>,
+    leader: Option<u64>,
+    term: u64,
+    view: LeaderView,
+    /// The leader's proposals in flight (it decides again only once they committed).
+    proposing: bool,
+    leader_lost_at: Option<u64>,
+    blocked: BTreeSet<(Ep, Ep)>,
+    /// The client being driven now (`switch_to`), and the others.
+    client: Client,
+    other_clients: Vec<Client>,
+    next_op: u64,
+    next_version: u64,
+    next_id: u64,
+    /// Per chunk: the highest version acknowledged.
+    acked: BTreeMap<u64, u64>,
+    healing: bool,
+    final_pass: Option<u64>,
+    faulty: BTreeSet<u64>,
+    joins: u64,
+    trace: Vec<String>,
+    stats: ProductionStats,
+    violation: Option<String>,
+    options: Options,
+}
+
+fn pg(chunk: u64) -> u32 {
+    match VolumeId::new(VOLUME_ID) {
+        Ok(v) => pg_of(v, ChunkIndex(chunk), PG_COUNT).0,
+        Err(_) => 0,
+    }
+}
+
+fn register(id: u64, time_ms: u64) -> Command {
+    Command::RegisterNode {
+        id,
+        addr: NodeAddr { rpc: format!("sim:{id}"), ..NodeAddr::default() },
+        voter: id <= 3,
+        capacity_bytes: 1 << 40,
+        time_ms,
+    }
+}
+
+impl Node {
+    fn new(id: u64, boot_id: u64, map: Rc<ClusterState>, now: u64) -> Node {
+        Node {
+            id,
+            alive: true,
+            frozen: false,
+            life: 0,
+            boot_id,
+            index: Rc::new(PgIndex::new(&map)),
+            index_epoch: map.epoch,
+            map,
+            store: BTreeMap::new(),
+            missed: BTreeMap::new(),
+            next_seq: 0,
+            grants: Grants::new(now),
+            leases: Leases::default(),
+            serving_from: 0,
+            seeded: BTreeSet::new(),
+            seeded_epoch: 0,
+            lease_round: None,
+            job: None,
+            held: Vec::new(),
+        }
+    }
+
+    fn set_map(&mut self, map: &Rc<ClusterState>) {
+        self.map = map.clone();
+    }
+
+    fn check(&mut self, chunk: u64, missed_by: &[u64]) -> PgCheck {
+        if self.index_epoch != self.map.epoch {
+            self.index = Rc::new(PgIndex::new(&self.map));
+            self.index_epoch = self.map.epoch;
+        }
+        match VolumeId::new(VOLUME_ID) {
+            Ok(v) => self.index.check(self.id, v, ChunkIndex(chunk), missed_by),
+            Err(_) => PgCheck::default(),
+        }
+    }
+
+    fn serves_clients(&self) -> bool {
+        serves_clients(&self.map, self.id, self.boot_id, self.serving_from)
+    }
+
+    fn record(&mut self, peers: &[u64], chunk: u64, seed: bool) {
+        for p in peers {
+            self.next_seq += 1;
+            let seq = self.next_seq;
+            match self.missed.get_mut(&(*p, chunk)) {
+                Some(_) if seed => {}
+                Some(e) => {
+                    e.seq = seq;
+                    e.seed = false;
+                }
+                None => {
+                    self.missed.insert((*p, chunk), Entry { seed, seq });
+                }
+            }
+        }
+    }
+
+    /// Peers with write entries, and peers with only seeds' entries.
+    fn pending_split(&self) -> (Vec<u64>, Vec<u64>) {
+        let mut by_peer: BTreeMap<u64, bool> = BTreeMap::new();
+        for ((p, _), e) in &self.missed {
+            let all_seed = by_peer.entry(*p).or_insert(true);
+            *all_seed &= e.seed;
+        }
+        let written = by_peer.iter().filter(|(_, s)| !**s).map(|(p, _)| *p).collect();
+        let seeded = by_peer.iter().filter(|(_, s)| **s).map(|(p, _)| *p).collect();
+        (written, seeded)
+    }
+
+    fn holds_missed_for(&self, peer: u64) -> bool {
+        self.missed.iter().any(|((p, _), e)| *p == peer && !e.seed)
+    }
+
+    fn report(&self) -> NodeReport {
+        let (missed_for, seeded_for) = self.pending_split();
+        NodeReport {
+            id: self.id,
+            boot_id: self.boot_id,
+            capacity_bytes: 1 << 40,
+            used_bytes: 0,
+            missed_for,
+            seeded_for,
+            epoch: self.map.epoch,
+            serving: self.serves_clients(),
+            seeded_epoch: self.seeded_epoch,
+        }
+    }
+
+    fn in_sync_epoch(&self) -> u64 {
+        self.map.nodes.get(&self.id).map(|n| n.in_sync_epoch).unwrap_or(0)
+    }
+
+    /// Serves a read of `chunk` now: serves clients, holds the PG, and enough of its other holders
+    /// granted it a lease (`MetaService::lease_covers`).
+    fn serves_read(&self, chunk: u64, now: u64) -> bool {
+        if !self.serves_clients() {
+            return false;
+        }
+        let holders = self.map.holders(R, pg(chunk));
+        if !holders.contains(&self.id) {
+            return false;
+        }
+        let need = lease_need(R, holders.len());
+        if need == 0 {
+            return true;
+        }
+        let others: Vec<u64> = holders.into_iter().filter(|p| *p != self.id).collect();
+        self.leases.covers(self.in_sync_epoch(), &others, need, now)
+    }
+}
+
+impl ProductionWorld {
+    fn new(seed: u64, options: Options) -> ProductionWorld {
+        let mut rng = Rng(seed ^ 0x005e_ed0f_9a0d);
+        let mut meta = ClusterState { pg_count: PG_COUNT, ..ClusterState::default() };
+        for id in 1..=3 {
+            meta.apply(register(id, 0));
+        }
+        let created = meta.apply(Command::CreateVolume {
+            name: "v".into(),
+            size_bytes: CHUNKS * (1 << 16),
+            chunk_size_bytes: 1 << 16,
+            replicas: R,
+            shared: false,
+            time_ms: 0,
+        });
+        assert!(matches!(created, CommandResult::Volume(ref v) if v.id == VOLUME_ID), "{created:?}");
+        let meta = Rc::new(meta);
+        let mut nodes = BTreeMap::new();
+        for id in 1..=3 {
+            let boot = 1000 + id * 10 + rng.below(5);
+            nodes.insert(id, Node::new(id, boot, meta.clone(), 0));
+        }
+        let mut w = ProductionWorld {
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            client: Client {
+                ep: CLIENT,
+                writer: true,
+                map: meta.clone(),
+                suspects: BTreeMap::new(),
+                op: None,
+            },
+            other_clients: vec![Client {
+                ep: READER,
+                writer: false,
+                map: meta.clone(),
+                suspects: BTreeMap::new(),
+                op: None,
+            }],
+            meta,
+            leader: Some(1),
+            term: 1,
+            view: LeaderView::default(),
+            proposing: false,
+            leader_lost_at: None,
+            blocked: BTreeSet::new(),
+            next_op: 1,
+            next_version: 1,
+            next_id: 1,
+            acked: BTreeMap::new(),
+            healing: false,
+            final_pass: None,
+            faulty: BTreeSet::new(),
+            joins: 0,
+            trace: Vec::new(),
+            stats: ProductionStats::default(),
+            violation: None,
+            options,
+        };
+        let meta = w.meta.clone();
+        w.view.took_office(&meta, 0);
+        for id in 1..=3 {
+            w.start_node_timers(id);
+        }
+        w.at(10, Event::LeaderTick);
+        for c in [CLIENT, READER] {
+            w.at(100, Event::ClientNext(c));
+            w.at(CLIENT_REFRESH_MS, Event::ClientRefresh(c));
+        }
+        let first = w.rng.range(1000, 5000);
+        w.at(first, Event::Fault);
+        w
+    }
+
+    fn log(&mut self, line: String) {
+        if self.trace.len() >= 400 {
+            self.trace.drain(..200);
+        }
+        self.trace.push(format!("{:>7} {line}", self.now));
+    }
+
+    fn at(&mut self, delay: u64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse(Queued { at: self.now + delay, seq: self.seq, event }));
+    }
+
+    fn start_node_timers(&mut self, id: u64) {
+        let j = self.rng.below(100);
+        let life = self.nodes.get(&id).map(|n| n.life).unwrap_or(0);
+        self.at(j + 10, Event::Heartbeat(id, life));
+        self.at(j + 20, Event::LeasePoll(id, life));
+        self.at(j + 30, Event::Recovery(id, life));
+        self.at(j + 5, Event::MapSync(id, life));
+    }
+
+    fn linked(&self, a: Ep, b: Ep) -> bool {
+        !self.blocked.contains(&(a.min(b), a.max(b)))
+    }
+
+    fn reachable(&self, ep: Ep) -> bool {
+        ep == CLIENT || ep == READER || self.nodes.get(&ep).is_some_and(|n| n.alive)
+    }
+
+    fn send(&mut self, from: Ep, to: Ep, msg: Msg) {
+        self.send_after(0, from, to, msg);
+    }
+
+    fn send_after(&mut self, extra: u64, from: Ep, to: Ep, msg: Msg) {
+        if !self.linked(from, to) {
+            return;
+        }
+        let delay =
+            extra + self.rng.range(1, 8) + if self.rng.chance(20) { self.rng.range(20, 400) } else { 0 };
+        self.at(delay, Event::Deliver { from, to, msg });
+    }
+
+    fn run(mut self) -> Result<ProductionStats, String> {
+        let mut steps: u64 = 0;
+        while let Some(Reverse(q)) = self.queue.pop() {
+            self.now = q.at;
+            steps += 1;
+            if steps > 5_000_000 {
+                let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+                for _ in 0..10_000 {
+                    let Some(Reverse(q)) = self.queue.pop() else { break };
+                    let k = format!("{:?}", q.event);
+                    let k: String = k.chars().take(40).collect();
+                    *kinds.entry(k).or_default() += 1;
+                }
+                return Err(
+                    self.fail(format!("the run did not end within its step budget; next events: {kinds:?}"))
+                );
+            }
+            if !self.healing && self.now >= RUN_MS {
+                self.heal_all();
+            }
+            if self.now > RUN_MS + HEAL_MS {
+                return Err(self.fail("the pool did not settle after every fault was healed".into()));
+            }
+            self.handle(q.event);
+            if let Some(v) = self.violation.take() {
+                return Err(self.fail(v));
+            }
+            if self.healing && self.final_pass.is_none() && self.idle(CLIENT) && self.settled() {
+                self.log("settled: final write of every chunk".into());
+                self.final_pass = Some(0);
+            }
+            // After the final writes, once settled again (a final write that failed on a node
+            // sends it back to catching up first).
+            if let Some(done) = self.final_pass
+                && done >= CHUNKS
+                && self.idle(CLIENT)
+                && self.settled()
+            {
+                return self.final_check();
+            }
+        }
+        Err(self.fail("the event queue ran dry".into()))
+    }
+
+    fn fail(&self, why: String) -> String {
+        let tail: Vec<&String> = self.trace.iter().rev().take(120).collect();
+        let mut out = format!("{why}\nmap: {}\n", self.describe_map());
+        for n in self.nodes.values() {
+            let (written, seeded) = n.pending_split();
+            out.push_str(&format!(
+                "node {}: alive {} frozen {} boot {} map epoch {} serving {} seeded_epoch {} entries {} (writes for {written:?}, seeds for {seeded:?}) job {:?} store {:?}\n",
+                n.id,
+                n.alive,
+                n.frozen,
+                n.boot_id,
+                n.map.epoch,
+                n.serves_clients(),
+                n.seeded_epoch,
+                n.missed.len(),
+                n.job,
+                n.store
+            ));
+        }
+        out.push_str(&format!(
+            "leader {:?} term {}; leader view: {:?}\nlast events:\n",
+            self.leader, self.term, self.view
+        ));
+        for l in tail.into_iter().rev() {
+            out.push_str(l);
+            out.push('\n');
+        }
+        out
+    }
+
+    fn describe_map(&self) -> String {
+        let nodes: Vec<String> = self
+            .meta
+            .nodes
+            .values()
+            .map(|n| {
+                format!(
+                    "{}:{}{}",
+                    n.id,
+                    if n.up { "up" } else { "down" },
+                    if n.catching_up { "/catching" } else { "" }
+                )
+            })
+            .collect();
+        let pgs: Vec<String> = (0..PG_COUNT)
+            .map(|p| format!("pg{p}={:?}+{:?}", self.meta.holders(R, p), self.meta.backfill(R, p)))
+            .collect();
+        format!("epoch {} nodes [{}] {}", self.meta.epoch, nodes.join(" "), pgs.join(" "))
+    }
+
+    fn settled(&self) -> bool {
+        self.meta.nodes.values().all(|n| n.in_sync())
+            && (0..PG_COUNT).all(|p| self.meta.backfill(R, p).is_empty())
+            && self.nodes.values().all(|n| n.alive && !n.frozen && n.missed.is_empty() && n.serves_clients())
+    }
+
+    fn final_check(&mut self) -> Result<ProductionStats, String> {
+        for chunk in 0..CHUNKS {
+            let want = self.acked.get(&chunk).copied().unwrap_or(0);
+            for h in self.meta.holders(R, pg(chunk)) {
+                let have = self.nodes.get(&h).and_then(|n| n.store.get(&chunk).copied()).unwrap_or(0);
+                if have != want {
+                    return Err(self.fail(format!(
+                        "chunk {chunk}: holder {h} holds version {have}, the last acknowledged write is {want}"
+                    )));
+                }
+            }
+        }
+        Ok(self.stats)
+    }
+
+    fn heal_all(&mut self) {
+        self.healing = true;
+        self.log("healing every fault".into());
+        self.blocked.clear();
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let (alive, frozen) = self.nodes.get(&id).map(|n| (n.alive, n.frozen)).unwrap_or((true, false));
+            if !alive {
+                self.restart(id);
+            }
+            if frozen {
+                self.unfreeze(id);
+            }
+        }
+        self.faulty.clear();
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Deliver { from, to, msg } => self.deliver(from, to, msg),
+            Event::Heartbeat(id, life) => {
+                if !self.lives(id, life) {
+                    return;
+                }
+                if self.node_runs(id)
+                    && let Some(n) = self.nodes.get(&id)
+                {
+                    let report = n.report();
+                    match self.leader {
+                        Some(l) if l == id => {
+                            let now = self.now;
+                            self.view.heard(report, None, now);
+                        }
+                        Some(l) => self.send(id, l, Msg::Report(report)),
+                        None => {}
+                    }
+                }
+                self.at(HEARTBEAT_MS, Event::Heartbeat(id, life));
+            }
+            Event::LeasePoll(id, life) => {
+                if !self.lives(id, life) {
+                    return;
+                }
+                if self.node_runs(id) {
+                    self.lease_poll(id);
+                }
+                self.at(LEASE_POLL_MS, Event::LeasePoll(id, life));
+            }
+            Event::LeaseRoundEnd { node, round } => self.lease_round_end(node, round),
+            Event::Recovery(id, life) => {
+                if !self.lives(id, life) {
+                    return;
+                }
+                if self.node_runs(id) {
+                    self.recovery(id);
+                }
+                self.at(RECOVERY_MS, Event::Recovery(id, life));
+            }
+            Event::JobTimeout { node, job } => {
+                if let Some(n) = self.nodes.get_mut(&node)
+                    && n.job.as_ref().is_some_and(|j| j.id == job)
+                {
+                    n.job = None;
+                }
+            }
+            Event::MapSync(id, life) => {
+                if !self.lives(id, life) {
+                    return;
+                }
+                if self.node_runs(id) && self.leader.is_some_and(|l| self.linked(l, id)) {
+                    let meta = self.meta.clone();
+                    if let Some(n) = self.nodes.get_mut(&id) {
+                        n.set_map(&meta);
+                    }
+                }
+                // Now and then a node applies the log late (a slow disk, a busy process).
+                let d = if self.rng.chance(30) {
+                    self.rng.range(500, 3000)
+                } else {
+                    self.rng.range(MAP_SYNC_MS / 2, MAP_SYNC_MS * 2)
+                };
+                self.at(d, Event::MapSync(id, life));
+            }
+            Event::LeaderTick => {
+                self.leader_tick();
+                self.at(LEADER_TICK_MS, Event::LeaderTick);
+            }
+            Event::Commit { term, commands } => {
+                self.proposing = false;
+                if term != self.term {
+                    return;
+                }
+                let mut meta = (*self.meta).clone();
+                for c in commands {
+                    let what = format!("{c:?}");
+                    let ends = match &c {
+                        Command::SetCatchingUp { catching_up: false, filled, id, .. } => meta
+                            .nodes
+                            .get(id)
+                            .is_some_and(|n| n.catching_up)
+                            .then(|| filled.as_ref().is_some_and(|f| !f.is_empty())),
+                        _ => None,
+                    };
+                    let r = meta.apply(c);
+                    if let Some(fill) = ends
+                        && matches!(r, CommandResult::Done)
+                    {
+                        self.stats.catch_ups += 1;
+                        if fill {
+                            self.stats.fills += 1;
+                        }
+                    }
+                    let short: String = what.chars().take(120).collect();
+                    self.log(format!("commit {short} -> {r:?}"));
+                }
+                self.meta = Rc::new(meta);
+                if let Some(l) = self.leader {
+                    let meta = self.meta.clone();
+                    if let Some(n) = self.nodes.get_mut(&l) {
+                        n.set_map(&meta);
+                    }
+                }
+            }
+            Event::ClientNext(c) => {
+                self.switch_to(c);
+                self.client_next();
+            }
+            Event::ClientRefresh(c) => {
+                self.switch_to(c);
+                self.client_refresh();
+                self.at(CLIENT_REFRESH_MS, Event::ClientRefresh(c));
+            }
+            Event::ClientTimeout { client, op, attempt } => {
+                self.switch_to(client);
+                if self.client.op.as_ref().is_some_and(|o| o.id == op && o.attempt == attempt) {
+                    self.attempt_ended();
+                }
+            }
+            Event::ClientRetry { client, op, attempt } => {
+                self.switch_to(client);
+                if self.client.op.as_ref().is_some_and(|o| o.id == op && o.attempt == attempt) {
+                    self.client_refresh();
+                    self.attempt();
+                }
+            }
+            Event::Fault => {
+                if !self.healing {
+                    self.fault();
+                    let next = self.rng.range(1500, 6000);
+                    self.at(next, Event::Fault);
+                }
+            }
+            Event::Restart(id) => {
+                if !self.healing && self.nodes.get(&id).is_some_and(|n| !n.alive) {
+                    self.restart(id);
+                    self.faulty.remove(&id);
+                }
+            }
+            Event::Unfreeze(id) => {
+                if !self.healing && self.nodes.get(&id).is_some_and(|n| n.frozen) {
+                    self.unfreeze(id);
+                    self.faulty.remove(&id);
+                }
+            }
+            Event::Heal { a, b } => {
+                if !self.healing {
+                    self.blocked.remove(&(a.min(b), a.max(b)));
+                    self.log(format!("partition {a}-{b} healed"));
+                    for ep in [a, b] {
+                        if ep != CLIENT
+                            && ep != READER
+                            && !self.blocked.iter().any(|(x, y)| *x == ep || *y == ep)
+                        {
+                            self.faulty.remove(&ep);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn node_runs(&self, id: u64) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.alive && !n.frozen)
+    }
+
+    /// Whether a node timer belongs to the node's current process.
+    fn lives(&self, id: u64, life: u64) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.alive && n.life == life)
+    }
+
+    // ---- faults ----
+
+    fn fault(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        if self.faulty.len() >= 2 {
+            return;
+        }
+        let healthy: Vec<u64> = ids.iter().copied().filter(|i| !self.faulty.contains(i)).collect();
+        if healthy.is_empty() {
+            return;
+        }
+        let id = healthy[self.rng.below(healthy.len() as u64) as usize];
+        self.stats.faults += 1;
+        match self.rng.below(10) {
+            0..=2 => {
+                self.log(format!("kill node {id}"));
+                self.kill(id);
+                self.faulty.insert(id);
+                let back = self.rng.range(500, 12_000);
+                self.at(back, Event::Restart(id));
+            }
+            3 | 4 => {
+                self.log(format!("freeze node {id}"));
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    n.frozen = true;
+                }
+                self.faulty.insert(id);
+                let back = self.rng.range(300, 9_000);
+                self.at(back, Event::Unfreeze(id));
+            }
+            5 | 6 => {
+                // Cut from everyone (nodes and client), or from one other endpoint.
+                let others: Vec<Ep> =
+                    ids.iter().copied().filter(|o| *o != id).chain([CLIENT, READER]).collect();
+                let cut: Vec<Ep> = if self.rng.chance(500) {
+                    others
+                } else {
+                    vec![others[self.rng.below(others.len() as u64) as usize]]
+                };
+                let back = self.rng.range(500, 15_000);
+                for o in cut {
+                    self.log(format!("partition {id}-{o}"));
+                    self.blocked.insert((id.min(o), id.max(o)));
+                    self.at(back, Event::Heal { a: id, b: o });
+                }
+                self.faulty.insert(id);
+            }
+            7 if self.joins < 2 && self.nodes.len() < 5 => {
+                let new = ids.iter().max().copied().unwrap_or(0) + 1;
+                self.joins += 1;
+                self.log(format!("node {new} joins"));
+                let boot = 5000 + new * 10 + self.rng.below(5);
+                let meta = self.meta.clone();
+                self.nodes.insert(new, Node::new(new, boot, meta, self.now));
+                self.start_node_timers(new);
+            }
+            _ => {
+                // A client-side cut: a client loses one node.
+                let back = self.rng.range(500, 10_000);
+                let c = if self.rng.chance(500) { CLIENT } else { READER };
+                self.log(format!("partition {c}-{id}"));
+                self.blocked.insert((c.min(id), c.max(id)));
+                self.at(back, Event::Heal { a: c, b: id });
+            }
+        }
+    }
+
+    fn kill(&mut self, id: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.alive = false;
+            n.frozen = false;
+            n.held.clear();
+            n.lease_round = None;
+            n.job = None;
+        }
+    }
+
+    fn restart(&mut self, id: u64) {
+        let boot = 7000 + self.now * 10 + id;
+        let now = self.now;
+        self.log(format!("restart node {id} (boot {boot})"));
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.alive = true;
+            n.frozen = false;
+            n.life += 1;
+            n.boot_id = boot;
+            n.grants = Grants::new(now);
+            n.leases = Leases::default();
+            n.serving_from = 0;
+            n.seeded.clear();
+            n.seeded_epoch = 0;
+            n.lease_round = None;
+            n.job = None;
+        }
+        self.start_node_timers(id);
+    }
+
+    fn unfreeze(&mut self, id: u64) {
+        self.log(format!("unfreeze node {id}"));
+        let held = match self.nodes.get_mut(&id) {
+            Some(n) => {
+                n.frozen = false;
+                std::mem::take(&mut n.held)
+            }
+            None => Vec::new(),
+        };
+        for (from, msg) in held {
+            self.deliver(from, id, msg);
+        }
+    }
+
+    // ---- metadata ----
+
+    fn propose(&mut self, commands: Vec<Command>) {
+        if commands.is_empty() || self.leader.is_none() {
+            return;
+        }
+        self.proposing = true;
+        let d = self.rng.range(2, 30);
+        let term = self.term;
+        self.at(d, Event::Commit { term, commands });
+    }
+
+    /// Whether node `id` can reach a majority of the metadata voters (nodes 1–3).
+    fn has_quorum(&self, id: u64) -> bool {
+        (1..=3).filter(|v| *v == id || (self.node_runs(*v) && self.linked(id, *v))).count() >= 2
+    }
+
+    fn leader_tick(&mut self) {
+        let ok = self.leader.is_some_and(|l| self.node_runs(l) && self.has_quorum(l));
+        if !ok {
+            let since = *self.leader_lost_at.get_or_insert(self.now);
+            if self.now - since < ELECTION_MS {
+                return;
+            }
+            let candidate = (1..=3).find(|v| self.node_runs(*v) && self.has_quorum(*v));
+            self.leader = None;
+            let Some(c) = candidate else { return };
+            self.term += 1;
+            self.leader = Some(c);
+            self.leader_lost_at = None;
+            self.proposing = false;
+            self.view = LeaderView::default();
+            let meta = self.meta.clone();
+            let now = self.now;
+            self.view.took_office(&meta, now);
+            self.log(format!("node {c} leads (term {})", self.term));
+            self.propose(vec![Command::LeaderElected { id: c, term: self.term, time_ms: now }]);
+            return;
+        }
+        self.leader_lost_at = None;
+        if self.proposing {
+            return;
+        }
+        let Some(l) = self.leader else { return };
+        let meta = self.meta.clone();
+        // Members the map lacks (a join whose registration was lost in a fail-over) are registered.
+        let missing: Vec<Command> = self
+            .nodes
+            .keys()
+            .filter(|id| !meta.nodes.contains_key(id))
+            .map(|id| register(*id, self.now))
+            .collect();
+        if !missing.is_empty() {
+            self.propose(missing);
+            return;
+        }
+        for id in meta.nodes.keys() {
+            let now = self.now;
+            self.view.registering(*id, now);
+        }
+        let d = self.view.decide(&meta, l, self.now, DOWN_AFTER_MS, HEARTBEAT_MS);
+        let commands = d.commands(self.now);
+        self.propose(commands);
+    }
+
+    // ---- node message handling ----
+
+    fn deliver(&mut self, from: Ep, to: Ep, msg: Msg) {
+        if !self.linked(from, to) || !self.reachable(to) {
+            return;
+        }
+        if to == CLIENT || to == READER {
+            self.switch_to(to);
+            self.client_reply(msg);
+            return;
+        }
+        let Some(n) = self.nodes.get_mut(&to) else { return };
+        if n.frozen {
+            n.held.push((from, msg));
+            return;
+        }
+        let now = self.now;
+        match msg {
+            Msg::Report(report) => {
+                if self.leader == Some(to) {
+                    self.view.heard(report, None, now);
+                }
+            }
+            Msg::CatchUp { node } => {
+                self.log(format!("leader {to}: the client reports node {node} failed a write"));
+                if self.leader == Some(to) && self.meta.nodes.get(&node).is_some_and(|n| n.in_sync()) {
+                    let c =
+                        Command::SetCatchingUp { id: node, catching_up: true, time_ms: now, filled: None };
+                    self.propose(vec![c]);
+                }
+            }
+            Msg::Write { op, chunk, version, missed_by, interval } => {
+                let reply = self.node_write(to, chunk, version, &missed_by, interval);
+                let (answer, hold) = reply;
+                if hold > 0 {
+                    self.stats.holdbacks += 1;
+                }
+                self.send_after(hold, to, from, Msg::WriteReply { op, from: to, reply: answer });
+            }
+            Msg::RecordMissed { op, chunk, peers, at } => {
+                let n = self.nodes.get_mut(&to).expect_node();
+                let ok = n.store.get(&chunk).copied().unwrap_or(0) == at;
+                let mut hold = 0;
+                if ok {
+                    n.record(&peers, chunk, false);
+                    hold = n.grants.holdback(&peers, now).as_millis() as u64;
+                }
+                self.send_after(hold, to, from, Msg::RecordReply { op, from: to, ok });
+            }
+            Msg::Read { op, chunk } => {
+                let n = self.nodes.get(&to).expect_node();
+                let version = n.serves_read(chunk, now).then(|| n.store.get(&chunk).copied().unwrap_or(0));
+                self.send(to, from, Msg::ReadReply { op, from: to, version });
+            }
+            Msg::LeaseReq { round, from: peer, in_sync_epoch } => {
+                let n = self.nodes.get_mut(&to).expect_node();
+                let holds = n.holds_missed_for(peer);
+                let map = n.map.clone();
+                let granted = n.grants.grant(&map, peer, in_sync_epoch, holds, now);
+                self.send(to, from, Msg::LeaseReply { round, from: to, granted });
+            }
+            Msg::LeaseReply { round, from: peer, granted } => {
+                let n = self.nodes.get_mut(&to).expect_node();
+                let mut done = false;
+                if let Some(r) = n.lease_round.as_mut().filter(|r| r.id == round) {
+                    r.answered.insert(peer);
+                    if granted {
+                        r.granted.insert(peer);
+                    }
+                    done = r.answered.len() == r.asked.len();
+                }
+                if done {
+                    self.lease_round_end(to, round);
+                }
+            }
+            Msg::VersionReq { job, from: peer, chunk } => {
+                let v = self.nodes.get(&to).expect_node().store.get(&chunk).copied().unwrap_or(0);
+                self.send(to, peer, Msg::VersionReply { job, version: v });
+            }
+            Msg::SourceRead { job, from: peer, chunk } => {
+                let n = self.nodes.get(&to).expect_node();
+                let version = n.serves_read(chunk, now).then(|| n.store.get(&chunk).copied().unwrap_or(0));
+                self.send(to, peer, Msg::SourceReply { job, version });
+            }
+            Msg::Install { job, from: peer, chunk, version, expect, source } => {
+                let n = self.nodes.get_mut(&to).expect_node();
+                let current = n.store.get(&chunk).copied().unwrap_or(0);
+                let refused = n.missed.contains_key(&(source, chunk)) || current != expect;
+                let line = format!(
+                    "node {to} install chunk {chunk} v{version} from {peer} (source {source}, expect {expect}, has {current}): {}",
+                    if refused { "refused" } else { "done" }
+                );
+                self.trace.push(format!("{:>7} {line}", self.now));
+                if !refused {
+                    n.store.insert(chunk, version);
+                    let serving = n.serves_clients();
+                    let c = n.check(chunk, &[]);
+                    if c.holder && serving {
+                        n.record(&c.backfill, chunk, false);
+                    }
+                }
+                self.send(to, peer, Msg::InstallReply { job, ok: !refused });
+            }
+            Msg::VersionReply { job, version } => self.job_version(to, job, version),
+            Msg::SourceReply { job, version } => self.job_source(to, job, version),
+            Msg::InstallReply { job, ok } => self.job_installed(to, job, ok),
+            Msg::WriteReply { .. } | Msg::RecordReply { .. } | Msg::ReadReply { .. } => {}
+        }
+    }
+
+    /// A client write on a node (`cairn-node::server::handle` and `run`): (answer, hold-back ms).
+    fn node_write(
+        &mut self,
+        id: u64,
+        chunk: u64,
+        version: u64,
+        missed_by: &[u64],
+        interval: u64,
+    ) -> (Answer, u64) {
+        let now = self.now;
+        let sync = self.rng.chance(200) && self.leader.is_some_and(|l| self.linked(l, id));
+        let meta = self.meta.clone();
+        let n = self.nodes.get_mut(&id).expect_node();
+        if !n.serves_clients() {
+            return (Answer::Unavailable, 0);
+        }
+        let pre = n.check(chunk, missed_by);
+        if pre.stale.is_some()
+            || (self.options.check_writer_interval && pre.writer_behind(interval).is_some())
+        {
+            return (Answer::Unavailable, 0);
+        }
+        // The map may move on while the mutation is applied.
+        if sync {
+            n.set_map(&meta);
+        }
+        if n.store.get(&chunk).copied().unwrap_or(0) < version {
+            n.store.insert(chunk, version);
+        }
+        let after = n.check(chunk, missed_by);
+        let peers = PgCheck::to_record(Some(&after), missed_by);
+        n.record(&peers, chunk, false);
+        let line = format!(
+            "node {id} applied v{version} chunk {chunk} (map epoch {}, interval {} vs writer's {interval}), recorded for {peers:?}",
+            n.map.epoch, after.interval
+        );
+        self.log(line);
+        let n = self.nodes.get_mut(&id).expect_node();
+        if after.refusal(Some(&pre)).is_some() {
+            return (Answer::Unavailable, 0);
+        }
+        let hold = if peers.is_empty() { 0 } else { n.grants.holdback(&peers, now).as_millis() as u64 };
+        (Answer::Applied, hold)
+    }
+
+    // ---- leases ----
+
+    fn lease_poll(&mut self, id: u64) {
+        let now = self.now;
+        self.next_id += 1;
+        let round = self.next_id;
+        let n = self.nodes.get_mut(&id).expect_node();
+        if n.lease_round.is_some() {
+            return;
+        }
+        let Some(needs) = lease_needs(&n.map, id, n.boot_id) else { return };
+        let epoch = n.in_sync_epoch();
+        let fresh = n.leases.fresh(epoch, now);
+        let barrier_down = epoch != 0 && n.serving_from != epoch;
+        if fresh && !barrier_down {
+            return;
+        }
+        let asked: BTreeSet<u64> =
+            n.map.nodes.values().filter(|p| p.id != id && p.up).map(|p| p.id).collect();
+        n.lease_round = Some(LeaseRound {
+            id: round,
+            sent: now,
+            epoch,
+            needs,
+            asked: asked.clone(),
+            granted: BTreeSet::new(),
+            answered: BTreeSet::new(),
+        });
+        if asked.is_empty() {
+            self.lease_round_end(id, round);
+            return;
+        }
+        for p in asked {
+            self.send(id, p, Msg::LeaseReq { round, from: id, in_sync_epoch: epoch });
+        }
+        self.at(LEASE_CALL_TIMEOUT_MS, Event::LeaseRoundEnd { node: id, round });
+    }
+
+    fn lease_round_end(&mut self, id: u64, round: u64) {
+        let Some(n) = self.nodes.get_mut(&id) else { return };
+        if !n.alive || n.lease_round.as_ref().is_none_or(|r| r.id != round) {
+            return;
+        }
+        if n.frozen {
+            // (Its task does not run: it resumes when the node does.)
+            self.at(10, Event::LeaseRoundEnd { node: id, round });
+            return;
+        }
+        let Some(r) = n.lease_round.take() else { return };
+        n.leases.renewed(r.epoch, &r.granted, r.sent);
+        if barrier_lifted(&r.needs, &r.granted) && r.epoch != 0 && n.serving_from != r.epoch {
+            n.serving_from = r.epoch;
+            self.log(format!("node {id} serves (in sync at epoch {})", r.epoch));
+        }
+    }
+
+    // ---- recovery ----
+
+    fn recovery(&mut self, id: u64) {
+        self.next_id += 1;
+        let job = self.next_id;
+        let n = self.nodes.get_mut(&id).expect_node();
+        // Seeding (`recovery::seed_backfill`).
+        let map = n.map.clone();
+        let wanted: Vec<(u64, u8, u32)> = (0..map.pg_count)
+            .filter(|p| map.holders(R, *p).contains(&id))
+            .flat_map(|p| map.backfill(R, p).into_iter().map(move |x| (x, R, p)))
+            .collect();
+        n.seeded.retain(|w| wanted.contains(w));
+        let todo: Vec<(u64, u8, u32)> = wanted.into_iter().filter(|w| !n.seeded.contains(w)).collect();
+        if !todo.is_empty() {
+            let line = format!("node {id} seeds {todo:?} from map epoch {}", map.epoch);
+            self.trace.push(format!("{:>7} {line}", self.now));
+            let chunks: Vec<u64> = n.store.keys().copied().collect();
+            for chunk in chunks {
+                for (x, _, p) in &todo {
+                    if pg(chunk) == *p {
+                        n.record(&[*x], chunk, true);
+                    }
+                }
+            }
+            n.seeded.extend(todo);
+        }
+        n.seeded_epoch = n.seeded_epoch.max(map.epoch);
+        // Fills that ended: the seeds' entries are done with.
+        let peers: BTreeSet<u64> = n.missed.keys().map(|(p, _)| *p).collect();
+        for p in &peers {
+            if *p != id && map.nodes.contains_key(p) && !map.backfilling(*p) {
+                n.missed.retain(|(q, _), e| q != p || !e.seed);
+            }
+        }
+        if n.job.is_some() {
+            return;
+        }
+        let me_catching_up = map.nodes.get(&id).is_none_or(|x| x.catching_up);
+        let pick = n
+            .missed
+            .iter()
+            .find(|((p, _), _)| *p != id && map.nodes.get(p).is_some_and(|x| x.up && x.catching_up));
+        let Some(((peer, chunk), entry)) = pick.map(|(k, e)| (*k, *e)) else { return };
+        // A node catching up itself passes on an in-sync replica's copy (`copy_sources`).
+        let sources: Vec<u64> = map
+            .holders(R, pg(chunk))
+            .into_iter()
+            .filter(|h| *h != id && *h != peer && map.nodes.get(h).is_some_and(|x| x.in_sync()))
+            .filter(|h| !n.missed.contains_key(&(*h, chunk)))
+            .collect();
+        let source = if me_catching_up && !sources.is_empty() {
+            sources[(entry.seq % sources.len() as u64) as usize]
+        } else {
+            id
+        };
+        n.job =
+            Some(Job { id: job, peer, chunk, seq: entry.seq, source, target_version: None, version: None });
+        self.send(id, peer, Msg::VersionReq { job, from: id, chunk });
+        self.at(RPC_TIMEOUT_MS, Event::JobTimeout { node: id, job });
+    }
+
+    fn job_version(&mut self, id: u64, job: u64, version: u64) {
+        let n = self.nodes.get_mut(&id).expect_node();
+        let Some(j) = n.job.as_mut().filter(|j| j.id == job) else { return };
+        j.target_version = Some(version);
+        let (source, chunk) = (j.source, j.chunk);
+        if source == id {
+            let v = n.store.get(&chunk).copied().unwrap_or(0);
+            self.job_source(id, job, Some(v));
+        } else {
+            self.send(id, source, Msg::SourceRead { job, from: id, chunk });
+        }
+    }
+
+    fn job_source(&mut self, id: u64, job: u64, version: Option<u64>) {
+        let n = self.nodes.get_mut(&id).expect_node();
+        let Some(j) = n.job.clone().filter(|j| j.id == job) else { return };
+        let Some(v) = version else {
+            n.job = None;
+            return;
+        };
+        let target = j.target_version.unwrap_or(0);
+        if target >= v {
+            // The peer holds this version or a newer one (one writer: versions grow along one
+            // chain): nothing to copy.
+            Self::done(n, &j, target, self.options);
+            n.job = None;
+            self.recovery(id);
+            return;
+        }
+        if let Some(j) = n.job.as_mut() {
+            j.version = Some(v);
+        }
+        self.send(
+            id,
+            j.peer,
+            Msg::Install { job, from: id, chunk: j.chunk, version: v, expect: target, source: j.source },
+        );
+    }
+
+    fn job_installed(&mut self, id: u64, job: u64, ok: bool) {
+        let n = self.nodes.get_mut(&id).expect_node();
+        let Some(j) = n.job.clone().filter(|j| j.id == job) else { return };
+        if ok {
+            Self::done(n, &j, j.version.unwrap_or(0), self.options);
+        }
+        n.job = None;
+        // The batch goes on (`recovery::run` copies up to 32 chunks per round).
+        if ok && self.node_runs(id) {
+            self.recovery(id);
+        }
+    }
+
+    /// `MissedLog::done`: the entry goes unless the chunk was recorded again since — and, when the
+    /// peer got another replica's copy (relayed), only if that copy is at least as new as this
+    /// node's own (`Options::relay_keeps_newer`): a copy relayed from an in-sync replica that has not got a
+    /// write this node applied (in flight, its failure not yet recorded) leaves the peer without it.
+    fn done(n: &mut Node, j: &Job, peer_holds: u64, options: Options) {
+        let own = n.store.get(&j.chunk).copied().unwrap_or(0);
+        if options.relay_keeps_newer && peer_holds < own {
+            return;
+        }
+        if n.missed.get(&(j.peer, j.chunk)).is_some_and(|e| e.seq == j.seq) {
+            n.missed.remove(&(j.peer, j.chunk));
+        }
+    }
+
+    // ---- client ----
+
+    /// Makes client `ep` the one the client functions drive.
+    fn switch_to(&mut self, ep: Ep) {
+        if self.client.ep == ep {
+            return;
+        }
+        if let Some(i) = self.other_clients.iter().position(|c| c.ep == ep) {
+            std::mem::swap(&mut self.client, &mut self.other_clients[i]);
+        }
+    }
+
+    /// Whether client `ep` has no operation in flight.
+    fn idle(&self, ep: Ep) -> bool {
+        std::iter::once(&self.client)
+            .chain(&self.other_clients)
+            .filter(|c| c.ep == ep)
+            .all(|c| c.op.is_none())
+    }
+
+    fn client_refresh(&mut self) {
+        if self.leader.is_some_and(|l| self.linked(self.client.ep, l) && self.node_runs(l)) {
+            self.client.map = self.meta.clone();
+        }
+        let now = self.now;
+        let map = self.client.map.clone();
+        // A suspect is dropped once the map shows it out of sync, or after SUSPECT_TTL.
+        self.client.suspects.retain(|id, since| {
+            now - *since < SUSPECT_TTL_MS && map.nodes.get(id).is_some_and(|n| n.in_sync())
+        });
+    }
+
+    fn client_next(&mut self) {
+        if self.client.op.is_some() {
+            return;
+        }
+        let (chunk, write) = match self.final_pass {
+            _ if !self.client.writer && self.healing => return,
+            _ if !self.client.writer => (self.rng.below(CHUNKS), false),
+            Some(done) if done < CHUNKS => (done, true),
+            Some(_) => return,
+            // Healing: quiet until the pool settles (a catch-up ends only at a moment when no
+            // holder holds a record for the node: under writes that never pause it may not).
+            None if self.healing => {
+                self.at(100, Event::ClientNext(self.client.ep));
+                return;
+            }
+            None => (self.rng.below(CHUNKS), self.rng.chance(550)),
+        };
+        self.next_op += 1;
+        let kind = if write {
+            let version = self.next_version;
+            self.next_version += 1;
+            OpKind::Write { version, applied_by: BTreeSet::new() }
+        } else {
+            OpKind::Read { floor: self.acked.get(&chunk).copied().unwrap_or(0) }
+        };
+        self.client.op = Some(Op {
+            id: self.next_op,
+            chunk,
+            kind,
+            deadline: self.now + IO_TIMEOUT_MS,
+            attempt: 0,
+            asked: BTreeMap::new(),
+            candidates: Vec::new(),
+            recording: None,
+        });
+        self.attempt();
+    }
+
+    fn op_done(&mut self) {
+        self.client.op = None;
+        if self.client.writer
+            && let Some(done) = self.final_pass.as_mut()
+        {
+            *done += 1;
+        }
+        let d = self.rng.range(1, 40);
+        self.at(d, Event::ClientNext(self.client.ep));
+    }
+
+    fn attempt(&mut self) {
+        let Some(mut op) = self.client.op.take() else { return };
+        op.attempt += 1;
+        op.asked.clear();
+        op.recording = None;
+        let map = self.client.map.clone();
+        let holders = map.holders(R, pg(op.chunk));
+        let in_sync = |n: &u64| map.nodes.get(n).is_some_and(|x| x.in_sync());
+        let (targets, mut missed): (Vec<u64>, Vec<u64>) =
+            holders.iter().partition(|n| in_sync(n) && !self.client.suspects.contains_key(n));
+        match op.kind {
+            OpKind::Write { version, .. } => {
+                for b in map.backfill(R, pg(op.chunk)) {
+                    if !missed.contains(&b) {
+                        missed.push(b);
+                    }
+                }
+                if targets.len() < Q {
+                    self.client.op = Some(op);
+                    self.retry_or_fail();
+                    return;
+                }
+                let interval = match VolumeId::new(VOLUME_ID) {
+                    Ok(v) => PgIndex::new(&map).interval(R, v, ChunkIndex(op.chunk)),
+                    Err(_) => 0,
+                };
+                for t in &targets {
+                    op.asked.insert(*t, None);
+                    self.send(
+                        self.client.ep,
+                        *t,
+                        Msg::Write {
+                            op: (op.id, op.attempt),
+                            chunk: op.chunk,
+                            version,
+                            missed_by: missed.clone(),
+                            interval,
+                        },
+                    );
+                }
+                let wait = RPC_TIMEOUT_MS + if missed.is_empty() { 0 } else { HOLDBACK_ALLOWANCE_MS };
+                let (id, attempt) = (op.id, op.attempt);
+                self.client.op = Some(op);
+                self.at(wait, Event::ClientTimeout { client: self.client.ep, op: id, attempt });
+            }
+            OpKind::Read { .. } => {
+                let mut c = targets;
+                if !c.is_empty() {
+                    let k = self.rng.below(c.len() as u64) as usize;
+                    c.rotate_left(k);
+                }
+                op.candidates = c;
+                self.client.op = Some(op);
+                self.read_next();
+            }
+        }
+    }
+
+    fn read_next(&mut self) {
+        let Some(op) = self.client.op.as_mut() else { return };
+        if op.candidates.is_empty() {
+            self.retry_or_fail();
+            return;
+        }
+        let node = op.candidates.remove(0);
+        op.asked.clear();
+        op.asked.insert(node, None);
+        op.attempt += 1;
+        let (id, chunk, attempt) = (op.id, op.chunk, op.attempt);
+        self.send(self.client.ep, node, Msg::Read { op: (id, attempt), chunk });
+        self.at(RPC_TIMEOUT_MS, Event::ClientTimeout { client: self.client.ep, op: id, attempt });
+    }
+
+    fn retry_or_fail(&mut self) {
+        let Some(op) = self.client.op.as_ref() else { return };
+        if self.now > op.deadline {
+            let op = op.clone();
+            match op.kind {
+                OpKind::Write { version, applied_by } => {
+                    self.stats.writes_failed += 1;
+                    if self.final_pass.is_some() {
+                        self.violation = Some(format!(
+                            "a write of chunk {} failed after the pool settled (every fault healed)",
+                            op.chunk
+                        ));
+                    }
+                    self.log(format!("write v{version} of chunk {} failed", op.chunk));
+                    // Applied by a majority but not acknowledged: the others are recorded.
+                    let others: Vec<u64> = self
+                        .client
+                        .map
+                        .holders(R, pg(op.chunk))
+                        .into_iter()
+                        .filter(|n| !applied_by.contains(n))
+                        .collect();
+                    if applied_by.len() >= Q && !others.is_empty() {
+                        for n in &applied_by {
+                            self.send(
+                                self.client.ep,
+                                *n,
+                                Msg::RecordMissed {
+                                    op: (0, 0),
+                                    chunk: op.chunk,
+                                    peers: others.clone(),
+                                    at: version,
+                                },
+                            );
+                        }
+                    }
+                }
+                OpKind::Read { .. } => {
+                    self.stats.reads_failed += 1;
+                }
+            }
+            self.op_done();
+            return;
+        }
+        // A new attempt number: whatever the ended attempt still had scheduled is ignored.
+        let Some(op) = self.client.op.as_mut() else { return };
+        op.attempt += 1;
+        let (id, attempt) = (op.id, op.attempt);
+        self.at(CLIENT_RETRY_MS, Event::ClientRetry { client: self.client.ep, op: id, attempt });
+    }
+
+    fn client_reply(&mut self, msg: Msg) {
+        let Some(op) = self.client.op.as_mut() else { return };
+        match msg {
+            Msg::WriteReply { op: id, from, reply }
+                if id == (op.id, op.attempt) && op.recording.is_none() =>
+            {
+                if let Some(slot) = op.asked.get_mut(&from)
+                    && slot.is_none()
+                {
+                    *slot = Some(reply);
+                }
+                if op.asked.values().all(|a| a.is_some()) {
+                    self.attempt_ended();
+                }
+            }
+            Msg::RecordReply { op: id, from, ok } if id == (op.id, op.attempt) => {
+                if let Some((_, _, answers)) = op.recording.as_mut() {
+                    answers.insert(from, ok);
+                    let all =
+                        op.recording.as_ref().is_some_and(|(ok, _, a)| ok.iter().all(|n| a.contains_key(n)));
+                    if all {
+                        self.attempt_ended();
+                    }
+                }
+            }
+            Msg::ReadReply { op: id, from, version }
+                if id == (op.id, op.attempt) && op.asked.contains_key(&from) =>
+            {
+                let OpKind::Read { floor } = op.kind else { return };
+                match version {
+                    Some(v) => {
+                        self.stats.reads_checked += 1;
+                        let chunk = op.chunk;
+                        if v < floor {
+                            self.violation = Some(format!(
+                                "I2: a read of chunk {chunk} from node {from} returned version {v}, older than the \
+                                 version {floor} acknowledged before the read began"
+                            ));
+                        }
+                        self.op_done();
+                    }
+                    None => self.read_next(),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A write attempt's replies are in (or it timed out): record, acknowledge or retry
+    /// (`VolumeClient::mutate`).
+    fn attempt_ended(&mut self) {
+        let Some(mut op) = self.client.op.take() else { return };
+        let OpKind::Write { version, ref mut applied_by } = op.kind else {
+            // A read timed out on one node: the next.
+            self.client.op = Some(op);
+            self.read_next();
+            return;
+        };
+        if let Some((ok, stale, answers)) = op.recording.take() {
+            let recorded = ok.iter().all(|n| answers.get(n) == Some(&true));
+            for n in ok.iter().filter(|n| answers.get(n) != Some(&true)) {
+                self.suspect(*n);
+            }
+            let done = recorded && ok.len() >= Q && !stale;
+            self.client.op = Some(op);
+            self.finish_write(version, done);
+            return;
+        }
+        let mut ok = BTreeSet::new();
+        let mut failed = BTreeSet::new();
+        let mut stale = false;
+        for (n, a) in &op.asked {
+            match a {
+                Some(Answer::Applied) => {
+                    ok.insert(*n);
+                }
+                Some(Answer::Unavailable) => stale = true,
+                None => {
+                    failed.insert(*n);
+                }
+            }
+        }
+        applied_by.extend(ok.iter().copied());
+        let line = format!(
+            "write v{version} chunk {} attempt {}: applied {ok:?} failed {failed:?} stale {stale}",
+            op.chunk, op.attempt
+        );
+        self.log(line);
+        for n in &failed {
+            self.suspect(*n);
+        }
+        if ok.len() >= Q && !failed.is_empty() {
+            // Every applier records who failed, and must confirm, before the acknowledgement.
+            let peers: Vec<u64> = failed.iter().copied().collect();
+            op.attempt += 1;
+            let (id, attempt) = (op.id, op.attempt);
+            for n in &ok {
+                self.send(
+                    self.client.ep,
+                    *n,
+                    Msg::RecordMissed {
+                        op: (id, attempt),
+                        chunk: op.chunk,
+                        peers: peers.clone(),
+                        at: version,
+                    },
+                );
+            }
+            op.recording = Some((ok, stale, BTreeMap::new()));
+            self.client.op = Some(op);
+            self.at(
+                RPC_TIMEOUT_MS + HOLDBACK_ALLOWANCE_MS,
+                Event::ClientTimeout { client: self.client.ep, op: id, attempt },
+            );
+            return;
+        }
+        let done = ok.len() >= Q && !stale;
+        self.client.op = Some(op);
+        self.finish_write(version, done && failed.is_empty());
+    }
+
+    fn finish_write(&mut self, version: u64, done: bool) {
+        let Some(op) = self.client.op.as_ref() else { return };
+        if done {
+            let chunk = op.chunk;
+            let epochs: Vec<(u64, u64)> =
+                op.asked.keys().filter_map(|n| self.nodes.get(n).map(|x| (*n, x.map.epoch))).collect();
+            let line = format!(
+                "ack v{version} chunk {chunk} (pg {}) applied by (node, map epoch) {epochs:?}; client map epoch {}",
+                pg(chunk),
+                self.client.map.epoch
+            );
+            self.log(line);
+            let a = self.acked.entry(chunk).or_insert(0);
+            *a = (*a).max(version);
+            self.stats.writes_acked += 1;
+            self.op_done();
+        } else {
+            self.retry_or_fail();
+        }
+    }
+
+    fn suspect(&mut self, node: u64) {
+        if self.client.suspects.contains_key(&node) {
+            return;
+        }
+        self.client.suspects.insert(node, self.now);
+        if let Some(l) = self.leader {
+            self.send(self.client.ep, l, Msg::CatchUp { node });
+        }
+    }
+}
+
+/// Runs one seed of the production model.
+pub fn run_production_seed(seed: u64) -> Result<ProductionStats, String> {
+    ProductionWorld::new(seed, Options::default()).run()
+}
+
+/// Runs one seed with some of production's rules left out (see [`Options`]).
+pub fn run_production_seed_with(seed: u64, options: Options) -> Result<ProductionStats, String> {
+    ProductionWorld::new(seed, options).run()
+}
