@@ -139,9 +139,16 @@ impl VolumeMap {
         usize::from(self.volume.replicas) / 2 + 1
     }
 
+    /// How many of a chunk's holders must apply a mutation before it is acknowledged: all but
+    /// R − q of them (`cairn_types::placement::write_quorum`; a majority of R while the PG has R).
+    fn write_quorum(&self, chunk: u64) -> usize {
+        cairn_types::placement::write_quorum(self.volume.replicas, self.replicas(chunk).len())
+    }
+
     /// How many of a PG's holders must take part for a decision to see every acknowledged write:
-    /// each was applied by `quorum()` of them, so any holders − quorum + 1 include one (more than
-    /// a quorum once a PG holds more than R copies: a node that joined was admitted to it).
+    /// each was applied by at least `quorum()` of them (by all but R − q of them: `write_quorum`),
+    /// so any holders − quorum + 1 include one (more than needed once a PG holds more than R
+    /// copies — a node that joined was admitted to it — and kept so: a flush then covers more).
     fn deciders(&self, pg: u32) -> usize {
         self.quorum().max((self.replicas_of_pg(pg).len() + 1).saturating_sub(self.quorum()))
     }
@@ -1198,7 +1205,7 @@ impl VolumeClient {
                     missed.push(n);
                 }
             }
-            if targets.len() >= map.quorum() {
+            if targets.len() >= map.write_quorum(chunk) {
                 let request = match &mutation {
                     Mutation::Write(data) => Request::Write {
                         volume,
@@ -1359,7 +1366,7 @@ impl VolumeClient {
                 // by fewer (its leftovers are settled like any failed write's) could face another
                 // writer's acknowledged sibling whose appliers recorded this one — each side would
                 // then refuse the other's copy for good.
-                if ok.len() >= map.quorum() && !failed.is_empty() {
+                if ok.len() >= map.write_quorum(chunk) && !failed.is_empty() {
                     let (confirmed, refused) =
                         self.record_missed(&ok, &failed, volume, chunk, chunk_size, &applied_at).await;
                     moved = !refused.is_empty();
@@ -1381,9 +1388,9 @@ impl VolumeClient {
                 if no_space && recorded {
                     return Err(IoError::NoSpace);
                 }
-                // Acknowledged: a majority applied it, and every other replica is known not to have
+                // Acknowledged: all holders but R − q applied it (`write_quorum`), and every other replica is known not to have
                 // (recorded as missed, so it is caught up before it serves reads again).
-                if ok.len() >= map.quorum() && !stale_map && recorded {
+                if ok.len() >= map.write_quorum(chunk) && !stale_map && recorded {
                     // Every applier reports the version it left (a trim of a chunk a replica
                     // does not hold leaves it at none); if they differ, look it up next time.
                     let at = (now_at.len() == 1).then(|| now_at.first().copied()).flatten();
@@ -1412,7 +1419,7 @@ impl VolumeClient {
                 // appliers' dirty flags may be cleared before anyone opens the volume again).
                 let others: Vec<u64> =
                     self.map().replicas(chunk).into_iter().filter(|n| !applied_by.contains(n)).collect();
-                if applied_by.len() >= self.map().quorum() && !others.is_empty() {
+                if applied_by.len() >= self.map().write_quorum(chunk) && !others.is_empty() {
                     let on: Vec<u64> = applied_by.iter().copied().collect();
                     let _ =
                         self.record_missed(&on, &others, volume, chunk, chunk_size, &BTreeMap::new()).await;

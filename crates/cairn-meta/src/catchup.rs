@@ -58,7 +58,10 @@ pub fn stuck_backoff(times: u32) -> Duration {
 /// How many of a PG's other holders must grant a holder a read lease: all holders but a write
 /// quorum of the R copies (q = ⌊R/2⌋ + 1). A write acknowledged without the holder was recorded
 /// by at least q of the others, so any `holders − q` grants include one of them. (Counted from the
-/// holders, not from R: a PG that also lists a member being filled has more holders than R.)
+/// holders, not from R: a PG that also lists a member admitted since may hold writes that member
+/// missed while it was being filled — acknowledged by q of the R before — and the member grants
+/// leases as soon as it is in sync; the production simulation found a lease counted from
+/// `cairn_types::placement::misses_allowed` alone granted so, seed 76.)
 pub fn lease_need(replicas: u8, holders: usize) -> usize {
     holders.saturating_sub(usize::from(replicas) / 2 + 1)
 }

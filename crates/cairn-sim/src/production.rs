@@ -49,7 +49,6 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::rc::Rc;
 
 const R: u8 = 3;
-const Q: usize = 2;
 const VOLUME_ID: u64 = 1;
 const CHUNKS: u64 = 8;
 const PG_COUNT: u32 = 4;
@@ -80,11 +79,14 @@ pub struct Options {
     /// A catch-up copy relayed from another replica clears the relayer's entry only if it is at
     /// least as new as the relayer's own copy.
     pub relay_keeps_newer: bool,
+    /// A write is acknowledged only once all of the chunk's holders but R − q applied it (else a
+    /// majority of R, as before: too few once a PG took in a filled node).
+    pub all_holders_but_r_minus_q: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { check_writer_interval: true, relay_keeps_newer: true }
+        Options { check_writer_interval: true, relay_keeps_newer: true, all_holders_but_r_minus_q: true }
     }
 }
 
@@ -956,7 +958,7 @@ impl ProductionWorld {
         }
         let id = healthy[self.rng.below(healthy.len() as u64) as usize];
         self.stats.faults += 1;
-        match self.rng.below(10) {
+        match self.rng.below(11) {
             0..=2 => {
                 self.log(format!("kill node {id}"));
                 self.kill(id);
@@ -998,6 +1000,30 @@ impl ProductionWorld {
                 let meta = self.meta.clone();
                 self.nodes.insert(new, Node::new(new, boot, meta, self.now));
                 self.start_node_timers(new);
+            }
+            10 => {
+                // A split: this node and another (with the reader, or not) apart from the rest.
+                let mut side: Vec<Ep> = vec![id];
+                let others: Vec<u64> = ids.iter().copied().filter(|o| *o != id).collect();
+                if !others.is_empty() {
+                    side.push(others[self.rng.below(others.len() as u64) as usize]);
+                }
+                if self.rng.chance(500) {
+                    side.push(READER);
+                }
+                let rest: Vec<Ep> =
+                    ids.iter().copied().chain([CLIENT, READER]).filter(|e| !side.contains(e)).collect();
+                let back = self.rng.range(1000, 20_000);
+                self.log(format!("split {side:?} from {rest:?}"));
+                for a in &side {
+                    for b in &rest {
+                        self.blocked.insert(((*a).min(*b), (*a).max(*b)));
+                        self.at(back, Event::Heal { a: *a, b: *b });
+                    }
+                    if *a != READER {
+                        self.faulty.insert(*a);
+                    }
+                }
             }
             _ => {
                 // A client-side cut: a client loses one node.
@@ -1460,6 +1486,15 @@ impl ProductionWorld {
 
     // ---- client ----
 
+    /// How many of a PG's `holders` must apply a write (`cairn_types::placement::write_quorum`).
+    fn write_quorum(&self, holders: usize) -> usize {
+        if self.options.all_holders_but_r_minus_q {
+            cairn_types::placement::write_quorum(R, holders)
+        } else {
+            usize::from(R) / 2 + 1
+        }
+    }
+
     /// Makes client `ep` the one the client functions drive.
     fn switch_to(&mut self, ep: Ep) {
         if self.client.ep == ep {
@@ -1556,7 +1591,8 @@ impl ProductionWorld {
                         missed.push(b);
                     }
                 }
-                if targets.len() < Q {
+                let q = self.write_quorum(holders.len());
+                if targets.len() < q {
                     self.client.op = Some(op);
                     self.retry_or_fail();
                     return;
@@ -1634,7 +1670,9 @@ impl ProductionWorld {
                         .into_iter()
                         .filter(|n| !applied_by.contains(n))
                         .collect();
-                    if applied_by.len() >= Q && !others.is_empty() {
+                    if applied_by.len() >= self.write_quorum(self.client.map.holders(R, pg(op.chunk)).len())
+                        && !others.is_empty()
+                    {
                         for n in &applied_by {
                             self.send(
                                 self.client.ep,
@@ -1726,7 +1764,8 @@ impl ProductionWorld {
             for n in ok.iter().filter(|n| answers.get(n) != Some(&true)) {
                 self.suspect(*n);
             }
-            let done = recorded && ok.len() >= Q && !stale;
+            let q = self.write_quorum(self.client.map.holders(R, pg(op.chunk)).len());
+            let done = recorded && ok.len() >= q && !stale;
             self.client.op = Some(op);
             self.finish_write(version, done);
             return;
@@ -1754,7 +1793,8 @@ impl ProductionWorld {
         for n in &failed {
             self.suspect(*n);
         }
-        if ok.len() >= Q && !failed.is_empty() {
+        let q = self.write_quorum(self.client.map.holders(R, pg(op.chunk)).len());
+        if ok.len() >= q && !failed.is_empty() {
             // Every applier records who failed, and must confirm, before the acknowledgement.
             let peers: Vec<u64> = failed.iter().copied().collect();
             op.attempt += 1;
@@ -1779,7 +1819,7 @@ impl ProductionWorld {
             );
             return;
         }
-        let done = ok.len() >= Q && !stale;
+        let done = ok.len() >= q && !stale;
         self.client.op = Some(op);
         self.finish_write(version, done && failed.is_empty());
     }

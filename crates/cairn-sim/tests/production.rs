@@ -46,17 +46,7 @@ fn production_seeds_keep_every_invariant() {
 /// mutation routed by an older PG membership than theirs (`PgCheck::writer_behind`).
 #[test]
 fn without_the_writer_interval_check_a_writer_with_an_old_map_loses_a_write() {
-    fails_only_without(4262, Options { check_writer_interval: false, ..Options::default() });
-}
-
-/// A holder catching up relayed an in-sync replica's copy of a chunk to a node being filled and
-/// cleared its record, though that replica lacked a write the holder had applied (its failure
-/// there not yet recorded: the writer was still waiting for it); the write was acknowledged, the
-/// node admitted without it, and read back old. A relayed copy older than the relayer's own now
-/// leaves the record in place (`cairn-node::recovery`, `relay_from_replica`).
-#[test]
-fn without_the_relay_rule_a_node_being_filled_misses_a_write_in_flight() {
-    fails_only_without(668, Options { relay_keeps_newer: false, ..Options::default() });
+    fails_only_without(1586, Options { check_writer_interval: false, ..Options::default() });
 }
 
 fn fails_only_without(seed: u64, options: Options) {
@@ -66,6 +56,9 @@ fn fails_only_without(seed: u64, options: Options) {
     run_production_seed(seed).unwrap();
 }
 
+/// The relay rule (`Options::relay_keeps_newer`, found by seed 668 of an earlier fault mix) and the
+/// write quorum of a PG with more holders than copies (`Options::all_holders_but_r_minus_q`, found
+/// by review) have no failing seed in the current fault mix yet: this search looks for them.
 #[test]
 #[ignore = "a search, not a test: finds seeds that fail with a rule left out"]
 fn search_seeds_failing_without_a_rule() {
@@ -74,6 +67,7 @@ fn search_seeds_failing_without_a_rule() {
     for (name, options) in [
         ("check_writer_interval", Options { check_writer_interval: false, ..Options::default() }),
         ("relay_keeps_newer", Options { relay_keeps_newer: false, ..Options::default() }),
+        ("all_holders_but_r_minus_q", Options { all_holders_but_r_minus_q: false, ..Options::default() }),
     ] {
         let found: Vec<u64> = (first..first + count)
             .filter(|seed| run_production_seed_with(*seed, options).is_err_and(|e| e.starts_with("I2:")))

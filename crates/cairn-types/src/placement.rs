@@ -20,10 +20,39 @@ pub fn pg_of(volume: VolumeId, chunk: ChunkIndex, pg_count: u32) -> PgId {
     PgId((hash % u64::from(pg_count)) as u32)
 }
 
+/// How many of a PG's holders may miss a write that is acknowledged: R − q, with q = ⌊R/2⌋ + 1
+/// the majority of the R copies (1 for R = 3) — the same however many holders the PG has.
+///
+/// A PG that took in a filled node has more holders than R; were its writes acknowledged by a
+/// majority of R only, two old holders could miss one, and a node whose map predates the
+/// admission (holders R, so it needs R − q lease grants from its other holders) could be granted
+/// its lease by the other (neither holds the write's record) and serve old data — a minority cut
+/// off from the pool does not know it lost a member's vote (found by review). With at most R − q
+/// misses every membership the PG had before intersects every acknowledgement the same way.
+pub fn misses_allowed(replicas: u8) -> usize {
+    usize::from(replicas) - (usize::from(replicas) / 2 + 1)
+}
+
+/// How many of a PG's `holders` must apply a write before it is acknowledged: all but
+/// [`misses_allowed`], and never fewer than a majority of the R copies.
+pub fn write_quorum(replicas: u8, holders: usize) -> usize {
+    holders.saturating_sub(misses_allowed(replicas)).max(usize::from(replicas) / 2 + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_pg_with_more_holders_than_copies_lets_no_more_of_them_miss_a_write() {
+        assert_eq!((misses_allowed(3), write_quorum(3, 3)), (1, 2));
+        assert_eq!(write_quorum(3, 4), 3);
+        assert_eq!(write_quorum(3, 5), 4);
+        assert_eq!((misses_allowed(2), write_quorum(2, 2), write_quorum(2, 3)), (0, 2, 3));
+        assert_eq!((misses_allowed(1), write_quorum(1, 1)), (0, 1));
+        assert_eq!((misses_allowed(5), write_quorum(5, 5), write_quorum(5, 6)), (2, 3, 4));
+    }
 
     #[test]
     fn pinned_outputs_never_change() {
