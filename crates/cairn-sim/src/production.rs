@@ -174,6 +174,14 @@ enum Msg {
         ok: bool,
     },
     Report(NodeReport),
+    /// `ListChunks`: which chunks the peer holds (a node back from a power loss compares).
+    ListReq {
+        from: u64,
+    },
+    ListReply {
+        from: u64,
+        chunks: Vec<u64>,
+    },
     CatchUp {
         node: u64,
     },
@@ -205,6 +213,8 @@ enum Event {
         job: u64,
     },
     MapSync(u64, u64),
+    /// The node's periodic flush (a client's flush, the kernel's writeback).
+    Flush(u64, u64),
     LeaderTick,
     Commit {
         term: u64,
@@ -297,8 +307,16 @@ struct Node {
     map: Rc<ClusterState>,
     index: Rc<PgIndex>,
     index_epoch: u64,
-    /// chunk → version (the value is the version: each write's own); survives a kill.
+    /// chunk → version (the value is the version: each write's own), as the process sees it (the
+    /// page cache: survives a kill).
     store: BTreeMap<u64, u64>,
+    /// What a power loss keeps for certain (the last flush).
+    durable: BTreeMap<u64, u64>,
+    /// Chunks changed since the last flush (their dirty flag is durable).
+    dirty: BTreeSet<u64>,
+    /// Back from a power loss, the chunk-list comparison with the peers is still to do
+    /// (`DATA_DIR/power-loss-listing`; durable), and the peers that answered so far.
+    listing: Option<BTreeMap<u64, Vec<u64>>>,
     /// (peer, chunk) → entry; durable.
     missed: BTreeMap<(u64, u64), Entry>,
     next_seq: u64,
@@ -355,6 +373,7 @@ pub struct ProductionStats {
     pub catch_ups: u64,
     pub fills: u64,
     pub holdbacks: u64,
+    pub power_losses: u64,
 }
 
 struct ProductionWorld {
@@ -418,6 +437,9 @@ impl Node {
             index_epoch: map.epoch,
             map,
             store: BTreeMap::new(),
+            durable: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            listing: None,
             missed: BTreeMap::new(),
             next_seq: 0,
             grants: Grants::new(now),
@@ -448,6 +470,12 @@ impl Node {
 
     fn serves_clients(&self) -> bool {
         serves_clients(&self.map, self.id, self.boot_id, self.serving_from)
+    }
+
+    /// A mutation or an install: in the page cache, the chunk dirty until the next flush.
+    fn put(&mut self, chunk: u64, version: u64) {
+        self.store.insert(chunk, version);
+        self.dirty.insert(chunk);
     }
 
     fn record(&mut self, peers: &[u64], chunk: u64, seed: bool) {
@@ -484,7 +512,11 @@ impl Node {
     }
 
     fn report(&self) -> NodeReport {
-        let (missed_for, seeded_for) = self.pending_split();
+        let (mut missed_for, seeded_for) = self.pending_split();
+        // Until its chunk lists are compared, a node back from a power loss misses writes itself.
+        if self.listing.is_some() && !missed_for.contains(&self.id) {
+            missed_for.push(self.id);
+        }
         NodeReport {
             id: self.id,
             boot_id: self.boot_id,
@@ -617,6 +649,8 @@ impl ProductionWorld {
         self.at(j + 20, Event::LeasePoll(id, life));
         self.at(j + 30, Event::Recovery(id, life));
         self.at(j + 5, Event::MapSync(id, life));
+        let f = self.rng.range(1000, 4000);
+        self.at(f, Event::Flush(id, life));
     }
 
     fn linked(&self, a: Ep, b: Ep) -> bool {
@@ -737,7 +771,9 @@ impl ProductionWorld {
     fn settled(&self) -> bool {
         self.meta.nodes.values().all(|n| n.in_sync())
             && (0..PG_COUNT).all(|p| self.meta.backfill(R, p).is_empty())
-            && self.nodes.values().all(|n| n.alive && !n.frozen && n.missed.is_empty() && n.serves_clients())
+            && self.nodes.values().all(|n| {
+                n.alive && !n.frozen && n.missed.is_empty() && n.listing.is_none() && n.serves_clients()
+            })
     }
 
     fn final_check(&mut self) -> Result<ProductionStats, String> {
@@ -837,6 +873,19 @@ impl ProductionWorld {
                     self.rng.range(MAP_SYNC_MS / 2, MAP_SYNC_MS * 2)
                 };
                 self.at(d, Event::MapSync(id, life));
+            }
+            Event::Flush(id, life) => {
+                if !self.lives(id, life) {
+                    return;
+                }
+                if self.node_runs(id)
+                    && let Some(n) = self.nodes.get_mut(&id)
+                {
+                    n.durable = n.store.clone();
+                    n.dirty.clear();
+                }
+                let d = self.rng.range(1000, 4000);
+                self.at(d, Event::Flush(id, life));
             }
             Event::LeaderTick => {
                 self.leader_tick();
@@ -960,7 +1009,11 @@ impl ProductionWorld {
         self.stats.faults += 1;
         match self.rng.below(11) {
             0..=2 => {
-                self.log(format!("kill node {id}"));
+                if self.rng.chance(400) && self.power_loss_allowed() {
+                    self.power_loss(id);
+                } else {
+                    self.log(format!("kill node {id}"));
+                }
                 self.kill(id);
                 self.faulty.insert(id);
                 let back = self.rng.range(500, 12_000);
@@ -1034,6 +1087,42 @@ impl ProductionWorld {
                 self.at(back, Event::Heal { a: c, b: id });
             }
         }
+    }
+
+    /// A power loss is generated only while the pool is healthy (every node in sync, none still
+    /// pulling chunks back after an earlier one): every write acknowledged since was applied by
+    /// the others too, so losing this node's unflushed writes loses no acknowledged one (losing
+    /// them on every applier is what a power cut of more than R − q of them may do).
+    fn power_loss_allowed(&self) -> bool {
+        self.faulty.is_empty()
+            && self.meta.nodes.values().all(|n| n.in_sync())
+            && self.nodes.values().all(|n| {
+                n.alive && !n.frozen && n.listing.is_none() && !n.missed.keys().any(|(p, _)| *p == n.id)
+            })
+    }
+
+    /// The machine of node `id` loses power: each chunk changed since its last flush keeps its
+    /// page-cache copy or reverts to the flushed one (a chunk created since vanishes). At its next
+    /// start it finds the machine rebooted (`recovery::note_power_loss`): it records each dirty
+    /// chunk as missed by itself and has its chunk lists to compare with its peers'.
+    fn power_loss(&mut self, id: u64) {
+        self.log(format!("power loss of node {id}"));
+        self.stats.power_losses += 1;
+        let keeps: Vec<bool> = (0..64).map(|_| self.rng.chance(330)).collect();
+        let n = self.nodes.get_mut(&id).expect_node();
+        let dirty: Vec<u64> = n.dirty.iter().copied().collect();
+        for (i, chunk) in dirty.iter().enumerate() {
+            if !keeps[i % keeps.len()] {
+                match n.durable.get(chunk).copied() {
+                    Some(v) => n.store.insert(*chunk, v),
+                    None => n.store.remove(chunk),
+                };
+            }
+        }
+        for chunk in dirty {
+            n.record(&[id], chunk, false);
+        }
+        n.listing = Some(BTreeMap::new());
     }
 
     fn kill(&mut self, id: u64) {
@@ -1239,7 +1328,7 @@ impl ProductionWorld {
                 );
                 self.trace.push(format!("{:>7} {line}", self.now));
                 if !refused {
-                    n.store.insert(chunk, version);
+                    n.put(chunk, version);
                     let serving = n.serves_clients();
                     let c = n.check(chunk, &[]);
                     if c.holder && serving {
@@ -1247,6 +1336,15 @@ impl ProductionWorld {
                     }
                 }
                 self.send(to, peer, Msg::InstallReply { job, ok: !refused });
+            }
+            Msg::ListReq { from: peer } => {
+                let chunks = self.nodes.get(&to).expect_node().store.keys().copied().collect();
+                self.send(to, peer, Msg::ListReply { from: to, chunks });
+            }
+            Msg::ListReply { from: peer, chunks } => {
+                if let Some(answers) = self.nodes.get_mut(&to).expect_node().listing.as_mut() {
+                    answers.insert(peer, chunks);
+                }
             }
             Msg::VersionReply { job, version } => self.job_version(to, job, version),
             Msg::SourceReply { job, version } => self.job_source(to, job, version),
@@ -1282,7 +1380,7 @@ impl ProductionWorld {
             n.set_map(&meta);
         }
         if n.store.get(&chunk).copied().unwrap_or(0) < version {
-            n.store.insert(chunk, version);
+            n.put(chunk, version);
         }
         let after = n.check(chunk, missed_by);
         let peers = PgCheck::to_record(Some(&after), missed_by);
@@ -1391,6 +1489,63 @@ impl ProductionWorld {
                 n.missed.retain(|(q, _), e| q != p || !e.seed);
             }
         }
+        // Back from a power loss: every up peer's chunk list, and each chunk of this node's PGs it
+        // has no copy of recorded as missed by itself (`recovery::compare_chunk_lists`).
+        let mut ask = Vec::new();
+        if let Some(answers) = n.listing.as_ref() {
+            let up: Vec<u64> = map.nodes.values().filter(|p| p.id != id && p.up).map(|p| p.id).collect();
+            ask = up.iter().copied().filter(|p| !answers.contains_key(p)).collect();
+            if ask.is_empty() {
+                let lacking: BTreeSet<u64> = answers
+                    .values()
+                    .flatten()
+                    .copied()
+                    .filter(|c| map.holders(R, pg(*c)).contains(&id) && !n.store.contains_key(c))
+                    .collect();
+                for chunk in lacking {
+                    n.record(&[id], chunk, false);
+                }
+                n.listing = None;
+            }
+        }
+        // Chunks it must pull back itself: only while catching up, and it copies nothing to others
+        // until it has (its own copies may be the reverted ones) (`recovery::pull_own`).
+        let own = n.missed.iter().find(|((p, _), _)| *p == id).map(|((_, c), e)| (*c, e.seq));
+        let mut pull = None;
+        if let Some((chunk, seq)) = own {
+            let catching = map.nodes.get(&id).is_none_or(|x| x.boot_id != n.boot_id || x.catching_up);
+            let sources: Vec<u64> = map
+                .holders(R, pg(chunk))
+                .into_iter()
+                .filter(|h| *h != id && map.nodes.get(h).is_some_and(|x| x.in_sync()))
+                .filter(|h| !n.missed.contains_key(&(*h, chunk)))
+                .collect();
+            if catching && n.job.is_none() && !sources.is_empty() {
+                let source = sources[(seq % sources.len() as u64) as usize];
+                let here = n.store.get(&chunk).copied().unwrap_or(0);
+                n.job = Some(Job {
+                    id: job,
+                    peer: id,
+                    chunk,
+                    seq,
+                    source,
+                    target_version: Some(here),
+                    version: None,
+                });
+                pull = Some((source, chunk));
+            }
+        }
+        for p in ask {
+            self.send(id, p, Msg::ListReq { from: id });
+        }
+        if let Some((source, chunk)) = pull {
+            self.send(id, source, Msg::SourceRead { job, from: id, chunk });
+            self.at(RPC_TIMEOUT_MS, Event::JobTimeout { node: id, job });
+        }
+        if own.is_some() {
+            return;
+        }
+        let n = self.nodes.get_mut(&id).expect_node();
         if n.job.is_some() {
             return;
         }
@@ -1438,6 +1593,19 @@ impl ProductionWorld {
             n.job = None;
             return;
         };
+        if j.peer == id {
+            // Its own chunk pulled back: installed over its copy as it was before the read (a
+            // peer's copy installed meanwhile is not undone), the record done.
+            if n.store.get(&j.chunk).copied().unwrap_or(0) == j.target_version.unwrap_or(0) {
+                n.put(j.chunk, v);
+                if n.missed.get(&(id, j.chunk)).is_some_and(|e| e.seq == j.seq) {
+                    n.missed.remove(&(id, j.chunk));
+                }
+            }
+            n.job = None;
+            self.recovery(id);
+            return;
+        }
         let target = j.target_version.unwrap_or(0);
         if target >= v {
             // The peer holds this version or a newer one (one writer: versions grow along one

@@ -25,6 +25,7 @@ fn production_seeds_keep_every_invariant() {
                 t.catch_ups += s.catch_ups;
                 t.fills += s.fills;
                 t.holdbacks += s.holdbacks;
+                t.power_losses += s.power_losses;
             }
             Err(e) => panic!("seed {seed} failed (replay: CAIRN_SIM_FIRST={seed} CAIRN_SIM_SEEDS=1):\n{e}"),
         }
@@ -37,7 +38,10 @@ fn production_seeds_keep_every_invariant() {
     // ended, joins filled and admitted, writes held back for a lease.
     assert!(t.writes_acked > count * 50, "{t:?}");
     assert!(t.reads_checked > count * 50, "{t:?}");
-    assert!(t.catch_ups > count && t.fills > count / 4 && t.holdbacks > 0, "{t:?}");
+    assert!(
+        t.catch_ups > count && t.fills > count / 4 && t.holdbacks > 0 && t.power_losses > count / 10,
+        "{t:?}"
+    );
 }
 
 /// A writer whose map predates a node's join (cut from the metadata leader meanwhile) wrote to the
