@@ -508,16 +508,20 @@ impl VolumeClient {
         // the ones that do not serve yet cannot take part in.
         let (map, reached, dirty) = loop {
             let (map, reached, dirty) = self.fence_round(volume, generation).await?;
+            // (As many as a reconciliation of the PG needs: `deciders`.)
             let short = map
                 .table
                 .iter()
-                .find(|row| row.iter().filter(|n| reached.contains(n)).count() < map.quorum());
+                .enumerate()
+                .find(|(pg, row)| {
+                    row.iter().filter(|n| reached.contains(n)).count() < map.deciders(*pg as u32)
+                })
+                .map(|(pg, row)| (map.deciders(pg as u32), row));
             match short {
                 None => break (map, reached, dirty),
-                Some(row) if Instant::now() > deadline => {
+                Some((need, row)) if Instant::now() > deadline => {
                     return Err(IoError::Io(format!(
-                        "open: fewer than {} of the replicas {row:?} of a placement group serve",
-                        map.quorum()
+                        "open: fewer than {need} of the replicas {row:?} of a placement group serve"
                     )));
                 }
                 Some(_) => {
@@ -1419,7 +1423,7 @@ impl VolumeClient {
                 // appliers' dirty flags may be cleared before anyone opens the volume again).
                 let others: Vec<u64> =
                     self.map().replicas(chunk).into_iter().filter(|n| !applied_by.contains(n)).collect();
-                if applied_by.len() >= self.map().write_quorum(chunk) && !others.is_empty() {
+                if applied_by.len() >= self.map().quorum() && !others.is_empty() {
                     let on: Vec<u64> = applied_by.iter().copied().collect();
                     let _ =
                         self.record_missed(&on, &others, volume, chunk, chunk_size, &BTreeMap::new()).await;

@@ -361,7 +361,10 @@ impl LeaderView {
             let (since, catching_epoch) = (entry.0, entry.2);
             let booted =
                 l.usage.get(&id).is_some_and(|r| Some(r.boot_id) == s.nodes.get(&id).map(|n| n.boot_id));
-            let fresh_since = |p: u64, t: u64| l.last_seen.get(&p).is_some_and(|seen| *seen > t) || p == me;
+            // (The leader too: its own report is recorded with its heartbeats, and until one is
+            // since `t` it proves nothing — a new leader's is up to a heartbeat away, and one
+            // taken before a write was recorded would vouch for a node that missed it.)
+            let fresh_since = |p: u64, t: u64| l.last_seen.get(&p).is_some_and(|seen| *seen > t);
             let peers_done = s.nodes.values().filter(|p| p.up && p.id != id).all(|p| {
                 let pending = l.usage.get(&p.id).is_some_and(|r| r.missed_for.contains(&id));
                 fresh_since(p.id, since) && !pending

@@ -450,14 +450,22 @@ pub async fn run(
                         )
                         .await
                         {
-                            Ok((from, held)) if !is_shared && held < own => {
+                            // (Only when this node's copy was passed over by rule, readable: one
+                            // that cannot be read is given by nobody, and keeping the record would
+                            // hold the peer's catch-up up for good. On a shared volume any other
+                            // version is kept for: siblings are not ordered.)
+                            Ok((from, held))
+                                if passed_on && (if is_shared { held != own } else { held < own }) =>
+                            {
                                 tracing::debug!(
                                     peer,
                                     volume,
                                     chunk,
-                                    "catch-up: {e}: node {from}'s copy is older than this node's ({held} < {own}); \
-                                     the record is kept until a copy at least as new reaches the peer"
+                                    "catch-up: {e}: node {from}'s copy differs from this node's ({held}, here \
+                                     {own}); the record is kept until a copy at least as new reaches the peer"
                                 );
+                                // Tried again later, and the rest of the batch goes on meanwhile.
+                                unreadable.insert((volume, chunk), tokio::time::Instant::now() + KEPT_RETRY);
                                 continue;
                             }
                             Ok((from, _)) => {
@@ -1287,6 +1295,11 @@ enum CopyFailure {
 
 /// How long a peer may take to say which version of a chunk it holds, for a comparison.
 const COMPARE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a record kept after a relayed copy older than this node's own waits before it is
+/// tried again (this node copies its own once it is in sync; meanwhile the peer's other records go
+/// on).
+const KEPT_RETRY: Duration = Duration::from_secs(3);
 
 /// How long a chunk whose copy here cannot be read is left out of catch-up copies.
 const UNREADABLE_SKIP: Duration = Duration::from_secs(30);

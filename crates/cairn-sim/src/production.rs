@@ -17,23 +17,25 @@
 //! (version asked first, installed only over that version, never from a source the target recorded
 //! as having missed the chunk, entries cleared only if not written again meanwhile).
 //!
-//! **Faults:** SIGKILL and restart of any node (the page cache survives; memory does not), a node
-//! frozen (messages to it wait, it does nothing, then it resumes with its old memory), two-way
-//! partitions between any two endpoints (nodes, the client), a node joining, metadata fail-over
+//! **Faults:** SIGKILL and restart of any node (the page cache survives; memory does not), power
+//! loss of one node while the pool is healthy (unflushed chunks kept or reverted; back, it pulls
+//! its dirty chunks and compares chunk lists), a node frozen (messages to it wait, it does nothing,
+//! then it resumes with its old memory), two-way partitions between any two endpoints (nodes, the
+//! writer, the reader) and splits of two nodes from the rest, a node joining, metadata fail-over
 //! (the new leader knows nothing of earlier reports), and up to two faults at a time.
 //!
-//! **Oracle:** every read returns the latest value acknowledged before it began or a later one
-//! (I2: never older, never zeros for written data). At the end every fault is healed, the pool must
-//! settle (every node in sync and serving, no missed-writes entry left, nobody being filled), a
-//! final write of every chunk must be acknowledged, and then every holder of every chunk must
-//! hold it (I1, I5).
+//! **Oracle:** every read (by the writer or by a second client that only reads) returns the latest
+//! value acknowledged before it began or a later one (I2: never older, never zeros for written
+//! data). At the end every fault is healed, the pool must settle (every node in sync and serving,
+//! no missed-writes entry left, nobody being filled) with every holder holding every acknowledged
+//! write (I1), and after a final write of every chunk every holder must hold it (I5).
 //!
 //! Simplifications, stated so nobody reads more into a pass: one volume of 3 copies, one writer
-//! (no handover, no fencing, no shared volume), whole-chunk writes whose versions grow with every
-//! write (so a late or leftover mutation never goes over a newer one); a node handles each message
-//! atomically (its map may advance between a mutation's check before and after it is applied);
-//! power loss (unflushed writes dropped, the dirty-chunk pull) is not modelled yet; links fail both
-//! ways (TCP).
+//! (no handover, no fencing, no shared volume), whole-chunk writes (a version check stands for
+//! the store's; a conflict is "settled" by writing again over any older copy); a node handles each
+//! message atomically (its map may advance between a mutation's check before and after it is
+//! applied); power loss only while the pool is healthy, one node at a time, whole chunks kept or
+//! reverted; no whole-pool revival; links fail both ways (TCP).
 
 use crate::{ExpectNode, Rng};
 use cairn_meta::catchup::{
@@ -105,6 +107,9 @@ enum Msg {
         op: (u64, u64),
         chunk: u64,
         version: u64,
+        /// The version the writer expects the copy at (its last acknowledged write of the chunk),
+        /// or none known (then any older copy takes it).
+        expect: Option<u64>,
         missed_by: Vec<u64>,
         interval: u64,
     },
@@ -167,7 +172,7 @@ enum Msg {
         chunk: u64,
         version: u64,
         expect: u64,
-        source: u64,
+        source: Option<u64>,
     },
     InstallReply {
         job: u64,
@@ -191,6 +196,12 @@ enum Msg {
 enum Answer {
     Applied,
     Unavailable,
+    /// `VersionMismatch { behind: true }`: the copy is older than the version the writer expects
+    /// (it missed a write): failed, and recorded as missed.
+    Behind,
+    /// `VersionMismatch { behind: false }`: the copy holds another version (a failed write's
+    /// leftover): the writer settles and writes again.
+    Conflict,
 }
 
 #[derive(Debug, Clone)]
@@ -387,7 +398,7 @@ struct ProductionWorld {
     term: u64,
     view: LeaderView,
     /// The leader's proposals in flight (it decides again only once they committed).
-    proposing: bool,
+    proposing: usize,
     leader_lost_at: Option<u64>,
     blocked: BTreeSet<(Ep, Ep)>,
     /// The client being driven now (`switch_to`), and the others.
@@ -398,6 +409,9 @@ struct ProductionWorld {
     next_id: u64,
     /// Per chunk: the highest version acknowledged.
     acked: BTreeMap<u64, u64>,
+    /// Per chunk, the version the writer expects the copies at (`cairn-client::versions`): its
+    /// last acknowledged write's, or none known (after a failed or conflicting one).
+    known: BTreeMap<u64, Option<u64>>,
     healing: bool,
     final_pass: Option<u64>,
     faulty: BTreeSet<u64>,
@@ -599,13 +613,14 @@ impl ProductionWorld {
             leader: Some(1),
             term: 1,
             view: LeaderView::default(),
-            proposing: false,
+            proposing: 0,
             leader_lost_at: None,
             blocked: BTreeSet::new(),
             next_op: 1,
             next_version: 1,
             next_id: 1,
             acked: BTreeMap::new(),
+            known: BTreeMap::new(),
             healing: false,
             final_pass: None,
             faulty: BTreeSet::new(),
@@ -702,6 +717,8 @@ impl ProductionWorld {
                 return Err(self.fail(v));
             }
             if self.healing && self.final_pass.is_none() && self.idle(CLIENT) && self.settled() {
+                // Before any write could cover it up: every holder holds every acknowledged write.
+                self.holders_hold_acked("settled after every fault was healed")?;
                 self.log("settled: final write of every chunk".into());
                 self.final_pass = Some(0);
             }
@@ -783,12 +800,28 @@ impl ProductionWorld {
                 let have = self.nodes.get(&h).and_then(|n| n.store.get(&chunk).copied()).unwrap_or(0);
                 if have != want {
                     return Err(self.fail(format!(
-                        "chunk {chunk}: holder {h} holds version {have}, the last acknowledged write is {want}"
+                        "I5: chunk {chunk}: holder {h} holds version {have}, the last acknowledged write is {want}"
                     )));
                 }
             }
         }
         Ok(self.stats)
+    }
+
+    /// I1: every holder of every chunk holds its latest acknowledged write (or a later version).
+    fn holders_hold_acked(&self, when: &str) -> Result<(), String> {
+        for chunk in 0..CHUNKS {
+            let want = self.acked.get(&chunk).copied().unwrap_or(0);
+            for h in self.meta.holders(R, pg(chunk)) {
+                let have = self.nodes.get(&h).and_then(|n| n.store.get(&chunk).copied()).unwrap_or(0);
+                if have < want {
+                    return Err(self.fail(format!(
+                        "I1: {when}: chunk {chunk}: holder {h} holds version {have}, older than the acknowledged {want}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn heal_all(&mut self) {
@@ -892,8 +925,10 @@ impl ProductionWorld {
                 self.at(LEADER_TICK_MS, Event::LeaderTick);
             }
             Event::Commit { term, commands } => {
-                self.proposing = false;
-                if term != self.term {
+                self.proposing = self.proposing.saturating_sub(1);
+                // An entry of an earlier term may still commit (it reached a majority before the
+                // fail-over) or be lost.
+                if term != self.term && self.rng.chance(500) {
                     return;
                 }
                 let mut meta = (*self.meta).clone();
@@ -1175,10 +1210,15 @@ impl ProductionWorld {
         if commands.is_empty() || self.leader.is_none() {
             return;
         }
-        self.proposing = true;
-        let d = self.rng.range(2, 30);
+        // One Raft entry each (`MetaService::lead` proposes them one after the other): nodes and
+        // clients may see a round half applied.
         let term = self.term;
-        self.at(d, Event::Commit { term, commands });
+        let mut d = 0;
+        for c in commands {
+            d += self.rng.range(2, 30);
+            self.proposing += 1;
+            self.at(d, Event::Commit { term, commands: vec![c] });
+        }
     }
 
     /// Whether node `id` can reach a majority of the metadata voters (nodes 1–3).
@@ -1199,7 +1239,7 @@ impl ProductionWorld {
             self.term += 1;
             self.leader = Some(c);
             self.leader_lost_at = None;
-            self.proposing = false;
+            self.proposing = 0;
             self.view = LeaderView::default();
             let meta = self.meta.clone();
             let now = self.now;
@@ -1209,7 +1249,7 @@ impl ProductionWorld {
             return;
         }
         self.leader_lost_at = None;
-        if self.proposing {
+        if self.proposing > 0 {
             return;
         }
         let Some(l) = self.leader else { return };
@@ -1265,8 +1305,8 @@ impl ProductionWorld {
                     self.propose(vec![c]);
                 }
             }
-            Msg::Write { op, chunk, version, missed_by, interval } => {
-                let reply = self.node_write(to, chunk, version, &missed_by, interval);
+            Msg::Write { op, chunk, version, expect, missed_by, interval } => {
+                let reply = self.node_write(to, chunk, (version, expect), &missed_by, interval);
                 let (answer, hold) = reply;
                 if hold > 0 {
                     self.stats.holdbacks += 1;
@@ -1321,9 +1361,11 @@ impl ProductionWorld {
             Msg::Install { job, from: peer, chunk, version, expect, source } => {
                 let n = self.nodes.get_mut(&to).expect_node();
                 let current = n.store.get(&chunk).copied().unwrap_or(0);
-                let refused = n.missed.contains_key(&(source, chunk)) || current != expect;
+                // (Production names the source only for a shared volume's own copies: a one-writer
+                // volume's copies are checked by version alone.)
+                let refused = source.is_some_and(|s| n.missed.contains_key(&(s, chunk))) || current != expect;
                 let line = format!(
-                    "node {to} install chunk {chunk} v{version} from {peer} (source {source}, expect {expect}, has {current}): {}",
+                    "node {to} install chunk {chunk} v{version} from {peer} (source {source:?}, expect {expect}, has {current}): {}",
                     if refused { "refused" } else { "done" }
                 );
                 self.trace.push(format!("{:>7} {line}", self.now));
@@ -1358,7 +1400,7 @@ impl ProductionWorld {
         &mut self,
         id: u64,
         chunk: u64,
-        version: u64,
+        (version, expect): (u64, Option<u64>),
         missed_by: &[u64],
         interval: u64,
     ) -> (Answer, u64) {
@@ -1379,8 +1421,16 @@ impl ProductionWorld {
         if sync {
             n.set_map(&meta);
         }
-        if n.store.get(&chunk).copied().unwrap_or(0) < version {
-            n.put(chunk, version);
+        // The version check under the chunk lock (`cairn_types::version`, applied by the store): a
+        // copy at the version this write left (an earlier attempt of it) answers it as applied.
+        let current = n.store.get(&chunk).copied().unwrap_or(0);
+        if current != version {
+            match expect {
+                Some(e) if current < e => return (Answer::Behind, 0),
+                Some(e) if current != e => return (Answer::Conflict, 0),
+                None if current > version => return (Answer::Conflict, 0),
+                _ => n.put(chunk, version),
+            }
         }
         let after = n.check(chunk, missed_by);
         let peers = PgCheck::to_record(Some(&after), missed_by);
@@ -1394,7 +1444,10 @@ impl ProductionWorld {
         if after.refusal(Some(&pre)).is_some() {
             return (Answer::Unavailable, 0);
         }
-        let hold = if peers.is_empty() { 0 } else { n.grants.holdback(&peers, now).as_millis() as u64 };
+        // Held back for the peers named and the backfill members seen before it was applied
+        // (`server::handle`).
+        let held_for = PgCheck::to_record(Some(&pre), missed_by);
+        let hold = if held_for.is_empty() { 0 } else { n.grants.holdback(&held_for, now).as_millis() as u64 };
         (Answer::Applied, hold)
     }
 
@@ -1621,7 +1674,7 @@ impl ProductionWorld {
         self.send(
             id,
             j.peer,
-            Msg::Install { job, from: id, chunk: j.chunk, version: v, expect: target, source: j.source },
+            Msg::Install { job, from: id, chunk: j.chunk, version: v, expect: target, source: None },
         );
     }
 
@@ -1698,7 +1751,6 @@ impl ProductionWorld {
             return;
         }
         let (chunk, write) = match self.final_pass {
-            _ if !self.client.writer && self.healing => return,
             _ if !self.client.writer => (self.rng.below(CHUNKS), false),
             Some(done) if done < CHUNKS => (done, true),
             Some(_) => return,
@@ -1778,6 +1830,7 @@ impl ProductionWorld {
                             op: (op.id, op.attempt),
                             chunk: op.chunk,
                             version,
+                            expect: self.known.get(&op.chunk).copied().flatten(),
                             missed_by: missed.clone(),
                             interval,
                         },
@@ -1823,6 +1876,7 @@ impl ProductionWorld {
             match op.kind {
                 OpKind::Write { version, applied_by } => {
                     self.stats.writes_failed += 1;
+                    self.known.insert(op.chunk, None);
                     if self.final_pass.is_some() {
                         self.violation = Some(format!(
                             "a write of chunk {} failed after the pool settled (every fault healed)",
@@ -1941,12 +1995,22 @@ impl ProductionWorld {
         let mut ok = BTreeSet::new();
         let mut failed = BTreeSet::new();
         let mut stale = false;
+        let mut conflict = false;
         for (n, a) in &op.asked {
             match a {
                 Some(Answer::Applied) => {
                     ok.insert(*n);
                 }
                 Some(Answer::Unavailable) => stale = true,
+                // Behind (one writer): it missed writes; failed, recorded as missed like a failure.
+                Some(Answer::Behind) => {
+                    failed.insert(*n);
+                }
+                // Another version (a failed write's leftover): settled, then written again.
+                Some(Answer::Conflict) => {
+                    stale = true;
+                    conflict = true;
+                }
                 None => {
                     failed.insert(*n);
                 }
@@ -1958,6 +2022,10 @@ impl ProductionWorld {
             op.chunk, op.attempt
         );
         self.log(line);
+        if conflict {
+            // (`settle_chunk`: the copies made alike; here the next attempt expects none.)
+            self.known.insert(op.chunk, None);
+        }
         for n in &failed {
             self.suspect(*n);
         }
@@ -2006,6 +2074,7 @@ impl ProductionWorld {
             self.log(line);
             let a = self.acked.entry(chunk).or_insert(0);
             *a = (*a).max(version);
+            self.known.insert(chunk, Some(version));
             self.stats.writes_acked += 1;
             self.op_done();
         } else {
