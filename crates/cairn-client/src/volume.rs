@@ -139,14 +139,8 @@ impl VolumeMap {
         usize::from(self.volume.replicas) / 2 + 1
     }
 
-    /// How many of a chunk's holders must apply a mutation before it is acknowledged: all but
-    /// R − q of them (`cairn_types::placement::write_quorum`; a majority of R while the PG has R).
-    fn write_quorum(&self, chunk: u64) -> usize {
-        cairn_types::placement::write_quorum(self.volume.replicas, self.replicas(chunk).len())
-    }
-
     /// How many of a PG's holders must take part for a decision to see every acknowledged write:
-    /// each was applied by at least `quorum()` of them (by all but R − q of them: `write_quorum`),
+    /// each was applied by at least `quorum()` of them (by all but R − q of them: `cairn_types::placement::write_quorum`),
     /// so any holders − quorum + 1 include one (more than needed once a PG holds more than R
     /// copies — a node that joined was admitted to it — and kept so: a flush then covers more).
     fn deciders(&self, pg: u32) -> usize {
@@ -1199,6 +1193,8 @@ impl VolumeClient {
             self.check_deleted()?;
             let map = self.map();
             let replicas = map.replicas(chunk);
+            // All of the chunk's holders but R − q must apply it (`write_quorum`).
+            let need = cairn_types::placement::write_quorum(map.volume.replicas, replicas.len());
             let suspects: BTreeSet<u64> = lock(&self.suspects).keys().copied().collect();
             let (targets, mut missed): (Vec<u64>, Vec<u64>) =
                 replicas.iter().partition(|n| map.in_sync(**n) && !suspects.contains(n));
@@ -1209,7 +1205,7 @@ impl VolumeClient {
                     missed.push(n);
                 }
             }
-            if targets.len() >= map.write_quorum(chunk) {
+            if targets.len() >= need {
                 let request = match &mutation {
                     Mutation::Write(data) => Request::Write {
                         volume,
@@ -1370,7 +1366,7 @@ impl VolumeClient {
                 // by fewer (its leftovers are settled like any failed write's) could face another
                 // writer's acknowledged sibling whose appliers recorded this one — each side would
                 // then refuse the other's copy for good.
-                if ok.len() >= map.write_quorum(chunk) && !failed.is_empty() {
+                if ok.len() >= need && !failed.is_empty() {
                     let (confirmed, refused) =
                         self.record_missed(&ok, &failed, volume, chunk, chunk_size, &applied_at).await;
                     moved = !refused.is_empty();
@@ -1394,7 +1390,7 @@ impl VolumeClient {
                 }
                 // Acknowledged: all holders but R − q applied it (`write_quorum`), and every other replica is known not to have
                 // (recorded as missed, so it is caught up before it serves reads again).
-                if ok.len() >= map.write_quorum(chunk) && !stale_map && recorded {
+                if ok.len() >= need && !stale_map && recorded {
                     // Every applier reports the version it left (a trim of a chunk a replica
                     // does not hold leaves it at none); if they differ, look it up next time.
                     let at = (now_at.len() == 1).then(|| now_at.first().copied()).flatten();
