@@ -1,5 +1,5 @@
 //! Runs the simulation of production's data path (`cairn_sim::production`) over many seeds.
-//! `CAIRN_SIM_SEEDS=N` runs N seeds (default 10 000, about 25 s), `CAIRN_SIM_FIRST=S` starts at seed S; a
+//! `CAIRN_SIM_SEEDS=N` runs N seeds (default 10 000, about 45 s), `CAIRN_SIM_FIRST=S` starts at seed S; a
 //! failure prints the seed and the last lines of its trace, and replays exactly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
