@@ -1424,7 +1424,9 @@ impl VolumeClient {
                     let _ =
                         self.record_missed(&on, &others, volume, chunk, chunk_size, &BTreeMap::new()).await;
                 }
-                return Err(IoError::Io(format!("write to chunk {chunk} did not reach a majority: {last}")));
+                return Err(IoError::Io(format!(
+                    "write to chunk {chunk} did not reach enough of its replicas (all but R − q of them): {last}"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
             let _ = self.refresh().await;

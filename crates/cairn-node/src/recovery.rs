@@ -1177,7 +1177,8 @@ async fn relay_chunk(
     // A peer already at the source's version or a newer one keeps its copy (one writer): an older
     // copy would go over writes another replica already gave it. (On a shared volume two writers
     // make sibling versions, and the relayed in-sync copy replaces a higher one.)
-    if !shared && first >= target_version(from, ids).await? {
+    // (Not over a half-installed copy: its marker says nothing of what it holds.)
+    if !shared && !first.is_installing() && first >= target_version(from, ids).await? {
         return Ok(first);
     }
     copy_from(From::Serving(from), ids, Some(first), |offset, copy: Piece, expect| async move {
