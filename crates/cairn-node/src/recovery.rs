@@ -281,6 +281,9 @@ pub async fn run(
     // of them does not hold up the rest of a peer's catch-up (the other replicas that recorded the
     // missed write copy it).
     let mut unreadable: std::collections::HashMap<(u64, u64), tokio::time::Instant> = Default::default();
+    // Records kept after a relayed copy that differs from this node's own (shared volumes), and
+    // since when (see `KEPT_MAX`).
+    let mut kept_since: std::collections::HashMap<(u64, u64, u64), tokio::time::Instant> = Default::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -358,6 +361,7 @@ pub async fn run(
             };
             let now = tokio::time::Instant::now();
             unreadable.retain(|_, until| *until > now);
+            kept_since.retain(|_, since| now.saturating_duration_since(*since) < KEPT_MAX * 2);
             let me_catching_up = meta.read(|s| s.nodes.get(&me).is_none_or(|n| n.catching_up));
             let batch = missed.batch(peer, BATCH_CHUNKS + unreadable.len());
             // Shared volumes (their copies may be siblings), looked up once per batch.
@@ -454,17 +458,71 @@ pub async fn run(
                             // that cannot be read is given by nobody, and keeping the record would
                             // hold the peer's catch-up up for good. On a shared volume any other
                             // version is kept for: siblings are not ordered.)
+                            // One writer: this node's newer copy (a write in flight, or a failed
+                            // write's leftover) goes after it — its versions grow along one
+                            // chain, so it holds all the relayed one does — and then the record
+                            // is done. (Kept instead, two nodes catching up, each holding the
+                            // other's records, waited for each other for good: found by the
+                            // simulation, seed 293 876.)
+                            Ok((from, held)) if passed_on && !is_shared && held < own => {
+                                let generation = generations.get(&volume).copied().unwrap_or(0);
+                                let own_copy = copy_chunk(
+                                    &store,
+                                    &conn,
+                                    (volume, chunk, chunk_size),
+                                    (me, false, generation),
+                                )
+                                .await;
+                                match own_copy {
+                                    Ok(()) => {
+                                        tracing::debug!(
+                                            peer,
+                                            volume,
+                                            chunk,
+                                            "catch-up: {e}: copied node {from}'s copy ({held}), then this \
+                                             node's newer one ({own})"
+                                        );
+                                        copied += 1;
+                                        if let Err(e) = missed.done(peer, volume, chunk, seq) {
+                                            tracing::error!("missed-writes log: {e}");
+                                        }
+                                    }
+                                    Err(why) => {
+                                        tracing::debug!(
+                                            peer,
+                                            volume,
+                                            chunk,
+                                            "catch-up: own copy after a relay: {why:?}"
+                                        );
+                                        unreadable.insert(
+                                            (volume, chunk),
+                                            tokio::time::Instant::now() + KEPT_RETRY,
+                                        );
+                                    }
+                                }
+                                continue;
+                            }
+                            // A shared volume's siblings are not ordered: the record is kept
+                            // until this node serves reads of the chunk again (then it copies its
+                            // own), for at most KEPT_MAX (by then any write in flight has been
+                            // acknowledged or failed; a copy that still differs is a leftover).
                             Ok((from, held))
-                                if passed_on && (if is_shared { held != own } else { held < own }) =>
+                                if passed_on
+                                    && is_shared
+                                    && held != own
+                                    && kept_since
+                                        .entry((peer, volume, chunk))
+                                        .or_insert_with(tokio::time::Instant::now)
+                                        .elapsed()
+                                        < KEPT_MAX =>
                             {
                                 tracing::debug!(
                                     peer,
                                     volume,
                                     chunk,
                                     "catch-up: {e}: node {from}'s copy differs from this node's ({held}, here \
-                                     {own}); the record is kept until a copy at least as new reaches the peer"
+                                     {own}); the record is kept for now"
                                 );
-                                // Tried again later, and the rest of the batch goes on meanwhile.
                                 unreadable.insert((volume, chunk), tokio::time::Instant::now() + KEPT_RETRY);
                                 continue;
                             }
@@ -1301,6 +1359,11 @@ const COMPARE_TIMEOUT: Duration = Duration::from_secs(2);
 /// tried again (this node copies its own once it is in sync; meanwhile the peer's other records go
 /// on).
 const KEPT_RETRY: Duration = Duration::from_secs(3);
+
+/// The longest a record is kept after a relayed copy that differs from this node's own (shared
+/// volumes): longer than a write can stay in flight (a client's `io_timeout`, 30 s, plus the
+/// hold-back allowance).
+const KEPT_MAX: Duration = Duration::from_secs(60);
 
 /// How long a chunk whose copy here cannot be read is left out of catch-up copies.
 const UNREADABLE_SKIP: Duration = Duration::from_secs(30);

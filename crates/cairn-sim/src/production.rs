@@ -1663,9 +1663,7 @@ impl ProductionWorld {
         if target >= v {
             // The peer holds this version or a newer one (one writer: versions grow along one
             // chain): nothing to copy.
-            Self::done(n, &j, target, self.options);
-            n.job = None;
-            self.recovery(id);
+            self.copied(id, &j, target);
             return;
         }
         if let Some(j) = n.job.as_mut() {
@@ -1682,26 +1680,44 @@ impl ProductionWorld {
         let n = self.nodes.get_mut(&id).expect_node();
         let Some(j) = n.job.clone().filter(|j| j.id == job) else { return };
         if ok {
-            Self::done(n, &j, j.version.unwrap_or(0), self.options);
-        }
-        n.job = None;
-        // The batch goes on (`recovery::run` copies up to 32 chunks per round).
-        if ok && self.node_runs(id) {
-            self.recovery(id);
+            self.copied(id, &j, j.version.unwrap_or(0));
+        } else {
+            n.job = None;
         }
     }
 
-    /// `MissedLog::done`: the entry goes unless the chunk was recorded again since — and, when the
-    /// peer got another replica's copy (relayed), only if that copy is at least as new as this
-    /// node's own (`Options::relay_keeps_newer`): a copy relayed from an in-sync replica that has not got a
-    /// write this node applied (in flight, its failure not yet recorded) leaves the peer without it.
-    fn done(n: &mut Node, j: &Job, peer_holds: u64, options: Options) {
+    /// A copy reached the peer, which holds `peer_holds` now. When it was another replica's copy
+    /// (relayed) and this node's own is newer (`Options::relay_keeps_newer`), this node's goes
+    /// after it (one writer: it holds all the relayed one does): a copy relayed from an in-sync
+    /// replica that has not got a write this node applied (in flight, its failure not yet
+    /// recorded) would leave the peer without it. Then `MissedLog::done`: the entry goes unless the
+    /// chunk was recorded again since. The batch goes on.
+    fn copied(&mut self, id: u64, j: &Job, peer_holds: u64) {
+        let relay_then_own = self.options.relay_keeps_newer;
+        let n = self.nodes.get_mut(&id).expect_node();
         let own = n.store.get(&j.chunk).copied().unwrap_or(0);
-        if options.relay_keeps_newer && peer_holds < own {
+        if relay_then_own && j.source != id && peer_holds < own {
+            if let Some(job) = n.job.as_mut() {
+                job.source = id;
+                job.version = Some(own);
+            }
+            let msg = Msg::Install {
+                job: j.id,
+                from: id,
+                chunk: j.chunk,
+                version: own,
+                expect: peer_holds,
+                source: None,
+            };
+            self.send(id, j.peer, msg);
             return;
         }
         if n.missed.get(&(j.peer, j.chunk)).is_some_and(|e| e.seq == j.seq) {
             n.missed.remove(&(j.peer, j.chunk));
+        }
+        n.job = None;
+        if self.node_runs(id) {
+            self.recovery(id);
         }
     }
 
