@@ -464,7 +464,17 @@ pub async fn run(
                             // is done. (Kept instead, two nodes catching up, each holding the
                             // other's records, waited for each other for good: found by the
                             // simulation, seed 293 876.)
-                            Ok((from, held)) if passed_on && !is_shared && held < own => {
+                            // (Only a copy of the volume's current writer generation: an older
+                            // generation's version above the in-sync replica's is a write never
+                            // acknowledged — a fenced writer's stray, which only this node's
+                            // dirty-chunk comparison finds — and must not spread; the relayed
+                            // copy then does the record. Found by review.)
+                            Ok((from, held))
+                                if passed_on
+                                    && !is_shared
+                                    && held < own
+                                    && own.generation >= generations.get(&volume).copied().unwrap_or(0) =>
+                            {
                                 let generation = generations.get(&volume).copied().unwrap_or(0);
                                 let own_copy = copy_chunk(
                                     &store,
