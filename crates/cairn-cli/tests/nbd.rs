@@ -703,24 +703,7 @@ fn a_mutation_routed_by_a_map_older_than_a_join_is_refused() {
         pgs["holders"]["3"][pg].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert!(holders.contains(&4), "{holders:?}");
     let old_holder = holders.iter().copied().find(|h| *h != 4).unwrap();
-    let write = |pg_interval: u64| {
-        let data = vec![0x77_u8; 4096];
-        Request::Write {
-            volume,
-            chunk: ChunkIndex(chunk),
-            chunk_size: ChunkSize::DEFAULT,
-            offset: 0,
-            stamp: cairn_proto::Stamp {
-                generation: cairn_types::Generation(generation),
-                sequence: u64::MAX,
-                expect: None,
-            },
-            crcs: cairn_types::checksum::block_crcs(&data),
-            data: data.into(),
-            missed_by: Vec::new(),
-            pg_interval,
-        }
-    };
+    let write = |pg_interval: u64| raw_write(volume, chunk, 0, generation, 0x77, pg_interval);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reply = rt.block_on(async {
         let c = NodeConnection::connect(pool.rpc(old_holder)).await.unwrap();
@@ -1043,23 +1026,8 @@ fn verify_finds_a_replica_that_differs_and_a_catch_up_brings_it_back() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = NodeConnection::connect(pool.rpc(2)).await.unwrap();
-        let data = vec![0x5a_u8; 4096];
-        let req = Request::Write {
-            volume: VolumeId::new(id).unwrap(),
-            chunk: ChunkIndex(5),
-            chunk_size: ChunkSize::DEFAULT,
-            offset: 8192,
-            stamp: cairn_proto::Stamp {
-                generation: cairn_types::Generation(generation),
-                sequence: u64::MAX,
-                expect: None,
-            },
-            crcs: cairn_types::checksum::block_crcs(&data),
-            data: data.into(),
-            missed_by: Vec::new(),
-            // (Newer than any map: the PG check passes it.)
-            pg_interval: u64::MAX,
-        };
+        // (An interval newer than any map: the PG check passes it.)
+        let req = raw_write(VolumeId::new(id).unwrap(), 5, 8192, generation, 0x5a, u64::MAX);
         assert!(matches!(c.call(&req).await.unwrap(), Response::Applied { .. }));
     });
     let (ok, report) = pool.verify("vf");
@@ -1073,6 +1041,34 @@ fn verify_finds_a_replica_that_differs_and_a_catch_up_brings_it_back() {
     send_to_catch_up(&pool, 2);
     pool.wait_in_sync(Duration::from_secs(60));
     pool.assert_converged("vf");
+}
+
+/// A 4 KiB write of `byte` straight to one node (bypassing the volume client), as writer
+/// `generation` routing by PG interval `pg_interval`, that names nobody as having missed it.
+fn raw_write(
+    volume: VolumeId,
+    chunk: u64,
+    offset: u32,
+    generation: u64,
+    byte: u8,
+    pg_interval: u64,
+) -> Request {
+    let data = vec![byte; 4096];
+    Request::Write {
+        volume,
+        chunk: ChunkIndex(chunk),
+        chunk_size: ChunkSize::DEFAULT,
+        offset,
+        stamp: cairn_proto::Stamp {
+            generation: cairn_types::Generation(generation),
+            sequence: u64::MAX,
+            expect: None,
+        },
+        crcs: cairn_types::checksum::block_crcs(&data),
+        data: data.into(),
+        missed_by: Vec::new(),
+        pg_interval,
+    }
 }
 
 /// Asks the pool to make node `k` catch up (`POST /v1/nodes/{k}/catch-up`, as a client reporting

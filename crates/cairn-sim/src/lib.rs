@@ -468,20 +468,12 @@ impl World {
         let mut meta = ClusterState { pg_count: PG_COUNT, ..ClusterState::default() };
         let mut nodes = BTreeMap::new();
         for id in 1..=node_count {
-            meta.apply(register(id));
+            meta.apply(register(id, 0));
             let incarnation = id * 1000;
             meta.apply(Command::NodeStarted { id, incarnation, time_ms: 0 });
             nodes.insert(id, Node::new(id, incarnation));
         }
-        let created = meta.apply(Command::CreateVolume {
-            name: VOLUME.into(),
-            size_bytes: CHUNKS * (1 << 16),
-            chunk_size_bytes: 1 << 16,
-            replicas: R,
-            shared: false,
-            time_ms: 0,
-        });
-        assert!(matches!(created, CommandResult::Volume(ref v) if v.id == VOLUME_ID), "{created:?}");
+        create_volume(&mut meta, VOLUME, CHUNKS, R);
         let map = Rc::new(meta.clone());
         let client = |map: &Rc<ClusterState>| Client {
             generation: 0,
@@ -679,7 +671,7 @@ impl World {
                 if self.nodes.len() < 6 {
                     let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
                     self.log(format!("fault: node {id} joins"));
-                    self.propose(register(id));
+                    self.propose(register(id, 0));
                     self.next_incarnation += 1;
                     self.nodes.insert(id, Node::new(id, self.next_incarnation));
                     self.boot(id);
@@ -2071,14 +2063,28 @@ impl Node {
     }
 }
 
-fn register(id: u64) -> Command {
+/// A storage node joining the simulated pool (nodes 1–3 are the metadata voters).
+fn register(id: u64, time_ms: u64) -> Command {
     Command::RegisterNode {
         id,
         addr: NodeAddr { rpc: format!("sim:{id}"), ..NodeAddr::default() },
         voter: id <= 3,
         capacity_bytes: 1 << 40,
-        time_ms: 0,
+        time_ms,
     }
+}
+
+/// Creates the simulated volume (id 1, `chunks` chunks of 64 KiB, `replicas` copies).
+fn create_volume(meta: &mut ClusterState, name: &str, chunks: u64, replicas: u8) {
+    let created = meta.apply(Command::CreateVolume {
+        name: name.into(),
+        size_bytes: chunks * (1 << 16),
+        chunk_size_bytes: 1 << 16,
+        replicas,
+        shared: false,
+        time_ms: 0,
+    });
+    assert!(matches!(created, CommandResult::Volume(ref v) if v.id == 1), "{created:?}");
 }
 
 /// A node the simulation names is one it has (of either model).

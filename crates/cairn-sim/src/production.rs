@@ -37,13 +37,13 @@
 //! applied); power loss only while the pool is healthy, one node at a time, whole chunks kept or
 //! reverted; no whole-pool revival; links fail both ways (TCP).
 
-use crate::{ExpectNode, Rng};
+use crate::{ExpectNode, Rng, create_volume, register};
 use cairn_meta::catchup::{
     Grants, LeaderView, Leases, barrier_lifted, lease_need, lease_needs, serves_clients,
 };
 use cairn_meta::network::NodeReport;
 use cairn_meta::pgcheck::{PgCheck, PgIndex};
-use cairn_meta::state::{ClusterState, Command, CommandResult, NodeAddr};
+use cairn_meta::state::{ClusterState, Command, CommandResult};
 use cairn_types::placement::pg_of;
 use cairn_types::{ChunkIndex, VolumeId};
 use std::cmp::Reverse;
@@ -429,16 +429,6 @@ fn pg(chunk: u64) -> u32 {
     }
 }
 
-fn register(id: u64, time_ms: u64) -> Command {
-    Command::RegisterNode {
-        id,
-        addr: NodeAddr { rpc: format!("sim:{id}"), ..NodeAddr::default() },
-        voter: id <= 3,
-        capacity_bytes: 1 << 40,
-        time_ms,
-    }
-}
-
 impl Node {
     fn new(id: u64, boot_id: u64, map: Rc<ClusterState>, now: u64) -> Node {
         Node {
@@ -574,15 +564,7 @@ impl ProductionWorld {
         for id in 1..=3 {
             meta.apply(register(id, 0));
         }
-        let created = meta.apply(Command::CreateVolume {
-            name: "v".into(),
-            size_bytes: CHUNKS * (1 << 16),
-            chunk_size_bytes: 1 << 16,
-            replicas: R,
-            shared: false,
-            time_ms: 0,
-        });
-        assert!(matches!(created, CommandResult::Volume(ref v) if v.id == VOLUME_ID), "{created:?}");
+        create_volume(&mut meta, "v", CHUNKS, R);
         let meta = Rc::new(meta);
         let mut nodes = BTreeMap::new();
         for id in 1..=3 {
