@@ -23,7 +23,7 @@
 
 use crate::network::NodeReport;
 use crate::state::{ClusterState, Command};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// How long a read lease lasts, from when its request left the node that holds it.
@@ -104,14 +104,14 @@ pub fn serves_clients(s: &ClusterState, me: u64, boot_id: u64, serving_from: u64
 #[derive(Debug, Clone, Default)]
 pub struct Grants {
     /// When this node last granted each peer a lease.
-    granted: HashMap<u64, u64>,
+    granted: BTreeMap<u64, u64>,
     /// When this process started: a lease granted before a restart is not in `granted`.
     started_ms: u64,
 }
 
 impl Grants {
     pub fn new(started_ms: u64) -> Self {
-        Grants { granted: HashMap::new(), started_ms }
+        Grants { granted: BTreeMap::new(), started_ms }
     }
 
     /// Answers peer `id`'s request for a lease for its `in_sync_epoch`: granted only if this
@@ -162,7 +162,7 @@ impl Grants {
 #[derive(Debug, Clone, Default)]
 pub struct Leases {
     epoch: u64,
-    from: HashMap<u64, u64>,
+    from: BTreeMap<u64, u64>,
 }
 
 impl Leases {
@@ -185,7 +185,7 @@ impl Leases {
     /// down would look stale forever).
     pub fn renewed(&mut self, in_sync_epoch: u64, granted: &BTreeSet<u64>, sent_ms: u64) {
         if self.epoch != in_sync_epoch {
-            *self = Leases { epoch: in_sync_epoch, from: HashMap::new() };
+            *self = Leases { epoch: in_sync_epoch, from: BTreeMap::new() };
         }
         for id in granted {
             self.from.insert(*id, sent_ms);
@@ -201,21 +201,21 @@ type BackfillSeen = (Vec<(u8, u32)>, u64, u64);
 /// afresh, see [`LeaderView::took_office`]).
 #[derive(Debug, Default, Clone)]
 pub struct LeaderView {
-    last_seen: HashMap<u64, u64>,
-    usage: HashMap<u64, NodeReport>,
+    last_seen: BTreeMap<u64, u64>,
+    usage: BTreeMap<u64, NodeReport>,
     /// When each catching-up node started catching up, its boot id then and the map epoch: a
     /// restart while catching up starts the wait again (peers' reports from before it prove
     /// nothing about it).
-    catching_since: HashMap<u64, (u64, u64, u64)>,
+    catching_since: BTreeMap<u64, (u64, u64, u64)>,
     /// Nodes in sync but not serving (their serving barrier up), and since when.
-    not_serving_since: HashMap<u64, u64>,
+    not_serving_since: BTreeMap<u64, u64>,
     /// Nodes sent back to catching up because they did not serve, and how many times in a row
     /// (until they serve): each time their next catch-up ends later ([`stuck_backoff`]).
-    stuck: HashMap<u64, u32>,
+    stuck: BTreeMap<u64, u32>,
     /// Per node being filled (backfill member of some PGs): those PGs, and the map epoch and time
     /// when the leader first saw exactly them. Its holders must have seeded them from a map at
     /// least that new, and reported since, before it is admitted.
-    backfill_seen: HashMap<u64, BackfillSeen>,
+    backfill_seen: BTreeMap<u64, BackfillSeen>,
 }
 
 /// What one round of [`LeaderView::decide`] asks the leader to commit.
@@ -339,7 +339,7 @@ impl LeaderView {
         let catching: Vec<u64> = s.nodes.values().filter(|n| n.up && n.catching_up).map(|n| n.id).collect();
         l.catching_since.retain(|id, _| catching.contains(id));
         // The PGs each node is being filled with, and since when exactly those.
-        let mut filling: HashMap<u64, Vec<(u8, u32)>> = HashMap::new();
+        let mut filling: BTreeMap<u64, Vec<(u8, u32)>> = BTreeMap::new();
         for (r, set) in &s.pg_sets {
             for pg in 0..set.len() as u32 {
                 for x in s.backfill(*r, pg) {

@@ -15,7 +15,7 @@
 use crate::state::ClusterState;
 use cairn_types::placement::pg_of;
 use cairn_types::{ChunkIndex, VolumeId};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// A chunk's PG in a node's cluster map, and what it says of a mutation's `missed_by`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,7 +98,7 @@ pub struct PgIndex {
     /// Live volumes' copies.
     volumes: HashMap<u64, u8>,
     /// Per replica count, per PG.
-    sets: HashMap<u8, Rows>,
+    sets: BTreeMap<u8, Rows>,
     /// Nodes in sync.
     in_sync: HashSet<u64>,
 }

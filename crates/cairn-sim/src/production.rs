@@ -84,11 +84,19 @@ pub struct Options {
     /// A write is acknowledged only once all of the chunk's holders but R − q applied it (else a
     /// majority of R, as before: too few once a PG took in a filled node).
     pub all_holders_but_r_minus_q: bool,
+    /// A node that must pull its own copies back while no holder is in sync revives them from the
+    /// holders' own copies (`recovery::revive_chunk`; else it waits for an in-sync holder).
+    pub revive: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { check_writer_interval: true, relay_keeps_newer: true, all_holders_but_r_minus_q: true }
+        Options {
+            check_writer_interval: true,
+            relay_keeps_newer: true,
+            all_holders_but_r_minus_q: true,
+            revive: true,
+        }
     }
 }
 
@@ -161,6 +169,20 @@ enum Msg {
         job: u64,
         from: u64,
         chunk: u64,
+        /// `ReadCopy` (a revival): answered whether or not the source serves reads.
+        any: bool,
+    },
+    /// `ChunkVersion` for a revival: the holder's version and whom it recorded as missing the chunk.
+    ReviveReq {
+        job: u64,
+        from: u64,
+        chunk: u64,
+    },
+    ReviveReply {
+        job: u64,
+        from: u64,
+        version: u64,
+        missed_by: Vec<u64>,
     },
     SourceReply {
         job: u64,
@@ -293,6 +315,9 @@ struct LeaseRound {
     answered: BTreeSet<u64>,
 }
 
+/// A holder's answer to a revival: its version of the chunk and whom it recorded as missing it.
+type ReviveAnswer = (u64, Vec<u64>);
+
 #[derive(Debug, Clone)]
 struct Job {
     id: u64,
@@ -304,6 +329,9 @@ struct Job {
     target_version: Option<u64>,
     /// The version sent (the source's).
     version: Option<u64>,
+    /// A revival (`recovery::revive_chunk`): the other holders asked, and their answers so far
+    /// (version, whom each recorded as missing the chunk).
+    revive: Option<(BTreeSet<u64>, BTreeMap<u64, ReviveAnswer>)>,
 }
 
 #[derive(Debug)]
@@ -385,6 +413,8 @@ pub struct ProductionStats {
     pub fills: u64,
     pub holdbacks: u64,
     pub power_losses: u64,
+    /// Chunks revived from the holders' own copies (no holder in sync).
+    pub revivals: u64,
 }
 
 struct ProductionWorld {
@@ -417,6 +447,8 @@ struct ProductionWorld {
     faulty: BTreeSet<u64>,
     joins: u64,
     trace: Vec<String>,
+    /// `CAIRN_SIM_TRACE` set: every trace line is printed as it happens (to compare two runs).
+    print_trace: bool,
     stats: ProductionStats,
     violation: Option<String>,
     options: Options,
@@ -608,6 +640,7 @@ impl ProductionWorld {
             faulty: BTreeSet::new(),
             joins: 0,
             trace: Vec::new(),
+            print_trace: std::env::var_os("CAIRN_SIM_TRACE").is_some(),
             stats: ProductionStats::default(),
             violation: None,
             options,
@@ -631,7 +664,11 @@ impl ProductionWorld {
         if self.trace.len() >= 400 {
             self.trace.drain(..200);
         }
-        self.trace.push(format!("{:>7} {line}", self.now));
+        let line = format!("{:>7} {line}", self.now);
+        if self.print_trace {
+            eprintln!("{line}");
+        }
+        self.trace.push(line);
     }
 
     fn at(&mut self, delay: u64, event: Event) {
@@ -1335,10 +1372,20 @@ impl ProductionWorld {
                 let v = self.nodes.get(&to).expect_node().store.get(&chunk).copied().unwrap_or(0);
                 self.send(to, peer, Msg::VersionReply { job, version: v });
             }
-            Msg::SourceRead { job, from: peer, chunk } => {
+            Msg::SourceRead { job, from: peer, chunk, any } => {
                 let n = self.nodes.get(&to).expect_node();
-                let version = n.serves_read(chunk, now).then(|| n.store.get(&chunk).copied().unwrap_or(0));
+                let version =
+                    (any || n.serves_read(chunk, now)).then(|| n.store.get(&chunk).copied().unwrap_or(0));
                 self.send(to, peer, Msg::SourceReply { job, version });
+            }
+            Msg::ReviveReq { job, from: peer, chunk } => {
+                let n = self.nodes.get(&to).expect_node();
+                let version = n.store.get(&chunk).copied().unwrap_or(0);
+                let missed_by = n.missed.keys().filter(|(_, c)| *c == chunk).map(|(p, _)| *p).collect();
+                self.send(to, peer, Msg::ReviveReply { job, from: to, version, missed_by });
+            }
+            Msg::ReviveReply { job, from: peer, version, missed_by } => {
+                self.revive_answer(to, job, peer, (version, missed_by));
             }
             Msg::Install { job, from: peer, chunk, version, expect, source } => {
                 let n = self.nodes.get_mut(&to).expect_node();
@@ -1547,6 +1594,7 @@ impl ProductionWorld {
         // until it has (its own copies may be the reverted ones) (`recovery::pull_own`).
         let own = n.missed.iter().find(|((p, _), _)| *p == id).map(|((_, c), e)| (*c, e.seq));
         let mut pull = None;
+        let mut revive = None;
         if let Some((chunk, seq)) = own {
             let catching = map.nodes.get(&id).is_none_or(|x| x.boot_id != n.boot_id || x.catching_up);
             let sources: Vec<u64> = map
@@ -1566,15 +1614,26 @@ impl ProductionWorld {
                     source,
                     target_version: Some(here),
                     version: None,
+                    revive: None,
                 });
                 pull = Some((source, chunk));
+            } else if catching && n.job.is_none() && self.options.revive {
+                revive = Some((chunk, seq));
             }
+        }
+        if let Some((chunk, seq)) = revive
+            && let Some(others) = self.revival(id, job, chunk, seq)
+        {
+            for p in others {
+                self.send(id, p, Msg::ReviveReq { job, from: id, chunk });
+            }
+            self.at(RPC_TIMEOUT_MS, Event::JobTimeout { node: id, job });
         }
         for p in ask {
             self.send(id, p, Msg::ListReq { from: id });
         }
         if let Some((source, chunk)) = pull {
-            self.send(id, source, Msg::SourceRead { job, from: id, chunk });
+            self.send(id, source, Msg::SourceRead { job, from: id, chunk, any: false });
             self.at(RPC_TIMEOUT_MS, Event::JobTimeout { node: id, job });
         }
         if own.is_some() {
@@ -1602,8 +1661,16 @@ impl ProductionWorld {
         } else {
             id
         };
-        n.job =
-            Some(Job { id: job, peer, chunk, seq: entry.seq, source, target_version: None, version: None });
+        n.job = Some(Job {
+            id: job,
+            peer,
+            chunk,
+            seq: entry.seq,
+            source,
+            target_version: None,
+            version: None,
+            revive: None,
+        });
         self.send(id, peer, Msg::VersionReq { job, from: id, chunk });
         self.at(RPC_TIMEOUT_MS, Event::JobTimeout { node: id, job });
     }
@@ -1617,7 +1684,82 @@ impl ProductionWorld {
             let v = n.store.get(&chunk).copied().unwrap_or(0);
             self.job_source(id, job, Some(v));
         } else {
-            self.send(id, source, Msg::SourceRead { job, from: id, chunk });
+            self.send(id, source, Msg::SourceRead { job, from: id, chunk, any: false });
+        }
+    }
+
+    /// No holder of `chunk` is in sync (every one catching up: the whole pool restarted or lost
+    /// power): its holders' own copies decide (`recovery::revive_chunk`). Starts job `job` if the
+    /// node's map knows its process, it holds the PG, and every other holder is up and none in
+    /// sync; returns the holders to ask.
+    fn revival(&mut self, id: u64, job: u64, chunk: u64, seq: u64) -> Option<BTreeSet<u64>> {
+        let n = self.nodes.get_mut(&id).expect_node();
+        let map = n.map.clone();
+        map.nodes.get(&id).filter(|x| x.boot_id == n.boot_id)?;
+        let holders = map.holders(R, pg(chunk));
+        let state = |h: &u64| map.nodes.get(h).map(|x| (x.up, x.in_sync()));
+        let others: BTreeSet<u64> = holders.iter().copied().filter(|h| *h != id).collect();
+        if !holders.contains(&id) || others.iter().any(|h| state(h) != Some((true, false))) {
+            return None;
+        }
+        n.job = Some(Job {
+            id: job,
+            peer: id,
+            chunk,
+            seq,
+            source: id,
+            target_version: None,
+            version: None,
+            revive: Some((others.clone(), BTreeMap::new())),
+        });
+        Some(others)
+    }
+
+    /// A holder answered a revival; once all have, the copy to take is decided: a holder sure of
+    /// its copy (no record of itself) first, then the newest; a copy another holder recorded as
+    /// missed cannot win; ties go to the lowest id. This node's own copy is kept, or the winner's
+    /// pulled (`SourceRead` with `any`).
+    fn revive_answer(&mut self, id: u64, job: u64, from: u64, answer: (u64, Vec<u64>)) {
+        let n = self.nodes.get_mut(&id).expect_node();
+        let Some(j) = n.job.as_mut().filter(|j| j.id == job) else { return };
+        let Some((asked, answers)) = j.revive.as_mut() else { return };
+        answers.insert(from, answer);
+        if answers.len() < asked.len() {
+            return;
+        }
+        let answers = answers.clone();
+        let chunk = j.chunk;
+        let mut copies: Vec<(bool, Reverse<u64>, u64)> = Vec::new();
+        if let Some(v) = n.store.get(&chunk) {
+            copies.push((n.missed.contains_key(&(id, chunk)), Reverse(*v), id));
+        }
+        let mut excluded: BTreeSet<u64> =
+            n.missed.keys().filter(|(p, c)| *c == chunk && *p != id).map(|(p, _)| *p).collect();
+        for (h, (v, missed_by)) in &answers {
+            excluded.extend(missed_by.iter().copied().filter(|p| p != h));
+            copies.push((missed_by.contains(h), Reverse(*v), *h));
+        }
+        copies.retain(|c| !excluded.contains(&c.2));
+        copies.sort();
+        let here = n.store.get(&chunk).copied().unwrap_or(0);
+        self.stats.revivals += 1;
+        let line = format!("node {id} revives chunk {chunk} (has v{here}): copies {copies:?}");
+        self.trace.push(format!("{:>7} {line}", self.now));
+        match copies.first().map(|c| c.2) {
+            None => n.job = None,
+            Some(winner) if winner == id => {
+                let seq = j.seq;
+                if n.missed.get(&(id, chunk)).is_some_and(|e| e.seq == seq) {
+                    n.missed.remove(&(id, chunk));
+                }
+                n.job = None;
+                self.recovery(id);
+            }
+            Some(winner) => {
+                j.source = winner;
+                j.target_version = Some(here);
+                self.send(id, winner, Msg::SourceRead { job, from: id, chunk, any: true });
+            }
         }
     }
 
