@@ -1035,9 +1035,19 @@ fn verify_finds_a_replica_that_differs_and_a_catch_up_brings_it_back() {
     let differing = report["chunks_differing"].as_array().unwrap();
     assert_eq!(differing.len(), 1, "{report}");
     assert_eq!(differing[0]["chunk"], 5);
-    // That write is what a writer the pool had fenced leaves on a replica the new writer could not
-    // reach (it is reported for catch-up): nobody recorded it as missed, yet catching up finds
-    // the chunk changed lately there, compares it with an in-sync replica, and copies it back.
+    // A new writer opens the volume (a new generation committed; its fence round never reaches
+    // node 2 here): that write is now what a fenced writer leaves on a replica the new writer
+    // could not reach. Nobody recorded it as missed, yet catching up finds the chunk changed
+    // lately there and above every in-sync copy, and copies theirs back. (A copy of the current
+    // writer's generation is left alone: it differs only by writes in flight.)
+    let client = reqwest::blocking::Client::new();
+    let url = format!("http://{}/v1/volumes/vf/open", pool.http(1));
+    let mut r = client.post(&url).send().unwrap();
+    if r.status().as_u16() == 307 {
+        let to = r.headers()["location"].to_str().unwrap().to_string();
+        r = client.post(to).send().unwrap();
+    }
+    assert!(r.status().is_success(), "{:?}", r.status());
     send_to_catch_up(&pool, 2);
     pool.wait_in_sync(Duration::from_secs(60));
     pool.assert_converged("vf");

@@ -585,7 +585,11 @@ impl VolumeClient {
         // suspected and recorded as having missed each): a frozen holder must not cost a timeout
         // per dirty chunk, with every write waiting on the open.
         let mut reached = reached.clone();
-        for (chunk, mut reported) in dirty {
+        // (The fence's reports name the chunks; their states are asked again when each chunk's
+        // turn comes: a holder's copy may have moved since — seconds may pass over the chunks
+        // before — and a stale state settled nothing: found by the production simulation.)
+        for chunk in dirty.into_keys() {
+            let mut reported: BTreeMap<u64, ChunkInfo> = BTreeMap::new();
             let holders = map.replicas(chunk);
             let mut live: BTreeSet<u64> = holders.iter().copied().filter(|n| reached.contains(n)).collect();
             let mut stale_rounds = 0;
@@ -617,6 +621,20 @@ impl VolumeClient {
                     continue 'settle;
                 }
                 reported.extend(asked);
+                // A holder that recorded itself as missing the chunk is pulling its own copy back
+                // (after a power loss, or its catch-up found the copy differs): that copy is in
+                // motion and takes no part; it is recorded below with the holders outside.
+                let unsure: Vec<u64> = live
+                    .iter()
+                    .copied()
+                    .filter(|n| reported.get(n).is_some_and(|i| i.missed_by.contains(n)))
+                    .collect();
+                if !unsure.is_empty() {
+                    for node in unsure {
+                        live.remove(&node);
+                    }
+                    continue 'settle;
+                }
                 let infos: BTreeMap<u64, ChunkInfo> =
                     reported.iter().filter(|(n, _)| live.contains(n)).map(|(n, i)| (*n, i.clone())).collect();
                 let versions = infos.iter().map(|(n, i)| (*n, i.chunk_version())).collect();

@@ -8,36 +8,44 @@
 //! catches up again, whose catch-up or fill ends), the read-lease books and rules
 //! (`Grants::grant`/`holdback`, `Leases::covers`/`renewed`, `lease_needs`, `barrier_lifted`,
 //! `serves_clients`) and a storage node's stale-map check of a mutation (`PgIndex::check`,
-//! `PgCheck::refusal`, `PgCheck::to_record`).
+//! `PgCheck::refusal`, `PgCheck::to_record`), and an open's choice of the copy that wins a
+//! reconciliation (`cairn_engine::reconcile::settle`).
 //! **Modelled after production's async shells** (`cairn-client::volume` `mutate`/`read_aligned`,
 //! `cairn-node::server` `handle`, `cairn-node::recovery` `run`/`seed_backfill`, `cairn-node::missed`,
 //! `MetaService`'s loops): which nodes a write goes to and names as missed, when it is acknowledged
 //! (every target applied, at least a majority, records confirmed), the records a node makes and
 //! when it holds an acknowledgement back, lease rounds, reports, seeding, and the catch-up copies
 //! (version asked first, installed only over that version, never from a source the target recorded
-//! as having missed the chunk, entries cleared only if not written again meanwhile).
+//! as having missed the chunk, entries cleared only if not written again meanwhile), the revival
+//! of chunks no holder is in sync for (`revive_chunk`), the dirty-chunk comparison of a node that
+//! catches up (`compare_dirty`), and a new writer's open (`VolumeClient::generation`,
+//! `fence_and_reconcile`: commit a generation, fence, reconcile the dirty chunks).
 //!
 //! **Faults:** SIGKILL and restart of any node (the page cache survives; memory does not), power
 //! loss of one node while the pool is healthy (unflushed chunks kept or reverted; back, it pulls
 //! its dirty chunks and compares chunk lists), a node frozen (messages to it wait, it does nothing,
 //! then it resumes with its old memory), two-way partitions between any two endpoints (nodes, the
 //! writer, the reader) and splits of two nodes from the rest, a node joining, metadata fail-over
-//! (the new leader knows nothing of earlier reports), and up to two faults at a time.
+//! (the new leader knows nothing of earlier reports), a writer handover (a new host opens the
+//! volume; the old writer goes on until refused), and up to two faults at a time.
 //!
 //! **Oracle:** every read (by the writer or by a second client that only reads) returns the latest
 //! value acknowledged before it began or a later one (I2: never older, never zeros for written
 //! data). At the end every fault is healed, the pool must settle (every node in sync and serving,
 //! no missed-writes entry left, nobody being filled) with every holder holding every acknowledged
-//! write (I1), and after a final write of every chunk every holder must hold it (I5).
+//! write (I1), and after a final write of every chunk every holder must hold it (I5). An old
+//! writer's write acknowledged after the new writer's open returned must have been applied somewhere
+//! before (I3; `Options::check_one_copy_after_open` adds I3's second clause, see there).
 //!
-//! Simplifications, stated so nobody reads more into a pass: one volume of 3 copies, one writer
-//! (no handover, no fencing, no shared volume), whole-chunk writes (a version check stands for
+//! Simplifications, stated so nobody reads more into a pass: one volume of 3 copies, one writer at
+//! a time (no shared volume), one handover per seed, whole-chunk writes (a version check stands for
 //! the store's; a conflict is "settled" by writing again over any older copy); a node handles each
 //! message atomically (its map may advance between a mutation's check before and after it is
 //! applied); power loss only while the pool is healthy, one node at a time, whole chunks kept or
-//! reverted; no whole-pool revival; links fail both ways (TCP).
+//! reverted; links fail both ways (TCP).
 
 use crate::{ExpectNode, Rng, create_volume, register};
+use cairn_engine::reconcile::settle;
 use cairn_meta::catchup::{
     Grants, LeaderView, Leases, barrier_lifted, lease_need, lease_needs, serves_clients,
 };
@@ -45,7 +53,7 @@ use cairn_meta::network::NodeReport;
 use cairn_meta::pgcheck::{PgCheck, PgIndex};
 use cairn_meta::state::{ClusterState, Command, CommandResult};
 use cairn_types::placement::pg_of;
-use cairn_types::{ChunkIndex, VolumeId};
+use cairn_types::{ChunkIndex, Version, VolumeId};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::rc::Rc;
@@ -71,6 +79,8 @@ const SUSPECT_TTL_MS: u64 = 15_000;
 const ELECTION_MS: u64 = 1500;
 const RUN_MS: u64 = 60_000;
 const HEAL_MS: u64 = 240_000;
+/// `cairn_store::DIRTY_LINGER_FLUSHES`: a chunk's dirty flag outlasts this many flushes.
+const DIRTY_LINGER_FLUSHES: u32 = 16;
 
 /// What a run leaves out of production's rules, to show what the simulation finds without them.
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +97,23 @@ pub struct Options {
     /// A node that must pull its own copies back while no holder is in sync revives them from the
     /// holders' own copies (`recovery::revive_chunk`; else it waits for an in-sync holder).
     pub revive: bool,
+    /// Nodes refuse a mutation of a generation below their fence or their map's (a handed-over
+    /// writer's), and the new writer's open fences them.
+    pub fence: bool,
+    /// The new writer's open reconciles the chunks dirty on the holders it fenced.
+    pub reconcile_dirty: bool,
+    /// A catch-up's dirty-chunk comparison records as missed (and pulls back) only a copy of an
+    /// older writer generation than the volume's: a copy of the current writer's differs only by
+    /// its writes in flight (else every copy that differs is pulled back, perhaps older).
+    pub compare_keeps_newer: bool,
+    /// An open asks each dirty chunk's state again when its turn comes (else it settles on the
+    /// fence's reports), and leaves out a holder that recorded itself as missing the chunk.
+    pub fresh_states: bool,
+    /// The oracle also checks that after the new writer's open every replica serves one copy of a
+    /// chunk it has not written since (I3's second clause). Off by default: an old writer's failed
+    /// write that a catch-up relayed to another node, and that the first node's dirty-chunk
+    /// comparison then pulled back, is left on the other (see ARCHITECTURE.md, known gaps).
+    pub check_one_copy_after_open: bool,
 }
 
 impl Default for Options {
@@ -96,6 +123,11 @@ impl Default for Options {
             relay_keeps_newer: true,
             all_holders_but_r_minus_q: true,
             revive: true,
+            fence: true,
+            reconcile_dirty: true,
+            compare_keeps_newer: true,
+            fresh_states: true,
+            check_one_copy_after_open: false,
         }
     }
 }
@@ -106,6 +138,16 @@ const CLIENT: Ep = 0;
 /// A second client that only reads (another host reading the volume: a live-migration target, a
 /// node's own NBD export), with its own map and no knowledge of the writer's failures.
 const READER: Ep = 100;
+/// The host a writer handover moves the volume to (the old writer goes on until it is fenced).
+const NEW_WRITER: Ep = 200;
+/// A version is `generation × GEN + seq`: ordered as production's (generation, sequence).
+const GEN: u64 = 1_000_000;
+/// Marks the open's requests and records (no op of a client has this id).
+const OPEN_OP: u64 = u64::MAX;
+
+fn generation_of(version: u64) -> u64 {
+    version / GEN
+}
 
 #[derive(Debug, Clone)]
 enum Msg {
@@ -212,6 +254,59 @@ enum Msg {
     CatchUp {
         node: u64,
     },
+    /// A new writer asks the metadata leader for a generation (`OpenVolume`).
+    Open,
+    /// `ChunkVersion` for a catch-up's dirty-chunk comparison (one request for the chunks the
+    /// source holds).
+    CompareReq {
+        round: u64,
+        from: u64,
+        chunks: Vec<u64>,
+    },
+    CompareReply {
+        round: u64,
+        from: u64,
+        infos: Vec<(u64, u64, Vec<u64>)>,
+    },
+    /// `Fence`: raise the generation; the answer names the chunks dirty here (with each one's
+    /// version and whom this node recorded as missing it) and whether this node serves.
+    Fence {
+        round: u64,
+        generation: u64,
+    },
+    FenceReply {
+        round: u64,
+        from: u64,
+        fenced: bool,
+        serving: bool,
+        dirty: Vec<(u64, u64, Vec<u64>)>,
+    },
+    /// `ChunkVersion` from a client's reconciliation.
+    Info {
+        round: u64,
+        chunk: u64,
+    },
+    InfoReply {
+        round: u64,
+        from: u64,
+        version: u64,
+        missed_by: Vec<u64>,
+    },
+    /// A reconciliation's copy (`Install` from the client): applied only if the copy here is still
+    /// at `expect`, refused if the node's fence is above `generation`.
+    Put {
+        round: u64,
+        chunk: u64,
+        version: u64,
+        expect: u64,
+        generation: u64,
+    },
+    PutReply {
+        round: u64,
+        from: u64,
+        ok: bool,
+        fenced: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +319,8 @@ enum Answer {
     /// `VersionMismatch { behind: false }`: the copy holds another version (a failed write's
     /// leftover): the writer settles and writes again.
     Conflict,
+    /// `Fenced`: a newer writer holds the volume; this writer stops.
+    Fenced,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +342,10 @@ enum Event {
         node: u64,
         job: u64,
     },
+    CompareTimeout {
+        node: u64,
+        round: u64,
+    },
     MapSync(u64, u64),
     /// The node's periodic flush (a client's flush, the kernel's writeback).
     Flush(u64, u64),
@@ -264,6 +365,11 @@ enum Event {
         client: Ep,
         op: u64,
         attempt: u64,
+    },
+    /// A step of a writer's open timed out (or is due).
+    OpenStep {
+        client: Ep,
+        round: u64,
     },
     Fault,
     Restart(u64),
@@ -368,12 +474,37 @@ struct Node {
     job: Option<Job>,
     /// Messages that reached it while frozen.
     held: Vec<(Ep, Msg)>,
+    /// The volume's raised writer generation (durable).
+    fence: u64,
+    /// Chunks whose header says dirty (durable), with the flushes since their last change: the
+    /// flag is cleared after `DIRTY_LINGER_FLUSHES` (`Store::dirty_chunks`).
+    marked: BTreeMap<u64, u32>,
+    /// The catch-up (named by the node's `in_sync_epoch`) whose dirty-chunk comparison is done
+    /// (`recovery::DirtyCheck`; memory only).
+    compared_for: Option<u64>,
+    /// The dirty-chunk comparison under way: (round, catch-up, this node's versions of the chunks
+    /// compared, per source asked its answer: per chunk (version, missed_by)).
+    comparing: Option<Comparison>,
+}
+
+/// A holder's state of a chunk: (chunk, version, whom it recorded as missing it).
+type ChunkState = (u64, u64, Vec<u64>);
+
+/// See `Node::comparing`.
+#[derive(Debug, Clone)]
+struct Comparison {
+    round: u64,
+    period: u64,
+    mine: BTreeMap<u64, u64>,
+    /// Per chunk, the in-sync holders to compare with.
+    sources: BTreeMap<u64, Vec<u64>>,
+    answers: BTreeMap<u64, Option<Vec<ChunkState>>>,
 }
 
 #[derive(Debug, Clone)]
 enum OpKind {
     Write { version: u64, applied_by: BTreeSet<u64> },
-    Read { floor: u64 },
+    Read { floor: u64, began: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -400,6 +531,65 @@ struct Client {
     map: Rc<ClusterState>,
     suspects: BTreeMap<u64, u64>,
     op: Option<Op>,
+    /// Per chunk, the version a write expects the copy at: the last acknowledged write's, or none
+    /// known (after a failed or conflicting one; a new writer knows none).
+    known: BTreeMap<u64, Option<u64>>,
+    /// The writer generation its versions carry (0: the first writer, never opened in the model).
+    generation: u64,
+    /// A newer writer fenced it: it stops.
+    fenced: bool,
+    /// Its open, while under way (`VolumeClient::generation`).
+    opening: Option<Opening>,
+}
+
+impl Client {
+    fn new(ep: Ep, writer: bool, map: Rc<ClusterState>) -> Client {
+        Client {
+            ep,
+            writer,
+            map,
+            suspects: BTreeMap::new(),
+            op: None,
+            known: BTreeMap::new(),
+            generation: 0,
+            fenced: false,
+            opening: None,
+        }
+    }
+}
+
+/// What an open waits for now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OpenStep {
+    /// Its map to show a generation newer than `after` (the `OpenVolume` commit).
+    Commit { after: u64 },
+    /// The fence round's answers.
+    Fence,
+    /// The states of one dirty chunk on the live holders not reported yet.
+    Infos(u64),
+    /// The winner's copy installed on the others: (chunk, winner's version).
+    Installs(u64, u64),
+    /// The holders that took no part recorded as missing the chunk: (chunk, version recorded at).
+    Records(u64, u64),
+}
+
+/// A new writer's open (`fence_and_reconcile`): commit a generation, fence every in-sync holder,
+/// make the chunks dirty on them identical.
+#[derive(Debug, Clone)]
+struct Opening {
+    round: u64,
+    deadline: u64,
+    generation: u64,
+    step: OpenStep,
+    /// The nodes asked in this step, and whether each answered well (None: no answer yet).
+    asked: BTreeMap<u64, Option<bool>>,
+    /// Holders that serve and were fenced.
+    reached: BTreeSet<u64>,
+    /// chunk → node → (version, missed_by), from the fence answers and the chunk-state questions.
+    dirty: BTreeMap<u64, BTreeMap<u64, (u64, Vec<u64>)>>,
+    /// The chunk being reconciled: the holders taking part, and whether a copy was installed.
+    live: BTreeSet<u64>,
+    installed: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -415,6 +605,10 @@ pub struct ProductionStats {
     pub power_losses: u64,
     /// Chunks revived from the holders' own copies (no holder in sync).
     pub revivals: u64,
+    /// Writer handovers (a new writer opened the volume).
+    pub handovers: u64,
+    /// Opens that returned (fence and reconciliation done).
+    pub opens: u64,
 }
 
 struct ProductionWorld {
@@ -439,9 +633,24 @@ struct ProductionWorld {
     next_id: u64,
     /// Per chunk: the highest version acknowledged.
     acked: BTreeMap<u64, u64>,
-    /// Per chunk, the version the writer expects the copies at (`cairn-client::versions`): its
-    /// last acknowledged write's, or none known (after a failed or conflicting one).
-    known: BTreeMap<u64, Option<u64>>,
+    /// The current writer's endpoint (`NEW_WRITER` after a handover).
+    writer_ep: Ep,
+    handovers: u64,
+    /// When the new writer's open returned (its generation, the time).
+    opened_at: Option<(u64, u64)>,
+    /// When each node applied each version (the I3 check of an old writer's acknowledgements).
+    applied_at: BTreeMap<(u64, u64), u64>,
+    /// After the new writer's open: per chunk it has sent no write of yet, the copy the first
+    /// read begun since returned (and from which node): every replica must serve that one.
+    pinned: BTreeMap<u64, (u64, u64)>,
+    /// Chunks the new writer has sent a write of since its open.
+    written_since_open: BTreeSet<u64>,
+    /// The chunks I3 promises one copy of after the open: those it reconciled (dirty on a holder
+    /// it fenced) and those an old writer's mutation reached once the new generation was
+    /// committed. (A failed write's leftover from before, no longer dirty anywhere, is not
+    /// reconciled: it stays until the chunk is next written — a failed write's blocks are
+    /// undefined, as on a disk.)
+    promised: BTreeSet<u64>,
     healing: bool,
     final_pass: Option<u64>,
     faulty: BTreeSet<u64>,
@@ -478,6 +687,10 @@ impl Node {
             listing: None,
             missed: BTreeMap::new(),
             next_seq: 0,
+            fence: 0,
+            marked: BTreeMap::new(),
+            compared_for: None,
+            comparing: None,
             grants: Grants::new(now),
             leases: Leases::default(),
             serving_from: 0,
@@ -512,6 +725,30 @@ impl Node {
     fn put(&mut self, chunk: u64, version: u64) {
         self.store.insert(chunk, version);
         self.dirty.insert(chunk);
+        self.marked.insert(chunk, 0);
+    }
+
+    /// A whole copy installed (catch-up, pull-back, reconciliation): synced before it is
+    /// acknowledged, and no longer dirty (`Store::install_range`'s last piece).
+    fn put_copy(&mut self, chunk: u64, version: u64) {
+        self.store.insert(chunk, version);
+        self.durable.insert(chunk, version);
+        self.dirty.remove(&chunk);
+        self.marked.remove(&chunk);
+    }
+
+    /// The catch-up this process is in, if its map shows one (`DirtyCheck::catching_up`).
+    fn catch_up_period(&self) -> Option<u64> {
+        self.map
+            .nodes
+            .get(&self.id)
+            .filter(|n| n.boot_id == self.boot_id && n.catching_up)
+            .map(|n| n.in_sync_epoch)
+    }
+
+    /// Whether the dirty-chunk comparison of the catch-up it is in is still to do.
+    fn compare_pending(&self) -> bool {
+        self.catch_up_period().is_some_and(|p| self.compared_for != Some(p))
     }
 
     fn record(&mut self, peers: &[u64], chunk: u64, seed: bool) {
@@ -550,7 +787,7 @@ impl Node {
     fn report(&self) -> NodeReport {
         let (mut missed_for, seeded_for) = self.pending_split();
         // Until its chunk lists are compared, a node back from a power loss misses writes itself.
-        if self.listing.is_some() && !missed_for.contains(&self.id) {
+        if (self.listing.is_some() || self.compare_pending()) && !missed_for.contains(&self.id) {
             missed_for.push(self.id);
         }
         NodeReport {
@@ -609,20 +846,8 @@ impl ProductionWorld {
             seq: 0,
             queue: BinaryHeap::new(),
             nodes,
-            client: Client {
-                ep: CLIENT,
-                writer: true,
-                map: meta.clone(),
-                suspects: BTreeMap::new(),
-                op: None,
-            },
-            other_clients: vec![Client {
-                ep: READER,
-                writer: false,
-                map: meta.clone(),
-                suspects: BTreeMap::new(),
-                op: None,
-            }],
+            client: Client::new(CLIENT, true, meta.clone()),
+            other_clients: vec![Client::new(READER, false, meta.clone())],
             meta,
             leader: Some(1),
             term: 1,
@@ -634,7 +859,13 @@ impl ProductionWorld {
             next_version: 1,
             next_id: 1,
             acked: BTreeMap::new(),
-            known: BTreeMap::new(),
+            writer_ep: CLIENT,
+            handovers: 0,
+            opened_at: None,
+            applied_at: BTreeMap::new(),
+            pinned: BTreeMap::new(),
+            written_since_open: BTreeSet::new(),
+            promised: BTreeSet::new(),
             healing: false,
             final_pass: None,
             faulty: BTreeSet::new(),
@@ -661,14 +892,7 @@ impl ProductionWorld {
     }
 
     fn log(&mut self, line: String) {
-        if self.trace.len() >= 400 {
-            self.trace.drain(..200);
-        }
-        let line = format!("{:>7} {line}", self.now);
-        if self.print_trace {
-            eprintln!("{line}");
-        }
-        self.trace.push(line);
+        push_trace(&mut self.trace, self.print_trace, self.now, line);
     }
 
     fn at(&mut self, delay: u64, event: Event) {
@@ -692,7 +916,7 @@ impl ProductionWorld {
     }
 
     fn reachable(&self, ep: Ep) -> bool {
-        ep == CLIENT || ep == READER || self.nodes.get(&ep).is_some_and(|n| n.alive)
+        ep == CLIENT || ep == READER || ep == NEW_WRITER || self.nodes.get(&ep).is_some_and(|n| n.alive)
     }
 
     fn send(&mut self, from: Ep, to: Ep, msg: Msg) {
@@ -735,7 +959,7 @@ impl ProductionWorld {
             if let Some(v) = self.violation.take() {
                 return Err(self.fail(v));
             }
-            if self.healing && self.final_pass.is_none() && self.idle(CLIENT) && self.settled() {
+            if self.healing && self.final_pass.is_none() && self.idle(self.writer_ep) && self.settled() {
                 // Before any write could cover it up: every holder holds every acknowledged write.
                 self.holders_hold_acked("settled after every fault was healed")?;
                 self.log("settled: final write of every chunk".into());
@@ -745,7 +969,7 @@ impl ProductionWorld {
             // sends it back to catching up first).
             if let Some(done) = self.final_pass
                 && done >= CHUNKS
-                && self.idle(CLIENT)
+                && self.idle(self.writer_ep)
                 && self.settled()
             {
                 return self.final_check();
@@ -901,6 +1125,13 @@ impl ProductionWorld {
                 }
                 self.at(RECOVERY_MS, Event::Recovery(id, life));
             }
+            Event::CompareTimeout { node, round } => {
+                if let Some(n) = self.nodes.get_mut(&node)
+                    && n.comparing.as_ref().is_some_and(|c| c.round == round)
+                {
+                    n.comparing = None;
+                }
+            }
             Event::JobTimeout { node, job } => {
                 if let Some(n) = self.nodes.get_mut(&node)
                     && n.job.as_ref().is_some_and(|j| j.id == job)
@@ -930,11 +1161,22 @@ impl ProductionWorld {
                 if !self.lives(id, life) {
                     return;
                 }
+                // A dirty flag ages with a client's flushes (`Store::flush`), which no writer sends
+                // while a new one is opening (the old one is fenced or cut off); the kernel's
+                // writeback makes data durable all the same.
+                let opening =
+                    std::iter::once(&self.client).chain(&self.other_clients).any(|c| c.opening.is_some());
                 if self.node_runs(id)
                     && let Some(n) = self.nodes.get_mut(&id)
                 {
                     n.durable = n.store.clone();
                     n.dirty.clear();
+                    if !opening {
+                        n.marked.retain(|_, f| {
+                            *f += 1;
+                            *f < DIRTY_LINGER_FLUSHES
+                        });
+                    }
                 }
                 let d = self.rng.range(1000, 4000);
                 self.at(d, Event::Flush(id, life));
@@ -994,6 +1236,12 @@ impl ProductionWorld {
                 self.switch_to(client);
                 if self.client.op.as_ref().is_some_and(|o| o.id == op && o.attempt == attempt) {
                     self.attempt_ended();
+                }
+            }
+            Event::OpenStep { client, round } => {
+                self.switch_to(client);
+                if self.client.opening.as_ref().is_some_and(|o| o.round == round) {
+                    self.open_step_due();
                 }
             }
             Event::ClientRetry { client, op, attempt } => {
@@ -1085,7 +1333,7 @@ impl ProductionWorld {
             5 | 6 => {
                 // Cut from everyone (nodes and client), or from one other endpoint.
                 let others: Vec<Ep> =
-                    ids.iter().copied().filter(|o| *o != id).chain([CLIENT, READER]).collect();
+                    ids.iter().copied().filter(|o| *o != id).chain(self.client_eps()).collect();
                 let cut: Vec<Ep> = if self.rng.chance(500) {
                     others
                 } else {
@@ -1119,7 +1367,7 @@ impl ProductionWorld {
                     side.push(READER);
                 }
                 let rest: Vec<Ep> =
-                    ids.iter().copied().chain([CLIENT, READER]).filter(|e| !side.contains(e)).collect();
+                    ids.iter().copied().chain(self.client_eps()).filter(|e| !side.contains(e)).collect();
                 let back = self.rng.range(1000, 20_000);
                 self.log(format!("split {side:?} from {rest:?}"));
                 for a in &side {
@@ -1132,10 +1380,12 @@ impl ProductionWorld {
                     }
                 }
             }
+            9 if self.handovers == 0 => self.handover(),
             _ => {
                 // A client-side cut: a client loses one node.
                 let back = self.rng.range(500, 10_000);
-                let c = if self.rng.chance(500) { CLIENT } else { READER };
+                let eps = self.client_eps();
+                let c = eps[self.rng.below(eps.len() as u64) as usize];
                 self.log(format!("partition {c}-{id}"));
                 self.blocked.insert((c.min(id), c.max(id)));
                 self.at(back, Event::Heal { a: c, b: id });
@@ -1186,6 +1436,8 @@ impl ProductionWorld {
             n.held.clear();
             n.lease_round = None;
             n.job = None;
+            n.comparing = None;
+            n.compared_for = None;
         }
     }
 
@@ -1299,7 +1551,7 @@ impl ProductionWorld {
         if !self.linked(from, to) || !self.reachable(to) {
             return;
         }
-        if to == CLIENT || to == READER {
+        if to == CLIENT || to == READER || to == NEW_WRITER {
             self.switch_to(to);
             self.client_reply(msg);
             return;
@@ -1315,6 +1567,69 @@ impl ProductionWorld {
                 if self.leader == Some(to) {
                     self.view.heard(report, None, now);
                 }
+            }
+            Msg::CompareReq { round, from: peer, chunks } => {
+                let n = self.nodes.get(&to).expect_node();
+                let infos = chunks
+                    .into_iter()
+                    .map(|c| {
+                        let v = n.store.get(&c).copied().unwrap_or(0);
+                        (c, v, n.missed.keys().filter(|(_, k)| *k == c).map(|(p, _)| *p).collect())
+                    })
+                    .collect();
+                self.send(to, peer, Msg::CompareReply { round, from: to, infos });
+            }
+            Msg::CompareReply { round, from: peer, infos } => {
+                let n = self.nodes.get_mut(&to).expect_node();
+                if let Some(c) = n.comparing.as_mut().filter(|c| c.round == round) {
+                    c.answers.insert(peer, Some(infos));
+                    if c.answers.values().all(|a| a.is_some()) {
+                        self.compare_end(to);
+                    }
+                }
+            }
+            Msg::Open => {
+                if self.leader == Some(to) {
+                    self.propose(vec![Command::OpenVolume { name: "v".into(), time_ms: now }]);
+                }
+            }
+            Msg::Fence { round, generation } => {
+                let n = self.nodes.get_mut(&to).expect_node();
+                let fenced = generation < n.fence;
+                n.fence = n.fence.max(generation);
+                let serving = n.serves_clients();
+                let dirty = n
+                    .marked
+                    .keys()
+                    .filter_map(|c| n.store.get(c).map(|v| (*c, *v)))
+                    .map(|(c, v)| (c, v, n.missed.keys().filter(|(_, k)| *k == c).map(|(p, _)| *p).collect()))
+                    .collect();
+                self.send(to, from, Msg::FenceReply { round, from: to, fenced, serving, dirty });
+            }
+            Msg::Info { round, chunk } => {
+                let n = self.nodes.get(&to).expect_node();
+                let version = n.store.get(&chunk).copied().unwrap_or(0);
+                let missed_by = n.missed.keys().filter(|(_, c)| *c == chunk).map(|(p, _)| *p).collect();
+                self.send(to, from, Msg::InfoReply { round, from: to, version, missed_by });
+            }
+            Msg::Put { round, chunk, version, expect, generation } => {
+                let n = self.nodes.get_mut(&to).expect_node();
+                let fenced = generation < n.fence;
+                let current = n.store.get(&chunk).copied().unwrap_or(0);
+                let ok = !fenced && current == expect;
+                if ok {
+                    n.fence = generation;
+                    n.put_copy(chunk, version);
+                    let serving = n.serves_clients();
+                    let c = n.check(chunk, &[]);
+                    if c.holder && serving {
+                        n.record(&c.backfill, chunk, false);
+                    }
+                }
+                let line =
+                    format!("node {to} reconciliation puts chunk {chunk} v{version} (has v{current}): {ok}");
+                self.log(line);
+                self.send(to, from, Msg::PutReply { round, from: to, ok, fenced });
             }
             Msg::CatchUp { node } => {
                 self.log(format!("leader {to}: the client reports node {node} failed a write"));
@@ -1397,9 +1712,9 @@ impl ProductionWorld {
                     "node {to} install chunk {chunk} v{version} from {peer} (source {source:?}, expect {expect}, has {current}): {}",
                     if refused { "refused" } else { "done" }
                 );
-                self.trace.push(format!("{:>7} {line}", self.now));
+                push_trace(&mut self.trace, self.print_trace, self.now, line);
                 if !refused {
-                    n.put(chunk, version);
+                    n.put_copy(chunk, version);
                     let serving = n.serves_clients();
                     let c = n.check(chunk, &[]);
                     if c.holder && serving {
@@ -1420,7 +1735,12 @@ impl ProductionWorld {
             Msg::VersionReply { job, version } => self.job_version(to, job, version),
             Msg::SourceReply { job, version } => self.job_source(to, job, version),
             Msg::InstallReply { job, ok } => self.job_installed(to, job, ok),
-            Msg::WriteReply { .. } | Msg::RecordReply { .. } | Msg::ReadReply { .. } => {}
+            Msg::WriteReply { .. }
+            | Msg::RecordReply { .. }
+            | Msg::ReadReply { .. }
+            | Msg::FenceReply { .. }
+            | Msg::InfoReply { .. }
+            | Msg::PutReply { .. } => {}
         }
     }
 
@@ -1446,6 +1766,12 @@ impl ProductionWorld {
         {
             return (Answer::Unavailable, 0);
         }
+        // Fenced by the map's generation or the store's raised fence (`server::handle`, the store's
+        // admission).
+        let map_generation = n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+        if self.options.fence && generation_of(version) < n.fence.max(map_generation) {
+            return (Answer::Fenced, 0);
+        }
         // The map may move on while the mutation is applied.
         if sync {
             n.set_map(&meta);
@@ -1458,9 +1784,20 @@ impl ProductionWorld {
                 Some(e) if current < e => return (Answer::Behind, 0),
                 Some(e) if current != e => return (Answer::Conflict, 0),
                 None if current > version => return (Answer::Conflict, 0),
-                _ => n.put(chunk, version),
+                _ => {
+                    n.put(chunk, version);
+                    self.applied_at.insert((version, id), now);
+                    if meta
+                        .volumes
+                        .values()
+                        .any(|v| v.id == VOLUME_ID && v.generation > generation_of(version))
+                    {
+                        self.promised.insert(chunk);
+                    }
+                }
             }
         }
+        let n = self.nodes.get_mut(&id).expect_node();
         let after = n.check(chunk, missed_by);
         let peers = PgCheck::to_record(Some(&after), missed_by);
         n.record(&peers, chunk, false);
@@ -1539,6 +1876,7 @@ impl ProductionWorld {
     // ---- recovery ----
 
     fn recovery(&mut self, id: u64) {
+        self.compare_begin(id);
         self.next_id += 1;
         let job = self.next_id;
         let n = self.nodes.get_mut(&id).expect_node();
@@ -1552,7 +1890,7 @@ impl ProductionWorld {
         let todo: Vec<(u64, u8, u32)> = wanted.into_iter().filter(|w| !n.seeded.contains(w)).collect();
         if !todo.is_empty() {
             let line = format!("node {id} seeds {todo:?} from map epoch {}", map.epoch);
-            self.trace.push(format!("{:>7} {line}", self.now));
+            push_trace(&mut self.trace, self.print_trace, self.now, line);
             let chunks: Vec<u64> = n.store.keys().copied().collect();
             for chunk in chunks {
                 for (x, _, p) in &todo {
@@ -1675,6 +2013,92 @@ impl ProductionWorld {
         self.at(RPC_TIMEOUT_MS, Event::JobTimeout { node: id, job });
     }
 
+    /// While catching up: compares each chunk dirty here with the in-sync holders' copies
+    /// (`recovery::compare_dirty`); one that differs is recorded as missed by this node.
+    fn compare_begin(&mut self, id: u64) {
+        self.next_id += 1;
+        let round = self.next_id;
+        let n = self.nodes.get_mut(&id).expect_node();
+        let Some(period) = n.catch_up_period() else { return };
+        if n.comparing.is_some() || !n.compare_pending() {
+            return;
+        }
+        let map = n.map.clone();
+        let mine: BTreeMap<u64, u64> =
+            n.marked.keys().filter_map(|c| n.store.get(c).map(|v| (*c, *v))).collect();
+        let mut sources = BTreeMap::new();
+        let mut ask: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for chunk in mine.keys() {
+            let s: Vec<u64> = map
+                .holders(R, pg(*chunk))
+                .into_iter()
+                .filter(|h| *h != id && !n.missed.contains_key(&(*h, *chunk)))
+                .filter(|h| map.nodes.get(h).is_some_and(|x| x.in_sync()))
+                .collect();
+            for h in &s {
+                ask.entry(*h).or_default().push(*chunk);
+            }
+            sources.insert(*chunk, s);
+        }
+        n.comparing = Some(Comparison {
+            round,
+            period,
+            mine,
+            sources,
+            answers: ask.keys().map(|h| (*h, None)).collect(),
+        });
+        if ask.is_empty() {
+            self.compare_end(id);
+            return;
+        }
+        for (h, chunks) in ask {
+            self.send(id, h, Msg::CompareReq { round, from: id, chunks });
+        }
+        self.at(RPC_TIMEOUT_MS, Event::CompareTimeout { node: id, round });
+    }
+
+    /// Every source answered: the differing chunks are recorded, and the comparison is done.
+    fn compare_end(&mut self, id: u64) {
+        let keeps_newer = self.options.compare_keeps_newer;
+        let n = self.nodes.get_mut(&id).expect_node();
+        let map_generation = n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+        let Some(c) = n.comparing.take() else { return };
+        let mut differ = Vec::new();
+        let mut complete = true;
+        for (chunk, mine) in &c.mine {
+            let sources = c.sources.get(chunk).cloned().unwrap_or_default();
+            let answered: Vec<(u64, u64, Vec<u64>)> = sources
+                .iter()
+                .filter_map(|h| {
+                    let infos = c.answers.get(h)?.as_ref()?;
+                    infos.iter().find(|i| i.0 == *chunk).map(|i| (*h, i.1, i.2.clone()))
+                })
+                .collect();
+            let behind: BTreeSet<u64> = answered.iter().flat_map(|a| a.2.iter().copied()).collect();
+            let theirs: Vec<u64> = answered.iter().filter(|a| !behind.contains(&a.0)).map(|a| a.1).collect();
+            // (One writer: a copy of the current generation differs only by writes in flight; an
+            // older one is a fenced writer's leftover only if above every in-sync copy.)
+            let kept =
+                keeps_newer && (generation_of(*mine) >= map_generation || theirs.iter().any(|v| v >= mine));
+            if !theirs.is_empty() && theirs.iter().any(|v| v != mine) && !kept {
+                differ.push(*chunk);
+            }
+            // (Sources, but every one behind: again later.)
+            complete &= !theirs.is_empty() || sources.is_empty();
+        }
+        for chunk in &differ {
+            n.record(&[id], *chunk, false);
+        }
+        if complete {
+            n.compared_for = Some(c.period);
+        }
+        let line = format!(
+            "node {id} compared its dirty chunks for catch-up {} (complete {complete}): {differ:?} differ",
+            c.period
+        );
+        push_trace(&mut self.trace, self.print_trace, self.now, line);
+    }
+
     fn job_version(&mut self, id: u64, job: u64, version: u64) {
         let n = self.nodes.get_mut(&id).expect_node();
         let Some(j) = n.job.as_mut().filter(|j| j.id == job) else { return };
@@ -1744,7 +2168,7 @@ impl ProductionWorld {
         let here = n.store.get(&chunk).copied().unwrap_or(0);
         self.stats.revivals += 1;
         let line = format!("node {id} revives chunk {chunk} (has v{here}): copies {copies:?}");
-        self.trace.push(format!("{:>7} {line}", self.now));
+        push_trace(&mut self.trace, self.print_trace, self.now, line);
         match copies.first().map(|c| c.2) {
             None => n.job = None,
             Some(winner) if winner == id => {
@@ -1774,7 +2198,7 @@ impl ProductionWorld {
             // Its own chunk pulled back: installed over its copy as it was before the read (a
             // peer's copy installed meanwhile is not undone), the record done.
             if n.store.get(&j.chunk).copied().unwrap_or(0) == j.target_version.unwrap_or(0) {
-                n.put(j.chunk, v);
+                n.put_copy(j.chunk, v);
                 if n.missed.get(&(id, j.chunk)).is_some_and(|e| e.seq == j.seq) {
                     n.missed.remove(&(id, j.chunk));
                 }
@@ -1820,7 +2244,8 @@ impl ProductionWorld {
         let relay_then_own = self.options.relay_keeps_newer;
         let n = self.nodes.get_mut(&id).expect_node();
         let own = n.store.get(&j.chunk).copied().unwrap_or(0);
-        if relay_then_own && j.source != id && peer_holds < own {
+        let map_generation = n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+        if relay_then_own && j.source != id && peer_holds < own && generation_of(own) >= map_generation {
             if let Some(job) = n.job.as_mut() {
                 job.source = id;
                 job.version = Some(own);
@@ -1887,11 +2312,19 @@ impl ProductionWorld {
     }
 
     fn client_next(&mut self) {
-        if self.client.op.is_some() {
+        if self.client.op.is_some() || self.client.fenced {
             return;
         }
+        if self.client.opening.is_some() {
+            self.at(100, Event::ClientNext(self.client.ep));
+            return;
+        }
+        let current = self.client.ep == self.writer_ep;
         let (chunk, write) = match self.final_pass {
             _ if !self.client.writer => (self.rng.below(CHUNKS), false),
+            // A writer handed over goes on writing until it is fenced, but not into the heal.
+            _ if !current && self.healing => return,
+            _ if !current => (self.rng.below(CHUNKS), self.rng.chance(550)),
             Some(done) if done < CHUNKS => (done, true),
             Some(_) => return,
             // Healing: quiet until the pool settles (a catch-up ends only at a moment when no
@@ -1904,11 +2337,11 @@ impl ProductionWorld {
         };
         self.next_op += 1;
         let kind = if write {
-            let version = self.next_version;
+            let version = self.client.generation * GEN + self.next_version;
             self.next_version += 1;
             OpKind::Write { version, applied_by: BTreeSet::new() }
         } else {
-            OpKind::Read { floor: self.acked.get(&chunk).copied().unwrap_or(0) }
+            OpKind::Read { floor: self.acked.get(&chunk).copied().unwrap_or(0), began: self.now }
         };
         self.client.op = Some(Op {
             id: self.next_op,
@@ -1925,7 +2358,7 @@ impl ProductionWorld {
 
     fn op_done(&mut self) {
         self.client.op = None;
-        if self.client.writer
+        if self.client.ep == self.writer_ep
             && let Some(done) = self.final_pass.as_mut()
         {
             *done += 1;
@@ -1957,6 +2390,9 @@ impl ProductionWorld {
                     self.retry_or_fail();
                     return;
                 }
+                if self.opened_at.is_some_and(|(g, _)| generation_of(version) >= g) {
+                    self.written_since_open.insert(op.chunk);
+                }
                 let interval = match VolumeId::new(VOLUME_ID) {
                     Ok(v) => PgIndex::new(&map).interval(R, v, ChunkIndex(op.chunk)),
                     Err(_) => 0,
@@ -1970,7 +2406,7 @@ impl ProductionWorld {
                             op: (op.id, op.attempt),
                             chunk: op.chunk,
                             version,
-                            expect: self.known.get(&op.chunk).copied().flatten(),
+                            expect: self.client.known.get(&op.chunk).copied().flatten(),
                             missed_by: missed.clone(),
                             interval,
                         },
@@ -2016,8 +2452,8 @@ impl ProductionWorld {
             match op.kind {
                 OpKind::Write { version, applied_by } => {
                     self.stats.writes_failed += 1;
-                    self.known.insert(op.chunk, None);
-                    if self.final_pass.is_some() {
+                    self.client.known.insert(op.chunk, None);
+                    if self.final_pass.is_some() && self.client.ep == self.writer_ep {
                         self.violation = Some(format!(
                             "a write of chunk {} failed after the pool settled (every fault healed)",
                             op.chunk
@@ -2064,6 +2500,14 @@ impl ProductionWorld {
     }
 
     fn client_reply(&mut self, msg: Msg) {
+        if let Msg::FenceReply { round, from, .. }
+        | Msg::InfoReply { round, from, .. }
+        | Msg::PutReply { round, from, .. }
+        | Msg::RecordReply { op: (OPEN_OP, round), from, .. } = msg
+        {
+            self.open_reply(round, from, msg);
+            return;
+        }
         let Some(op) = self.client.op.as_mut() else { return };
         match msg {
             Msg::WriteReply { op: id, from, reply }
@@ -2091,11 +2535,12 @@ impl ProductionWorld {
             Msg::ReadReply { op: id, from, version }
                 if id == (op.id, op.attempt) && op.asked.contains_key(&from) =>
             {
-                let OpKind::Read { floor } = op.kind else { return };
+                let OpKind::Read { floor, began } = op.kind else { return };
                 match version {
                     Some(v) => {
                         self.stats.reads_checked += 1;
                         let chunk = op.chunk;
+                        self.check_pinned(chunk, v, from, began);
                         if v < floor {
                             self.violation = Some(format!(
                                 "I2: a read of chunk {chunk} from node {from} returned version {v}, older than the \
@@ -2136,8 +2581,10 @@ impl ProductionWorld {
         let mut failed = BTreeSet::new();
         let mut stale = false;
         let mut conflict = false;
+        let mut fenced = false;
         for (n, a) in &op.asked {
             match a {
+                Some(Answer::Fenced) => fenced = true,
                 Some(Answer::Applied) => {
                     ok.insert(*n);
                 }
@@ -2157,6 +2604,17 @@ impl ProductionWorld {
             }
         }
         applied_by.extend(ok.iter().copied());
+        if fenced {
+            // (`IoError::Fenced`: the write fails and so does every later one of this writer.)
+            self.log(format!(
+                "writer {} (generation {}) fenced: v{version} of chunk {} fails",
+                self.client.ep, self.client.generation, op.chunk
+            ));
+            self.client.fenced = true;
+            self.stats.writes_failed += 1;
+            self.op_done();
+            return;
+        }
         let line = format!(
             "write v{version} chunk {} attempt {}: applied {ok:?} failed {failed:?} stale {stale}",
             op.chunk, op.attempt
@@ -2164,7 +2622,7 @@ impl ProductionWorld {
         self.log(line);
         if conflict {
             // (`settle_chunk`: the copies made alike; here the next attempt expects none.)
-            self.known.insert(op.chunk, None);
+            self.client.known.insert(op.chunk, None);
         }
         for n in &failed {
             self.suspect(*n);
@@ -2204,6 +2662,7 @@ impl ProductionWorld {
         let Some(op) = self.client.op.as_ref() else { return };
         if done {
             let chunk = op.chunk;
+            let op = op.clone();
             let epochs: Vec<(u64, u64)> =
                 op.asked.keys().filter_map(|n| self.nodes.get(n).map(|x| (*n, x.map.epoch))).collect();
             let line = format!(
@@ -2212,14 +2671,423 @@ impl ProductionWorld {
                 self.client.map.epoch
             );
             self.log(line);
+            let applied_by = match &op.kind {
+                OpKind::Write { applied_by, .. } => applied_by.clone(),
+                OpKind::Read { .. } => BTreeSet::new(),
+            };
+            if let Some((generation, at)) = self.opened_at
+                && generation_of(version) < generation
+                && applied_by.iter().all(|n| self.applied_at.get(&(version, *n)).is_none_or(|t| *t >= at))
+            {
+                self.violation = Some(format!(
+                    "I3: v{version} of chunk {chunk} of an old writer acknowledged, applied only after writer generation \
+                     {generation}'s open returned at {at}"
+                ));
+            }
             let a = self.acked.entry(chunk).or_insert(0);
             *a = (*a).max(version);
-            self.known.insert(chunk, Some(version));
+            self.client.known.insert(chunk, Some(version));
             self.stats.writes_acked += 1;
             self.op_done();
         } else {
             self.retry_or_fail();
         }
+    }
+
+    // ---- a writer handover (`VolumeClient::generation`, `fence_and_reconcile`) ----
+
+    /// I3: once the new writer's open returned, the replicas of a chunk it has not written since
+    /// serve one copy (the old writer's leftovers were made identical or stay refused).
+    fn check_pinned(&mut self, chunk: u64, version: u64, from: u64, began: u64) {
+        let Some((generation, at)) = self.opened_at else { return };
+        if !self.options.check_one_copy_after_open
+            || began < at
+            || self.written_since_open.contains(&chunk)
+            || !self.promised.contains(&chunk)
+        {
+            return;
+        }
+        match self.pinned.get(&chunk).copied() {
+            None => {
+                self.pinned.insert(chunk, (version, from));
+            }
+            Some((v, node)) if v != version => {
+                self.violation = Some(format!(
+                    "I3: after writer generation {generation}'s open, chunk {chunk} was read as v{v} from node {node} \
+                     and as v{version} from node {from}, with no write of it sent since"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The clients' endpoints (the new writer's once a handover happened).
+    fn client_eps(&self) -> Vec<Ep> {
+        let mut eps = vec![CLIENT, READER];
+        if self.handovers > 0 {
+            eps.push(NEW_WRITER);
+        }
+        eps
+    }
+
+    /// A new host opens the volume for writing (a live migration's target, a VM restarted
+    /// elsewhere); the old writer goes on until a node refuses it as fenced.
+    fn handover(&mut self) {
+        self.handovers += 1;
+        self.stats.handovers += 1;
+        self.log("handover: a new writer opens the volume".into());
+        self.other_clients.push(Client::new(NEW_WRITER, true, self.meta.clone()));
+        self.writer_ep = NEW_WRITER;
+        self.switch_to(NEW_WRITER);
+        self.open_begin(0);
+        self.at(CLIENT_REFRESH_MS, Event::ClientRefresh(NEW_WRITER));
+        self.at(100, Event::ClientNext(NEW_WRITER));
+    }
+
+    /// Asks the leader for a generation newer than `after` (`OpenVolume`).
+    fn open_begin(&mut self, after: u64) {
+        self.next_id += 1;
+        let round = self.next_id;
+        self.client.opening = Some(Opening {
+            round,
+            deadline: self.now + IO_TIMEOUT_MS,
+            generation: 0,
+            step: OpenStep::Commit { after },
+            asked: BTreeMap::new(),
+            reached: BTreeSet::new(),
+            dirty: BTreeMap::new(),
+            live: BTreeSet::new(),
+            installed: false,
+        });
+        if let Some(l) = self.leader {
+            self.send(self.client.ep, l, Msg::Open);
+        }
+        self.at(200, Event::OpenStep { client: self.client.ep, round });
+    }
+
+    fn open_failed(&mut self, why: String) {
+        let Some(o) = self.client.opening.as_ref() else { return };
+        let after = o.generation.max(match o.step {
+            OpenStep::Commit { after } => after,
+            _ => 0,
+        });
+        self.log(format!("open failed: {why}"));
+        self.open_begin(after);
+    }
+
+    /// Sends this step's requests (`asked` are the nodes) under a new round, with its timeout.
+    fn open_send(&mut self, step: OpenStep, to: Vec<(u64, Msg)>, timeout: u64) {
+        self.next_id += 1;
+        let round = self.next_id;
+        let ep = self.client.ep;
+        let Some(o) = self.client.opening.as_mut() else { return };
+        o.round = round;
+        o.step = step;
+        o.asked = to.iter().map(|(n, _)| (*n, None)).collect();
+        for (n, mut msg) in to {
+            match &mut msg {
+                Msg::Fence { round: r, .. }
+                | Msg::Info { round: r, .. }
+                | Msg::Put { round: r, .. }
+                | Msg::RecordMissed { op: (_, r), .. } => *r = round,
+                _ => {}
+            }
+            self.send(ep, n, msg);
+        }
+        self.at(timeout, Event::OpenStep { client: ep, round });
+    }
+
+    /// A step is due: the commit looked for, a pause over, or a round timed out.
+    fn open_step_due(&mut self) {
+        let Some(o) = self.client.opening.clone() else { return };
+        match o.step {
+            OpenStep::Commit { after } => {
+                self.client_refresh();
+                let g =
+                    self.client.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+                if g > after {
+                    if let Some(o) = self.client.opening.as_mut() {
+                        o.generation = g;
+                    }
+                    self.fence_round();
+                } else if self.now > o.deadline {
+                    self.open_failed("no generation committed".into());
+                } else {
+                    if let Some(l) = self.leader {
+                        self.send(self.client.ep, l, Msg::Open);
+                    }
+                    self.next_id += 1;
+                    let round = self.next_id;
+                    if let Some(o) = self.client.opening.as_mut() {
+                        o.round = round;
+                    }
+                    self.at(500, Event::OpenStep { client: self.client.ep, round });
+                }
+            }
+            _ => self.open_advance(),
+        }
+    }
+
+    /// Raises the generation on every holder the map shows in sync.
+    fn fence_round(&mut self) {
+        self.client_refresh();
+        let Some(generation) = self.client.opening.as_ref().map(|o| o.generation) else { return };
+        let map = self.client.map.clone();
+        let nodes: BTreeSet<u64> = (0..map.pg_count)
+            .flat_map(|p| map.holders(R, p))
+            .filter(|n| map.nodes.get(n).is_some_and(|x| x.in_sync()))
+            .collect();
+        if let Some(o) = self.client.opening.as_mut() {
+            o.reached.clear();
+            o.dirty.clear();
+        }
+        let to = nodes.into_iter().map(|n| (n, Msg::Fence { round: 0, generation })).collect();
+        self.open_send(OpenStep::Fence, to, RPC_TIMEOUT_MS);
+    }
+
+    fn open_reply(&mut self, round: u64, from: u64, msg: Msg) {
+        let Some(o) = self.client.opening.as_mut().filter(|o| o.round == round) else { return };
+        if o.asked.get(&from).is_none_or(|a| a.is_some()) {
+            return;
+        }
+        let good = match msg {
+            Msg::FenceReply { fenced, serving, dirty, .. } => {
+                if serving && !fenced {
+                    o.reached.insert(from);
+                    for (chunk, version, missed_by) in dirty {
+                        o.dirty.entry(chunk).or_default().insert(from, (version, missed_by));
+                    }
+                }
+                !fenced
+            }
+            Msg::InfoReply { version, missed_by, .. } => {
+                if let OpenStep::Infos(chunk) = o.step {
+                    o.dirty.entry(chunk).or_default().insert(from, (version, missed_by));
+                }
+                true
+            }
+            // (Fenced by a newer writer: it cannot happen with one opener; a failure all the same.)
+            Msg::PutReply { ok, fenced, .. } => ok && !fenced,
+            Msg::RecordReply { ok, .. } => ok,
+            _ => return,
+        };
+        o.asked.insert(from, Some(good));
+        if o.asked.values().all(|a| a.is_some()) {
+            self.open_advance();
+        }
+    }
+
+    /// deciders: as many of a PG's holders as a reconciliation needs (`VolumeMap::deciders`).
+    fn deciders(holders: usize) -> usize {
+        let q = usize::from(R) / 2 + 1;
+        q.max((holders + 1).saturating_sub(q))
+    }
+
+    /// A step's answers are in (or it timed out).
+    fn open_advance(&mut self) {
+        let Some(o) = self.client.opening.clone() else { return };
+        let silent: Vec<u64> = o.asked.iter().filter(|(_, a)| a.is_none()).map(|(n, _)| *n).collect();
+        let failed: Vec<u64> = o.asked.iter().filter(|(_, a)| **a != Some(true)).map(|(n, _)| *n).collect();
+        for n in &silent {
+            self.suspect(*n);
+        }
+        let map = self.client.map.clone();
+        match o.step {
+            OpenStep::Fence => {
+                let short = (0..map.pg_count).find(|p| {
+                    let row = map.holders(R, *p);
+                    row.iter().filter(|n| o.reached.contains(n)).count() < Self::deciders(row.len())
+                });
+                match short {
+                    None => self.open_next_chunk(),
+                    Some(p) if self.now > o.deadline => {
+                        self.open_failed(format!("too few holders of pg {p} serve"));
+                    }
+                    Some(_) => {
+                        // Again after a pause (`fence_and_reconcile`: 200 ms, a refresh).
+                        self.next_id += 1;
+                        let round = self.next_id;
+                        if let Some(o) = self.client.opening.as_mut() {
+                            o.round = round;
+                            o.step = OpenStep::Commit { after: o.generation.saturating_sub(1) };
+                        }
+                        self.at(200, Event::OpenStep { client: self.client.ep, round });
+                    }
+                }
+            }
+            OpenStep::Infos(chunk) => {
+                if let Some(o) = self.client.opening.as_mut() {
+                    for n in &failed {
+                        o.live.remove(n);
+                        o.reached.remove(n);
+                    }
+                }
+                self.open_settle(chunk);
+            }
+            OpenStep::Installs(chunk, _) => {
+                let any_ok = o.asked.values().any(|a| *a == Some(true));
+                let stale = o.asked.iter().any(|(_, a)| *a == Some(false));
+                if let Some(o) = self.client.opening.as_mut() {
+                    o.installed |= any_ok;
+                    // A target that did not answer takes no part any more (suspected; recorded
+                    // below); one whose copy moved is asked again.
+                    for n in &silent {
+                        o.live.remove(n);
+                        o.reached.remove(n);
+                    }
+                    if stale {
+                        let live = o.live.clone();
+                        if let Some(d) = o.dirty.get_mut(&chunk) {
+                            d.retain(|n, _| !live.contains(n));
+                        }
+                    }
+                }
+                if stale && self.now <= o.deadline {
+                    self.open_ask(chunk);
+                } else if stale {
+                    self.open_failed(format!("chunk {chunk}: copies kept moving"));
+                } else {
+                    self.open_settle(chunk);
+                }
+            }
+            OpenStep::Records(chunk, _) => {
+                let confirmed = o.asked.values().filter(|a| **a == Some(true)).count();
+                for n in &failed {
+                    self.suspect(*n);
+                }
+                if confirmed == 0 {
+                    self.open_failed(format!("chunk {chunk}: no holder recorded the ones that took no part"));
+                    return;
+                }
+                if let Some(o) = self.client.opening.as_mut() {
+                    o.dirty.remove(&chunk);
+                }
+                self.open_next_chunk();
+            }
+            OpenStep::Commit { .. } => {}
+        }
+    }
+
+    /// The next dirty chunk to reconcile, or the open returns.
+    fn open_next_chunk(&mut self) {
+        let Some(o) = self.client.opening.as_mut() else { return };
+        if !self.options.reconcile_dirty {
+            o.dirty.clear();
+        }
+        let Some(chunk) = o.dirty.keys().next().copied() else {
+            let generation = o.generation;
+            self.client.opening = None;
+            self.client.generation = generation;
+            self.client.known.clear();
+            self.opened_at = Some((generation, self.now));
+            self.stats.opens += 1;
+            self.log(format!("writer {} opened: generation {generation}", self.client.ep));
+            return;
+        };
+        let holders = self.client.map.holders(R, pg(chunk));
+        o.live = holders.iter().copied().filter(|n| o.reached.contains(n)).collect();
+        o.installed = false;
+        // (The fence's reports name the chunk; its state is asked again now.)
+        if self.options.fresh_states
+            && let Some(d) = o.dirty.get_mut(&chunk)
+        {
+            d.clear();
+        }
+        self.open_ask(chunk);
+    }
+
+    /// Asks the live holders of `chunk` not heard from yet for its state there.
+    fn open_ask(&mut self, chunk: u64) {
+        let Some(o) = self.client.opening.as_ref() else { return };
+        let known = o.dirty.get(&chunk);
+        let ask: Vec<u64> =
+            o.live.iter().copied().filter(|n| known.is_none_or(|d| !d.contains_key(n))).collect();
+        if ask.is_empty() {
+            self.open_settle(chunk);
+            return;
+        }
+        let to = ask.into_iter().map(|n| (n, Msg::Info { round: 0, chunk })).collect();
+        self.open_send(OpenStep::Infos(chunk), to, RPC_TIMEOUT_MS);
+    }
+
+    /// The highest copy that may win is installed on the live holders that lack it
+    /// (`reconcile::settle`, `may_win`); then the holders that took no part are recorded.
+    fn open_settle(&mut self, chunk: u64) {
+        let Some(o) = self.client.opening.clone() else { return };
+        let holders = self.client.map.holders(R, pg(chunk));
+        if o.live.len() < Self::deciders(holders.len()) {
+            self.open_failed(format!("chunk {chunk}: only {} of its holders take part", o.live.len()));
+            return;
+        }
+        let infos: BTreeMap<u64, (u64, Vec<u64>)> = o
+            .dirty
+            .get(&chunk)
+            .map(|d| d.iter().filter(|(n, _)| o.live.contains(n)).map(|(n, i)| (*n, i.clone())).collect())
+            .unwrap_or_default();
+        // A holder pulling its own copy back (it recorded itself as missing it) takes no part.
+        let unsure: Vec<u64> = infos.iter().filter(|(n, i)| i.1.contains(n)).map(|(n, _)| *n).collect();
+        if self.options.fresh_states && !unsure.is_empty() {
+            if let Some(o) = self.client.opening.as_mut() {
+                for n in &unsure {
+                    o.live.remove(n);
+                }
+            }
+            self.open_settle(chunk);
+            return;
+        }
+        let missed: BTreeSet<u64> = infos.values().flat_map(|(_, m)| m.iter().copied()).collect();
+        let may_win: BTreeSet<u64> = infos.keys().copied().filter(|n| !missed.contains(n)).collect();
+        let as_version = |v: u64| Version { generation: generation_of(v), seq: v % GEN };
+        let versions: BTreeMap<u64, Version> = infos.iter().map(|(n, (v, _))| (*n, as_version(*v))).collect();
+        self.promised.insert(chunk);
+        let line = format!("open reconciles chunk {chunk}: {infos:?}");
+        self.log(line);
+        let at = match settle(&versions, &may_win, None) {
+            None => {
+                let distinct: BTreeSet<u64> = infos.values().map(|(v, _)| *v).collect();
+                if distinct.len() > 1 {
+                    self.open_failed(format!("chunk {chunk}: copies differ, none may win: {distinct:?}"));
+                    return;
+                }
+                distinct.into_iter().next().unwrap_or(0)
+            }
+            Some((winner, installs)) => {
+                let v = infos.get(&winner).map_or(0, |i| i.0);
+                if !installs.is_empty() && !matches!(o.step, OpenStep::Installs(c, w) if c == chunk && w == v)
+                {
+                    let generation = o.generation;
+                    let to = installs
+                        .iter()
+                        .map(|i| {
+                            let expect = i.expected.generation * GEN + i.expected.seq;
+                            (i.node, Msg::Put { round: 0, chunk, version: v, expect, generation })
+                        })
+                        .collect();
+                    self.open_send(OpenStep::Installs(chunk, v), to, RPC_TIMEOUT_MS);
+                    return;
+                }
+                v
+            }
+        };
+        // Holders that took no part (and, if a copy was installed, the nodes being filled) are
+        // recorded on the live ones as having missed the chunk.
+        let mut outside: Vec<u64> = holders.iter().copied().filter(|n| !o.live.contains(n)).collect();
+        if o.installed {
+            outside.extend(self.client.map.backfill(R, pg(chunk)));
+        }
+        if outside.is_empty() || o.live.is_empty() {
+            if let Some(o) = self.client.opening.as_mut() {
+                o.dirty.remove(&chunk);
+            }
+            self.open_next_chunk();
+            return;
+        }
+        let to = o
+            .live
+            .iter()
+            .map(|n| (*n, Msg::RecordMissed { op: (OPEN_OP, 0), chunk, peers: outside.clone(), at }))
+            .collect();
+        self.open_send(OpenStep::Records(chunk, at), to, RPC_TIMEOUT_MS + HOLDBACK_ALLOWANCE_MS);
     }
 
     fn suspect(&mut self, node: u64) {
@@ -2231,6 +3099,18 @@ impl ProductionWorld {
             self.send(self.client.ep, l, Msg::CatchUp { node });
         }
     }
+}
+
+/// Adds a line to the trace (its last lines are kept; `CAIRN_SIM_TRACE` prints every one).
+fn push_trace(trace: &mut Vec<String>, print: bool, now: u64, line: String) {
+    if trace.len() >= 400 {
+        trace.drain(..200);
+    }
+    let line = format!("{now:>7} {line}");
+    if print {
+        eprintln!("{line}");
+    }
+    trace.push(line);
 }
 
 /// Runs one seed of the production model.
