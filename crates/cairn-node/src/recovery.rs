@@ -741,21 +741,24 @@ async fn compare_dirty(node: Local<'_>) -> bool {
             let theirs = (!versions.is_empty()).then_some(versions);
             match theirs {
                 Some(v) if v.iter().all(|v| *v == mine) => {}
-                // A one-writer volume's copy of its current writer differs only by that writer's
+                // (A copy left half installed — an interrupted settle or open — is pulled back
+                // whole, whatever its marker compares to.)
+                // A copy of the volume's current writer generation differs only by its writers'
                 // writes in flight (on their way to some replicas, or failed on some and then
-                // recorded, or never acknowledged): the writer's records and settles cover them.
-                // Pulling an in-sync replica's copy back over it would undo a write that may be
-                // acknowledged — that replica may not have got it yet — with nobody recording
-                // that this node lacks it (found by the production simulation, seeds 154 and
-                // 3601). What this comparison is for, a fenced writer's leftover (an older
-                // generation), is still pulled back.
-                Some(_) if !info.shared && mine.generation >= info.generation => {}
-                // A fenced writer's leftover is above every copy the pool holds; a copy here
-                // that some in-sync replica's matches or passes is none (an older one is covered
-                // by the records of the writes it missed). Pulling back over it could undo what
-                // an open's reconciliation chose, or race the copy of its winner to the others
-                // (found by the production simulation).
-                Some(v) if !info.shared && v.iter().any(|t| *t >= mine) => {}
+                // recorded, or never acknowledged; on a shared volume, siblings its writers
+                // settle): their records and settles cover them. Pulling an in-sync replica's
+                // copy back over it would undo a write that may be acknowledged — that replica
+                // may not have got it yet — with nobody recording that this node lacks it (found
+                // by the production simulation, seeds 154 and 3601; on shared volumes by review).
+                // What this comparison is for, a fenced writer's leftover (an older generation),
+                // is still pulled back.
+                Some(_) if !mine.is_installing() && mine.generation >= info.generation => {}
+                // A one-writer volume's fenced-writer leftover is above every copy the pool holds;
+                // a copy here that some in-sync replica's matches or passes is none (an older one
+                // is covered by the records of the writes it missed). Pulling back over it could
+                // undo what an open's reconciliation chose, or race the copy of its winner to the
+                // others (found by the production simulation).
+                Some(v) if !mine.is_installing() && !info.shared && v.iter().any(|t| *t >= mine) => {}
                 Some(_) => {
                     if let Err(e) = missed.record(&[me], volume.get(), chunk.0, info.chunk_size_bytes) {
                         tracing::error!("missed-writes log: {e}");

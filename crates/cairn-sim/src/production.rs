@@ -23,7 +23,8 @@
 //!
 //! **Faults:** SIGKILL and restart of any node (the page cache survives; memory does not), power
 //! loss of one node while the pool is healthy (unflushed chunks kept or reverted; back, it pulls
-//! its dirty chunks and compares chunk lists), a node frozen (messages to it wait, it does nothing,
+//! its dirty chunks and compares chunk lists), a power loss of every node at once (at most once;
+//! only flushed writes are owed after it; the writer flushes now and then), a node frozen (messages to it wait, it does nothing,
 //! then it resumes with its old memory), two-way partitions between any two endpoints (nodes, the
 //! writer, the reader) and splits of two nodes from the rest, a node joining, metadata fail-over
 //! (the new leader knows nothing of earlier reports), a writer handover (a new host opens the
@@ -41,8 +42,8 @@
 //! a time (no shared volume), one handover per seed, whole-chunk writes (a version check stands for
 //! the store's; a conflict is "settled" by writing again over any older copy); a node handles each
 //! message atomically (its map may advance between a mutation's check before and after it is
-//! applied); power loss only while the pool is healthy, one node at a time, whole chunks kept or
-//! reverted; links fail both ways (TCP).
+//! applied); power loss only while the pool is healthy, whole chunks kept or reverted; a flush
+//! covers every PG; links fail both ways (TCP).
 
 use crate::{ExpectNode, Rng, create_volume, register};
 use cairn_engine::reconcile::settle;
@@ -81,6 +82,8 @@ const RUN_MS: u64 = 60_000;
 const HEAL_MS: u64 = 240_000;
 /// `cairn_store::DIRTY_LINGER_FLUSHES`: a chunk's dirty flag outlasts this many flushes.
 const DIRTY_LINGER_FLUSHES: u32 = 16;
+/// `cairn-client`'s `FENCE_REPORTS_FRESH`.
+const FENCE_REPORTS_FRESH_MS: u64 = 1000;
 
 /// What a run leaves out of production's rules, to show what the simulation finds without them.
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +117,10 @@ pub struct Options {
     /// write that a catch-up relayed to another node, and that the first node's dirty-chunk
     /// comparison then pulled back, is left on the other (see ARCHITECTURE.md, known gaps).
     pub check_one_copy_after_open: bool,
+    /// The range of a node's writeback interval (ms; the kernel's, making the page cache durable):
+    /// 1–4 s by default. Linux's own (dirty pages written within 5–30 s) leaves unflushed data
+    /// exposed longer, and shows a known gap after a power loss of every node (ARCHITECTURE.md).
+    pub writeback_ms: (u64, u64),
 }
 
 impl Default for Options {
@@ -128,6 +135,7 @@ impl Default for Options {
             compare_keeps_newer: true,
             fresh_states: true,
             check_one_copy_after_open: false,
+            writeback_ms: (1000, 4000),
         }
     }
 }
@@ -256,6 +264,14 @@ enum Msg {
     },
     /// A new writer asks the metadata leader for a generation (`OpenVolume`).
     Open,
+    /// A client's `Flush`: this node's copies made durable (`Store::flush`).
+    Flush {
+        round: u64,
+    },
+    FlushReply {
+        round: u64,
+        from: u64,
+    },
     /// `ChunkVersion` for a catch-up's dirty-chunk comparison (one request for the chunks the
     /// source holds).
     CompareReq {
@@ -365,6 +381,11 @@ enum Event {
         client: Ep,
         op: u64,
         attempt: u64,
+    },
+    /// A flush round timed out.
+    FlushRound {
+        client: Ep,
+        round: u64,
     },
     /// A step of a writer's open timed out (or is due).
     OpenStep {
@@ -540,6 +561,18 @@ struct Client {
     fenced: bool,
     /// Its open, while under way (`VolumeClient::generation`).
     opening: Option<Opening>,
+    /// Its flush, while under way.
+    flushing: Option<Flushing>,
+}
+
+/// A client's flush: its round, deadline, the acknowledged versions it covers (those acknowledged
+/// before it began), and the nodes asked and whether each flushed.
+#[derive(Debug, Clone)]
+struct Flushing {
+    round: u64,
+    deadline: u64,
+    covers: BTreeMap<u64, u64>,
+    asked: BTreeMap<u64, bool>,
 }
 
 impl Client {
@@ -554,6 +587,7 @@ impl Client {
             generation: 0,
             fenced: false,
             opening: None,
+            flushing: None,
         }
     }
 }
@@ -590,6 +624,9 @@ struct Opening {
     /// The chunk being reconciled: the holders taking part, and whether a copy was installed.
     live: BTreeSet<u64>,
     installed: bool,
+    /// When the fence round that named the dirty chunks ended (its reports are trusted for
+    /// `FENCE_REPORTS_FRESH_MS`).
+    fenced_at: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -605,6 +642,10 @@ pub struct ProductionStats {
     pub power_losses: u64,
     /// Chunks revived from the holders' own copies (no holder in sync).
     pub revivals: u64,
+    /// Client flushes that completed.
+    pub flushes: u64,
+    /// Power losses of every node at once.
+    pub pool_power_losses: u64,
     /// Writer handovers (a new writer opened the volume).
     pub handovers: u64,
     /// Opens that returned (fence and reconciliation done).
@@ -633,6 +674,14 @@ struct ProductionWorld {
     next_id: u64,
     /// Per chunk: the highest version acknowledged.
     acked: BTreeMap<u64, u64>,
+    /// Per chunk, the highest version acknowledged before a flush that completed began: what a
+    /// power loss of every node must keep (I1).
+    flushed: BTreeMap<u64, u64>,
+    pool_power_losses: u64,
+    /// When every node last lost power.
+    pool_power_loss_at: Option<u64>,
+    /// When each node last answered a write of each version as applied (it held it then).
+    confirmed_at: BTreeMap<(u64, u64), u64>,
     /// The current writer's endpoint (`NEW_WRITER` after a handover).
     writer_ep: Ep,
     handovers: u64,
@@ -859,6 +908,10 @@ impl ProductionWorld {
             next_version: 1,
             next_id: 1,
             acked: BTreeMap::new(),
+            flushed: BTreeMap::new(),
+            pool_power_losses: 0,
+            pool_power_loss_at: None,
+            confirmed_at: BTreeMap::new(),
             writer_ep: CLIENT,
             handovers: 0,
             opened_at: None,
@@ -907,7 +960,7 @@ impl ProductionWorld {
         self.at(j + 20, Event::LeasePoll(id, life));
         self.at(j + 30, Event::Recovery(id, life));
         self.at(j + 5, Event::MapSync(id, life));
-        let f = self.rng.range(1000, 4000);
+        let f = self.rng.range(self.options.writeback_ms.0, self.options.writeback_ms.1);
         self.at(f, Event::Flush(id, life));
     }
 
@@ -1161,24 +1214,15 @@ impl ProductionWorld {
                 if !self.lives(id, life) {
                     return;
                 }
-                // A dirty flag ages with a client's flushes (`Store::flush`), which no writer sends
-                // while a new one is opening (the old one is fenced or cut off); the kernel's
-                // writeback makes data durable all the same.
-                let opening =
-                    std::iter::once(&self.client).chain(&self.other_clients).any(|c| c.opening.is_some());
+                // The kernel's writeback: durable, but the dirty flags age only with a client's
+                // flushes (`Msg::Flush`).
                 if self.node_runs(id)
                     && let Some(n) = self.nodes.get_mut(&id)
                 {
                     n.durable = n.store.clone();
                     n.dirty.clear();
-                    if !opening {
-                        n.marked.retain(|_, f| {
-                            *f += 1;
-                            *f < DIRTY_LINGER_FLUSHES
-                        });
-                    }
                 }
-                let d = self.rng.range(1000, 4000);
+                let d = self.rng.range(self.options.writeback_ms.0, self.options.writeback_ms.1);
                 self.at(d, Event::Flush(id, life));
             }
             Event::LeaderTick => {
@@ -1236,6 +1280,17 @@ impl ProductionWorld {
                 self.switch_to(client);
                 if self.client.op.as_ref().is_some_and(|o| o.id == op && o.attempt == attempt) {
                     self.attempt_ended();
+                }
+            }
+            Event::FlushRound { client, round } => {
+                self.switch_to(client);
+                match self.client.flushing.as_ref().filter(|f| f.round == round) {
+                    Some(f) if f.asked.is_empty() => {
+                        self.client_refresh();
+                        self.flush_send();
+                    }
+                    Some(_) => self.flush_round_end(),
+                    None => {}
                 }
             }
             Event::OpenStep { client, round } => {
@@ -1381,6 +1436,9 @@ impl ProductionWorld {
                 }
             }
             9 if self.handovers == 0 => self.handover(),
+            8 if self.pool_power_losses == 0 && self.power_loss_allowed() && self.rng.chance(300) => {
+                self.pool_power_loss();
+            }
             _ => {
                 // A client-side cut: a client loses one node.
                 let back = self.rng.range(500, 10_000);
@@ -1423,10 +1481,41 @@ impl ProductionWorld {
                 };
             }
         }
-        for chunk in dirty {
+        // (Every chunk whose header says dirty: `Store::dirty_chunks`, a superset of the unsynced.)
+        let marked: BTreeSet<u64> = dirty.into_iter().chain(n.marked.keys().copied()).collect();
+        for chunk in marked {
             n.record(&[id], chunk, false);
         }
         n.listing = Some(BTreeMap::new());
+    }
+
+    /// Every node loses power at once (a power cut of the room): acknowledged writes not yet
+    /// flushed may be lost; flushed ones must survive (I1).
+    fn pool_power_loss(&mut self) {
+        self.pool_power_losses += 1;
+        self.stats.pool_power_losses += 1;
+        self.log("power loss of every node".into());
+        self.pool_power_loss_at = Some(self.now);
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.power_loss(id);
+            self.kill(id);
+            self.faulty.insert(id);
+            let back = self.rng.range(500, 8_000);
+            self.at(back, Event::Restart(id));
+        }
+        // From now on only what a flush covered is owed (to a read in flight too).
+        for (chunk, a) in self.acked.iter_mut() {
+            *a = self.flushed.get(chunk).copied().unwrap_or(0);
+        }
+        let flushed = self.flushed.clone();
+        for c in std::iter::once(&mut self.client).chain(self.other_clients.iter_mut()) {
+            if let Some(op) = c.op.as_mut()
+                && let OpKind::Read { floor, .. } = &mut op.kind
+            {
+                *floor = (*floor).min(flushed.get(&op.chunk).copied().unwrap_or(0));
+            }
+        }
     }
 
     fn kill(&mut self, id: u64) {
@@ -1588,6 +1677,16 @@ impl ProductionWorld {
                     }
                 }
             }
+            Msg::Flush { round } => {
+                let n = self.nodes.get_mut(&to).expect_node();
+                n.durable = n.store.clone();
+                n.dirty.clear();
+                n.marked.retain(|_, f| {
+                    *f += 1;
+                    *f < DIRTY_LINGER_FLUSHES
+                });
+                self.send(to, from, Msg::FlushReply { round, from: to });
+            }
             Msg::Open => {
                 if self.leader == Some(to) {
                     self.propose(vec![Command::OpenVolume { name: "v".into(), time_ms: now }]);
@@ -1740,7 +1839,8 @@ impl ProductionWorld {
             | Msg::ReadReply { .. }
             | Msg::FenceReply { .. }
             | Msg::InfoReply { .. }
-            | Msg::PutReply { .. } => {}
+            | Msg::PutReply { .. }
+            | Msg::FlushReply { .. } => {}
         }
     }
 
@@ -1814,6 +1914,7 @@ impl ProductionWorld {
         // (`server::handle`).
         let held_for = PgCheck::to_record(Some(&pre), missed_by);
         let hold = if held_for.is_empty() { 0 } else { n.grants.holdback(&held_for, now).as_millis() as u64 };
+        self.confirmed_at.insert((version, id), now);
         (Answer::Applied, hold)
     }
 
@@ -2319,6 +2420,20 @@ impl ProductionWorld {
             self.at(100, Event::ClientNext(self.client.ep));
             return;
         }
+        if self.client.flushing.is_some() {
+            return;
+        }
+        // A writer flushes now and then (a VM's fsync; a handed-over one too, until fenced).
+        if self.client.writer && self.final_pass.is_none() && !self.healing && self.rng.chance(100) {
+            self.client.flushing = Some(Flushing {
+                round: 0,
+                deadline: self.now + IO_TIMEOUT_MS,
+                covers: self.acked.clone(),
+                asked: BTreeMap::new(),
+            });
+            self.flush_send();
+            return;
+        }
         let current = self.client.ep == self.writer_ep;
         let (chunk, write) = match self.final_pass {
             _ if !self.client.writer => (self.rng.below(CHUNKS), false),
@@ -2500,6 +2615,15 @@ impl ProductionWorld {
     }
 
     fn client_reply(&mut self, msg: Msg) {
+        if let Msg::FlushReply { round, from } = msg {
+            if let Some(f) = self.client.flushing.as_mut().filter(|f| f.round == round) {
+                f.asked.insert(from, true);
+                if f.asked.values().all(|d| *d) {
+                    self.flush_round_end();
+                }
+            }
+            return;
+        }
         if let Msg::FenceReply { round, from, .. }
         | Msg::InfoReply { round, from, .. }
         | Msg::PutReply { round, from, .. }
@@ -2582,6 +2706,7 @@ impl ProductionWorld {
         let mut stale = false;
         let mut conflict = false;
         let mut fenced = false;
+        let mut behind = 0;
         for (n, a) in &op.asked {
             match a {
                 Some(Answer::Fenced) => fenced = true,
@@ -2592,6 +2717,7 @@ impl ProductionWorld {
                 // Behind (one writer): it missed writes; failed, recorded as missed like a failure.
                 Some(Answer::Behind) => {
                     failed.insert(*n);
+                    behind += 1;
                 }
                 // Another version (a failed write's leftover): settled, then written again.
                 Some(Answer::Conflict) => {
@@ -2620,6 +2746,21 @@ impl ProductionWorld {
             op.chunk, op.attempt
         );
         self.log(line);
+        // Every target is behind this writer's last acknowledged write of the chunk: they all lost
+        // it (every holder lost power before a flush). None is suspected; the write fails at once
+        // and the next one expects no version (`mutate`). (In the final pass: written again.)
+        if ok.is_empty() && behind > 0 && behind == op.asked.len() {
+            self.log(format!(
+                "write v{version} of chunk {} failed: every replica lost the last write",
+                op.chunk
+            ));
+            self.client.known.insert(op.chunk, None);
+            self.stats.writes_failed += 1;
+            self.client.op = None;
+            let d = self.rng.range(1, 40);
+            self.at(d, Event::ClientNext(self.client.ep));
+            return;
+        }
         if conflict {
             // (`settle_chunk`: the copies made alike; here the next attempt expects none.)
             self.client.known.insert(op.chunk, None);
@@ -2684,13 +2825,83 @@ impl ProductionWorld {
                      {generation}'s open returned at {at}"
                 ));
             }
-            let a = self.acked.entry(chunk).or_insert(0);
-            *a = (*a).max(version);
+            // A write applied before every node lost power and acknowledged after (its replies were
+            // on their way) may be lost with the power: owed only if a quorum applied it since.
+            let since_loss = self.pool_power_loss_at.is_none_or(|t| {
+                let q = self.write_quorum(self.client.map.holders(R, pg(chunk)).len());
+                applied_by
+                    .iter()
+                    .filter(|n| self.confirmed_at.get(&(version, **n)).is_some_and(|a| *a > t))
+                    .count()
+                    >= q
+            });
+            if since_loss {
+                let a = self.acked.entry(chunk).or_insert(0);
+                *a = (*a).max(version);
+            }
             self.client.known.insert(chunk, Some(version));
             self.stats.writes_acked += 1;
             self.op_done();
         } else {
             self.retry_or_fail();
+        }
+    }
+
+    // ---- a client's flush (`VolumeClient::flush_pgs`) ----
+
+    /// Sends `Flush` to every in-sync holder the client does not suspect.
+    fn flush_send(&mut self) {
+        self.next_id += 1;
+        let round = self.next_id;
+        let map = self.client.map.clone();
+        let nodes: BTreeSet<u64> = (0..map.pg_count)
+            .flat_map(|p| map.holders(R, p))
+            .filter(|n| {
+                map.nodes.get(n).is_some_and(|x| x.in_sync()) && !self.client.suspects.contains_key(n)
+            })
+            .collect();
+        let ep = self.client.ep;
+        let Some(f) = self.client.flushing.as_mut() else { return };
+        f.round = round;
+        f.asked = nodes.iter().map(|n| (*n, false)).collect();
+        for n in nodes {
+            self.send(ep, n, Msg::Flush { round });
+        }
+        self.at(RPC_TIMEOUT_MS, Event::FlushRound { client: ep, round });
+    }
+
+    /// The round's answers are in (or it timed out): done once `deciders` of every PG's holders
+    /// flushed; else again after 100 ms, until `io_timeout`.
+    fn flush_round_end(&mut self) {
+        let Some(f) = self.client.flushing.clone() else { return };
+        let map = self.client.map.clone();
+        let durable = (0..map.pg_count).all(|p| {
+            let row = map.holders(R, p);
+            row.iter().filter(|n| f.asked.get(n) == Some(&true)).count() >= Self::deciders(row.len())
+        });
+        if durable {
+            for (chunk, v) in &f.covers {
+                let floor = self.flushed.entry(*chunk).or_insert(0);
+                *floor = (*floor).max(*v);
+            }
+            self.stats.flushes += 1;
+            self.client.flushing = None;
+            let d = self.rng.range(1, 40);
+            self.at(d, Event::ClientNext(self.client.ep));
+        } else if self.now > f.deadline {
+            self.log("flush failed: too few holders flushed".into());
+            self.client.flushing = None;
+            let d = self.rng.range(1, 40);
+            self.at(d, Event::ClientNext(self.client.ep));
+        } else {
+            // (Due with nobody asked: `flush_send` after a refresh.)
+            self.next_id += 1;
+            let (ep, round) = (self.client.ep, self.next_id);
+            if let Some(f) = self.client.flushing.as_mut() {
+                f.round = round;
+                f.asked.clear();
+            }
+            self.at(100, Event::FlushRound { client: ep, round });
         }
     }
 
@@ -2758,6 +2969,7 @@ impl ProductionWorld {
             dirty: BTreeMap::new(),
             live: BTreeSet::new(),
             installed: false,
+            fenced_at: 0,
         });
         if let Some(l) = self.leader {
             self.send(self.client.ep, l, Msg::Open);
@@ -2899,7 +3111,12 @@ impl ProductionWorld {
                     row.iter().filter(|n| o.reached.contains(n)).count() < Self::deciders(row.len())
                 });
                 match short {
-                    None => self.open_next_chunk(),
+                    None => {
+                        if let Some(o) = self.client.opening.as_mut() {
+                            o.fenced_at = self.now;
+                        }
+                        self.open_next_chunk();
+                    }
                     Some(p) if self.now > o.deadline => {
                         self.open_failed(format!("too few holders of pg {p} serve"));
                     }
@@ -2987,8 +3204,9 @@ impl ProductionWorld {
         let holders = self.client.map.holders(R, pg(chunk));
         o.live = holders.iter().copied().filter(|n| o.reached.contains(n)).collect();
         o.installed = false;
-        // (The fence's reports name the chunk; its state is asked again now.)
+        // (The fence's reports are trusted while fresh; later, the chunk's state is asked again.)
         if self.options.fresh_states
+            && self.now.saturating_sub(o.fenced_at) >= FENCE_REPORTS_FRESH_MS
             && let Some(d) = o.dirty.get_mut(&chunk)
         {
             d.clear();

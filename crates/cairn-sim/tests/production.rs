@@ -1,6 +1,9 @@
 //! Runs the simulation of production's data path (`cairn_sim::production`) over many seeds.
 //! `CAIRN_SIM_SEEDS=N` runs N seeds (default 10 000, about 50 s), `CAIRN_SIM_FIRST=S` starts at seed S; a
-//! failure prints the seed and the last lines of its trace, and replays exactly.
+//! failure prints the seed and the last lines of its trace, and replays exactly (`CAIRN_SIM_TRACE=1`
+//! prints the whole trace). The seeds that fail without a rule are found again with the ignored
+//! search whenever the model changes (its random draws move); each comment describes the shape
+//! first found.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cairn_sim::production::{Options, ProductionStats, run_production_seed, run_production_seed_with};
@@ -29,6 +32,8 @@ fn production_seeds_keep_every_invariant() {
                 t.revivals += s.revivals;
                 t.handovers += s.handovers;
                 t.opens += s.opens;
+                t.flushes += s.flushes;
+                t.pool_power_losses += s.pool_power_losses;
             }
             Err(e) => panic!("seed {seed} failed (replay: CAIRN_SIM_FIRST={seed} CAIRN_SIM_SEEDS=1):\n{e}"),
         }
@@ -55,7 +60,7 @@ fn production_seeds_keep_every_invariant() {
 /// mutation routed by an older PG membership than theirs (`PgCheck::writer_behind`).
 #[test]
 fn without_the_writer_interval_check_a_writer_with_an_old_map_loses_a_write() {
-    fails_only_without(2565, Options { check_writer_interval: false, ..Options::default() });
+    fails_only_without(7729, Options { check_writer_interval: false, ..Options::default() });
 }
 
 /// A PG that took in a filled node has four holders; a write acknowledged by a majority of R (two
@@ -65,7 +70,7 @@ fn without_the_writer_interval_check_a_writer_with_an_old_map_loses_a_write() {
 /// pool settled). Writes now need all holders but R − q (found by review, for another shape).
 #[test]
 fn without_the_grown_pg_write_quorum_two_holders_miss_an_acknowledged_write() {
-    fails_only_without(8227, Options { all_holders_but_r_minus_q: false, ..Options::default() });
+    fails_only_without(1807, Options { all_holders_but_r_minus_q: false, ..Options::default() });
 }
 
 /// Two nodes catching up, each holding records for the other, each with a copy newer than the one
@@ -83,7 +88,7 @@ fn two_nodes_catching_up_with_newer_copies_do_not_wait_for_each_other() {
 /// old writer got it acknowledged (I3).
 #[test]
 fn without_fencing_an_old_writer_gets_a_write_acknowledged_after_the_new_writers_open() {
-    fails_only_without(2, Options { fence: false, ..Options::default() });
+    fails_only_without(1, Options { fence: false, ..Options::default() });
 }
 
 /// A node catching up compared a chunk dirty on it, written by the current writer, with an in-sync
@@ -93,7 +98,7 @@ fn without_fencing_an_old_writer_gets_a_write_acknowledged_after_the_new_writers
 /// leaves a copy of the current writer generation alone (it differs only by writes in flight).
 #[test]
 fn without_the_current_generation_rule_a_catch_up_pulls_back_over_an_acknowledged_write() {
-    fails_only_without(2963, Options { compare_keeps_newer: false, ..Options::default() });
+    fails_only_without(83, Options { compare_keeps_newer: false, ..Options::default() });
 }
 
 fn fails_only_without(seed: u64, options: Options) {
@@ -156,4 +161,26 @@ fn search_seeds_with_two_copies_after_an_open() {
         .filter(|seed| run_production_seed_with(*seed, options).is_err_and(|e| e.starts_with("I3:")))
         .collect();
     println!("{} of {count} seeds from {first} serve two copies after an open: {failed:?}", failed.len());
+}
+
+/// Counts the seeds that fail with Linux's writeback interval (5–30 s instead of 1–4 s): unflushed
+/// data stays exposed longer, and after a power loss of every node a revival can leave a holder's
+/// newer copy that the catch-up then never replaces (the known gap in ARCHITECTURE.md). A search,
+/// not a test, until that gap is closed.
+#[test]
+#[ignore = "a search, not a test: the known gap after a power loss of every node"]
+fn search_seeds_failing_with_a_long_writeback() {
+    let first = env("CAIRN_SIM_FIRST", 0);
+    let count = env("CAIRN_SIM_SEEDS", 3_000);
+    let options = Options { writeback_ms: (5_000, 30_000), ..Options::default() };
+    let failed: Vec<(u64, String)> = (first..first + count)
+        .filter_map(|seed| {
+            let e = run_production_seed_with(seed, options).err()?;
+            Some((seed, e.lines().next().unwrap_or("").chars().take(100).collect()))
+        })
+        .collect();
+    println!("{} of {count} seeds from {first} fail with a 5–30 s writeback:", failed.len());
+    for (seed, why) in failed.iter().take(20) {
+        println!("  {seed}: {why}");
+    }
 }
