@@ -1670,6 +1670,8 @@ mod tests {
             last_sequence: seq,
             dirty: true,
             missed_by: missed_by.to_vec(),
+            fence: Generation(generation),
+            serving: true,
         }
     }
 

@@ -738,6 +738,15 @@ async fn compare_dirty(node: Local<'_>) -> bool {
                 .filter(|(id, _)| !behind.contains(id))
                 .map(|(_, i)| i.chunk_version())
                 .collect();
+            // The volume's writer generation: this node's map may lag (it can have taken a fenced
+            // writer's write while it did), so the fences the others persisted count too.
+            let current = answered.iter().map(|(_, i)| i.fence.0).fold(info.generation, u64::max);
+            // Copies of nodes that serve: one that does not may hold the same leftover.
+            let serving: Vec<cairn_types::Version> = answered
+                .iter()
+                .filter(|(id, i)| i.serving && !behind.contains(id))
+                .map(|(_, i)| i.chunk_version())
+                .collect();
             let theirs = (!versions.is_empty()).then_some(versions);
             match theirs {
                 Some(v) if v.iter().all(|v| *v == mine) => {}
@@ -752,13 +761,14 @@ async fn compare_dirty(node: Local<'_>) -> bool {
                 // by the production simulation, seeds 154 and 3601; on shared volumes by review).
                 // What this comparison is for, a fenced writer's leftover (an older generation),
                 // is still pulled back.
-                Some(_) if !mine.is_installing() && mine.generation >= info.generation => {}
+                Some(_) if !mine.is_installing() && mine.generation >= current => {}
                 // A one-writer volume's fenced-writer leftover is above every copy the pool holds;
-                // a copy here that some in-sync replica's matches or passes is none (an older one
-                // is covered by the records of the writes it missed). Pulling back over it could
-                // undo what an open's reconciliation chose, or race the copy of its winner to the
-                // others (found by the production simulation).
-                Some(v) if !mine.is_installing() && !info.shared && v.iter().any(|t| *t >= mine) => {}
+                // a copy here that the copy of some in-sync replica that serves matches or passes
+                // is none (an older one is covered by the records of the writes it missed; one
+                // that does not serve may hold the same leftover: found by review). Pulling back
+                // over it could undo what an open's reconciliation chose, or race the copy of its
+                // winner to the others (found by the production simulation).
+                Some(_) if !mine.is_installing() && !info.shared && serving.iter().any(|t| *t >= mine) => {}
                 Some(_) => {
                     if let Err(e) = missed.record(&[me], volume.get(), chunk.0, info.chunk_size_bytes) {
                         tracing::error!("missed-writes log: {e}");

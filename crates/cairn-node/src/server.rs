@@ -609,8 +609,8 @@ fn peers_to_record(now: Option<&PgCheck>, missed_by: &[u64]) -> Vec<u64> {
 fn chunk_info(
     s: cairn_store::ChunkState,
     hooks: Option<&ClientHooks>,
-    volume: cairn_types::VolumeId,
-    chunk: cairn_types::ChunkIndex,
+    (volume, chunk): (cairn_types::VolumeId, cairn_types::ChunkIndex),
+    fence: cairn_types::Generation,
 ) -> ChunkInfo {
     ChunkInfo {
         generation: s.generation,
@@ -618,6 +618,8 @@ fn chunk_info(
         last_sequence: s.last_sequence,
         dirty: s.dirty,
         missed_by: hooks.map(|h| h.missed.missed_by(volume.get(), chunk.0)).unwrap_or_default(),
+        fence,
+        serving: hooks.is_some_and(|h| (h.serves_clients)()),
     }
 }
 
@@ -780,18 +782,22 @@ fn run(
         }
         Request::Fence { volume, generation } => {
             store.raise_fence(volume, generation)?;
+            let fence = store.highest_generation(volume)?;
             let mut dirty = Vec::new();
             for chunk in store.dirty_chunks(volume)? {
                 if let Some(s) = store.chunk_state(volume, chunk)? {
-                    dirty.push((chunk, chunk_info(s, hooks, volume, chunk)));
+                    dirty.push((chunk, chunk_info(s, hooks, (volume, chunk), fence)));
                 }
             }
             let serving = hooks.is_some_and(|h| (h.serves_clients)());
             Response::FenceRaised { dirty, serving }
         }
-        Request::ChunkVersion { volume, chunk } => Response::ChunkVersion(
-            store.chunk_state(volume, chunk)?.map(|s| chunk_info(s, hooks, volume, chunk)),
-        ),
+        Request::ChunkVersion { volume, chunk } => {
+            let fence = store.highest_generation(volume)?;
+            Response::ChunkVersion(
+                store.chunk_state(volume, chunk)?.map(|s| chunk_info(s, hooks, (volume, chunk), fence)),
+            )
+        }
         Request::ListChunks { volume, after, limit } => {
             let limit = limit.clamp(1, cairn_proto::message::CHUNK_LIST_MAX) as usize;
             let mut chunks: Vec<cairn_types::ChunkIndex> =

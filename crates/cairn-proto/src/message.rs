@@ -224,6 +224,12 @@ pub struct ChunkInfo {
     /// Peers this node recorded as having missed a write to the chunk (version 4): their copies
     /// must never win a reconciliation (an acknowledged write may be missing from them).
     pub missed_by: Vec<u64>,
+    /// The volume's writer generation this node has persisted (its fence; version 8): a node whose
+    /// map lags learns from it that a newer writer opened the volume.
+    pub fence: Generation,
+    /// Whether this node serves client IO now (version 8): a copy on a node that does not (it is
+    /// catching up, or its map lags) may be a fenced writer's leftover, not the pool's state.
+    pub serving: bool,
 }
 
 impl ChunkInfo {
@@ -235,6 +241,8 @@ impl ChunkInfo {
             last_sequence: 0,
             dirty: false,
             missed_by: Vec::new(),
+            fence: Generation(0),
+            serving: false,
         }
     }
 
@@ -492,6 +500,8 @@ mod tests {
                     last_sequence,
                     dirty,
                     missed_by: vec![g % 7],
+                    fence: Generation(version),
+                    serving: dirty,
                 }))
             }),
             rpc_error().prop_map(Response::Error),
@@ -509,6 +519,8 @@ mod tests {
                                 last_sequence: s,
                                 dirty: true,
                                 missed_by: Vec::new(),
+                                fence: Generation(g),
+                                serving: true,
                             };
                             (ChunkIndex(c), info)
                         })

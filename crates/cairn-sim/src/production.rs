@@ -282,7 +282,7 @@ enum Msg {
     CompareReply {
         round: u64,
         from: u64,
-        infos: Vec<(u64, u64, Vec<u64>)>,
+        infos: Vec<ChunkState>,
     },
     /// `Fence`: raise the generation; the answer names the chunks dirty here (with each one's
     /// version and whom this node recorded as missing it) and whether this node serves.
@@ -508,8 +508,9 @@ struct Node {
     comparing: Option<Comparison>,
 }
 
-/// A holder's state of a chunk: (chunk, version, whom it recorded as missing it).
-type ChunkState = (u64, u64, Vec<u64>);
+/// A holder's state of a chunk: (chunk, version, whom it recorded as missing it, its fence, whether
+/// it serves; a chunk it lacks: version 0, fence 0, not serving — `ChunkInfo::absent`).
+type ChunkState = (u64, u64, Vec<u64>, u64, bool);
 
 /// See `Node::comparing`.
 #[derive(Debug, Clone)]
@@ -1659,11 +1660,16 @@ impl ProductionWorld {
             }
             Msg::CompareReq { round, from: peer, chunks } => {
                 let n = self.nodes.get(&to).expect_node();
+                let serving = n.serves_clients();
                 let infos = chunks
                     .into_iter()
                     .map(|c| {
-                        let v = n.store.get(&c).copied().unwrap_or(0);
-                        (c, v, n.missed.keys().filter(|(_, k)| *k == c).map(|(p, _)| *p).collect())
+                        let missed: Vec<u64> =
+                            n.missed.keys().filter(|(_, k)| *k == c).map(|(p, _)| *p).collect();
+                        match n.store.get(&c) {
+                            Some(v) => (c, *v, missed, n.fence, serving),
+                            None => (c, 0, missed, 0, false),
+                        }
                     })
                     .collect();
                 self.send(to, peer, Msg::CompareReply { round, from: to, infos });
@@ -1886,6 +1892,7 @@ impl ProductionWorld {
                 None if current > version => return (Answer::Conflict, 0),
                 _ => {
                     n.put(chunk, version);
+                    n.fence = n.fence.max(generation_of(version));
                     self.applied_at.insert((version, id), now);
                     if meta
                         .volumes
@@ -2168,19 +2175,23 @@ impl ProductionWorld {
         let mut complete = true;
         for (chunk, mine) in &c.mine {
             let sources = c.sources.get(chunk).cloned().unwrap_or_default();
-            let answered: Vec<(u64, u64, Vec<u64>)> = sources
+            // (holder, its state)
+            let answered: Vec<(u64, ChunkState)> = sources
                 .iter()
                 .filter_map(|h| {
                     let infos = c.answers.get(h)?.as_ref()?;
-                    infos.iter().find(|i| i.0 == *chunk).map(|i| (*h, i.1, i.2.clone()))
+                    infos.iter().find(|i| i.0 == *chunk).map(|i| (*h, i.clone()))
                 })
                 .collect();
-            let behind: BTreeSet<u64> = answered.iter().flat_map(|a| a.2.iter().copied()).collect();
-            let theirs: Vec<u64> = answered.iter().filter(|a| !behind.contains(&a.0)).map(|a| a.1).collect();
-            // (One writer: a copy of the current generation differs only by writes in flight; an
-            // older one is a fenced writer's leftover only if above every in-sync copy.)
-            let kept =
-                keeps_newer && (generation_of(*mine) >= map_generation || theirs.iter().any(|v| v >= mine));
+            let behind: BTreeSet<u64> = answered.iter().flat_map(|a| a.1.2.iter().copied()).collect();
+            let theirs: Vec<u64> =
+                answered.iter().filter(|a| !behind.contains(&a.0)).map(|a| a.1.1).collect();
+            let current = answered.iter().map(|a| a.1.3).fold(map_generation, u64::max);
+            let serving: Vec<u64> =
+                answered.iter().filter(|a| a.1.4 && !behind.contains(&a.0)).map(|a| a.1.1).collect();
+            // (A copy of the current generation differs only by writes in flight; an older one is
+            // a fenced writer's leftover only if above every copy of an in-sync holder that serves.)
+            let kept = keeps_newer && (generation_of(*mine) >= current || serving.iter().any(|v| v >= mine));
             if !theirs.is_empty() && theirs.iter().any(|v| v != mine) && !kept {
                 differ.push(*chunk);
             }
