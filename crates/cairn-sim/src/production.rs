@@ -2757,10 +2757,13 @@ impl ProductionWorld {
             op.chunk, op.attempt
         );
         self.log(line);
-        // Every target is behind this writer's last acknowledged write of the chunk: they all lost
-        // it (every holder lost power before a flush). None is suspected; the write fails at once
-        // and the next one expects no version (`mutate`). (In the final pass: written again.)
-        if ok.is_empty() && behind > 0 && behind == op.asked.len() {
+        // Every target is behind this writer's last acknowledged write of the chunk, or more than
+        // may lack one: they lost it (every holder lost power before a flush). None is suspected;
+        // the write fails at once and the next one expects no version (`mutate`). (In the final
+        // pass: written again.)
+        let holders = self.client.map.holders(R, pg(op.chunk)).len();
+        let lost = behind == op.asked.len() || behind > holders.saturating_sub(self.write_quorum(holders));
+        if ok.is_empty() && behind > 0 && lost {
             self.log(format!(
                 "write v{version} of chunk {} failed: every replica lost the last write",
                 op.chunk
