@@ -688,7 +688,8 @@ struct ProductionWorld {
     handovers: u64,
     /// When the new writer's open returned (its generation, the time).
     opened_at: Option<(u64, u64)>,
-    /// When each node applied each version (the I3 check of an old writer's acknowledgements).
+    /// When each node first held each version, by a write or a copy (the I3 check of an old
+    /// writer's acknowledgements).
     applied_at: BTreeMap<(u64, u64), u64>,
     /// After the new writer's open: per chunk it has sent no write of yet, the copy the first
     /// read begun since returned (and from which node): every replica must serve that one.
@@ -1725,6 +1726,7 @@ impl ProductionWorld {
                 if ok {
                     n.fence = generation;
                     n.put_copy(chunk, version);
+                    self.applied_at.entry((version, to)).or_insert(self.now);
                     let serving = n.serves_clients();
                     let c = n.check(chunk, &[]);
                     if c.holder && serving {
@@ -1820,6 +1822,7 @@ impl ProductionWorld {
                 push_trace(&mut self.trace, self.print_trace, self.now, line);
                 if !refused {
                     n.put_copy(chunk, version);
+                    self.applied_at.entry((version, to)).or_insert(self.now);
                     let serving = n.serves_clients();
                     let c = n.check(chunk, &[]);
                     if c.holder && serving {
@@ -1893,7 +1896,7 @@ impl ProductionWorld {
                 _ => {
                     n.put(chunk, version);
                     n.fence = n.fence.max(generation_of(version));
-                    self.applied_at.insert((version, id), now);
+                    self.applied_at.entry((version, id)).or_insert(now);
                     if meta
                         .volumes
                         .values()
@@ -2311,6 +2314,7 @@ impl ProductionWorld {
             // peer's copy installed meanwhile is not undone), the record done.
             if n.store.get(&j.chunk).copied().unwrap_or(0) == j.target_version.unwrap_or(0) {
                 n.put_copy(j.chunk, v);
+                self.applied_at.entry((v, id)).or_insert(self.now);
                 if n.missed.get(&(id, j.chunk)).is_some_and(|e| e.seq == j.seq) {
                     n.missed.remove(&(id, j.chunk));
                 }
