@@ -211,6 +211,7 @@ impl Node {
                 Box::new(move |volume, chunk, missed_by| index(&|i| i.check(me, volume, chunk, missed_by)))
             },
             missed: missed.clone(),
+            me: me.id,
             volume_state: {
                 // Per-request lookup by volume id: live volumes' generations and deleted ids, so
                 // a request costs a lock and a hash lookup, not a scan of every volume.

@@ -121,6 +121,9 @@ pub struct Options {
     /// 1–4 s by default. Linux's own (dirty pages written within 5–30 s) leaves unflushed data
     /// exposed longer, and shows a known gap after a power loss of every node (ARCHITECTURE.md).
     pub writeback_ms: (u64, u64),
+    /// A node refuses to confirm a record of a write (`RecordMissed` with `at`) for a chunk it
+    /// recorded itself as missing: its copy is to be pulled back.
+    pub unsure_copy_confirms_nothing: bool,
 }
 
 impl Default for Options {
@@ -136,6 +139,7 @@ impl Default for Options {
             fresh_states: true,
             check_one_copy_after_open: false,
             writeback_ms: (1000, 4000),
+            unsure_copy_confirms_nothing: true,
         }
     }
 }
@@ -1756,7 +1760,9 @@ impl ProductionWorld {
             }
             Msg::RecordMissed { op, chunk, peers, at } => {
                 let n = self.nodes.get_mut(&to).expect_node();
-                let ok = n.store.get(&chunk).copied().unwrap_or(0) == at;
+                // (A copy it recorded itself as missing is to be pulled back: it holds no write.)
+                let ok = n.store.get(&chunk).copied().unwrap_or(0) == at
+                    && !(self.options.unsure_copy_confirms_nothing && n.missed.contains_key(&(to, chunk)));
                 let mut hold = 0;
                 if ok {
                     n.record(&peers, chunk, false);
