@@ -271,6 +271,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let connections = ConnectionPool::default();
+    let started = tokio::time::Instant::now();
     let mut reaped = tokio::time::Instant::now();
     let mut damaged: Vec<(cairn_types::VolumeId, ChunkIndex)> = Vec::new();
     // Per peer whose copies failed: when to try again, and the current delay (doubling up to
@@ -334,7 +335,7 @@ pub async fn run(
             let catching_up =
                 meta.read(|s| s.nodes.get(&me).is_none_or(|n| n.boot_id != meta.boot_id() || n.catching_up));
             if catching_up {
-                pull_own(local).await;
+                pull_own(local, started).await;
             }
             // Its own copies may be the reverted ones: it copies nothing to others until it
             // has pulled them all back.
@@ -944,8 +945,19 @@ async fn reap_deleted(store: &Arc<Store>, meta: &MetaService<RpcPeerTransport>, 
 /// Rounds of `pull_own` so far: picks which source each chunk is pulled from.
 static PULL_ROUNDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Pulls back, from in-sync replicas, a batch of the chunks this node recorded as missed by itself.
-async fn pull_own(node: Local<'_>) {
+/// How long after it starts a node waits before it pulls its own chunks back from in-sync
+/// replicas: a write it applied and answered before it lost power may still be on its way to the
+/// others (a writer's attempt lasts up to its RPC timeout, 5 s by default, and the hold-back
+/// allowance); after this, the newest in-sync copy holds every write acknowledged with this node
+/// among its appliers.
+const PULL_OWN_AFTER: Duration = Duration::from_secs(10);
+
+/// Pulls back, from in-sync replicas, a batch of the chunks this node recorded as missed by itself:
+/// from the one whose copy is newest, and not before `PULL_OWN_AFTER` since this process started
+/// (found by the production simulation's long run, seed 383 903: a node back from a power loss
+/// pulled a copy from a replica the write it had answered had not reached yet, and the write,
+/// acknowledged with it among its appliers, was gone from it, unrecorded).
+async fn pull_own(node: Local<'_>, started: tokio::time::Instant) {
     let Local { store, missed, meta, connections, me } = node;
     let mut pulled = 0;
     let round = PULL_ROUNDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -964,8 +976,7 @@ async fn pull_own(node: Local<'_>) {
             }
             continue;
         };
-        // Rotate over the sources: one unreachable source must not stall the resync.
-        let Some(addr) = sources.get((chunk as usize + round) % sources.len().max(1)) else {
+        if sources.is_empty() {
             // No holder in sync at all (the whole pool lost power, say): the holders' own copies
             // decide.
             match revive_chunk(node, (volume, chunk, chunk_size)).await {
@@ -985,8 +996,36 @@ async fn pull_own(node: Local<'_>) {
                 Err(e) => tracing::debug!(volume, chunk, "resync: no in-sync replica to copy from yet ({e})"),
             }
             continue;
+        }
+        if started.elapsed() < PULL_OWN_AFTER {
+            continue;
+        }
+        // The newest copy among the sources that answer (ties: the first in rotation).
+        let Ok(v) = VolumeId::new(volume) else { continue };
+        let ask = Request::ChunkVersion { volume: v, chunk: ChunkIndex(chunk) };
+        let k = sources.len();
+        let rotated: Vec<SocketAddr> = (0..k).map(|i| sources[(chunk as usize + round + i) % k]).collect();
+        let versions = futures::future::join_all(rotated.iter().map(|addr| async {
+            match connections.call_within(*addr, &ask, COMPARE_TIMEOUT).await {
+                Ok(Response::ChunkVersion(info)) => {
+                    Some(info.map_or(cairn_types::Version::NONE, |i| i.chunk_version()))
+                }
+                _ => None,
+            }
+        }))
+        .await;
+        let newest = rotated.iter().zip(versions).filter_map(|(addr, v)| Some((v?, *addr))).fold(
+            None,
+            |best: Option<(cairn_types::Version, SocketAddr)>, (v, a)| match best {
+                Some((bv, _)) if bv >= v => best,
+                _ => Some((v, a)),
+            },
+        );
+        let Some((_, addr)) = newest else {
+            tracing::debug!(volume, chunk, "power-loss resync: no in-sync replica answered yet");
+            continue;
         };
-        let conn = match connections.get(*addr).await {
+        let conn = match connections.get(addr).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(volume, chunk, "power-loss resync: {e}");

@@ -84,6 +84,9 @@ const HEAL_MS: u64 = 240_000;
 const DIRTY_LINGER_FLUSHES: u32 = 16;
 /// `cairn-client`'s `FENCE_REPORTS_FRESH`.
 const FENCE_REPORTS_FRESH_MS: u64 = 1000;
+/// `cairn-node`'s `PULL_OWN_AFTER`: a writer's attempt lasts at most its RPC timeout and the
+/// hold-back allowance.
+const PULL_OWN_AFTER_MS: u64 = 10_000;
 
 /// What a run leaves out of production's rules, to show what the simulation finds without them.
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +127,10 @@ pub struct Options {
     /// A node refuses to confirm a record of a write (`RecordMissed` with `at`) for a chunk it
     /// recorded itself as missing: its copy is to be pulled back.
     pub unsure_copy_confirms_nothing: bool,
+    /// A node pulling its own copy back (after a power loss) waits until writes it may have
+    /// answered before are past their writers' attempts, and pulls the newest in-sync copy (else
+    /// at once, from any in-sync holder).
+    pub pull_newest: bool,
 }
 
 impl Default for Options {
@@ -140,6 +147,7 @@ impl Default for Options {
             check_one_copy_after_open: false,
             writeback_ms: (1000, 4000),
             unsure_copy_confirms_nothing: true,
+            pull_newest: true,
         }
     }
 }
@@ -463,6 +471,8 @@ struct Job {
     /// A revival (`recovery::revive_chunk`): the other holders asked, and their answers so far
     /// (version, whom each recorded as missing the chunk).
     revive: Option<(BTreeSet<u64>, BTreeMap<u64, ReviveAnswer>)>,
+    /// The `revive` round only asks the in-sync sources which is newest (`pull_own`).
+    newest: bool,
 }
 
 #[derive(Debug)]
@@ -472,6 +482,8 @@ struct Node {
     frozen: bool,
     /// Process starts so far (timers of an earlier process stop).
     life: u64,
+    /// When this process started.
+    started_at: u64,
     boot_id: u64,
     /// The node's applied cluster map (survives a restart, as Raft's state does).
     map: Rc<ClusterState>,
@@ -732,6 +744,7 @@ impl Node {
             alive: true,
             frozen: false,
             life: 0,
+            started_at: now,
             boot_id,
             index: Rc::new(PgIndex::new(&map)),
             index_epoch: map.epoch,
@@ -1546,6 +1559,7 @@ impl ProductionWorld {
             n.life += 1;
             n.boot_id = boot;
             n.grants = Grants::new(now);
+            n.started_at = now;
             n.leases = Leases::default();
             n.serving_from = 0;
             n.seeded.clear();
@@ -2050,6 +2064,7 @@ impl ProductionWorld {
         let own = n.missed.iter().find(|((p, _), _)| *p == id).map(|((_, c), e)| (*c, e.seq));
         let mut pull = None;
         let mut revive = None;
+        let mut newest: Option<(BTreeSet<u64>, u64)> = None;
         if let Some((chunk, seq)) = own {
             let catching = map.nodes.get(&id).is_none_or(|x| x.boot_id != n.boot_id || x.catching_up);
             let sources: Vec<u64> = map
@@ -2058,7 +2073,26 @@ impl ProductionWorld {
                 .filter(|h| *h != id && map.nodes.get(h).is_some_and(|x| x.in_sync()))
                 .filter(|h| !n.missed.contains_key(&(*h, chunk)))
                 .collect();
-            if catching && n.job.is_none() && !sources.is_empty() {
+            // (Not before writes this node may have answered before it lost power are past their
+            // writers' attempts: then the newest in-sync copy holds every one acknowledged.)
+            let settled_in =
+                (self.now.saturating_sub(n.started_at) >= PULL_OWN_AFTER_MS) || !self.options.pull_newest;
+            if catching && n.job.is_none() && !sources.is_empty() && settled_in && self.options.pull_newest {
+                let here = n.store.get(&chunk).copied().unwrap_or(0);
+                let asked: BTreeSet<u64> = sources.iter().copied().collect();
+                n.job = Some(Job {
+                    id: job,
+                    peer: id,
+                    chunk,
+                    seq,
+                    source: id,
+                    target_version: Some(here),
+                    version: None,
+                    revive: Some((asked.clone(), BTreeMap::new())),
+                    newest: true,
+                });
+                newest = Some((asked, chunk));
+            } else if catching && n.job.is_none() && !sources.is_empty() && settled_in {
                 let source = sources[(seq % sources.len() as u64) as usize];
                 let here = n.store.get(&chunk).copied().unwrap_or(0);
                 n.job = Some(Job {
@@ -2070,9 +2104,10 @@ impl ProductionWorld {
                     target_version: Some(here),
                     version: None,
                     revive: None,
+                    newest: false,
                 });
                 pull = Some((source, chunk));
-            } else if catching && n.job.is_none() && self.options.revive {
+            } else if catching && n.job.is_none() && sources.is_empty() && self.options.revive {
                 revive = Some((chunk, seq));
             }
         }
@@ -2080,6 +2115,12 @@ impl ProductionWorld {
             && let Some(others) = self.revival(id, job, chunk, seq)
         {
             for p in others {
+                self.send(id, p, Msg::ReviveReq { job, from: id, chunk });
+            }
+            self.at(RPC_TIMEOUT_MS, Event::JobTimeout { node: id, job });
+        }
+        if let Some((asked, chunk)) = newest {
+            for p in asked {
                 self.send(id, p, Msg::ReviveReq { job, from: id, chunk });
             }
             self.at(RPC_TIMEOUT_MS, Event::JobTimeout { node: id, job });
@@ -2125,6 +2166,7 @@ impl ProductionWorld {
             target_version: None,
             version: None,
             revive: None,
+            newest: false,
         });
         self.send(id, peer, Msg::VersionReq { job, from: id, chunk });
         self.at(RPC_TIMEOUT_MS, Event::JobTimeout { node: id, job });
@@ -2256,6 +2298,7 @@ impl ProductionWorld {
             target_version: None,
             version: None,
             revive: Some((others.clone(), BTreeMap::new())),
+            newest: false,
         });
         Some(others)
     }
@@ -2274,6 +2317,16 @@ impl ProductionWorld {
         }
         let answers = answers.clone();
         let chunk = j.chunk;
+        if j.newest {
+            // The newest in-sync copy (ties: lowest id) is pulled (`pull_own`).
+            let Some((&source, _)) = answers.iter().max_by_key(|(h, (v, _))| (*v, Reverse(**h))) else {
+                n.job = None;
+                return;
+            };
+            j.source = source;
+            self.send(id, source, Msg::SourceRead { job, from: id, chunk, any: false });
+            return;
+        }
         let mut copies: Vec<(bool, Reverse<u64>, u64)> = Vec::new();
         if let Some(v) = n.store.get(&chunk) {
             copies.push((n.missed.contains_key(&(id, chunk)), Reverse(*v), id));
