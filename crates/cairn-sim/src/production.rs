@@ -274,8 +274,11 @@ enum Msg {
     CatchUp {
         node: u64,
     },
-    /// A new writer asks the metadata leader for a generation (`OpenVolume`).
-    Open,
+    /// A new writer asks the metadata leader for a generation newer than `after` (`OpenVolume`; one
+    /// request at a time, as production's client: a re-sent one commits nothing more).
+    Open {
+        after: u64,
+    },
     /// A client's `Flush`: this node's copies made durable (`Store::flush`).
     Flush {
         round: u64,
@@ -697,6 +700,8 @@ struct ProductionWorld {
     pool_power_losses: u64,
     /// When every node last lost power.
     pool_power_loss_at: Option<u64>,
+    /// An `OpenVolume` is proposed and not yet committed (or lost).
+    open_pending: bool,
     /// When each node last answered a write of each version as applied (it held it then).
     confirmed_at: BTreeMap<(u64, u64), u64>,
     /// The current writer's endpoint (`NEW_WRITER` after a handover).
@@ -930,6 +935,7 @@ impl ProductionWorld {
             flushed: BTreeMap::new(),
             pool_power_losses: 0,
             pool_power_loss_at: None,
+            open_pending: false,
             confirmed_at: BTreeMap::new(),
             writer_ep: CLIENT,
             handovers: 0,
@@ -1250,6 +1256,9 @@ impl ProductionWorld {
             }
             Event::Commit { term, commands } => {
                 self.proposing = self.proposing.saturating_sub(1);
+                if commands.iter().any(|c| matches!(c, Command::OpenVolume { .. })) {
+                    self.open_pending = false;
+                }
                 // An entry of an earlier term may still commit (it reached a majority before the
                 // fail-over) or be lost.
                 if term != self.term && self.rng.chance(500) {
@@ -1712,8 +1721,11 @@ impl ProductionWorld {
                 });
                 self.send(to, from, Msg::FlushReply { round, from: to });
             }
-            Msg::Open => {
-                if self.leader == Some(to) {
+            Msg::Open { after } => {
+                let current =
+                    self.meta.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+                if self.leader == Some(to) && current <= after && !self.open_pending {
+                    self.open_pending = true;
                     self.propose(vec![Command::OpenVolume { name: "v".into(), time_ms: now }]);
                 }
             }
@@ -3049,7 +3061,7 @@ impl ProductionWorld {
             fenced_at: 0,
         });
         if let Some(l) = self.leader {
-            self.send(self.client.ep, l, Msg::Open);
+            self.send(self.client.ep, l, Msg::Open { after });
         }
         self.at(200, Event::OpenStep { client: self.client.ep, round });
     }
@@ -3103,7 +3115,7 @@ impl ProductionWorld {
                     self.open_failed("no generation committed".into());
                 } else {
                     if let Some(l) = self.leader {
-                        self.send(self.client.ep, l, Msg::Open);
+                        self.send(self.client.ep, l, Msg::Open { after });
                     }
                     self.next_id += 1;
                     let round = self.next_id;
