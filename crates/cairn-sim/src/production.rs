@@ -801,6 +801,17 @@ impl Node {
         self.marked.insert(chunk, 0);
     }
 
+    /// A copy installed by a peer or a client's reconciliation: a holder that serves records it for
+    /// the PG's backfill members (the copy reaches them through the catch-up, as a write would).
+    fn install(&mut self, chunk: u64, version: u64) {
+        self.put_copy(chunk, version);
+        let serving = self.serves_clients();
+        let c = self.check(chunk, &[]);
+        if c.holder && serving {
+            self.record(&c.backfill, chunk, false);
+        }
+    }
+
     /// A whole copy installed (catch-up, pull-back, reconciliation): synced before it is
     /// acknowledged, and no longer dirty (`Store::install_range`'s last piece).
     fn put_copy(&mut self, chunk: u64, version: u64) {
@@ -1755,13 +1766,8 @@ impl ProductionWorld {
                 let ok = !fenced && current == expect;
                 if ok {
                     n.fence = generation;
-                    n.put_copy(chunk, version);
+                    n.install(chunk, version);
                     self.applied_at.entry((version, to)).or_insert(self.now);
-                    let serving = n.serves_clients();
-                    let c = n.check(chunk, &[]);
-                    if c.holder && serving {
-                        n.record(&c.backfill, chunk, false);
-                    }
                 }
                 let line =
                     format!("node {to} reconciliation puts chunk {chunk} v{version} (has v{current}): {ok}");
@@ -1853,13 +1859,8 @@ impl ProductionWorld {
                 );
                 push_trace(&mut self.trace, self.print_trace, self.now, line);
                 if !refused {
-                    n.put_copy(chunk, version);
+                    n.install(chunk, version);
                     self.applied_at.entry((version, to)).or_insert(self.now);
-                    let serving = n.serves_clients();
-                    let c = n.check(chunk, &[]);
-                    if c.holder && serving {
-                        n.record(&c.backfill, chunk, false);
-                    }
                 }
                 self.send(to, peer, Msg::InstallReply { job, ok: !refused });
             }
