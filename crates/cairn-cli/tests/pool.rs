@@ -211,6 +211,36 @@ fn leader_failover_keeps_volumes_and_generations_grow() {
         generations.windows(2).all(|w| w[0] < w[1]),
         "generations must strictly increase: {generations:?}"
     );
+
+    // A writer's open names the generation it read: one naming an older generation than the
+    // committed one (a retry whose first request committed, or a late duplicate) opens nothing,
+    // so it cannot fence the writer that sent it.
+    let current = *generations.last().unwrap();
+    let (status, body) = open_after(&pool, "vm1", current - 1);
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("read it again"), "{body}");
+    assert_eq!(
+        pool.cli_json(&["volume", "info", "vm1"])["generation"],
+        current,
+        "a refused open moved nothing"
+    );
+    let (status, body) = open_after(&pool, "vm1", current);
+    assert_eq!(status, 200, "{body}");
+    assert!(body["generation"].as_u64().unwrap() > current, "{body}");
+}
+
+/// `POST /v1/volumes/{name}/open?after=G` through whichever node answers (redirects followed).
+fn open_after(pool: &Pool, name: &str, after: u64) -> (u16, serde_json::Value) {
+    let client = reqwest::blocking::Client::new();
+    for k in 1..=pool.nodes as u64 {
+        if let Ok(r) =
+            client.post(format!("http://{}/v1/volumes/{name}/open?after={after}", pool.http(k))).send()
+            && r.status().as_u16() != 503
+        {
+            return (r.status().as_u16(), r.json().unwrap());
+        }
+    }
+    panic!("no node answered an open of {name}");
 }
 
 #[test]

@@ -14,6 +14,10 @@ pub enum MetaClientError {
     UnknownVolume(String),
     #[error("metadata service: {0}")]
     Failed(String),
+    /// The request conflicts with the current state (HTTP 409), e.g. an open whose `after` is
+    /// older than the volume's generation.
+    #[error("metadata service: {0}")]
+    Conflict(String),
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -230,6 +234,7 @@ impl MetaClient {
         match status {
             200 | 201 => serde_json::from_value(body).map_err(|e| MetaClientError::Failed(e.to_string())),
             404 => Err(MetaClientError::UnknownVolume(name.to_string())),
+            409 => Err(MetaClientError::Conflict(body["error"].as_str().unwrap_or("conflict").to_string())),
             _ => Err(MetaClientError::Failed(
                 body["error"].as_str().unwrap_or("unexpected answer").to_string(),
             )),
@@ -290,9 +295,12 @@ impl MetaClient {
         self.get_json(false, "/v1/nodes", "").await
     }
 
-    /// Obtains a new writer generation for the volume (committed before it is returned).
-    pub async fn open(&self, name: &str) -> Result<VolumeInfo, MetaClientError> {
-        self.get_json(true, &format!("/v1/volumes/{name}/open"), name).await
+    /// Obtains a new writer generation for the volume (committed before it is returned), newer
+    /// than `after`, the generation the caller read: if a newer one is committed already (another
+    /// writer's, or this caller's own request whose answer was lost), it fails with `Conflict` and
+    /// opens nothing, so a retried or late request never fences the writer that sent it.
+    pub async fn open(&self, name: &str, after: u64) -> Result<VolumeInfo, MetaClientError> {
+        self.get_json(true, &format!("/v1/volumes/{name}/open?after={after}"), name).await
     }
 
     /// Numbers a new writer of `name` under its current generation (committed): the returned

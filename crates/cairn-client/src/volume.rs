@@ -177,6 +177,16 @@ const SETTLE_ROUNDS_MAX: usize = 32;
 /// later is asked again (a copy may have moved meanwhile; found by the production simulation).
 const FENCE_REPORTS_FRESH: Duration = Duration::from_secs(1);
 
+/// How many times a writer reads the volume again when its open finds a newer generation
+/// committed since it read (hosts racing to open it), before it gives up with an error.
+const OPEN_CONFLICTS_MAX: u32 = 8;
+
+/// A writer's generation: one it joined (a shared volume's current one) or one it opened.
+enum Taken {
+    Adopted(u64),
+    Opened(VolumeInfo),
+}
+
 /// Why copying a chunk from one node to another failed.
 #[derive(Debug)]
 struct CopyError {
@@ -448,22 +458,9 @@ impl VolumeClient {
         }
         let mut g = self.generation.lock().await;
         if *g == 0 {
-            // A shared volume's writer joins the current generation (if any) with a number of its
-            // own; any other writer opens a new generation, which numbers it too.
-            let adopted = if self.shared() {
-                let v = self.meta.writer(&self.name).await.map_err(meta_err)?;
-                (v.generation != 0).then(|| {
-                    lock(&self.versions).set_tag(v.writers);
-                    v.generation
-                })
-            } else {
-                None
-            };
-            let generation = match adopted {
-                Some(generation) => generation,
-                None => {
-                    let opened = self.meta.open(&self.name).await.map_err(meta_err)?;
-                    lock(&self.versions).set_tag(opened.writers);
+            let generation = match self.take_generation().await? {
+                Taken::Adopted(generation) => generation,
+                Taken::Opened(opened) => {
                     let generation = opened.generation;
                     // Fence and reconcile by a map at least as new as the open: one up to a
                     // refresh old could miss a member admitted since, which would then take the
@@ -486,6 +483,38 @@ impl VolumeClient {
             *g = generation;
         }
         Ok(*g)
+    }
+
+    /// Joins or opens a writer generation, numbering this writer. A shared volume's writer joins
+    /// the current generation (if any) with a number of its own; any other writer opens a new
+    /// generation, which numbers it too. The open names the generation read: if a newer one was
+    /// committed since (another host's open, or this one's whose answer was lost), it opens
+    /// nothing and this reads the volume again, at most `OPEN_CONFLICTS_MAX` times.
+    async fn take_generation(&self) -> Result<Taken, IoError> {
+        let mut conflicts = 0;
+        loop {
+            let read = if self.shared() {
+                let v = self.meta.writer(&self.name).await.map_err(meta_err)?;
+                if v.generation != 0 {
+                    lock(&self.versions).set_tag(v.writers);
+                    return Ok(Taken::Adopted(v.generation));
+                }
+                0
+            } else {
+                self.meta.volume(&self.name).await.map_err(meta_err)?.generation
+            };
+            match self.meta.open(&self.name, read).await {
+                Ok(opened) => {
+                    lock(&self.versions).set_tag(opened.writers);
+                    return Ok(Taken::Opened(opened));
+                }
+                Err(MetaClientError::Conflict(why)) if conflicts < OPEN_CONFLICTS_MAX => {
+                    conflicts += 1;
+                    tracing::info!(volume = %self.name, "open raced another: {why}; reading it again");
+                }
+                Err(e) => return Err(meta_err(e)),
+            }
+        }
     }
 
     /// Fencing at open. Raises `generation` on every in-sync holder of the volume's PGs (each

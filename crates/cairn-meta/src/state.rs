@@ -177,10 +177,15 @@ pub enum Command {
         name: String,
         time_ms: u64,
     },
-    /// Issue a new writer generation for a volume (and a writer number).
+    /// Issue a new writer generation for a volume (and a writer number). With `after`, only if
+    /// the volume's generation is still `after` or older: a request retried after a lost answer,
+    /// or committed late, then opens nothing more (a duplicate would fence the writer that
+    /// asked), and the writer re-reads the volume on `GenerationMoved` before it opens again.
     OpenVolume {
         name: String,
         time_ms: u64,
+        #[serde(default)]
+        after: Option<u64>,
     },
     /// Number a new writer of a volume under its current generation (a shared volume's writer
     /// that adopts the generation another opened).
@@ -245,6 +250,10 @@ pub enum StateError {
     UnknownPg { replicas: u8, pg: u32 },
     #[error("volume {name:?}: generation {generation} is fenced by generation {current}")]
     Fenced { name: String, generation: u64, current: u64 },
+    #[error(
+        "volume {name:?} was opened for writing since generation {after} (it is at generation {current}): read it again before opening"
+    )]
+    GenerationMoved { name: String, after: u64, current: u64 },
     #[error("node {node} cannot be admitted to pg {pg} as {phase:?} (incarnation {incarnation})")]
     NotAdmissible { pg: u32, node: u64, incarnation: u64, phase: Phase },
     #[error("node {id} is being filled with other placement groups than the ones checked")]
@@ -731,9 +740,12 @@ impl ClusterState {
                 self.event(time_ms, "volume.deleted", format!("volume {name}"), format!("id {}", volume.id));
                 Ok(CommandResult::Volume(volume))
             }
-            Command::OpenVolume { name, time_ms } => {
+            Command::OpenVolume { name, time_ms, after } => {
                 let volume =
                     self.volumes.get_mut(&name).ok_or_else(|| StateError::UnknownVolume(name.clone()))?;
+                if let Some(after) = after.filter(|a| volume.generation > *a) {
+                    return Err(StateError::GenerationMoved { name, after, current: volume.generation });
+                }
                 self.last_generation += 1;
                 volume.generation = self.last_generation;
                 volume.writers += 1;
@@ -865,13 +877,46 @@ mod tests {
             CommandResult::Volume(v) => (v.generation, v.writers),
             other => panic!("{other:?}"),
         };
-        let a = number(s.apply(Command::OpenVolume { name: "w".into(), time_ms: 3 }));
+        let a = number(s.apply(Command::OpenVolume { name: "w".into(), time_ms: 3, after: None }));
         let b = number(s.apply(Command::AddWriter { name: "w".into() }));
-        let c = number(s.apply(Command::OpenVolume { name: "w".into(), time_ms: 4 }));
+        let c = number(s.apply(Command::OpenVolume { name: "w".into(), time_ms: 4, after: None }));
         assert_eq!((a.1, b.1, c.1), (1, 2, 3), "numbers never repeat");
         assert_eq!(a.0, b.0, "a writer joining keeps the generation");
         assert!(c.0 > b.0);
         assert!(matches!(s.apply(Command::AddWriter { name: "nope".into() }), CommandResult::Rejected(_)));
+    }
+
+    #[test]
+    fn a_retried_or_late_open_opens_no_second_generation() {
+        let mut s = with_nodes(3);
+        create(&mut s, "w", 1 << 20, 3);
+        let open = |s: &mut ClusterState, after| {
+            s.apply(Command::OpenVolume { name: "w".into(), time_ms: 3, after })
+        };
+        // The writer read generation 0 and asked; its answer was lost and it asked again: the
+        // second request must not fence the generation the first one committed.
+        let CommandResult::Volume(first) = open(&mut s, Some(0)) else {
+            panic!("the first open must commit")
+        };
+        assert_eq!(
+            open(&mut s, Some(0)),
+            CommandResult::Rejected(StateError::GenerationMoved {
+                name: "w".into(),
+                after: 0,
+                current: first.generation
+            })
+        );
+        assert_eq!(s.volumes["w"].generation, first.generation, "a duplicate opened nothing");
+        // Having read the volume again, the writer opens past it.
+        let CommandResult::Volume(again) = open(&mut s, Some(first.generation)) else {
+            panic!("an open after the current generation must commit")
+        };
+        assert!(again.generation > first.generation);
+        // An operator's open names no generation and always opens.
+        let CommandResult::Volume(forced) = open(&mut s, None) else {
+            panic!("an unconditional open commits")
+        };
+        assert!(forced.generation > again.generation);
     }
 
     #[test]
@@ -941,7 +986,8 @@ mod tests {
         assert_eq!(s.deleted_volumes, vec![1]);
         let mut last = 0;
         for _ in 0..5 {
-            let CommandResult::Volume(v) = s.apply(Command::OpenVolume { name: "a".into(), time_ms: 4 })
+            let CommandResult::Volume(v) =
+                s.apply(Command::OpenVolume { name: "a".into(), time_ms: 4, after: None })
             else {
                 panic!()
             };
@@ -1027,7 +1073,9 @@ mod tests {
             s.apply(Command::NodeStarted { id, incarnation: id, time_ms: 1 });
         }
         create(&mut s, "v", 1 << 30, 3);
-        let CommandResult::Volume(v) = s.apply(Command::OpenVolume { name: "v".into(), time_ms: 2 }) else {
+        let CommandResult::Volume(v) =
+            s.apply(Command::OpenVolume { name: "v".into(), time_ms: 2, after: None })
+        else {
             panic!()
         };
         let interval = s.pg(3, 0).unwrap().interval;

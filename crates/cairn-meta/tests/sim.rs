@@ -174,7 +174,7 @@ fn simulate(seed: u64) {
             let target = format!("n{target_id}");
             let have_v1 = client_acked.lock().unwrap().volumes.iter().any(|v| v == "v1");
             let command = if n.is_multiple_of(3) && have_v1 {
-                Command::OpenVolume { name: "v1".into(), time_ms: n }
+                Command::OpenVolume { name: "v1".into(), time_ms: n, after: None }
             } else {
                 Command::CreateVolume {
                     name: if have_v1 { format!("v{n}") } else { "v1".into() },

@@ -9,7 +9,7 @@
 //! | GET | /v1/volumes/{name} | one volume and the nodes holding its placement groups |
 //! | DELETE | /v1/volumes/{name} | delete |
 //! | POST | /v1/volumes/{name}/resize | `{"size_bytes", "allow_shrink"?}` |
-//! | POST | /v1/volumes/{name}/open | issue a new writer generation (and writer number) |
+//! | POST | /v1/volumes/{name}/open[?after=G] | issue a new writer generation (and writer number); with `after`, only if the volume is still at generation G or older (else 409) |
 //! | POST | /v1/volumes/{name}/writer | number a new writer under the current generation |
 //! | GET | /v1/events?since=N | events with sequence number above N |
 //! | POST | /v1/nodes/{id}/catch-up | a client saw the node miss a write: it must catch up |
@@ -191,7 +191,7 @@ fn map_error(e: MetaError, uri: &Uri) -> ApiError {
         MetaError::Rejected(e) => {
             let status = match &e {
                 StateError::UnknownVolume(_) | StateError::UnknownNode(_) => StatusCode::NOT_FOUND,
-                StateError::NameTaken(_) => StatusCode::CONFLICT,
+                StateError::NameTaken(_) | StateError::GenerationMoved { .. } => StatusCode::CONFLICT,
                 _ => StatusCode::BAD_REQUEST,
             };
             ApiError::new(status, e.to_string())
@@ -459,12 +459,22 @@ async fn resize_volume(
     Ok(Json(propose_volume(&meta, &uri, command).await?))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenAfter {
+    /// Open only if the volume's generation is still this one or older (409 otherwise).
+    after: Option<u64>,
+}
+
 async fn open_volume(
     State(meta): State<Meta>,
     uri: Uri,
     ApiPath(name): ApiPath<String>,
+    q: Result<Query<OpenAfter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Volume>, ApiError> {
-    Ok(Json(propose_volume(&meta, &uri, Command::OpenVolume { name, time_ms: now_ms() }).await?))
+    let Query(q) = q.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let command = Command::OpenVolume { name, time_ms: now_ms(), after: q.after };
+    Ok(Json(propose_volume(&meta, &uri, command).await?))
 }
 
 async fn add_writer(

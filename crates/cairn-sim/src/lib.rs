@@ -848,9 +848,11 @@ impl World {
                 }
             }
             Msg::Open => {
-                let CommandResult::Volume(v) =
-                    self.meta.apply(Command::OpenVolume { name: VOLUME.into(), time_ms: self.now / 1000 })
-                else {
+                let CommandResult::Volume(v) = self.meta.apply(Command::OpenVolume {
+                    name: VOLUME.into(),
+                    time_ms: self.now / 1000,
+                    after: None,
+                }) else {
                     return;
                 };
                 self.log(format!("meta: generation {} issued", v.generation));

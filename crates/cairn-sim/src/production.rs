@@ -131,6 +131,10 @@ pub struct Options {
     /// answered before are past their writers' attempts, and pulls the newest in-sync copy (else
     /// at once, from any in-sync holder).
     pub pull_newest: bool,
+    /// The new writer's `OpenVolume` names the generation it read (`after`): the state machine
+    /// opens none if a newer one is committed, so a request re-sent after its answer was lost,
+    /// or committed late, fences nothing (else every request opens a generation).
+    pub open_names_after: bool,
 }
 
 impl Default for Options {
@@ -148,6 +152,7 @@ impl Default for Options {
             writeback_ms: (1000, 4000),
             unsure_copy_confirms_nothing: true,
             pull_newest: true,
+            open_names_after: true,
         }
     }
 }
@@ -1733,11 +1738,12 @@ impl ProductionWorld {
                 self.send(to, from, Msg::FlushReply { round, from: to });
             }
             Msg::Open { after } => {
-                let current =
-                    self.meta.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
-                if self.leader == Some(to) && current <= after && !self.open_pending {
+                // One request at a time, as production's client (it waits for an answer or a
+                // timeout before it asks again); whether it opens is the state machine's rule.
+                if self.leader == Some(to) && !self.open_pending {
                     self.open_pending = true;
-                    self.propose(vec![Command::OpenVolume { name: "v".into(), time_ms: now }]);
+                    let after = self.options.open_names_after.then_some(after);
+                    self.propose(vec![Command::OpenVolume { name: "v".into(), time_ms: now, after }]);
                 }
             }
             Msg::Fence { round, generation } => {

@@ -132,6 +132,7 @@ fn search_seeds_failing_without_a_rule() {
             Options { unsure_copy_confirms_nothing: false, ..Options::default() },
         ),
         ("pull_newest", Options { pull_newest: false, ..Options::default() }),
+        ("open_names_after", Options { open_names_after: false, ..Options::default() }),
     ] {
         // `CAIRN_SIM_RULE=name` searches for that rule only.
         if std::env::var("CAIRN_SIM_RULE").is_ok_and(|r| r != name) {
@@ -224,4 +225,18 @@ fn without_the_unsure_copy_rules_a_power_lost_node_vouches_for_a_write_it_then_p
 #[test]
 fn without_pulling_the_newest_copy_late_a_power_lost_node_loses_a_write_it_answered() {
     fails_only_without(383_903, Options { pull_newest: false, ..Options::default() });
+}
+
+/// The new writer re-sent its open after 500 ms without an answer; the first request committed a
+/// generation, the writer took it and fenced with it, and the late second one committed another:
+/// the writer was fenced by its own request and stopped, and the pool never settled (long run,
+/// seed 384 753). An open now names the generation its writer read (`OpenVolume::after`, as
+/// production's `MetaClient::open`), and the state machine opens nothing over a newer one.
+#[test]
+fn without_naming_the_generation_read_a_re_sent_open_fences_its_own_writer() {
+    let failure =
+        run_production_seed_with(384_753, Options { open_names_after: false, ..Options::default() })
+            .expect_err("the seed finds the hole without the rule");
+    assert!(failure.contains("did not settle"), "{failure}");
+    run_production_seed(384_753).unwrap();
 }
