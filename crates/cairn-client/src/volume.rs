@@ -687,8 +687,9 @@ impl VolumeClient {
                     )));
                 };
                 for install in installs {
-                    if let Err(e) =
-                        self.install_copy(winner, install, volume, chunk, chunk_size, generation).await
+                    if let Err(e) = self
+                        .install_copy(winner, install, (volume, chunk, chunk_size), (generation, true))
+                        .await
                     {
                         if e.fenced {
                             self.fenced.store(true, Ordering::SeqCst);
@@ -725,8 +726,16 @@ impl VolumeClient {
             }
             if !outside.is_empty() {
                 let on: Vec<u64> = live.iter().copied().collect();
-                let (confirmed, _) =
-                    self.record_missed(&on, &outside, volume, chunk, chunk_size, &BTreeMap::new()).await;
+                let (confirmed, _) = self
+                    .record_missed(
+                        &on,
+                        &outside,
+                        volume,
+                        chunk,
+                        chunk_size,
+                        (&BTreeMap::new(), Some(generation)),
+                    )
+                    .await;
                 for node in on.iter().filter(|n| !confirmed.contains(n)) {
                     self.suspect(
                         *node,
@@ -786,24 +795,25 @@ impl VolumeClient {
 
     /// Installs node `from`'s copy of `chunk` as `install` says; a target that failed (perhaps
     /// left torn) is recorded as missed by `from`, so that it is copied whole before it serves
-    /// again, and is reported, like a failed write.
+    /// again, and is reported, like a failed write. `settles`: the open's reconciliation of
+    /// generation `generation` (the record is settled at it, see `record_missed`).
     async fn install_copy(
         &self,
         from: u64,
         install: Install,
-        volume: VolumeId,
-        chunk: u64,
-        chunk_size: ChunkSize,
-        generation: u64,
+        (volume, chunk, chunk_size): (VolumeId, u64, ChunkSize),
+        (generation, settles): (u64, bool),
     ) -> Result<(), CopyError> {
+        let settles = settles.then_some(generation);
         let mut result = self.copy_chunk(from, install, (volume, chunk, chunk_size), generation).await;
         if let Err(e) = &mut result
             && !e.stale
             && !e.fenced
         {
             if e.node == install.node {
-                let (confirmed, _) =
-                    self.record_missed(&[from], &[e.node], volume, chunk, chunk_size, &BTreeMap::new()).await;
+                let (confirmed, _) = self
+                    .record_missed(&[from], &[e.node], volume, chunk, chunk_size, (&BTreeMap::new(), settles))
+                    .await;
                 if !confirmed.contains(&from) {
                     e.unrecorded = true;
                     e.why = format!("{} and node {from} could not record it", e.why);
@@ -923,8 +933,9 @@ impl VolumeClient {
                 let top = versions.get(&winner).copied().unwrap_or(Version::NONE);
                 let mut again = false;
                 for install in installs {
-                    if let Err(e) =
-                        self.install_copy(winner, install, volume, chunk, chunk_size, generation).await
+                    if let Err(e) = self
+                        .install_copy(winner, install, (volume, chunk, chunk_size), (generation, false))
+                        .await
                     {
                         if e.fenced {
                             // A shared writer adopts the newer generation; any other stops here.
@@ -1426,8 +1437,9 @@ impl VolumeClient {
                 // writer's acknowledged sibling whose appliers recorded this one — each side would
                 // then refuse the other's copy for good.
                 if ok.len() >= need && !failed.is_empty() {
-                    let (confirmed, refused) =
-                        self.record_missed(&ok, &failed, volume, chunk, chunk_size, &applied_at).await;
+                    let (confirmed, refused) = self
+                        .record_missed(&ok, &failed, volume, chunk, chunk_size, (&applied_at, None))
+                        .await;
                     moved = !refused.is_empty();
                     for node in ok.iter().filter(|n| !confirmed.contains(n) && !refused.contains(n)) {
                         recorded = false;
@@ -1480,8 +1492,9 @@ impl VolumeClient {
                     self.map().replicas(chunk).into_iter().filter(|n| !applied_by.contains(n)).collect();
                 if applied_by.len() >= self.map().quorum() && !others.is_empty() {
                     let on: Vec<u64> = applied_by.iter().copied().collect();
-                    let _ =
-                        self.record_missed(&on, &others, volume, chunk, chunk_size, &BTreeMap::new()).await;
+                    let _ = self
+                        .record_missed(&on, &others, volume, chunk, chunk_size, (&BTreeMap::new(), None))
+                        .await;
                 }
                 return Err(IoError::Io(format!(
                     "write to chunk {chunk} did not reach enough of its replicas (all but R − q of them): {last}"
@@ -1493,8 +1506,10 @@ impl VolumeClient {
     }
 
     /// Has each node of `on` record that `peers` missed a write to `chunk` — where `at` names a
-    /// node's version, only if its copy is still at it. Returns the nodes that recorded it and
-    /// those whose copy had moved (refused with `VersionMismatch`).
+    /// node's version, only if its copy is still at it; with `settled`, as left out of the chunk's
+    /// reconciliation by this writer's open of that generation (`Request::RecordMissed::settled`).
+    /// Returns the nodes that recorded it and those whose copy had moved (refused with
+    /// `VersionMismatch`).
     async fn record_missed(
         &self,
         on: &[u64],
@@ -1502,7 +1517,7 @@ impl VolumeClient {
         volume: VolumeId,
         chunk: u64,
         chunk_size: ChunkSize,
-        at: &BTreeMap<u64, Version>,
+        (at, settled): (&BTreeMap<u64, Version>, Option<u64>),
     ) -> (BTreeSet<u64>, BTreeSet<u64>) {
         let request = |node: u64| Request::RecordMissed {
             volume,
@@ -1510,6 +1525,7 @@ impl VolumeClient {
             chunk_size,
             peers: peers.to_vec(),
             at: at.get(&node).copied(),
+            settled: settled.map(Generation),
         };
         let results = futures::future::join_all(on.iter().map(|n| {
             let r = request(*n);

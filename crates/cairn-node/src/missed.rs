@@ -12,9 +12,16 @@
 //! the node is admitted (the leader checked that enough holders had copied it everything) such
 //! entries are dropped, and they never make an admitted node catch up again.
 //!
+//! A new writer's open that reconciled a chunk without some of its holders records them here too,
+//! *settled* at its generation (`record_settled`): the copy such an entry sends goes over the
+//! peer's copy if that is of an older writer generation, even a higher one — a fenced writer's
+//! write the open settled without (never acknowledged: every acknowledged one reached the
+//! holders that decided), which would otherwise stay served beside the settled copy.
+//!
 //! File: `DATA_DIR/missed.log`, JSON lines `{"add":[peer,volume,chunk,chunk_size]}`,
-//! `{"seed":[peer,volume,chunk,chunk_size]}` and `{"done":[peer,volume,chunk]}`, replayed at start;
-//! truncated whenever nothing is pending.
+//! `{"seed":[peer,volume,chunk,chunk_size]}`, `{"settled":[peer,volume,chunk,generation]}` (after
+//! the entry's add) and `{"done":[peer,volume,chunk]}`, replayed at start; truncated whenever
+//! nothing is pending.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -34,6 +41,21 @@ enum Line {
     Done(u64, u64, u64),
     #[serde(rename = "seed")]
     Seed(u64, u64, u64, u32),
+    #[serde(rename = "settled")]
+    Settled(u64, u64, u64, u64),
+}
+
+/// A chunk a peer missed, as `MissedLog::batch` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Missed {
+    pub volume: u64,
+    pub chunk: u64,
+    pub chunk_size: u32,
+    /// The record's number: `done` clears it only if not recorded again since.
+    pub seq: u64,
+    /// The highest writer generation whose open settled the chunk without the peer (0: none):
+    /// the copy sent goes over a peer's copy of an older generation.
+    pub settled: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +65,8 @@ struct Entry {
     seq: u64,
     /// Made by a seed only (no write recorded it since).
     seeded: bool,
+    /// The highest writer generation whose open settled the chunk without the peer (0: none).
+    settled: u64,
 }
 
 #[derive(Debug, Default)]
@@ -88,14 +112,19 @@ impl MissedLog {
                     Ok(Line::Add(peer, v, c, size)) => {
                         inner.next_seq += 1;
                         let seq = inner.next_seq;
-                        let entry = Entry { chunk_size: size, seq, seeded: false };
+                        let entry = Entry { chunk_size: size, seq, seeded: false, settled: 0 };
                         inner.peers.entry(peer).or_default().insert((v, c), entry);
                     }
                     Ok(Line::Seed(peer, v, c, size)) => {
                         inner.next_seq += 1;
                         let seq = inner.next_seq;
-                        let entry = Entry { chunk_size: size, seq, seeded: true };
+                        let entry = Entry { chunk_size: size, seq, seeded: true, settled: 0 };
                         inner.peers.entry(peer).or_default().entry((v, c)).or_insert(entry);
+                    }
+                    Ok(Line::Settled(peer, v, c, generation)) => {
+                        if let Some(e) = inner.peers.get_mut(&peer).and_then(|m| m.get_mut(&(v, c))) {
+                            e.settled = e.settled.max(generation);
+                        }
                     }
                     Ok(Line::Done(peer, v, c)) => {
                         if let Some(m) = inner.peers.get_mut(&peer) {
@@ -118,15 +147,41 @@ impl MissedLog {
         self.record_many(&entries, false)
     }
 
+    /// Records that `peers` missed `(volume, chunk, chunk_size)` as left out of the chunk's
+    /// reconciliation by the open of writer `generation` (see the module documentation); durable
+    /// when it returns.
+    pub fn record_settled(
+        &self,
+        peers: &[u64],
+        (volume, chunk, chunk_size): (u64, u64, u32),
+        generation: u64,
+    ) -> std::io::Result<()> {
+        let entries: Vec<(u64, u64, u64, u32)> =
+            peers.iter().map(|p| (*p, volume, chunk, chunk_size)).collect();
+        self.record_lines(&entries, false, generation)
+    }
+
     /// Records each `(peer, volume, chunk, chunk_size)` with one append and one fdatasync;
     /// durable when it returns (all of them, or, on an error, none). With `seed`, for a fill (see
     /// the module documentation): an entry that exists already is left as it is.
     pub fn record_many(&self, entries: &[(u64, u64, u64, u32)], seed: bool) -> std::io::Result<()> {
+        self.record_lines(entries, seed, 0)
+    }
+
+    /// `record_many`, the entries settled at `settled` if that is above 0.
+    fn record_lines(
+        &self,
+        entries: &[(u64, u64, u64, u32)],
+        seed: bool,
+        settled: u64,
+    ) -> std::io::Result<()> {
         // The file lock is taken first and held throughout, so lines reach the file in the order the
         // in-memory state changed (replay must see an Add after a Done of the same chunk).
         let mut f = lock(&self.file);
         let mut new_lines = String::new();
         let mut added = Vec::new();
+        // (Entries settled here, with what they were before: put back if the append fails.)
+        let mut raised = Vec::new();
         {
             let mut inner = lock(&self.inner);
             if let Some(why) = &inner.poisoned {
@@ -150,7 +205,7 @@ impl MissedLog {
                         None
                     }
                     None => {
-                        map.insert((volume, chunk), Entry { chunk_size, seq, seeded: seed });
+                        map.insert((volume, chunk), Entry { chunk_size, seq, seeded: seed, settled: 0 });
                         added.push((peer, volume, chunk));
                         Some(if seed {
                             Line::Seed(peer, volume, chunk, chunk_size)
@@ -159,9 +214,18 @@ impl MissedLog {
                         })
                     }
                 };
-                if let Some(line) = line {
+                let settles = map
+                    .get_mut(&(volume, chunk))
+                    .filter(|e| e.settled < settled)
+                    .map(|e| std::mem::replace(&mut e.settled, settled));
+                for line in
+                    line.into_iter().chain(settles.map(|_| Line::Settled(peer, volume, chunk, settled)))
+                {
                     new_lines.push_str(&serde_json::to_string(&line).map_err(std::io::Error::other)?);
                     new_lines.push('\n');
+                }
+                if let Some(before) = settles {
+                    raised.push((peer, volume, chunk, before));
                 }
             }
         }
@@ -172,6 +236,11 @@ impl MissedLog {
             // Not recorded: the entries go from memory too, so that a re-sent write records
             // them again instead of finding them there.
             let mut inner = lock(&self.inner);
+            for (peer, volume, chunk, before) in raised {
+                if let Some(e) = inner.peers.get_mut(&peer).and_then(|m| m.get_mut(&(volume, chunk))) {
+                    e.settled = before;
+                }
+            }
             for (peer, volume, chunk) in added {
                 if let Some(map) = inner.peers.get_mut(&peer) {
                     map.remove(&(volume, chunk));
@@ -259,12 +328,23 @@ impl MissedLog {
         Ok(dropped.len())
     }
 
-    /// Up to `max` chunks `peer` missed: (volume, chunk, chunk size, seq).
-    pub fn batch(&self, peer: u64, max: usize) -> Vec<(u64, u64, u32, u64)> {
+    /// Up to `max` chunks `peer` missed.
+    pub fn batch(&self, peer: u64, max: usize) -> Vec<Missed> {
         lock(&self.inner)
             .peers
             .get(&peer)
-            .map(|m| m.iter().take(max).map(|((v, c), e)| (*v, *c, e.chunk_size, e.seq)).collect())
+            .map(|m| {
+                m.iter()
+                    .take(max)
+                    .map(|((v, c), e)| Missed {
+                        volume: *v,
+                        chunk: *c,
+                        chunk_size: e.chunk_size,
+                        seq: e.seq,
+                        settled: e.settled,
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -321,11 +401,37 @@ mod tests {
         assert_eq!(log.pending_split(), (vec![4], vec![5]));
         // Admitted: the seeds' entries go, the write's stays.
         assert_eq!(log.drop_seeded(4).unwrap(), 1);
-        assert_eq!(log.batch(4, 10).iter().map(|b| (b.0, b.1)).collect::<Vec<_>>(), vec![(1, 2)]);
+        assert_eq!(log.batch(4, 10).iter().map(|b| (b.volume, b.chunk)).collect::<Vec<_>>(), vec![(1, 2)]);
         assert_eq!(log.drop_seeded(5).unwrap(), 1);
         drop(log);
         let log = MissedLog::open(&path).unwrap();
         assert_eq!(log.pending_split(), (vec![4], vec![]));
+    }
+
+    #[test]
+    fn an_opens_settled_records_keep_their_generation_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missed.log");
+        let log = MissedLog::open(&path).unwrap();
+        log.record(&[2], 1, 10, 4096).unwrap();
+        log.record_settled(&[2, 3], (1, 10, 4096), 7).unwrap();
+        // A later write's record of the same chunk keeps the entry settled; a lower generation
+        // does not lower it.
+        log.record(&[2], 1, 10, 4096).unwrap();
+        log.record_settled(&[3], (1, 10, 4096), 5).unwrap();
+        let settled =
+            |log: &MissedLog, peer| log.batch(peer, 10).iter().map(|m| m.settled).collect::<Vec<_>>();
+        assert_eq!((settled(&log, 2), settled(&log, 3)), (vec![7], vec![7]));
+        drop(log);
+        let log = MissedLog::open(&path).unwrap();
+        assert_eq!((settled(&log, 2), settled(&log, 3)), (vec![7], vec![7]));
+        // Done, and recorded again by a write only: no longer settled.
+        let seq = log.batch(2, 10)[0].seq;
+        log.done(2, 1, 10, seq).unwrap();
+        log.record(&[2], 1, 10, 4096).unwrap();
+        drop(log);
+        let log = MissedLog::open(&path).unwrap();
+        assert_eq!(settled(&log, 2), vec![0]);
     }
 
     #[test]
@@ -339,17 +445,17 @@ mod tests {
         assert_eq!(b.len(), 2);
         // A newer write to chunk 10 arrives while it is being copied: the copy does not clear it.
         log.record(&[2], 1, 10, 1 << 20).unwrap();
-        log.done(2, 1, 10, b[0].3).unwrap();
-        log.done(2, 1, 11, b[1].3).unwrap();
+        log.done(2, 1, 10, b[0].seq).unwrap();
+        log.done(2, 1, 11, b[1].seq).unwrap();
         assert_eq!(log.pending(2), 1);
         drop(log);
         let log = MissedLog::open(&path).unwrap();
         assert_eq!(log.pending_peers(), vec![2, 3]);
         assert_eq!(log.pending(2), 1);
         let b = log.batch(2, 10);
-        log.done(2, 1, 10, b[0].3).unwrap();
+        log.done(2, 1, 10, b[0].seq).unwrap();
         let b = log.batch(3, 10);
-        log.done(3, 1, 10, b[0].3).unwrap();
+        log.done(3, 1, 10, b[0].seq).unwrap();
         assert!(log.pending_peers().is_empty());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }

@@ -372,7 +372,7 @@ pub async fn run(
             let generations: std::collections::HashMap<u64, u64> =
                 meta.read(|s| s.volumes.values().map(|v| (v.id, v.generation)).collect());
             let mut copied = 0;
-            for (volume, chunk, chunk_size, seq) in batch {
+            for crate::missed::Missed { volume, chunk, chunk_size, seq, settled } in batch {
                 if unreadable.contains_key(&(volume, chunk)) {
                     continue;
                 }
@@ -411,6 +411,7 @@ pub async fn run(
                         &conn,
                         (volume, chunk, chunk_size),
                         (me, shared.contains(&volume), map_generation),
+                        settled,
                     )
                     .await
                 };
@@ -451,7 +452,7 @@ pub async fn run(
                             volume,
                             chunk,
                             chunk_size,
-                            is_shared,
+                            (is_shared, settled),
                         )
                         .await
                         {
@@ -482,6 +483,7 @@ pub async fn run(
                                     &conn,
                                     (volume, chunk, chunk_size),
                                     (me, false, generation),
+                                    settled,
                                 )
                                 .await;
                                 match own_copy {
@@ -961,7 +963,7 @@ async fn pull_own(node: Local<'_>, started: tokio::time::Instant) {
     let Local { store, missed, meta, connections, me } = node;
     let mut pulled = 0;
     let round = PULL_ROUNDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    for (volume, chunk, chunk_size, seq) in missed.batch(me, BATCH_CHUNKS) {
+    for crate::missed::Missed { volume, chunk, chunk_size, seq, .. } in missed.batch(me, BATCH_CHUNKS) {
         // The in-sync holders of the chunk's PG other than this node; none if the volume is gone.
         let deleted = meta.read(|s| s.deleted_volumes.contains(&volume));
         let sources: Option<Vec<SocketAddr>> = VolumeId::new(volume).ok().and_then(|v| {
@@ -1269,7 +1271,7 @@ async fn relay_from_replica(
     volume: u64,
     chunk: u64,
     size: u32,
-    shared: bool,
+    (shared, settled): (bool, u64),
 ) -> Result<(u64, cairn_types::Version), String> {
     let ids = checked(volume, chunk, size)?;
     let sources = copy_sources(meta, missed, (me, peer), ids.0, ids.1).unwrap_or_default();
@@ -1291,7 +1293,7 @@ async fn relay_from_replica(
                 continue;
             }
         };
-        match relay_chunk(&from, to, ids, generation, shared).await {
+        match relay_chunk(&from, to, ids, generation, (node, shared, settled)).await {
             Ok(held) => return Ok((node, held)),
             Err(e) => last = format!("node {node}: {e}"),
         }
@@ -1299,21 +1301,22 @@ async fn relay_from_replica(
     Err(last)
 }
 
-/// Copies a chunk whole from node `from` to node `to` (for a peer this node could not copy its own
-/// copy to), as writer `generation` (this node's fence for the volume).
+/// Copies a chunk whole from node `origin` (connection `from`) to node `to` (for a peer this node
+/// could not copy its own copy to), as writer `generation` (this node's fence for the volume).
 async fn relay_chunk(
     from: &NodeConnection,
     to: &NodeConnection,
     ids: (VolumeId, ChunkIndex, ChunkSize),
     generation: cairn_types::Generation,
-    shared: bool,
+    (origin, shared, settled): (u64, bool, u64),
 ) -> Result<cairn_types::Version, String> {
     let first = target_version(to, ids).await?;
     // A peer already at the source's version or a newer one keeps its copy (one writer): an older
     // copy would go over writes another replica already gave it. (On a shared volume two writers
-    // make sibling versions, and the relayed in-sync copy replaces a higher one.)
-    // (Not over a half-installed copy: its marker says nothing of what it holds.)
-    if !shared && !first.is_installing() && first >= target_version(from, ids).await? {
+    // make sibling versions, and the relayed in-sync copy replaces a higher one; and a copy of a
+    // generation an open settled the chunk past is replaced too: `peer_keeps`.)
+    let source = target_version(from, ids).await?;
+    if peer_keeps(first, source, shared, settled) {
         return Ok(first);
     }
     copy_from(From::Serving(from), ids, Some(first), |offset, copy: Piece, expect| async move {
@@ -1330,7 +1333,8 @@ async fn relay_chunk(
             generation,
             version: copy.version,
             expect,
-            source: None,
+            // The origin named: a peer that recorded it as having missed the chunk refuses it.
+            source: Some(origin),
         };
         match tokio::time::timeout(COPY_TIMEOUT, to.call(&request)).await {
             Ok(Ok(Response::Done)) => Ok(()),
@@ -1437,6 +1441,24 @@ const COMPARE_TIMEOUT: Duration = Duration::from_secs(2);
 /// on).
 const KEPT_RETRY: Duration = Duration::from_secs(3);
 
+/// Whether a peer at version `target` keeps its copy rather than take one at `source`: it holds
+/// this very copy already; or a newer one, on a volume with one writer per generation, further
+/// along the chunk's one chain of versions (an older copy never goes over it) — unless the record
+/// being copied was settled by an open of a newer generation than that copy's (`settled`, see
+/// `MissedLog::record_settled`): then it is a fenced writer's leftover, never acknowledged, that
+/// the open settled the chunk without. On a shared volume two writers make sibling versions, and
+/// a higher one there may be a write never acknowledged that the copy (holding the acknowledged
+/// one) must replace. (Never over a half-installed copy: its marker says nothing of what it holds.)
+fn peer_keeps(
+    target: cairn_types::Version,
+    source: cairn_types::Version,
+    shared: bool,
+    settled: u64,
+) -> bool {
+    target == source
+        || (target > source && !target.is_installing() && !shared && target.generation >= settled)
+}
+
 /// The longest a record is kept after a relayed copy that differs from this node's own (shared
 /// volumes): longer than a write can stay in flight (a client's `io_timeout`, 30 s, plus the
 /// hold-back allowance).
@@ -1450,6 +1472,7 @@ async fn copy_chunk(
     conn: &NodeConnection,
     (volume, chunk, size): (u64, u64, u32),
     (me, shared, map_generation): (u64, bool, u64),
+    settled: u64,
 ) -> Result<(), CopyFailure> {
     let (volume, chunk, chunk_size) = checked(volume, chunk, size).map_err(CopyFailure::Source)?;
     // The peer's version first: a peer that holds this copy already (another replica's copy got
@@ -1461,12 +1484,8 @@ async fn copy_chunk(
         .await
         .map_err(|e| CopyFailure::Source(e.to_string()))?
         .map_err(|e| CopyFailure::Source(e.to_string()))?;
-    // The peer holds this very copy already: done. A newer one, on a volume with one writer per
-    // generation, is further along the chunk's one chain of versions: never put an older copy
-    // over it. On a shared volume two writers make sibling versions, and a higher one there may
-    // be a write never acknowledged that this copy (holding the acknowledged one) must replace.
-    let holds =
-        |mine: cairn_types::Version| target == mine || (target > mine && !target.is_installing() && !shared);
+    // The peer holds this very copy already, or one it keeps (`peer_keeps`): done.
+    let holds = |mine: cairn_types::Version| peer_keeps(target, mine, shared, settled);
     if holds(here) {
         return Ok(());
     }
@@ -1513,10 +1532,11 @@ async fn copy_chunk(
             // The first piece goes over the copy the peer had when this copy began, the next
             // ones over the pieces before them.
             expect: if i == 0 { first_expect } else { Some(cairn_types::Version::installing(reply.version)) },
-            // On a shared volume this copy may replace a higher (sibling) version: refused if the
-            // peer recorded this node as having missed a write to the chunk (its copy would undo
-            // that write; the record's own copy comes first).
-            source: shared.then_some(me),
+            // Refused if the peer recorded this node as having missed the chunk: this copy would
+            // undo the write recorded (on a shared volume it may replace a higher sibling), or
+            // bring back a fenced writer's leftover an open settled without this node (found by
+            // the production simulation, seed 8506 of the model of c922349).
+            source: Some(me),
         };
         let failed = match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
             Ok(Ok(Response::Done)) => continue,
@@ -1531,4 +1551,29 @@ async fn copy_chunk(
         return Err(CopyFailure::Target(failed));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_keeps;
+    use cairn_types::Version;
+
+    fn v(generation: u64, seq: u64) -> Version {
+        Version { generation, seq }
+    }
+
+    #[test]
+    fn a_peer_keeps_a_newer_copy_unless_an_open_settled_the_chunk_past_it() {
+        // One writer: a higher copy of the same chain stays.
+        assert!(peer_keeps(v(1, 9), v(1, 5), false, 0));
+        assert!(peer_keeps(v(1, 5), v(1, 5), false, 0));
+        assert!(!peer_keeps(v(1, 4), v(1, 5), false, 0));
+        // An open of generation 2 settled the chunk without the peer: its higher copy of
+        // generation 1 is a fenced writer's leftover and is replaced; one of generation 2 stays.
+        assert!(!peer_keeps(v(1, 9), v(1, 5), false, 2));
+        assert!(peer_keeps(v(2, 3), v(1, 5), false, 2));
+        // Shared volumes: a higher sibling is replaced; a half-installed copy always is.
+        assert!(!peer_keeps(v(1, 9), v(1, 5), true, 0));
+        assert!(!peer_keeps(Version::installing(v(1, 9)), v(1, 5), false, 0));
+    }
 }

@@ -672,7 +672,7 @@ fn run(
             record_missed(hooks, &peers_to_record(now.as_ref(), &missed_by), volume, chunk, chunk_size)?;
             refuse_if_stale(now.as_ref(), pre.as_ref()).unwrap_or(Response::Applied { version })
         }
-        Request::RecordMissed { volume, chunk, chunk_size, peers, at } => {
+        Request::RecordMissed { volume, chunk, chunk_size, peers, at, settled } => {
             let _stripe = record_stripe(volume, chunk);
             if let Some(at) = at {
                 // A copy this node recorded itself as missing (back from a power loss, or its
@@ -698,7 +698,20 @@ fn run(
                     });
                 }
             }
-            record_missed(hooks, &peers, volume, chunk, chunk_size)?;
+            match settled {
+                Some(generation) => {
+                    let hooks =
+                        hooks.ok_or_else(|| StoreError::InvalidRequest("the node is starting".into()))?;
+                    hooks
+                        .missed
+                        .record_settled(&peers, (volume.get(), chunk.0, chunk_size.bytes()), generation.0)
+                        .map_err(|e| StoreError::Io {
+                            context: format!("recording missed writes in {}", hooks.missed.path().display()),
+                            cause: e,
+                        })?;
+                }
+                None => record_missed(hooks, &peers, volume, chunk, chunk_size)?,
+            }
             Response::Done
         }
         Request::Allocation { volume, chunk, chunk_size, offset, len } => {

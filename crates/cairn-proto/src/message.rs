@@ -119,6 +119,10 @@ pub enum Request {
         /// would lose it; the node refuses (`VersionMismatch`), checked and recorded in one step
         /// with respect to installs.
         at: Option<Version>,
+        /// Version 9: the record is a new writer's, for holders its open's reconciliation of the
+        /// chunk left out, at this writer generation: the copy it sends them goes over one of an
+        /// older generation even if higher (a fenced writer's leftover the open settled without).
+        settled: Option<Generation>,
     },
     /// Catch-up: replace a range of a chunk with a peer's copy. `data` holds the present blocks.
     InstallRange {

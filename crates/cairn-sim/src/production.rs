@@ -36,7 +36,9 @@
 //! no missed-writes entry left, nobody being filled) with every holder holding every acknowledged
 //! write (I1), and after a final write of every chunk every holder must hold it (I5). An old
 //! writer's write acknowledged after the new writer's open returned must have been applied somewhere
-//! before (I3; `Options::check_one_copy_after_open` adds I3's second clause, see there).
+//! before (I3), and after the open every replica serves one copy of each chunk not written since
+//! (I3's second clause: a write never acknowledged that some replicas lack is not served;
+//! `Options::check_one_copy_after_open`).
 //!
 //! Simplifications, stated so nobody reads more into a pass: one volume of 3 copies, one writer at
 //! a time (no shared volume), one handover per seed, whole-chunk writes (a version check stands for
@@ -116,9 +118,8 @@ pub struct Options {
     /// fence's reports), and leaves out a holder that recorded itself as missing the chunk.
     pub fresh_states: bool,
     /// The oracle also checks that after the new writer's open every replica serves one copy of a
-    /// chunk it has not written since (I3's second clause). Off by default: an old writer's failed
-    /// write that a catch-up relayed to another node, and that the first node's dirty-chunk
-    /// comparison then pulled back, is left on the other (see ARCHITECTURE.md, known gaps).
+    /// chunk it has not written since (I3's second clause; on by default since the open's records
+    /// are settled and copies name their source).
     pub check_one_copy_after_open: bool,
     /// The range of a node's writeback interval (ms; the kernel's, making the page cache durable):
     /// 1–4 s by default. Linux's own (dirty pages written within 5–30 s) leaves unflushed data
@@ -135,6 +136,14 @@ pub struct Options {
     /// opens none if a newer one is committed, so a request re-sent after its answer was lost,
     /// or committed late, fences nothing (else every request opens a generation).
     pub open_names_after: bool,
+    /// An open's records of the holders outside a reconciliation carry its generation, and the
+    /// copy a record sends goes over a copy of an older generation even if higher (a fenced
+    /// writer's leftover the open did not reach; else a higher copy is kept, one writer's chain).
+    pub settled_records_replace: bool,
+    /// A copy names the node it is from, and a peer that recorded that node as having missed
+    /// the chunk refuses it (its copy lacks a write, or is a leftover an open settled without
+    /// it); else only a shared volume's copies are checked so.
+    pub copies_name_source: bool,
 }
 
 impl Default for Options {
@@ -148,11 +157,13 @@ impl Default for Options {
             reconcile_dirty: true,
             compare_keeps_newer: true,
             fresh_states: true,
-            check_one_copy_after_open: false,
+            check_one_copy_after_open: true,
             writeback_ms: (1000, 4000),
             unsure_copy_confirms_nothing: true,
             pull_newest: true,
             open_names_after: true,
+            settled_records_replace: true,
+            copies_name_source: true,
         }
     }
 }
@@ -198,6 +209,8 @@ enum Msg {
         chunk: u64,
         peers: Vec<u64>,
         at: u64,
+        /// An open's record: the generation whose open settled the chunk (0: a write's record).
+        settled: u64,
     },
     RecordReply {
         op: (u64, u64),
@@ -449,6 +462,9 @@ impl Ord for Queued {
 struct Entry {
     seed: bool,
     seq: u64,
+    /// Made by an open's reconciliation of generation `settled` (`MissedLog::settle`; 0: by
+    /// writes only): the copy it sends goes over any copy of an older generation.
+    settled: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -481,6 +497,8 @@ struct Job {
     revive: Option<(BTreeSet<u64>, BTreeMap<u64, ReviveAnswer>)>,
     /// The `revive` round only asks the in-sync sources which is newest (`pull_own`).
     newest: bool,
+    /// The entry's `settled`: the copy goes over a peer's copy of an older generation.
+    settled: u64,
 }
 
 #[derive(Debug)]
@@ -851,8 +869,17 @@ impl Node {
                     e.seed = false;
                 }
                 None => {
-                    self.missed.insert((*p, chunk), Entry { seed, seq });
+                    self.missed.insert((*p, chunk), Entry { seed, seq, settled: 0 });
                 }
+            }
+        }
+    }
+
+    /// Marks the entries of `peers` for `chunk` as made by an open of generation `generation`.
+    fn settle(&mut self, peers: &[u64], chunk: u64, generation: u64) {
+        for p in peers {
+            if let Some(e) = self.missed.get_mut(&(*p, chunk)) {
+                e.settled = e.settled.max(generation);
             }
         }
     }
@@ -1796,7 +1823,7 @@ impl ProductionWorld {
                 }
                 self.send_after(hold, to, from, Msg::WriteReply { op, from: to, reply: answer });
             }
-            Msg::RecordMissed { op, chunk, peers, at } => {
+            Msg::RecordMissed { op, chunk, peers, at, settled } => {
                 let n = self.nodes.get_mut(&to).expect_node();
                 // (A copy it recorded itself as missing is to be pulled back: it holds no write.)
                 let ok = n.store.get(&chunk).copied().unwrap_or(0) == at
@@ -1804,6 +1831,9 @@ impl ProductionWorld {
                 let mut hold = 0;
                 if ok {
                     n.record(&peers, chunk, false);
+                    if self.options.settled_records_replace {
+                        n.settle(&peers, chunk, settled);
+                    }
                     hold = n.grants.holdback(&peers, now).as_millis() as u64;
                 }
                 self.send_after(hold, to, from, Msg::RecordReply { op, from: to, ok });
@@ -1856,8 +1886,8 @@ impl ProductionWorld {
             Msg::Install { job, from: peer, chunk, version, expect, source } => {
                 let n = self.nodes.get_mut(&to).expect_node();
                 let current = n.store.get(&chunk).copied().unwrap_or(0);
-                // (Production names the source only for a shared volume's own copies: a one-writer
-                // volume's copies are checked by version alone.)
+                // (A copy from a node this one recorded as having missed the chunk would undo the
+                // write recorded, or bring back a leftover an open settled without it.)
                 let refused = source.is_some_and(|s| n.missed.contains_key(&(s, chunk))) || current != expect;
                 let line = format!(
                     "node {to} install chunk {chunk} v{version} from {peer} (source {source:?}, expect {expect}, has {current}): {}",
@@ -2109,6 +2139,7 @@ impl ProductionWorld {
                     version: None,
                     revive: Some((asked.clone(), BTreeMap::new())),
                     newest: true,
+                    settled: 0,
                 });
                 newest = Some((asked, chunk));
             } else if catching && n.job.is_none() && !sources.is_empty() && settled_in {
@@ -2124,6 +2155,7 @@ impl ProductionWorld {
                     version: None,
                     revive: None,
                     newest: false,
+                    settled: 0,
                 });
                 pull = Some((source, chunk));
             } else if catching && n.job.is_none() && sources.is_empty() && self.options.revive {
@@ -2186,6 +2218,7 @@ impl ProductionWorld {
             version: None,
             revive: None,
             newest: false,
+            settled: entry.settled,
         });
         self.send(id, peer, Msg::VersionReq { job, from: id, chunk });
         self.at(RPC_TIMEOUT_MS, Event::JobTimeout { node: id, job });
@@ -2318,6 +2351,7 @@ impl ProductionWorld {
             version: None,
             revive: Some((others.clone(), BTreeMap::new())),
             newest: false,
+            settled: 0,
         });
         Some(others)
     }
@@ -2402,7 +2436,10 @@ impl ProductionWorld {
             return;
         }
         let target = j.target_version.unwrap_or(0);
-        if target >= v {
+        // (An open settled the chunk at generation `settled`: a copy of an older generation is a
+        // fenced writer's leftover the open did not reach, whatever its version.)
+        let superseded = generation_of(target) < j.settled && target != v;
+        if target >= v && !superseded {
             // The peer holds this version or a newer one (one writer: versions grow along one
             // chain): nothing to copy.
             self.copied(id, &j, target);
@@ -2414,7 +2451,14 @@ impl ProductionWorld {
         self.send(
             id,
             j.peer,
-            Msg::Install { job, from: id, chunk: j.chunk, version: v, expect: target, source: None },
+            Msg::Install {
+                job,
+                from: id,
+                chunk: j.chunk,
+                version: v,
+                expect: target,
+                source: self.options.copies_name_source.then_some(j.source),
+            },
         );
     }
 
@@ -2450,7 +2494,7 @@ impl ProductionWorld {
                 chunk: j.chunk,
                 version: own,
                 expect: peer_holds,
-                source: None,
+                source: self.options.copies_name_source.then_some(id),
             };
             self.send(id, j.peer, msg);
             return;
@@ -2688,6 +2732,7 @@ impl ProductionWorld {
                                     chunk: op.chunk,
                                     peers: others.clone(),
                                     at: version,
+                                    settled: 0,
                                 },
                             );
                         }
@@ -2879,6 +2924,7 @@ impl ProductionWorld {
                         chunk: op.chunk,
                         peers: peers.clone(),
                         at: version,
+                        settled: 0,
                     },
                 );
             }
@@ -3399,7 +3445,10 @@ impl ProductionWorld {
         let to = o
             .live
             .iter()
-            .map(|n| (*n, Msg::RecordMissed { op: (OPEN_OP, 0), chunk, peers: outside.clone(), at }))
+            .map(|n| {
+                let settled = o.generation;
+                (*n, Msg::RecordMissed { op: (OPEN_OP, 0), chunk, peers: outside.clone(), at, settled })
+            })
             .collect();
         self.open_send(OpenStep::Records(chunk, at), to, RPC_TIMEOUT_MS + HOLDBACK_ALLOWANCE_MS);
     }

@@ -67,10 +67,15 @@ fn without_the_writer_interval_check_a_writer_with_an_old_map_loses_a_write() {
 /// of them) was missed by the other two: one cut off from the writer, one catching up after a
 /// power loss, which was given the write by a peer, then pulled its own copy back from the first
 /// one (in sync, without the write) and was left without it and without a record (I1 once the
-/// pool settled). Writes now need all holders but R − q (found by review, for another shape).
+/// pool settled). Writes now need all holders but R − q (found by review, for another shape). Since
+/// copies name their source (`Options::copies_name_source`), the peer refuses the first one's copy
+/// there too: either rule closes this seed.
 #[test]
 fn without_the_grown_pg_write_quorum_two_holders_miss_an_acknowledged_write() {
-    fails_only_without(35_528, Options { all_holders_but_r_minus_q: false, ..Options::default() });
+    fails_only_without(
+        35_528,
+        Options { all_holders_but_r_minus_q: false, copies_name_source: false, ..Options::default() },
+    );
 }
 
 /// Two nodes catching up, each holding records for the other, each with a copy newer than the one
@@ -133,6 +138,8 @@ fn search_seeds_failing_without_a_rule() {
         ),
         ("pull_newest", Options { pull_newest: false, ..Options::default() }),
         ("open_names_after", Options { open_names_after: false, ..Options::default() }),
+        ("settled_records_replace", Options { settled_records_replace: false, ..Options::default() }),
+        ("copies_name_source", Options { copies_name_source: false, ..Options::default() }),
     ] {
         // `CAIRN_SIM_RULE=name` searches for that rule only.
         if std::env::var("CAIRN_SIM_RULE").is_ok_and(|r| r != name) {
@@ -151,22 +158,6 @@ fn search_seeds_failing_without_a_rule() {
             .collect();
         println!("without {name}: {found:?}");
     }
-}
-
-/// Counts the seeds that fail I3's second clause (one copy per chunk after the new writer's open,
-/// `Options::check_one_copy_after_open`): the known gap of an old writer's failed write relayed by
-/// a catch-up and then pulled back on one node only (ARCHITECTURE.md). A search, not a test, until
-/// that gap is closed; then it becomes the default.
-#[test]
-#[ignore = "a search, not a test: the known gap of I3's second clause"]
-fn search_seeds_with_two_copies_after_an_open() {
-    let first = env("CAIRN_SIM_FIRST", 0);
-    let count = env("CAIRN_SIM_SEEDS", 10_000);
-    let options = Options { check_one_copy_after_open: true, ..Options::default() };
-    let failed: Vec<u64> = (first..first + count)
-        .filter(|seed| run_production_seed_with(*seed, options).is_err_and(|e| e.starts_with("I3:")))
-        .collect();
-    println!("{} of {count} seeds from {first} serve two copies after an open: {failed:?}", failed.len());
 }
 
 /// Counts the seeds that fail with Linux's writeback interval (5–30 s instead of 1–4 s): unflushed
@@ -239,4 +230,25 @@ fn without_naming_the_generation_read_a_re_sent_open_fences_its_own_writer() {
             .expect_err("the seed finds the hole without the rule");
     assert!(failure.contains("did not settle"), "{failure}");
     run_production_seed(384_753).unwrap();
+}
+
+/// An old writer's write, never acknowledged, reached one holder only; the new writer's open
+/// reconciled the chunk without that holder (it was catching up) and recorded it as having missed
+/// the chunk — but the copy the record sent was lower than the leftover, which the catch-up kept
+/// (one writer's versions grow along one chain), so two copies were served after the open (I3's
+/// second clause, seed 7978). An open's records now carry its generation (`RecordMissed::settled`),
+/// and their copy goes over one of an older generation whatever its version.
+#[test]
+fn without_settled_records_a_fenced_writers_leftover_outlives_the_open() {
+    fails_only_without(7978, Options { settled_records_replace: false, ..Options::default() });
+}
+
+/// The holder left out of an open's reconciliation held an old writer's leftover and a record, from
+/// that writer's write, of a peer having missed the chunk: it pushed the leftover to that peer,
+/// over the copy the open had settled there, and two copies were served after the open (I3's
+/// second clause, seed 10 234). A copy now names the node it is from, and a peer that recorded that
+/// node as having missed the chunk refuses it.
+#[test]
+fn without_copies_naming_their_source_a_leftover_is_pushed_over_a_settled_copy() {
+    fails_only_without(10_234, Options { copies_name_source: false, ..Options::default() });
 }
