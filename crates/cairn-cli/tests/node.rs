@@ -223,7 +223,7 @@ async fn malformed_traffic_closes_only_that_connection() {
     closes(huge);
     // A hello naming only versions from the future.
     let hello =
-        cairn_proto::message::encode(&cairn_proto::Hello { version_min: 9, version_max: 12 }).unwrap();
+        cairn_proto::message::encode(&cairn_proto::Hello { version_min: V + 1, version_max: V + 4 }).unwrap();
     closes(raw_frame(1, 0, 0, &hello));
     // A valid hello then a corrupted frame.
     let ok_hello =
@@ -753,4 +753,76 @@ async fn a_peer_that_stops_taking_replies_is_cut_off() {
     assert!(frames < 201, "every reply arrived ({frames}): the connection was not cut");
     // Others are served as before.
     assert!(matches!(c.call(&read).await.unwrap(), Response::Read { .. }));
+}
+
+/// A copy from a node this one recorded as having missed the chunk is refused (it would undo the
+/// write recorded) — unless it is sent for a record an open of a newer generation settled and the
+/// copy here is of an older generation (protocol 9); and a copy of a dirty source stays dirty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_from_a_recorded_source_is_refused_unless_an_open_settled_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = write_config(dir.path(), 1, addr);
+    let mut node = NodeProcess::start(&config, addr);
+    let c = node.connect().await;
+    let chunk = ChunkIndex(0);
+    assert!(matches!(
+        c.call(&write_req(1, 0, 0, block(0, 0, 1), 1)).await.unwrap(),
+        Response::Applied { .. }
+    ));
+    // Node 5 missed that write (recorded by a write, not by an open).
+    let record = Request::RecordMissed {
+        volume: vol(1),
+        chunk,
+        chunk_size: ChunkSize::DEFAULT,
+        peers: vec![5],
+        at: None,
+        settled: None,
+    };
+    assert_eq!(c.call(&record).await.unwrap(), Response::Done);
+    let before = chunk_info(&c, chunk).await;
+    assert_eq!(before.missed_by, vec![5]);
+    // A whole copy of holes from node 5, at a version of generation 1.
+    let install = |seq, settled: Option<u64>, dirty, expect| Request::InstallRange {
+        volume: vol(1),
+        chunk,
+        chunk_size: ChunkSize::DEFAULT,
+        offset: 0,
+        present: vec![false; 256],
+        crcs: vec![],
+        data: Bytes::new(),
+        generation: Generation(2),
+        version: cairn_types::Version { generation: 1, seq },
+        expect,
+        source: Some(5),
+        settled: settled.map(Generation),
+        dirty,
+    };
+    let refused = c.call(&install(100, None, false, None)).await.unwrap();
+    assert!(matches!(refused, Response::Error(RpcError::VersionMismatch { .. })), "{refused:?}");
+    assert_eq!(
+        chunk_info(&c, chunk).await.chunk_version(),
+        before.chunk_version(),
+        "a refused copy changes nothing"
+    );
+    // Sent for a record an open of generation 2 settled: the copy here (generation 1) is replaced,
+    // clean since its source's was.
+    assert_eq!(c.call(&install(100, Some(2), false, None)).await.unwrap(), Response::Done);
+    let after = chunk_info(&c, chunk).await;
+    assert_eq!(after.chunk_version(), cairn_types::Version { generation: 1, seq: 100 });
+    assert!(!after.dirty);
+    // A copy of a dirty source stays dirty here.
+    let from_dirty = install(101, Some(2), true, Some(after.chunk_version()));
+    assert_eq!(c.call(&from_dirty).await.unwrap(), Response::Done);
+    let dirty = chunk_info(&c, chunk).await;
+    assert_eq!(dirty.chunk_version(), cairn_types::Version { generation: 1, seq: 101 });
+    assert!(dirty.dirty, "a copy of a dirty source must stay dirty");
+    node.sigkill();
+}
+
+async fn chunk_info(c: &NodeConnection, chunk: ChunkIndex) -> cairn_proto::ChunkInfo {
+    match c.call(&Request::ChunkVersion { volume: vol(1), chunk }).await.unwrap() {
+        Response::ChunkVersion(Some(info)) => info,
+        other => panic!("{other:?}"),
+    }
 }

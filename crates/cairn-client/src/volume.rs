@@ -630,7 +630,6 @@ impl VolumeClient {
             let holders = map.replicas(chunk);
             let mut live: BTreeSet<u64> = holders.iter().copied().filter(|n| reached.contains(n)).collect();
             let mut stale_rounds = 0;
-            let mut installed = false;
             // Each failure takes one holder out (suspected, caught up later), so this ends.
             'settle: while !live.is_empty() {
                 // Never decided by fewer than a quorum of the holders (the others' copies may hold
@@ -712,18 +711,19 @@ impl VolumeClient {
                         continue 'settle;
                     }
                     reconciled += 1;
-                    installed = true;
                 }
                 break;
             }
             // Holders that took no part may hold another copy (a stray write of the old writer,
-            // a torn one): the copies made identical record them as having missed the chunk.
-            // So do the nodes being filled with a copy of its PG if a copy was installed here
-            // (theirs came from a holder's copy as it was; no writer's mutation reaches them).
+            // a torn one): the copies made identical record them as having missed the chunk,
+            // settled at this generation (their copy goes over an older generation's, see
+            // `MissedLog::record_settled`). So do the nodes being filled with a copy of its PG:
+            // theirs came from a holder's copy as it was — perhaps an old writer's leftover that
+            // holder has pulled back since (found by the production simulation, seed 5277 with a
+            // 5–30 s writeback) — and no writer's mutation reaches them. (A record whose copy the
+            // node holds already costs one version question.)
             let mut outside: Vec<u64> = holders.iter().copied().filter(|n| !live.contains(n)).collect();
-            if installed {
-                outside.extend(map.backfill(chunk));
-            }
+            outside.extend(map.backfill(chunk));
             if !outside.is_empty() {
                 let on: Vec<u64> = live.iter().copied().collect();
                 let (confirmed, _) = self
@@ -882,6 +882,9 @@ impl VolumeClient {
                 // Refused if the target recorded the source as having missed a write to the
                 // chunk since this copy was planned (the copy would undo that write).
                 source: Some(from),
+                settled: None,
+                // (The copies a reconciliation made identical are settled: clean.)
+                dirty: false,
             };
             match self.call(to, &install).await {
                 Ok(Response::Done) => {}

@@ -269,7 +269,12 @@ impl MissedLog {
         Err(e)
     }
 
-    /// Peers this node holds missed writes for.
+    /// Whether `peer` is recorded as having missed `(volume, chunk)`, and if so the generation of
+    /// the open that settled the entry (0: writes' records only).
+    pub fn entry_settled(&self, peer: u64, volume: u64, chunk: u64) -> Option<u64> {
+        lock(&self.inner).peers.get(&peer)?.get(&(volume, chunk)).map(|e| e.settled)
+    }
+
     /// The peers recorded as having missed a write to this chunk.
     pub fn missed_by(&self, volume: u64, chunk: u64) -> Vec<u64> {
         let inner = lock(&self.inner);

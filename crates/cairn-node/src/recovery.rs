@@ -581,6 +581,18 @@ pub async fn run(
                             "catch-up: another replica's copy got there first"
                         );
                     }
+                    Err(CopyFailure::Refused) => {
+                        // The peer gets the chunk from the node whose record names this one;
+                        // this record is tried again later (skipped meanwhile, so the rest of
+                        // the batch goes on: found by review).
+                        tracing::debug!(
+                            peer,
+                            volume,
+                            chunk,
+                            "catch-up: the peer recorded this node as having missed the chunk"
+                        );
+                        unreadable.insert((volume, chunk), tokio::time::Instant::now() + KEPT_RETRY);
+                    }
                     Err(CopyFailure::Target(e)) => {
                         let delay =
                             backoff.get(&peer).map_or(ROUND_INTERVAL, |(_, d)| *d * 2).min(COPY_BACKOFF_MAX);
@@ -1224,8 +1236,18 @@ async fn pull_chunk(
         .await
         .map_err(|e| e.to_string())?
         .unwrap_or(cairn_types::Version::NONE);
+    // Whether the source's copy is dirty (it may hold a write never confirmed): so is the copy
+    // taken (or if it was written since it was asked: a write marks it dirty first).
+    let (asked, _, source_dirty) = target_version(
+        match conn {
+            From::Serving(c) | From::Any(c) => c,
+        },
+        ids,
+    )
+    .await?;
     copy_from(conn, ids, Some(here), |offset, copy: Piece, expect| {
         let s = store.clone();
+        let dirty = source_dirty || copy.version != asked;
         async move {
             let (kept, kept_crcs) = copy.present_only();
             tokio::task::spawn_blocking(move || {
@@ -1244,6 +1266,7 @@ async fn pull_chunk(
                     generation,
                     copy.version,
                     expect,
+                    dirty,
                 )
             })
             .await
@@ -1310,16 +1333,19 @@ async fn relay_chunk(
     generation: cairn_types::Generation,
     (origin, shared, settled): (u64, bool, u64),
 ) -> Result<cairn_types::Version, String> {
-    let first = target_version(to, ids).await?;
+    let (first, ..) = target_version(to, ids).await?;
     // A peer already at the source's version or a newer one keeps its copy (one writer): an older
     // copy would go over writes another replica already gave it. (On a shared volume two writers
     // make sibling versions, and the relayed in-sync copy replaces a higher one; and a copy of a
     // generation an open settled the chunk past is replaced too: `peer_keeps`.)
-    let source = target_version(from, ids).await?;
+    let (source, _, source_dirty) = target_version(from, ids).await?;
     if peer_keeps(first, source, shared, settled) {
         return Ok(first);
     }
     copy_from(From::Serving(from), ids, Some(first), |offset, copy: Piece, expect| async move {
+        // Dirty there, or written since it was asked (a write marks it dirty first): installed
+        // dirty (`InstallRange::dirty`).
+        let dirty = source_dirty || copy.version != source;
         let (data, crcs) = copy.present_only();
         let (volume, chunk, chunk_size) = ids;
         let request = Request::InstallRange {
@@ -1335,6 +1361,8 @@ async fn relay_chunk(
             expect,
             // The origin named: a peer that recorded it as having missed the chunk refuses it.
             source: Some(origin),
+            settled: (settled > 0).then_some(cairn_types::Generation(settled)),
+            dirty,
         };
         match tokio::time::timeout(COPY_TIMEOUT, to.call(&request)).await {
             Ok(Ok(Response::Done)) => Ok(()),
@@ -1351,17 +1379,19 @@ async fn relay_chunk(
 /// cannot read (damaged) counts as none: the store lets an install expecting none replace a
 /// quarantined copy, and refuses it over any other. `Err` if the peer did not answer: a copy is
 /// never installed without a condition (a late one could roll back a newer copy).
+/// The state of a chunk on a peer: its version, the nodes it recorded as having missed the chunk,
+/// and whether its copy is dirty.
 async fn target_version(
     to: &NodeConnection,
     (volume, chunk, _): (VolumeId, ChunkIndex, ChunkSize),
-) -> Result<cairn_types::Version, String> {
+) -> Result<(cairn_types::Version, Vec<u64>, bool), String> {
     match tokio::time::timeout(COPY_TIMEOUT, to.call(&Request::ChunkVersion { volume, chunk })).await {
-        Ok(Ok(Response::ChunkVersion(info))) => {
-            Ok(info.map(|i| i.chunk_version()).unwrap_or(cairn_types::Version::NONE))
-        }
+        Ok(Ok(Response::ChunkVersion(info))) => Ok(info
+            .map(|i| (i.chunk_version(), i.missed_by.clone(), i.dirty))
+            .unwrap_or((cairn_types::Version::NONE, Vec::new(), false))),
         // Damaged there, or a block fails its checksum: no copy to keep.
         Ok(Ok(Response::Error(RpcError::Damaged { .. } | RpcError::Corrupt { .. }))) => {
-            Ok(cairn_types::Version::NONE)
+            Ok((cairn_types::Version::NONE, Vec::new(), false))
         }
         Ok(Ok(other)) => Err(format!("asking the peer for its version: unexpected reply {other:?}")),
         Ok(Err(e)) => Err(format!("asking the peer for its version: {e}")),
@@ -1431,6 +1461,8 @@ enum CopyFailure {
     Source(String),
     Target(String),
     Raced,
+    /// The peer recorded this node as having missed the chunk: its copy comes from elsewhere.
+    Refused,
 }
 
 /// How long a peer may take to say which version of a chunk it holds, for a comparison.
@@ -1478,7 +1510,8 @@ async fn copy_chunk(
     // The peer's version first: a peer that holds this copy already (another replica's copy got
     // there first, or the writer re-sent the write to it) costs one question, not a read of the
     // whole chunk; and the copy read after it is at least as new as what the peer had then.
-    let target = target_version(conn, (volume, chunk, chunk_size)).await.map_err(CopyFailure::Target)?;
+    let (target, recorded, _) =
+        target_version(conn, (volume, chunk, chunk_size)).await.map_err(CopyFailure::Target)?;
     let s = store.clone();
     let here = tokio::task::spawn_blocking(move || s.chunk_version(volume, chunk))
         .await
@@ -1489,15 +1522,24 @@ async fn copy_chunk(
     if holds(here) {
         return Ok(());
     }
+    // The peer recorded this node as having missed the chunk: it refuses this copy (see
+    // `InstallRange::source`) — unless the record being copied is settled, which it may take.
+    // Not read only to be refused: tried again after a pause.
+    if recorded.contains(&me) && settled == 0 {
+        return Err(CopyFailure::Refused);
+    }
     let s = store.clone();
-    let (reply, generation) = tokio::task::spawn_blocking(move || {
+    let (reply, generation, dirty) = tokio::task::spawn_blocking(move || {
         // Data, allocation and version as of one moment (read under the chunk's lock).
         let reply = s.read(volume, chunk, chunk_size, 0, chunk_size.bytes())?;
+        // Dirty here (changed lately: it may hold a write never confirmed), or written since
+        // the read (a write marks the chunk dirty first): the copy is installed dirty.
+        let dirty = s.chunk_state(volume, chunk)?.is_none_or(|st| st.dirty || st.version() != reply.version);
         // The generation this node accepted, or the volume's in its map if newer (a holder that
         // missed the writer's fence): a target fenced by a newer writer refuses the copy, and one
         // already raised to the map's by another replica's copy takes it.
         let generation = s.highest_generation(volume)?.max(cairn_types::Generation(map_generation));
-        Ok::<_, cairn_store::StoreError>((reply, generation))
+        Ok::<_, cairn_store::StoreError>((reply, generation, dirty))
     })
     .await
     .map_err(|e| CopyFailure::Source(e.to_string()))?
@@ -1537,6 +1579,8 @@ async fn copy_chunk(
             // bring back a fenced writer's leftover an open settled without this node (found by
             // the production simulation, seed 8506 of the model of c922349).
             source: Some(me),
+            settled: (settled > 0).then_some(cairn_types::Generation(settled)),
+            dirty,
         };
         let failed = match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
             Ok(Ok(Response::Done)) => continue,

@@ -729,6 +729,8 @@ fn run(
             version,
             expect,
             source,
+            settled,
+            dirty,
         } => {
             // A copy installed here while this node holds the PG changes what a node being filled
             // must get (a writer's settle, an open's reconciliation): recorded for it, under the
@@ -743,19 +745,25 @@ fn run(
                         message: "the node is starting".into(),
                     }));
                 };
-                if hooks.missed.missed_by(volume.get(), chunk.0).contains(&source) {
+                if let Some(recorded) = hooks.missed.entry_settled(source, volume.get(), chunk.0) {
                     let current = store.chunk_version(volume, chunk)?;
-                    return Err(StoreError::VersionMismatch {
-                        volume,
-                        chunk,
-                        current,
-                        expected: cairn_types::Expected::Exact(expect.unwrap_or(Version::NONE)),
-                        behind: false,
-                    });
+                    // (Unless the copy is one an open of a newer generation settled, over a copy
+                    // here of an older generation: this node's record is of writes that open
+                    // settled, or of an earlier open.)
+                    let settles = settled.is_some_and(|g| g.0 > recorded && current.generation < g.0);
+                    if !settles {
+                        return Err(StoreError::VersionMismatch {
+                            volume,
+                            chunk,
+                            current,
+                            expected: cairn_types::Expected::Exact(expect.unwrap_or(Version::NONE)),
+                            behind: false,
+                        });
+                    }
                 }
             }
             store.install_range(
-                volume, chunk, chunk_size, offset, &present, &data, &crcs, generation, version, expect,
+                volume, chunk, chunk_size, offset, &present, &data, &crcs, generation, version, expect, dirty,
             )?;
             // (Only while this node serves: a copy installed on a holder that is catching up
             // repeats a version an in-sync holder already recorded for the fill or gave it.)

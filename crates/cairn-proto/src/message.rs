@@ -145,6 +145,18 @@ pub enum Request {
         /// recorded it as having missed a write to the chunk — a record made after the copy was
         /// planned (the write it missed is here, and the copy would undo it).
         source: Option<u64>,
+        /// Version 9: the copy is sent for a record an open of this writer generation settled
+        /// (`RecordMissed::settled`). A copy here of an older generation then takes it even if
+        /// this node recorded the source as having missed the chunk — by a write of an older
+        /// generation, or an earlier open (the settled one decides): that record is of writes the
+        /// open settled. (Else two such nodes, each recording the other, refused each other's
+        /// copies for good.)
+        settled: Option<Generation>,
+        /// Version 9: the source's copy is dirty (changed lately: it may hold a write never
+        /// confirmed); the copy installed stays dirty too, so the next open reconciles it and a
+        /// catch-up compares it (else an old writer's stray spread by a copy was served beside
+        /// the other replicas' copy after the open).
+        dirty: bool,
     },
     /// Rewrite blocks this node holds corrupt with good copies read elsewhere.
     Repair {

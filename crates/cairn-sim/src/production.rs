@@ -144,6 +144,18 @@ pub struct Options {
     /// the chunk refuses it (its copy lacks a write, or is a leftover an open settled without
     /// it); else only a shared volume's copies are checked so.
     pub copies_name_source: bool,
+    /// An open records the nodes being filled with a reconciled chunk's PG as having missed it
+    /// (settled) whether or not it installed a copy: a holder may have given them an old
+    /// writer's leftover it has pulled back since (else only if it installed one).
+    pub fill_members_settled: bool,
+    /// A copy sent for a settled record goes over a copy of an older generation even if the
+    /// target recorded its source as having missed the chunk by an older record (else two nodes,
+    /// each recording the other, may refuse each other's copies for good).
+    pub settled_overrides_records: bool,
+    /// A copy of a chunk dirty on its source is installed dirty (`Store::install_range`'s
+    /// `dirty`): it may carry a write never confirmed, which the next open must then reconcile
+    /// and a catch-up compare (else every install is clean).
+    pub copies_carry_dirty: bool,
 }
 
 impl Default for Options {
@@ -164,6 +176,9 @@ impl Default for Options {
             open_names_after: true,
             settled_records_replace: true,
             copies_name_source: true,
+            fill_members_settled: true,
+            settled_overrides_records: true,
+            copies_carry_dirty: true,
         }
     }
 }
@@ -267,6 +282,8 @@ enum Msg {
     SourceReply {
         job: u64,
         version: Option<u64>,
+        /// The source's copy is dirty (changed lately: it may hold a write not yet confirmed).
+        dirty: bool,
     },
     Install {
         job: u64,
@@ -275,6 +292,10 @@ enum Msg {
         version: u64,
         expect: u64,
         source: Option<u64>,
+        /// The record's `settled` (`InstallRange::settled`).
+        settled: u64,
+        /// The source's copy is dirty: so is the copy installed (`InstallRange::dirty`).
+        dirty: bool,
     },
     InstallReply {
         job: u64,
@@ -1872,7 +1893,8 @@ impl ProductionWorld {
                 let n = self.nodes.get(&to).expect_node();
                 let version =
                     (any || n.serves_read(chunk, now)).then(|| n.store.get(&chunk).copied().unwrap_or(0));
-                self.send(to, peer, Msg::SourceReply { job, version });
+                let dirty = n.marked.contains_key(&chunk);
+                self.send(to, peer, Msg::SourceReply { job, version, dirty });
             }
             Msg::ReviveReq { job, from: peer, chunk } => {
                 let n = self.nodes.get(&to).expect_node();
@@ -1883,12 +1905,20 @@ impl ProductionWorld {
             Msg::ReviveReply { job, from: peer, version, missed_by } => {
                 self.revive_answer(to, job, peer, (version, missed_by));
             }
-            Msg::Install { job, from: peer, chunk, version, expect, source } => {
+            Msg::Install { job, from: peer, chunk, version, expect, source, settled, dirty } => {
                 let n = self.nodes.get_mut(&to).expect_node();
                 let current = n.store.get(&chunk).copied().unwrap_or(0);
+                // (Unless an open of a newer generation settled the copy, over one here of an
+                // older generation: this node's record is of writes that open settled.)
+                let settles = |e: &Entry| {
+                    self.options.settled_overrides_records
+                        && settled > e.settled
+                        && generation_of(current) < settled
+                };
                 // (A copy from a node this one recorded as having missed the chunk would undo the
                 // write recorded, or bring back a leftover an open settled without it.)
-                let refused = source.is_some_and(|s| n.missed.contains_key(&(s, chunk))) || current != expect;
+                let refused = source.is_some_and(|s| n.missed.get(&(s, chunk)).is_some_and(|e| !settles(e)))
+                    || current != expect;
                 let line = format!(
                     "node {to} install chunk {chunk} v{version} from {peer} (source {source:?}, expect {expect}, has {current}): {}",
                     if refused { "refused" } else { "done" }
@@ -1896,6 +1926,9 @@ impl ProductionWorld {
                 push_trace(&mut self.trace, self.print_trace, self.now, line);
                 if !refused {
                     n.install(chunk, version);
+                    if dirty {
+                        n.marked.insert(chunk, 0);
+                    }
                     self.applied_at.entry((version, to)).or_insert(self.now);
                 }
                 self.send(to, peer, Msg::InstallReply { job, ok: !refused });
@@ -1910,7 +1943,7 @@ impl ProductionWorld {
                 }
             }
             Msg::VersionReply { job, version } => self.job_version(to, job, version),
-            Msg::SourceReply { job, version } => self.job_source(to, job, version),
+            Msg::SourceReply { job, version, dirty } => self.job_source(to, job, version, dirty),
             Msg::InstallReply { job, ok } => self.job_installed(to, job, ok),
             Msg::WriteReply { .. }
             | Msg::RecordReply { .. }
@@ -2321,7 +2354,8 @@ impl ProductionWorld {
         let (source, chunk) = (j.source, j.chunk);
         if source == id {
             let v = n.store.get(&chunk).copied().unwrap_or(0);
-            self.job_source(id, job, Some(v));
+            let dirty = n.marked.contains_key(&chunk);
+            self.job_source(id, job, Some(v), dirty);
         } else {
             self.send(id, source, Msg::SourceRead { job, from: id, chunk, any: false });
         }
@@ -2414,7 +2448,8 @@ impl ProductionWorld {
         }
     }
 
-    fn job_source(&mut self, id: u64, job: u64, version: Option<u64>) {
+    fn job_source(&mut self, id: u64, job: u64, version: Option<u64>, dirty: bool) {
+        let dirty = dirty && self.options.copies_carry_dirty;
         let n = self.nodes.get_mut(&id).expect_node();
         let Some(j) = n.job.clone().filter(|j| j.id == job) else { return };
         let Some(v) = version else {
@@ -2426,6 +2461,9 @@ impl ProductionWorld {
             // peer's copy installed meanwhile is not undone), the record done.
             if n.store.get(&j.chunk).copied().unwrap_or(0) == j.target_version.unwrap_or(0) {
                 n.put_copy(j.chunk, v);
+                if dirty {
+                    n.marked.insert(j.chunk, 0);
+                }
                 self.applied_at.entry((v, id)).or_insert(self.now);
                 if n.missed.get(&(id, j.chunk)).is_some_and(|e| e.seq == j.seq) {
                     n.missed.remove(&(id, j.chunk));
@@ -2458,6 +2496,8 @@ impl ProductionWorld {
                 version: v,
                 expect: target,
                 source: self.options.copies_name_source.then_some(j.source),
+                settled: j.settled,
+                dirty,
             },
         );
     }
@@ -2495,6 +2535,8 @@ impl ProductionWorld {
                 version: own,
                 expect: peer_holds,
                 source: self.options.copies_name_source.then_some(id),
+                settled: j.settled,
+                dirty: self.options.copies_carry_dirty && n.marked.contains_key(&j.chunk),
             };
             self.send(id, j.peer, msg);
             return;
@@ -3429,10 +3471,10 @@ impl ProductionWorld {
                 v
             }
         };
-        // Holders that took no part (and, if a copy was installed, the nodes being filled) are
+        // Holders that took no part (and the nodes being filled: `Options::fill_members_settled`) are
         // recorded on the live ones as having missed the chunk.
         let mut outside: Vec<u64> = holders.iter().copied().filter(|n| !o.live.contains(n)).collect();
-        if o.installed {
+        if o.installed || self.options.fill_members_settled {
             outside.extend(self.client.map.backfill(R, pg(chunk)));
         }
         if outside.is_empty() || o.live.is_empty() {

@@ -8,7 +8,9 @@
 //!   block, never data.
 //! * A chunk is marked dirty on disk (header written and fdatasync'ed) *before* a mutation touches
 //!   its data, and the flag is cleared only after a flush made the data durable, so after any crash
-//!   the chunks that may differ between replicas are among the dirty chunks.
+//!   the chunks that may differ between replicas are among the dirty chunks. A whole copy installed
+//!   from a peer is synced and clean — unless the peer's copy was dirty (it may hold a write never
+//!   confirmed): then it stays dirty, so a stray write a copy spread is among the dirty chunks too.
 //! * [`Store::flush`] returns only when every write acknowledged before it is durable (fdatasync of
 //!   every dirty chunk file; new files are created by rename and the directory is fsync'ed).
 //! * Every volume persists the highest writer generation it has seen, before using it; a mutation

@@ -918,7 +918,9 @@ impl Store {
     /// above). With `expect`, applied only if this copy is still at that version (a reconciliation
     /// planned against it), checked and applied under the chunk's lock in one go, before anything
     /// changes (a damaged, quarantined chunk counts as holding none: an install expecting
-    /// `Version::NONE` or none at all replaces it).
+    /// `Version::NONE` or none at all replaces it). The whole copy installed, the chunk is no
+    /// longer dirty — unless `keep_dirty` (the source's copy is dirty: it may hold a write never
+    /// confirmed, which the next open must reconcile and a catch-up compare).
     #[allow(clippy::too_many_arguments)]
     pub fn install_range(
         &self,
@@ -932,6 +934,7 @@ impl Store {
         generation: Generation,
         version: Version,
         expect: Option<Version>,
+        keep_dirty: bool,
     ) -> Result<(), StoreError> {
         let first_block = check_range(chunk_size, offset, present.len() as u64 * BLOCK)?;
         let n_present = present.iter().filter(|p| **p).count();
@@ -1029,6 +1032,13 @@ impl Store {
             let dir_unsynced = std::mem::take(&mut lock(&state.inner).dir_unsynced);
             if dir_unsynced {
                 fsync_dir(&state.dir)?;
+            }
+            if keep_dirty {
+                // (Durably dirty since the install began, and synced; its flushes count from now.)
+                let mut v = lock(&state.inner);
+                v.dirty.insert(chunk, 0);
+                v.unsynced.remove(&chunk);
+                return Ok(());
             }
             // The whole copy is durable and is its source's copy: no longer dirty (else every
             // chunk a catch-up or a backfill copied would be reported at the next open and

@@ -316,6 +316,7 @@ fn damaged_chunk_files_are_quarantined_until_a_copy_is_installed() {
             Generation(4),
             Version { generation: 4, seq: 7 },
             None,
+            false,
         )
         .unwrap();
     assert!(!store.is_quarantined(vol(2), ChunkIndex(0)));
@@ -461,7 +462,19 @@ fn mutations_apply_only_on_the_version_they_expect() {
     // An install sets the copy's version; with a condition it applies only over the planned copy.
     let present = [true, false];
     let install = |expect| {
-        store.install_range(v, c, cs, 0, &present, &b, &block_crcs(&b), Generation(5), ver(5, 4), expect)
+        store.install_range(
+            v,
+            c,
+            cs,
+            0,
+            &present,
+            &b,
+            &block_crcs(&b),
+            Generation(5),
+            ver(5, 4),
+            expect,
+            false,
+        )
     };
     assert!(matches!(install(Some(ver(5, 1))), Err(StoreError::VersionMismatch { .. })));
     install(Some(ver(5, 2))).unwrap();
@@ -471,11 +484,24 @@ fn mutations_apply_only_on_the_version_they_expect() {
     assert_eq!(store.chunk_state(v, c).unwrap().unwrap().version(), installing);
     assert!(matches!(store.read(v, c, cs, 0, 4096), Err(StoreError::Installing { .. })));
     let rest = vec![false; 254];
-    let other =
-        store.install_range(v, c, cs, 8192, &rest, &[], &[], Generation(5), ver(5, 3), Some(ver(5, 4)));
+    let other = store.install_range(
+        v,
+        c,
+        cs,
+        8192,
+        &rest,
+        &[],
+        &[],
+        Generation(5),
+        ver(5, 3),
+        Some(ver(5, 4)),
+        false,
+    );
     assert!(other.is_err(), "a piece of another copy is refused");
     assert!(store.chunk_state(v, c).unwrap().unwrap().dirty, "half a copy is dirty");
-    store.install_range(v, c, cs, 8192, &rest, &[], &[], Generation(5), ver(5, 4), Some(installing)).unwrap();
+    store
+        .install_range(v, c, cs, 8192, &rest, &[], &[], Generation(5), ver(5, 4), Some(installing), false)
+        .unwrap();
     let read = store.read(v, c, cs, 0, 4096).unwrap();
     assert_eq!((read.version, read.data), (ver(5, 4), b));
     assert_eq!(store.chunk_state(v, c).unwrap().unwrap().version(), ver(5, 4));
@@ -484,5 +510,26 @@ fn mutations_apply_only_on_the_version_they_expect() {
     let state = store.chunk_state(v, c).unwrap().unwrap();
     assert!(!state.dirty);
     assert!(!store.dirty_chunks(v).unwrap().contains(&c));
+    assert!(!store.unsynced_chunks(v).unwrap().contains(&c));
+    // A copy of a source's dirty copy (it may hold a write never confirmed) stays dirty, synced.
+    let whole = vec![true; 256];
+    let data = vec![7u8; 256 * 4096];
+    store
+        .install_range(
+            v,
+            c,
+            cs,
+            0,
+            &whole,
+            &data,
+            &block_crcs(&data),
+            Generation(5),
+            ver(5, 6),
+            Some(ver(5, 4)),
+            true,
+        )
+        .unwrap();
+    assert!(store.chunk_state(v, c).unwrap().unwrap().dirty);
+    assert!(store.dirty_chunks(v).unwrap().contains(&c));
     assert!(!store.unsynced_chunks(v).unwrap().contains(&c));
 }
