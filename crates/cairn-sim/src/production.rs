@@ -156,6 +156,9 @@ pub struct Options {
     /// `dirty`): it may carry a write never confirmed, which the next open must then reconcile
     /// and a catch-up compare (else every install is clean).
     pub copies_carry_dirty: bool,
+    /// An open goes on past a reconciled chunk only once a quorum of the holders that took part
+    /// recorded the ones left out (else once any one did).
+    pub records_need_quorum: bool,
 }
 
 impl Default for Options {
@@ -179,6 +182,7 @@ impl Default for Options {
             fill_members_settled: true,
             settled_overrides_records: true,
             copies_carry_dirty: true,
+            records_need_quorum: true,
         }
     }
 }
@@ -3356,8 +3360,14 @@ impl ProductionWorld {
                 for n in &failed {
                     self.suspect(*n);
                 }
-                if confirmed == 0 {
-                    self.open_failed(format!("chunk {chunk}: no holder recorded the ones that took no part"));
+                // (A quorum of them: a holder left out serves reads only with leases from all its
+                // other holders but q − 1, so q records reach one it needs; fewer let it go on
+                // serving its own copy beside the settled one.)
+                let need = if self.options.records_need_quorum { usize::from(R) / 2 + 1 } else { 1 };
+                if confirmed < need.min(o.asked.len()) {
+                    self.open_failed(format!(
+                        "chunk {chunk}: only {confirmed} holders recorded the ones that took no part"
+                    ));
                     return;
                 }
                 if let Some(o) = self.client.opening.as_mut() {
