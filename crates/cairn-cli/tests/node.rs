@@ -826,3 +826,62 @@ async fn chunk_info(c: &NodeConnection, chunk: ChunkIndex) -> cairn_proto::Chunk
         other => panic!("{other:?}"),
     }
 }
+
+/// A catch-up copy is fenced like a write, also by the volume's generation in the node's map: a
+/// sender whose map lags behind a new writer's open must not spread the old writer's strays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_older_writer_generation_than_the_map_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let (mut node, cfg) = tokio::task::spawn_blocking(move || node_with_volume(&path)).await.unwrap();
+    let http = cfg.http_addr();
+    // Two writers opened the volume: the map's generation is past 1.
+    let generation = tokio::task::spawn_blocking(move || {
+        let client = reqwest::blocking::Client::new();
+        let mut g = 0;
+        for _ in 0..2 {
+            let r = client.post(format!("http://{http}/v1/volumes/v/open")).send().unwrap();
+            assert!(r.status().is_success(), "{:?}", r.status());
+            g = r.json::<serde_json::Value>().unwrap()["generation"].as_u64().unwrap();
+        }
+        g
+    })
+    .await
+    .unwrap();
+    assert!(generation >= 2);
+    let c = node.connect().await;
+    let install = |generation: u64| Request::InstallRange {
+        volume: vol(1),
+        chunk: ChunkIndex(0),
+        chunk_size: ChunkSize::DEFAULT,
+        offset: 0,
+        present: vec![false; 256],
+        crcs: vec![],
+        data: Bytes::new(),
+        generation: Generation(generation),
+        version: cairn_types::Version { generation: 1, seq: 5 },
+        expect: None,
+        source: None,
+        settled: None,
+        dirty: false,
+    };
+    // The node's map shows the generation within moments (it leads the one-node pool).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.call(&install(generation - 1)).await.unwrap() {
+            Response::Error(RpcError::Fenced { highest, .. }) => {
+                assert_eq!(highest, Generation(generation));
+                break;
+            }
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "an older generation's copy went in: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert_eq!(c.call(&install(generation)).await.unwrap(), Response::Done);
+    node.sigkill();
+}

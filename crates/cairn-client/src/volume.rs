@@ -714,6 +714,14 @@ impl VolumeClient {
                 }
                 break;
             }
+            // Every holder dropped out at once (a network blip of this client): the chunk was not
+            // settled, and must not be passed over as if it were (found by review).
+            if map.pg(chunk).is_none_or(|pg| live.len() < map.deciders(pg)) {
+                return Err(IoError::Io(format!(
+                    "open: chunk {chunk}: only {} of its holders take part in its reconciliation",
+                    live.len()
+                )));
+            }
             // Holders that took no part may hold another copy (a stray write of the old writer,
             // a torn one): the copies made identical record them as having missed the chunk,
             // settled at this generation (their copy goes over an older generation's, see
@@ -888,8 +896,11 @@ impl VolumeClient {
                 // chunk since this copy was planned (the copy would undo that write).
                 source: Some(from),
                 settled: None,
-                // (The copies a reconciliation made identical are settled: clean.)
-                dirty: false,
+                // Installed dirty: if this writer dies before every other copy got it, the copies
+                // differ, and the next open must find the chunk among the dirty ones (installed
+                // clean, it was skipped and the difference stayed: found by review). Copies
+                // already identical cost one comparison at that open.
+                dirty: true,
             };
             match self.call(to, &install).await {
                 Ok(Response::Done) => {}

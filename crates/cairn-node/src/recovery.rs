@@ -399,13 +399,20 @@ pub async fn run(
                 // newer one another replica gave the peer).
                 // (`passed_on`: this node's copy is passed over by rule, not because it failed.)
                 let mut passed_on = true;
+                let map_generation = generations.get(&volume).copied().unwrap_or(0);
                 let outcome = if me_catching_up && in_sync_source() {
                     Err(CopyFailure::Source("this node is catching up itself".into()))
+                } else if unfenced_stray(&store, volume, chunk, map_generation).await && in_sync_source() {
+                    // It missed the current writer's fence, and its copy, dirty and of an older
+                    // generation, may be a stray the fenced writer left only here: an in-sync
+                    // replica's goes instead (found by the production simulation, seed 98 655).
+                    Err(CopyFailure::Source(
+                        "this node missed the writer's fence; its copy may be a stray".into(),
+                    ))
                 } else if shared.contains(&volume) && !serves_reads_of(&meta, me, volume, chunk) {
                     Err(CopyFailure::Source("this node does not serve reads of the chunk now".into()))
                 } else {
                     passed_on = false;
-                    let map_generation = generations.get(&volume).copied().unwrap_or(0);
                     copy_chunk(
                         &store,
                         &conn,
@@ -1472,6 +1479,23 @@ const COMPARE_TIMEOUT: Duration = Duration::from_secs(2);
 /// tried again (this node copies its own once it is in sync; meanwhile the peer's other records go
 /// on).
 const KEPT_RETRY: Duration = Duration::from_secs(3);
+
+/// Whether this node missed the volume's current writer generation `map_generation` (its own
+/// fence is older) and holds `chunk` dirty at an older generation: a write of the fenced writer
+/// it may hold alone, which it must not spread before its catch-up compares it.
+async fn unfenced_stray(store: &Arc<Store>, volume: u64, chunk: u64, map_generation: u64) -> bool {
+    let Ok(v) = VolumeId::new(volume) else { return false };
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || {
+        let fence = s.highest_generation(v).ok()?.0;
+        let state = s.chunk_state(v, ChunkIndex(chunk)).ok()??;
+        Some(fence < map_generation && state.dirty && state.version().generation < map_generation)
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
 
 /// Whether a peer at version `target` keeps its copy rather than take one at `source`: it holds
 /// this very copy already; or a newer one, on a volume with one writer per generation, further

@@ -501,23 +501,37 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
         let stamped = match &request {
             Request::Write { volume, stamp, .. }
             | Request::Trim { volume, stamp, .. }
-            | Request::WriteZeroes { volume, stamp, .. } => Some((*volume, *stamp)),
+            | Request::WriteZeroes { volume, stamp, .. } => Some((*volume, stamp.generation)),
             _ => None,
         };
-        if let Some((volume, stamp)) = stamped {
+        if let Some((volume, generation)) = stamped {
             let highest = match (hooks.volume_state)(volume.get()) {
                 VolumeState::Live { generation } => generation,
                 _ => 0,
             };
-            if stamp.generation.0 < highest {
-                log_fenced(volume, stamp.generation.0, highest);
+            if generation.0 < highest {
+                log_fenced(volume, generation.0, highest);
                 return Response::Error(RpcError::Fenced {
                     volume,
-                    generation: stamp.generation,
+                    generation,
                     highest: cairn_types::Generation(highest),
                 });
             }
         }
+    }
+    // A copy is fenced like a write, by the map's generation too: a sender whose map lags behind
+    // a new writer's open would spread what the writer it still knows left (found by the
+    // production simulation).
+    if let (Request::InstallRange { volume, generation, .. }, Some(hooks)) = (&request, wiring.hooks.get())
+        && let VolumeState::Live { generation: highest } = (hooks.volume_state)(volume.get())
+        && generation.0 < highest
+    {
+        log_fenced(*volume, generation.0, highest);
+        return Response::Error(RpcError::Fenced {
+            volume: *volume,
+            generation: *generation,
+            highest: cairn_types::Generation(highest),
+        });
     }
     // Peers a mutation records as having missed it: its acknowledgement waits out any read lease
     // this node granted them (see `MetaService::serves_reads`).

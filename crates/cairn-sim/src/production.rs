@@ -159,6 +159,12 @@ pub struct Options {
     /// An open goes on past a reconciled chunk only once a quorum of the holders that took part
     /// recorded the ones left out (else once any one did).
     pub records_need_quorum: bool,
+    /// A catch-up copy carries its sender's writer generation and a node refuses one below its
+    /// fence or its map's generation, as a write (else copies are not fenced).
+    pub installs_check_generation: bool,
+    /// A node that missed the current writer's fence passes on an in-sync replica's copy of a
+    /// chunk dirty on it of an older generation, not its own (else it copies its own).
+    pub unfenced_strays_relayed: bool,
 }
 
 impl Default for Options {
@@ -183,6 +189,8 @@ impl Default for Options {
             settled_overrides_records: true,
             copies_carry_dirty: true,
             records_need_quorum: true,
+            installs_check_generation: true,
+            unfenced_strays_relayed: true,
         }
     }
 }
@@ -300,6 +308,8 @@ enum Msg {
         settled: u64,
         /// The source's copy is dirty: so is the copy installed (`InstallRange::dirty`).
         dirty: bool,
+        /// The sender's writer generation for the volume (its fence or its map's, the higher).
+        generation: u64,
     },
     InstallReply {
         job: u64,
@@ -1825,6 +1835,9 @@ impl ProductionWorld {
                 if ok {
                     n.fence = generation;
                     n.install(chunk, version);
+                    // (Dirty, as production's reconciliation copies: a crash before the others
+                    // got theirs leaves it among the chunks the next open reconciles.)
+                    n.marked.insert(chunk, 0);
                     self.applied_at.entry((version, to)).or_insert(self.now);
                 }
                 let line =
@@ -1909,9 +1922,15 @@ impl ProductionWorld {
             Msg::ReviveReply { job, from: peer, version, missed_by } => {
                 self.revive_answer(to, job, peer, (version, missed_by));
             }
-            Msg::Install { job, from: peer, chunk, version, expect, source, settled, dirty } => {
+            Msg::Install { job, from: peer, chunk, version, expect, source, settled, dirty, generation } => {
                 let n = self.nodes.get_mut(&to).expect_node();
                 let current = n.store.get(&chunk).copied().unwrap_or(0);
+                // Fenced like a write: below this node's fence or its map's generation, refused
+                // (a sender whose map lags would spread a stray of the writer it still knows).
+                let map_generation =
+                    n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+                let fenced =
+                    self.options.installs_check_generation && generation < n.fence.max(map_generation);
                 // (Unless an open of a newer generation settled the copy, over one here of an
                 // older generation: this node's record is of writes that open settled.)
                 let settles = |e: &Entry| {
@@ -1923,12 +1942,16 @@ impl ProductionWorld {
                 // write recorded, or bring back a leftover an open settled without it.)
                 let refused = source.is_some_and(|s| n.missed.get(&(s, chunk)).is_some_and(|e| !settles(e)))
                     || current != expect;
+                let refused = refused || fenced;
                 let line = format!(
                     "node {to} install chunk {chunk} v{version} from {peer} (source {source:?}, expect {expect}, has {current}): {}",
                     if refused { "refused" } else { "done" }
                 );
                 push_trace(&mut self.trace, self.print_trace, self.now, line);
                 if !refused {
+                    if self.options.installs_check_generation {
+                        n.fence = n.fence.max(generation);
+                    }
                     n.install(chunk, version);
                     if dirty {
                         n.marked.insert(chunk, 0);
@@ -2240,7 +2263,15 @@ impl ProductionWorld {
             .filter(|h| *h != id && *h != peer && map.nodes.get(h).is_some_and(|x| x.in_sync()))
             .filter(|h| !n.missed.contains_key(&(*h, chunk)))
             .collect();
-        let source = if me_catching_up && !sources.is_empty() {
+        // So does one that missed the current writer's fence, for a chunk dirty here of an older
+        // generation: its copy may be a stray the fenced writer left only here
+        // (`Options::unfenced_strays_relayed`).
+        let map_generation = map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+        let stray = self.options.unfenced_strays_relayed
+            && n.fence < map_generation
+            && n.marked.contains_key(&chunk)
+            && n.store.get(&chunk).is_some_and(|v| generation_of(*v) < map_generation);
+        let source = if (me_catching_up || stray) && !sources.is_empty() {
             sources[(entry.seq % sources.len() as u64) as usize]
         } else {
             id
@@ -2490,6 +2521,8 @@ impl ProductionWorld {
         if let Some(j) = n.job.as_mut() {
             j.version = Some(v);
         }
+        let generation =
+            n.fence.max(n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation));
         self.send(
             id,
             j.peer,
@@ -2502,6 +2535,7 @@ impl ProductionWorld {
                 source: self.options.copies_name_source.then_some(j.source),
                 settled: j.settled,
                 dirty,
+                generation,
             },
         );
     }
@@ -2541,6 +2575,7 @@ impl ProductionWorld {
                 source: self.options.copies_name_source.then_some(id),
                 settled: j.settled,
                 dirty: self.options.copies_carry_dirty && n.marked.contains_key(&j.chunk),
+                generation: n.fence.max(map_generation),
             };
             self.send(id, j.peer, msg);
             return;
