@@ -630,6 +630,8 @@ impl VolumeClient {
             let holders = map.replicas(chunk);
             let mut live: BTreeSet<u64> = holders.iter().copied().filter(|n| reached.contains(n)).collect();
             let mut stale_rounds = 0;
+            // The version the live holders' copies were made identical at.
+            let mut settled_at: Option<Version> = None;
             // Each failure takes one holder out (suspected, caught up later), so this ends.
             'settle: while !live.is_empty() {
                 // Never decided by fewer than a quorum of the holders (the others' copies may hold
@@ -673,12 +675,14 @@ impl VolumeClient {
                 }
                 let infos: BTreeMap<u64, ChunkInfo> =
                     reported.iter().filter(|(n, _)| live.contains(n)).map(|(n, i)| (*n, i.clone())).collect();
-                let versions = infos.iter().map(|(n, i)| (*n, i.chunk_version())).collect();
+                let versions: BTreeMap<u64, Version> =
+                    infos.iter().map(|(n, i)| (*n, i.chunk_version())).collect();
                 let Some((winner, installs)) = settle(&versions, &may_win(&infos), None) else {
                     // No copy may win (each recorded as missed somewhere, or half installed):
                     // identical ones need nothing; different ones must not be left for a first
                     // write to build on.
                     if versions.values().collect::<BTreeSet<_>>().len() <= 1 {
+                        settled_at = versions.values().next().copied();
                         break;
                     }
                     return Err(IoError::Io(format!(
@@ -712,6 +716,7 @@ impl VolumeClient {
                     }
                     reconciled += 1;
                 }
+                settled_at = versions.get(&winner).copied();
                 break;
             }
             // Every holder dropped out at once (a network blip of this client): the chunk was not
@@ -734,15 +739,13 @@ impl VolumeClient {
             outside.extend(map.backfill(chunk));
             if !outside.is_empty() {
                 let on: Vec<u64> = live.iter().copied().collect();
+                // Each only if its copy is still the settled one: a copy that moved since (a
+                // left-out holder's own catch-up copy landing in between) is not counted (found by
+                // review), and the open fails below unless a quorum still holds it.
+                let at: BTreeMap<u64, Version> =
+                    settled_at.map(|v| on.iter().map(|n| (*n, v)).collect()).unwrap_or_default();
                 let (confirmed, _) = self
-                    .record_missed(
-                        &on,
-                        &outside,
-                        volume,
-                        chunk,
-                        chunk_size,
-                        (&BTreeMap::new(), Some(generation)),
-                    )
+                    .record_missed(&on, &outside, volume, chunk, chunk_size, (&at, Some(generation)))
                     .await;
                 for node in on.iter().filter(|n| !confirmed.contains(n)) {
                     self.suspect(
