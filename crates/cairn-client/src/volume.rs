@@ -181,6 +181,17 @@ const FENCE_REPORTS_FRESH: Duration = Duration::from_secs(1);
 /// committed since it read (hosts racing to open it), before it gives up with an error.
 const OPEN_CONFLICTS_MAX: u32 = 8;
 
+/// What became of a `RecordMissed` sent to some nodes (`VolumeClient::record_missed`).
+#[derive(Debug, Default)]
+struct Recorded {
+    /// Recorded it.
+    confirmed: BTreeSet<u64>,
+    /// Refused: the copy had moved on from the version named (to this one).
+    moved: BTreeMap<u64, Version>,
+    /// Did not answer (timed out, connection failed).
+    silent: BTreeSet<u64>,
+}
+
 /// A writer's generation: one it joined (a shared volume's current one) or one it opened.
 enum Taken {
     Adopted(u64),
@@ -420,7 +431,7 @@ impl VolumeClient {
             Request::Write { missed_by, .. }
             | Request::Trim { missed_by, .. }
             | Request::WriteZeroes { missed_by, .. } => !missed_by.is_empty(),
-            Request::RecordMissed { .. } => true,
+            Request::RecordMissed { peers, .. } => !peers.is_empty(),
             _ => false,
         };
         let timeout = if names_missed {
@@ -526,7 +537,9 @@ impl VolumeClient {
     /// reported as needing catch-up, and every holder that took no part in a chunk's
     /// reconciliation is recorded (on the copies made identical) as having missed the chunk: it
     /// gets their copy before it serves again, and by then its own map carries the new
-    /// generation, so it refuses the old writer too.
+    /// generation, so it refuses the old writer too. So is a holder that took part but then does
+    /// not confirm its copy is still the settled one (it moved since: pulled back by its own
+    /// catch-up, perhaps older).
     async fn fence_and_reconcile(&self, generation: u64) -> Result<(), IoError> {
         let (volume, chunk_size) = self.ids()?;
         let deadline = Instant::now() + self.config.io_timeout;
@@ -620,6 +633,7 @@ impl VolumeClient {
         // suspected and recorded as having missed each): a frozen holder must not cost a timeout
         // per dirty chunk, with every write waiting on the open.
         let mut reached = reached.clone();
+        let shared = map.volume.shared;
         // (The fence's reports are used while fresh; a chunk whose turn comes later has its states
         // asked again: a holder's copy may have moved since — a failing holder costs seconds over
         // the chunks before — and a stale state settled nothing: found by the production
@@ -737,32 +751,66 @@ impl VolumeClient {
             // node holds already costs one version question.)
             let mut outside: Vec<u64> = holders.iter().copied().filter(|n| !live.contains(n)).collect();
             outside.extend(map.backfill(chunk));
-            if !outside.is_empty() {
-                let on: Vec<u64> = live.iter().copied().collect();
+            let mut on: Vec<u64> = live.iter().copied().collect();
+            // With none outside, the round still asks the holders that took part whether their
+            // copy is still the settled one (a winner read for its copy may have pulled an older
+            // one back since: it would serve it beside the settled one). Each later round leaves
+            // out at least one holder of `on`, so this ends.
+            loop {
+                // (On a shared volume with nobody outside the check is skipped: another writer of
+                // this generation may move the copies legitimately meanwhile.)
+                if outside.is_empty() && shared {
+                    break;
+                }
                 // Each only if its copy is still the settled one: a copy that moved since (a
                 // left-out holder's own catch-up copy landing in between) is not counted (found by
                 // review), and the open fails below unless a quorum still holds it.
                 let at: BTreeMap<u64, Version> =
                     settled_at.map(|v| on.iter().map(|n| (*n, v)).collect()).unwrap_or_default();
-                let (confirmed, _) = self
+                let recorded = self
                     .record_missed(&on, &outside, volume, chunk, chunk_size, (&at, Some(generation)))
                     .await;
-                for node in on.iter().filter(|n| !confirmed.contains(n)) {
+                // A holder that does not answer takes no part in the later chunks either (as in
+                // the rounds above).
+                for node in &recorded.silent {
+                    reached.remove(node);
+                }
+                let refused: Vec<u64> = on
+                    .iter()
+                    .copied()
+                    .filter(|n| !recorded.confirmed.contains(n))
+                    // (Another shared writer's write of this generation moved it on: legitimate.)
+                    .filter(|n| !recorded.moved.get(n).is_some_and(|v| shared && v.generation >= generation))
+                    .collect();
+                for node in &refused {
                     self.suspect(
                         *node,
-                        &format!("open: chunk {chunk}: could not record that {outside:?} missed it"),
+                        &format!(
+                            "open: chunk {chunk}: its copy is no longer the settled one, or it could not \
+                             record that {outside:?} missed it"
+                        ),
                     );
                 }
                 // A quorum of them: a holder left out serves reads only with leases from all its
                 // other holders but q − 1, so q records reach one it needs; fewer let it go on
                 // serving its own copy beside the settled one (found by the production simulation,
                 // seed 84 316: the one record made was on the only holder the writer could reach).
+                let confirmed = recorded.confirmed;
                 if confirmed.len() < map.quorum().min(on.len()) {
                     return Err(IoError::Io(format!(
                         "open: chunk {chunk}: only {} replicas could record that nodes {outside:?} missed it",
                         confirmed.len()
                     )));
                 }
+                // A holder that did not confirm (its copy moved since it was settled — pulled back
+                // by its own catch-up, perhaps older —, it is unsure of it, or it did not answer)
+                // is left out in turn, recorded on those that did (found by the production
+                // simulation, seed 280 668: only suspected, it served its pulled-back copy).
+                if refused.is_empty() {
+                    break;
+                }
+                outside = refused;
+                on = confirmed.into_iter().collect();
             }
         }
         Ok(reconciled)
@@ -827,7 +875,7 @@ impl VolumeClient {
             && !e.fenced
         {
             if e.node == install.node {
-                let (confirmed, _) = self
+                let Recorded { confirmed, .. } = self
                     .record_missed(&[from], &[e.node], volume, chunk, chunk_size, (&BTreeMap::new(), settles))
                     .await;
                 if !confirmed.contains(&from) {
@@ -1459,11 +1507,11 @@ impl VolumeClient {
                 // writer's acknowledged sibling whose appliers recorded this one — each side would
                 // then refuse the other's copy for good.
                 if ok.len() >= need && !failed.is_empty() {
-                    let (confirmed, refused) = self
+                    let Recorded { confirmed, moved: refused, .. } = self
                         .record_missed(&ok, &failed, volume, chunk, chunk_size, (&applied_at, None))
                         .await;
                     moved = !refused.is_empty();
-                    for node in ok.iter().filter(|n| !confirmed.contains(n) && !refused.contains(n)) {
+                    for node in ok.iter().filter(|n| !confirmed.contains(n) && !refused.contains_key(n)) {
                         recorded = false;
                         last = format!("node {node} could not record that node(s) {failed:?} missed a write");
                         self.suspect(*node, &last);
@@ -1530,8 +1578,8 @@ impl VolumeClient {
     /// Has each node of `on` record that `peers` missed a write to `chunk` — where `at` names a
     /// node's version, only if its copy is still at it; with `settled`, as left out of the chunk's
     /// reconciliation by this writer's open of that generation (`Request::RecordMissed::settled`).
-    /// Returns the nodes that recorded it and those whose copy had moved (refused with
-    /// `VersionMismatch`).
+    /// Returns the nodes that recorded it, those whose copy had moved (refused with
+    /// `VersionMismatch`: their version now) and those that did not answer.
     async fn record_missed(
         &self,
         on: &[u64],
@@ -1540,7 +1588,7 @@ impl VolumeClient {
         chunk: u64,
         chunk_size: ChunkSize,
         (at, settled): (&BTreeMap<u64, Version>, Option<u64>),
-    ) -> (BTreeSet<u64>, BTreeSet<u64>) {
+    ) -> Recorded {
         let request = |node: u64| Request::RecordMissed {
             volume,
             chunk: ChunkIndex(chunk),
@@ -1554,21 +1602,24 @@ impl VolumeClient {
             async move { self.call(*n, &r).await }
         }))
         .await;
-        let mut confirmed = BTreeSet::new();
-        let mut moved = BTreeSet::new();
+        let mut recorded = Recorded::default();
         for (node, r) in on.iter().zip(results) {
             match r {
                 Ok(Response::Done) => {
-                    confirmed.insert(*node);
+                    recorded.confirmed.insert(*node);
                 }
                 Ok(Response::Error(RpcError::VersionMismatch { current, .. })) => {
                     tracing::debug!(node, chunk, %current, "recording a missed write: the copy moved on");
-                    moved.insert(*node);
+                    recorded.moved.insert(*node, current);
                 }
-                other => tracing::warn!(node, chunk, "recording a missed write: {other:?}"),
+                Err(e) => {
+                    tracing::warn!(node, chunk, "recording a missed write: {e}");
+                    recorded.silent.insert(*node);
+                }
+                Ok(other) => tracing::warn!(node, chunk, "recording a missed write: {other:?}"),
             }
         }
-        (confirmed, moved)
+        recorded
     }
 
     /// Makes every write acknowledged before it durable on a majority of each chunk's replicas.

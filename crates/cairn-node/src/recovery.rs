@@ -363,7 +363,10 @@ pub async fn run(
             let now = tokio::time::Instant::now();
             unreadable.retain(|_, until| *until > now);
             kept_since.retain(|_, since| now.saturating_duration_since(*since) < KEPT_MAX * 2);
-            let me_catching_up = meta.read(|s| s.nodes.get(&me).is_none_or(|n| n.catching_up));
+            // (Or shown down: a node cut off from the pool, back before the leader saw it, may
+            // hold a fenced writer's stray it alone applied — found by the production simulation,
+            // seed 517 693: one such copied to a node being filled.)
+            let me_catching_up = meta.read(|s| s.nodes.get(&me).is_none_or(|n| !n.in_sync()));
             let batch = missed.batch(peer, BATCH_CHUNKS + unreadable.len());
             // Shared volumes (their copies may be siblings), looked up once per batch.
             let shared: std::collections::HashSet<u64> =
@@ -383,8 +386,8 @@ pub async fn run(
                     }
                     continue;
                 }
-                // A node catching up itself may hold an older copy than the in-sync replicas (it
-                // missed writes too): it passes on theirs, never its own.
+                // A node catching up itself (or shown down) may hold an older copy than the in-sync
+                // replicas (it missed writes too): it passes on theirs, never its own.
                 // (Unless no replica is in sync at all — the whole pool restarting — when its own
                 // copy is all there is.)
                 let in_sync_source = || {
@@ -401,7 +404,7 @@ pub async fn run(
                 let mut passed_on = true;
                 let map_generation = generations.get(&volume).copied().unwrap_or(0);
                 let outcome = if me_catching_up && in_sync_source() {
-                    Err(CopyFailure::Source("this node is catching up itself".into()))
+                    Err(CopyFailure::Source("this node is catching up itself (or shown down)".into()))
                 } else if unfenced_stray(&store, volume, chunk, map_generation).await && in_sync_source() {
                     // It missed the current writer's fence, and its copy, dirty and of an older
                     // generation, may be a stray the fenced writer left only here: an in-sync
@@ -438,16 +441,19 @@ pub async fn run(
                         // for it); relayed, its copy would clear this record, the write later
                         // acknowledged, and a node being filled admitted without it (found by
                         // the simulation of production's data path).
+                        // (And the volume's writer generation: the one in the map, or this node's
+                        // fence if newer — the map may lag the open that fenced it.)
                         let st = store.clone();
-                        let own = tokio::task::spawn_blocking(move || {
-                            VolumeId::new(volume)
-                                .ok()
-                                .and_then(|v| st.chunk_version(v, ChunkIndex(chunk)).ok())
+                        let (own, current) = tokio::task::spawn_blocking(move || {
+                            let v = VolumeId::new(volume).ok()?;
+                            let own = st.chunk_version(v, ChunkIndex(chunk)).ok()?;
+                            let fence = st.highest_generation(v).ok()?.0;
+                            Some((own, fence.max(map_generation)))
                         })
                         .await
                         .ok()
                         .flatten()
-                        .unwrap_or(cairn_types::Version::NONE);
+                        .unwrap_or((cairn_types::Version::NONE, map_generation));
                         let is_shared = shared.contains(&volume);
                         match relay_from_replica(
                             &store,
@@ -479,10 +485,7 @@ pub async fn run(
                             // dirty-chunk comparison finds — and must not spread; the relayed
                             // copy then does the record. Found by review.)
                             Ok((from, held))
-                                if passed_on
-                                    && !is_shared
-                                    && held < own
-                                    && own.generation >= generations.get(&volume).copied().unwrap_or(0) =>
+                                if passed_on && !is_shared && held < own && own.generation >= current =>
                             {
                                 let generation = generations.get(&volume).copied().unwrap_or(0);
                                 let own_copy = copy_chunk(

@@ -25,7 +25,7 @@
 //! loss of one node while the pool is healthy (unflushed chunks kept or reverted; back, it pulls
 //! its dirty chunks and compares chunk lists), a power loss of every node at once (at most once;
 //! only flushed writes are owed after it; the writer flushes now and then), a node frozen (messages to it wait, it does nothing,
-//! then it resumes with its old memory), two-way partitions between any two endpoints (nodes, the
+//! then it resumes with its old memory), partitions between any two endpoints (nodes, the
 //! writer, the reader) and splits of two nodes from the rest, a node joining, metadata fail-over
 //! (the new leader knows nothing of earlier reports), a writer handover (a new host opens the
 //! volume; the old writer goes on until refused), and up to two faults at a time.
@@ -45,7 +45,9 @@
 //! the store's; a conflict is "settled" by writing again over any older copy); a node handles each
 //! message atomically (its map may advance between a mutation's check before and after it is
 //! applied); power loss only while the pool is healthy, whole chunks kept or reverted; a flush
-//! covers every PG; links fail both ways (TCP).
+//! covers every PG; links fail both ways (TCP) unless `Options::one_way_partitions` (then some lose
+//! one direction's messages only, the other's arriving: what a connection established before the
+//! cut sees).
 
 use crate::{ExpectNode, Rng, create_volume, register};
 use cairn_engine::reconcile::settle;
@@ -165,6 +167,22 @@ pub struct Options {
     /// A node that missed the current writer's fence passes on an in-sync replica's copy of a
     /// chunk dirty on it of an older generation, not its own (else it copies its own).
     pub unfenced_strays_relayed: bool,
+    /// Every holder that took part in a reconciliation is asked to confirm its copy is still the
+    /// settled one (with the open's record of the holders outside, if any), and one that does not
+    /// (its copy moved since, it is unsure of it, or it did not answer) is recorded in turn,
+    /// settled, on the ones that did, as left out (else records are sent only if some holder was
+    /// outside, and a refuser is only suspected: it may serve a copy it pulled back meanwhile,
+    /// older than the settled one).
+    pub refusers_recorded: bool,
+    /// A node whose map shows it down (not only one catching up) passes on an in-sync replica's
+    /// copy rather than its own (else only one catching up does: a node cut off from the pool,
+    /// back before the leader saw it, copied a stray it held to a node being filled).
+    pub down_nodes_relay: bool,
+    /// Some partitions lose the messages of one direction only (from the node, or to it; the
+    /// other direction's arrive). Off by default: it changes every seed's schedule, and the
+    /// rules' tests name seeds of the default one (`one_way_partitions_keep_every_invariant`
+    /// runs seeds with it on).
+    pub one_way_partitions: bool,
 }
 
 impl Default for Options {
@@ -191,6 +209,9 @@ impl Default for Options {
             records_need_quorum: true,
             installs_check_generation: true,
             unfenced_strays_relayed: true,
+            refusers_recorded: true,
+            down_nodes_relay: true,
+            one_way_partitions: false,
         }
     }
 }
@@ -728,6 +749,8 @@ pub struct ProductionStats {
     pub handovers: u64,
     /// Opens that returned (fence and reconciliation done).
     pub opens: u64,
+    /// Links cut one way only (`Options::one_way_partitions`).
+    pub one_way_cuts: u64,
 }
 
 struct ProductionWorld {
@@ -743,6 +766,7 @@ struct ProductionWorld {
     /// The leader's proposals in flight (it decides again only once they committed).
     proposing: usize,
     leader_lost_at: Option<u64>,
+    /// Links cut, by direction (from, to): a message from `from` to `to` is lost.
     blocked: BTreeSet<(Ep, Ep)>,
     /// The client being driven now (`switch_to`), and the others.
     client: Client,
@@ -1067,8 +1091,14 @@ impl ProductionWorld {
         self.at(f, Event::Flush(id, life));
     }
 
-    fn linked(&self, a: Ep, b: Ep) -> bool {
-        !self.blocked.contains(&(a.min(b), a.max(b)))
+    fn linked(&self, from: Ep, to: Ep) -> bool {
+        !self.blocked.contains(&(from, to))
+    }
+
+    /// Cuts the link between `a` and `b` both ways.
+    fn cut(&mut self, a: Ep, b: Ep) {
+        self.blocked.insert((a, b));
+        self.blocked.insert((b, a));
     }
 
     fn reachable(&self, ep: Ep) -> bool {
@@ -1433,7 +1463,8 @@ impl ProductionWorld {
             }
             Event::Heal { a, b } => {
                 if !self.healing {
-                    self.blocked.remove(&(a.min(b), a.max(b)));
+                    self.blocked.remove(&(a, b));
+                    self.blocked.remove(&(b, a));
                     self.log(format!("partition {a}-{b} healed"));
                     for ep in [a, b] {
                         if ep != CLIENT
@@ -1501,9 +1532,19 @@ impl ProductionWorld {
                     vec![others[self.rng.below(others.len() as u64) as usize]]
                 };
                 let back = self.rng.range(500, 15_000);
+                // (`Options::one_way_partitions`: some lose only one direction's messages.)
+                let one_way = self.options.one_way_partitions && self.rng.chance(400);
+                let outgoing = one_way && self.rng.chance(500);
                 for o in cut {
-                    self.log(format!("partition {id}-{o}"));
-                    self.blocked.insert((id.min(o), id.max(o)));
+                    if one_way {
+                        let (from, to) = if outgoing { (id, o) } else { (o, id) };
+                        self.log(format!("partition {from}->{to} (one way)"));
+                        self.blocked.insert((from, to));
+                        self.stats.one_way_cuts += 1;
+                    } else {
+                        self.log(format!("partition {id}-{o}"));
+                        self.cut(id, o);
+                    }
                     self.at(back, Event::Heal { a: id, b: o });
                 }
                 self.faulty.insert(id);
@@ -1533,7 +1574,7 @@ impl ProductionWorld {
                 self.log(format!("split {side:?} from {rest:?}"));
                 for a in &side {
                     for b in &rest {
-                        self.blocked.insert(((*a).min(*b), (*a).max(*b)));
+                        self.cut(*a, *b);
                         self.at(back, Event::Heal { a: *a, b: *b });
                     }
                     if *a != READER {
@@ -1551,7 +1592,7 @@ impl ProductionWorld {
                 let eps = self.client_eps();
                 let c = eps[self.rng.below(eps.len() as u64) as usize];
                 self.log(format!("partition {c}-{id}"));
-                self.blocked.insert((c.min(id), c.max(id)));
+                self.cut(c, id);
                 self.at(back, Event::Heal { a: c, b: id });
             }
         }
@@ -2250,7 +2291,9 @@ impl ProductionWorld {
         if n.job.is_some() {
             return;
         }
-        let me_catching_up = map.nodes.get(&id).is_none_or(|x| x.catching_up);
+        // (So does one its map shows down: `Options::down_nodes_relay`.)
+        let me_catching_up =
+            map.nodes.get(&id).is_none_or(|x| x.catching_up || (self.options.down_nodes_relay && !x.up));
         let pick = n
             .missed
             .iter()
@@ -2560,8 +2603,10 @@ impl ProductionWorld {
         let relay_then_own = self.options.relay_keeps_newer;
         let n = self.nodes.get_mut(&id).expect_node();
         let own = n.store.get(&j.chunk).copied().unwrap_or(0);
-        let map_generation = n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
-        if relay_then_own && j.source != id && peer_holds < own && generation_of(own) >= map_generation {
+        // (The volume's writer generation: the map's, or this node's fence if newer.)
+        let current =
+            n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation).max(n.fence);
+        if relay_then_own && j.source != id && peer_holds < own && generation_of(own) >= current {
             if let Some(job) = n.job.as_mut() {
                 job.source = id;
                 job.version = Some(own);
@@ -2575,7 +2620,7 @@ impl ProductionWorld {
                 source: self.options.copies_name_source.then_some(id),
                 settled: j.settled,
                 dirty: self.options.copies_carry_dirty && n.marked.contains_key(&j.chunk),
-                generation: n.fence.max(map_generation),
+                generation: current,
             };
             self.send(id, j.peer, msg);
             return;
@@ -3405,6 +3450,21 @@ impl ProductionWorld {
                     ));
                     return;
                 }
+                // A holder that did not confirm is left out in turn, recorded on those that did
+                // (`reconcile_dirty`: its copy may have moved, pulled back, older).
+                if self.options.refusers_recorded && !failed.is_empty() {
+                    let at = match o.step {
+                        OpenStep::Records(_, at) => at,
+                        _ => 0,
+                    };
+                    if let Some(o) = self.client.opening.as_mut() {
+                        for n in &failed {
+                            o.live.remove(n);
+                        }
+                    }
+                    self.open_record(chunk, at);
+                    return;
+                }
                 if let Some(o) = self.client.opening.as_mut() {
                     o.dirty.remove(&chunk);
                 }
@@ -3516,13 +3576,22 @@ impl ProductionWorld {
                 v
             }
         };
-        // Holders that took no part (and the nodes being filled: `Options::fill_members_settled`) are
-        // recorded on the live ones as having missed the chunk.
+        self.open_record(chunk, at);
+    }
+
+    /// Holders that took no part in `chunk`'s reconciliation (and the nodes being filled:
+    /// `Options::fill_members_settled`) are recorded on the live ones as having missed the chunk,
+    /// settled at version `at`.
+    fn open_record(&mut self, chunk: u64, at: u64) {
+        let Some(o) = self.client.opening.clone() else { return };
+        let holders = self.client.map.holders(R, pg(chunk));
         let mut outside: Vec<u64> = holders.iter().copied().filter(|n| !o.live.contains(n)).collect();
         if o.installed || self.options.fill_members_settled {
             outside.extend(self.client.map.backfill(R, pg(chunk)));
         }
-        if outside.is_empty() || o.live.is_empty() {
+        // (With none outside, the round still asks the live holders whether their copy is still
+        // the settled one: `Options::refusers_recorded`.)
+        if (outside.is_empty() && !self.options.refusers_recorded) || o.live.is_empty() {
             if let Some(o) = self.client.opening.as_mut() {
                 o.dirty.remove(&chunk);
             }
