@@ -233,6 +233,11 @@ fn generation_of(version: u64) -> u64 {
     version / GEN
 }
 
+/// The simulated volume's writer generation in `map` (0 before its first open).
+fn volume_generation(map: &ClusterState) -> u64 {
+    map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation)
+}
+
 #[derive(Debug, Clone)]
 enum Msg {
     /// Client requests carry the op and its attempt: a reply is matched to its request (as
@@ -1968,8 +1973,7 @@ impl ProductionWorld {
                 let current = n.store.get(&chunk).copied().unwrap_or(0);
                 // Fenced like a write: below this node's fence or its map's generation, refused
                 // (a sender whose map lags would spread a stray of the writer it still knows).
-                let map_generation =
-                    n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+                let map_generation = volume_generation(&n.map);
                 let fenced =
                     self.options.installs_check_generation && generation < n.fence.max(map_generation);
                 // (Unless an open of a newer generation settled the copy, over one here of an
@@ -2047,7 +2051,7 @@ impl ProductionWorld {
         }
         // Fenced by the map's generation or the store's raised fence (`server::handle`, the store's
         // admission).
-        let map_generation = n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+        let map_generation = volume_generation(&n.map);
         if self.options.fence && generation_of(version) < n.fence.max(map_generation) {
             return (Answer::Fenced, 0);
         }
@@ -2309,7 +2313,7 @@ impl ProductionWorld {
         // So does one that missed the current writer's fence, for a chunk dirty here of an older
         // generation: its copy may be a stray the fenced writer left only here
         // (`Options::unfenced_strays_relayed`).
-        let map_generation = map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+        let map_generation = volume_generation(&map);
         let stray = self.options.unfenced_strays_relayed
             && n.fence < map_generation
             && n.marked.contains_key(&chunk)
@@ -2383,7 +2387,7 @@ impl ProductionWorld {
     fn compare_end(&mut self, id: u64) {
         let keeps_newer = self.options.compare_keeps_newer;
         let n = self.nodes.get_mut(&id).expect_node();
-        let map_generation = n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+        let map_generation = volume_generation(&n.map);
         let Some(c) = n.comparing.take() else { return };
         let mut differ = Vec::new();
         let mut complete = true;
@@ -2564,8 +2568,7 @@ impl ProductionWorld {
         if let Some(j) = n.job.as_mut() {
             j.version = Some(v);
         }
-        let generation =
-            n.fence.max(n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation));
+        let generation = n.fence.max(volume_generation(&n.map));
         self.send(
             id,
             j.peer,
@@ -2604,8 +2607,7 @@ impl ProductionWorld {
         let n = self.nodes.get_mut(&id).expect_node();
         let own = n.store.get(&j.chunk).copied().unwrap_or(0);
         // (The volume's writer generation: the map's, or this node's fence if newer.)
-        let current =
-            n.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation).max(n.fence);
+        let current = volume_generation(&n.map).max(n.fence);
         if relay_then_own && j.source != id && peer_holds < own && generation_of(own) >= current {
             if let Some(job) = n.job.as_mut() {
                 job.source = id;
@@ -3283,8 +3285,7 @@ impl ProductionWorld {
         match o.step {
             OpenStep::Commit { after } => {
                 self.client_refresh();
-                let g =
-                    self.client.map.volumes.values().find(|v| v.id == VOLUME_ID).map_or(0, |v| v.generation);
+                let g = volume_generation(&self.client.map);
                 if g > after {
                     if let Some(o) = self.client.opening.as_mut() {
                         o.generation = g;
