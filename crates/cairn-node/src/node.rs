@@ -216,8 +216,10 @@ impl Node {
                 // Per-request lookup by volume id: live volumes' generations and deleted ids, so
                 // a request costs a lock and a hash lookup, not a scan of every volume.
                 let index = by_epoch(m3, |s| {
-                    let live =
-                        s.volumes.values().map(|v| (v.id, VolumeState::Live { generation: v.generation }));
+                    let live = s
+                        .volumes
+                        .values()
+                        .map(|v| (v.id, VolumeState::Live { generation: v.generation, shared: v.shared }));
                     let deleted = s.deleted_volumes.iter().map(|id| (*id, VolumeState::Deleted));
                     live.chain(deleted).collect::<std::collections::HashMap<u64, VolumeState>>()
                 });

@@ -97,6 +97,8 @@ pub enum VolumeState {
     Unknown,
     Live {
         generation: u64,
+        /// Several writers share its generation (their versions are siblings, not one chain).
+        shared: bool,
     },
     Deleted,
 }
@@ -506,7 +508,7 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
         };
         if let Some((volume, generation)) = stamped {
             let highest = match (hooks.volume_state)(volume.get()) {
-                VolumeState::Live { generation } => generation,
+                VolumeState::Live { generation, .. } => generation,
                 _ => 0,
             };
             if generation.0 < highest {
@@ -523,7 +525,7 @@ async fn handle(store: Arc<Store>, wiring: PeerSlot, request: Request) -> Respon
     // a new writer's open would spread what the writer it still knows left (found by the
     // production simulation).
     if let (Request::InstallRange { volume, generation, .. }, Some(hooks)) = (&request, wiring.hooks.get())
-        && let VolumeState::Live { generation: highest } = (hooks.volume_state)(volume.get())
+        && let VolumeState::Live { generation: highest, .. } = (hooks.volume_state)(volume.get())
         && generation.0 < highest
     {
         log_fenced(*volume, generation.0, highest);
@@ -753,7 +755,9 @@ fn run(
             let _stripe = record_stripe(volume, chunk);
             if let Some(source) = source {
                 // A copy from a node recorded here as having missed a write to the chunk would undo
-                // that write (the record came after the copy was planned).
+                // that write (the record came after the copy was planned): refused, unless an
+                // open settled it or this node is unsure of its copy and it is newer
+                // (`RecordedSource::taken`).
                 let Some(hooks) = hooks else {
                     return Ok(Response::Error(RpcError::Unavailable {
                         message: "the node is starting".into(),
@@ -761,11 +765,18 @@ fn run(
                 };
                 if let Some(recorded) = hooks.missed.entry_settled(source, volume.get(), chunk.0) {
                     let current = store.chunk_version(volume, chunk)?;
-                    // (Unless the copy is one an open of a newer generation settled, over a copy
-                    // here of an older generation: this node's record is of writes that open
-                    // settled, or of an earlier open.)
-                    let settles = settled.is_some_and(|g| g.0 > recorded && current.generation < g.0);
-                    if !settles {
+                    let offered = cairn_types::RecordedSource {
+                        recorded,
+                        settled: settled.map_or(0, |g| g.0),
+                        current,
+                        copy: version,
+                        unsure: hooks.missed.entry_settled(hooks.me, volume.get(), chunk.0).is_some(),
+                        one_chain: matches!(
+                            (hooks.volume_state)(volume.get()),
+                            VolumeState::Live { shared: false, .. }
+                        ),
+                    };
+                    if !offered.taken() {
                         return Err(StoreError::VersionMismatch {
                             volume,
                             chunk,

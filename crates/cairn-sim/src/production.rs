@@ -183,6 +183,13 @@ pub struct Options {
     /// rules' tests name seeds of the default one (`one_way_partitions_keep_every_invariant`
     /// runs seeds with it on).
     pub one_way_partitions: bool,
+    /// A node unsure of its copy of a chunk (it recorded itself as missing it: a power loss took
+    /// writes it had not flushed) takes a newer copy from a peer it recorded as having missed the
+    /// chunk by writes only (not an open's settled record): one writer's versions grow along one
+    /// chain, so the newer copy holds every write the record is of (else it refuses it, and a
+    /// write both applied alone, each recording the other, leaves no copy anyone takes: seed
+    /// 643 095 of the model of 5d0906d).
+    pub unsure_takes_newer: bool,
 }
 
 impl Default for Options {
@@ -212,6 +219,7 @@ impl Default for Options {
             refusers_recorded: true,
             down_nodes_relay: true,
             one_way_partitions: false,
+            unsure_takes_newer: true,
         }
     }
 }
@@ -231,6 +239,11 @@ const OPEN_OP: u64 = u64::MAX;
 
 fn generation_of(version: u64) -> u64 {
     version / GEN
+}
+
+/// A model version as production's (`cairn_types::Version`).
+fn as_version(version: u64) -> cairn_types::Version {
+    cairn_types::Version { generation: version / GEN, seq: version % GEN }
 }
 
 /// The simulated volume's writer generation in `map` (0 before its first open).
@@ -1174,8 +1187,11 @@ impl ProductionWorld {
         let mut out = format!("{why}\nmap: {}\n", self.describe_map());
         for n in self.nodes.values() {
             let (written, seeded) = n.pending_split();
+            // (peer, chunk, settled generation) of each entry made by writes or an open.
+            let writes: Vec<(u64, u64, u64)> =
+                n.missed.iter().filter(|(_, e)| !e.seed).map(|((p, c), e)| (*p, *c, e.settled)).collect();
             out.push_str(&format!(
-                "node {}: alive {} frozen {} boot {} map epoch {} serving {} seeded_epoch {} entries {} (writes for {written:?}, seeds for {seeded:?}) job {:?} store {:?}\n",
+                "node {}: alive {} frozen {} boot {} map epoch {} serving {} seeded_epoch {} entries {} (writes for {written:?}: {writes:?}, seeds for {seeded:?}) job {:?} store {:?}\n",
                 n.id,
                 n.alive,
                 n.frozen,
@@ -1976,16 +1992,23 @@ impl ProductionWorld {
                 let map_generation = volume_generation(&n.map);
                 let fenced =
                     self.options.installs_check_generation && generation < n.fence.max(map_generation);
-                // (Unless an open of a newer generation settled the copy, over one here of an
-                // older generation: this node's record is of writes that open settled.)
-                let settles = |e: &Entry| {
-                    self.options.settled_overrides_records
-                        && settled > e.settled
-                        && generation_of(current) < settled
-                };
                 // (A copy from a node this one recorded as having missed the chunk would undo the
-                // write recorded, or bring back a leftover an open settled without it.)
-                let refused = source.is_some_and(|s| n.missed.get(&(s, chunk)).is_some_and(|e| !settles(e)))
+                // write recorded, or bring back a leftover an open settled without it, unless
+                // `cairn_types::RecordedSource::taken`: an open of a newer generation settled it,
+                // or this node is unsure of its own copy and the copy is newer.)
+                let unsure = self.options.unsure_takes_newer && n.missed.contains_key(&(to, chunk));
+                let taken = |e: &Entry| {
+                    cairn_types::RecordedSource {
+                        recorded: e.settled,
+                        settled: if self.options.settled_overrides_records { settled } else { 0 },
+                        current: as_version(current),
+                        copy: as_version(version),
+                        unsure,
+                        one_chain: true,
+                    }
+                    .taken()
+                };
+                let refused = source.is_some_and(|s| n.missed.get(&(s, chunk)).is_some_and(|e| !taken(e)))
                     || current != expect;
                 let refused = refused || fenced;
                 let line = format!(

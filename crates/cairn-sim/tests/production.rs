@@ -178,6 +178,7 @@ fn search_seeds_failing_without_a_rule() {
         ("unfenced_strays_relayed", Options { unfenced_strays_relayed: false, ..Options::default() }),
         ("refusers_recorded", Options { refusers_recorded: false, ..Options::default() }),
         ("down_nodes_relay", Options { down_nodes_relay: false, ..Options::default() }),
+        ("unsure_takes_newer", Options { unsure_takes_newer: false, ..Options::default() }),
         // (Rules that close the same shapes, left out together.)
         (
             "copies_name_source+relays",
@@ -357,4 +358,20 @@ fn without_recording_a_holder_that_refused_the_opens_record_it_serves_an_older_c
 #[test]
 fn without_down_nodes_relaying_a_cut_off_holder_gives_a_stray_to_a_new_member() {
     fails_only_without(517_693, Options { down_nodes_relay: false, ..Options::default() });
+}
+
+/// A write, never acknowledged, reached node 1 alone, which recorded node 2 as having missed it,
+/// then lost power: its copy went back to the flushed one, and it recorded itself as unsure of it.
+/// A later attempt reached node 2 alone, which recorded nodes 1 and 3. Every holder then caught
+/// up with none in sync: node 1 refused node 2's copy (it had recorded node 2), and a revival found
+/// every copy recorded as missed by someone — the pool never settled (seed 643 095, found by the
+/// long run). A node unsure of its copy now takes a newer one from a peer it recorded by writes
+/// only (`Options::unsure_takes_newer`).
+#[test]
+fn without_an_unsure_node_taking_a_newer_copy_two_power_lost_holders_never_settle() {
+    let failure =
+        run_production_seed_with(643_095, Options { unsure_takes_newer: false, ..Options::default() })
+            .expect_err("the seed finds the hole without the rule");
+    assert!(failure.contains("did not settle"), "{failure}");
+    run_production_seed(643_095).unwrap();
 }

@@ -13,4 +13,4 @@ pub mod version;
 pub use checksum::crc32c;
 pub use ids::{ChunkIndex, Generation, NodeId, PgId, VolumeId};
 pub use limits::{BLOCK_SIZE_BYTES, ChunkSize};
-pub use version::{Expected, Version};
+pub use version::{Expected, RecordedSource, Version};

@@ -69,6 +69,45 @@ impl Expected {
     }
 }
 
+/// A copy offered by a node that the receiving node recorded as having missed the chunk
+/// (`InstallRange::source`): such a copy would undo the write recorded, or bring back a leftover an
+/// open settled without that node, so it is refused unless [`RecordedSource::taken`] says
+/// otherwise. The same decision drives the production simulation's model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordedSource {
+    /// The generation of the open that settled the receiver's record (0: made by writes only).
+    pub recorded: u64,
+    /// The generation of the open whose settled record the copy is sent for (0: none).
+    pub settled: u64,
+    /// The receiver's copy.
+    pub current: Version,
+    /// The copy offered.
+    pub copy: Version,
+    /// The receiver recorded itself as missing the chunk: a power loss may have taken writes it
+    /// had not flushed, and its copy is to be pulled back.
+    pub unsure: bool,
+    /// The volume has one writer per generation (not shared): its versions grow along one chain.
+    pub one_chain: bool,
+}
+
+impl RecordedSource {
+    /// Whether the copy is taken:
+    /// - it is sent for a record an open of a newer generation than the receiver's record settled,
+    ///   over a copy here of an older generation (the receiver's record is of writes that open
+    ///   settled, or of an earlier open); or
+    /// - the receiver is unsure of its copy, its record is of writes only, the volume has one
+    ///   writer's chain, and the copy is newer (or the rest of one being installed): a newer copy
+    ///   of one chain holds every write the record is of. Else two holders that each applied a
+    ///   write alone, each recording the other, one of them since reverted by a power loss, refuse
+    ///   each other's copies for good (the production simulation, seed 643 095).
+    pub fn taken(&self) -> bool {
+        let settles = self.settled > self.recorded && self.current.generation < self.settled;
+        let newer = self.copy > self.current || self.current == Version::installing(self.copy);
+        let takes_newer = self.unsure && self.recorded == 0 && self.one_chain && newer;
+        settles || takes_newer
+    }
+}
+
 /// What a copy at some version does with a mutation (see [`Expected::check`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VersionCheck {
@@ -127,5 +166,31 @@ mod tests {
         assert_ne!(installing, Version::installing(v(2, 8)), "installers of different copies differ");
         assert_eq!(Expected::Below(3).check(installing, v(3, 1)), VersionCheck::Conflict);
         assert_eq!(Expected::Exact(v(2, 9)).check(installing, v(3, 1)), VersionCheck::Behind);
+    }
+
+    #[test]
+    fn a_recorded_sources_copy_is_taken_only_when_settled_or_newer_on_an_unsure_node() {
+        let base = RecordedSource {
+            recorded: 0,
+            settled: 0,
+            current: v(1, 91),
+            copy: v(1, 108),
+            unsure: false,
+            one_chain: true,
+        };
+        assert!(!base.taken(), "a sure node refuses a copy from a node it recorded");
+        assert!(RecordedSource { unsure: true, ..base }.taken(), "an unsure node takes a newer copy");
+        let unsure = RecordedSource { unsure: true, ..base };
+        assert!(!RecordedSource { copy: v(1, 90), ..unsure }.taken(), "but not an older one");
+        assert!(!RecordedSource { copy: v(1, 91), ..unsure }.taken(), "nor the same version");
+        assert!(!RecordedSource { recorded: 2, ..unsure }.taken(), "nor over an open's settled record");
+        assert!(!RecordedSource { one_chain: false, ..unsure }.taken(), "nor on a shared volume");
+        let rest = RecordedSource { current: Version::installing(v(1, 108)), ..unsure };
+        assert!(rest.taken(), "the rest of a copy being installed follows its first piece");
+        // An open's settled record: over an older generation only, and only a newer open's.
+        let settled = RecordedSource { settled: 2, ..base };
+        assert!(settled.taken());
+        assert!(!RecordedSource { current: v(2, 1), ..settled }.taken());
+        assert!(!RecordedSource { recorded: 2, ..settled }.taken());
     }
 }
