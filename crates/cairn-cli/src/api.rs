@@ -109,6 +109,24 @@ impl Api {
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         Self::decode(self.send(path, &|c, u| c.delete(u))?)
     }
+
+    /// GET on one node's API (`addr` as the node list gives it), not redirected: for what each
+    /// node answers for itself (its scrub).
+    pub fn get_at<T: DeserializeOwned>(&self, addr: &str, path: &str) -> anyhow::Result<T> {
+        let url = format!("{}{path}", normalise(addr));
+        Self::decode(self.client.get(&url).send().with_context(|| format!("GET {url}"))?)
+    }
+
+    /// POST on one node's API, not redirected.
+    pub fn post_at<T: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", normalise(addr));
+        Self::decode(self.client.post(&url).json(body).send().with_context(|| format!("POST {url}"))?)
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

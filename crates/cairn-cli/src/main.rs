@@ -15,6 +15,7 @@ macro_rules! outln {
 
 mod api;
 mod commands;
+mod scrub;
 mod up;
 mod verify;
 
@@ -63,6 +64,19 @@ enum Command {
     Volume {
         #[command(subcommand)]
         command: VolumeCommand,
+    },
+    /// Check every block every node stores against its checksum now, repairing damaged ones from
+    /// an in-sync replica (the weekly background scrub, on demand).
+    Scrub {
+        /// Only this volume (default: every volume).
+        volume: Option<String>,
+        /// Wait until every node has finished, print what each found, and fail if a damaged
+        /// block could not be repaired.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
     },
     /// Print the pool's events (with --follow, keep printing new ones).
     Events {
@@ -190,6 +204,9 @@ fn main() {
         }
         Command::Status => api().and_then(|a| commands::status(&a, json)),
         Command::Gateway { pool, listen, socket } => run_gateway(&pool, listen, socket),
+        Command::Scrub { volume, wait, timeout } => api().and_then(|a| {
+            scrub::run(&a, volume.as_deref(), wait, std::time::Duration::from_secs(timeout), json)
+        }),
         Command::Events { follow, since } => api().and_then(|a| commands::events(&a, follow, since, json)),
         Command::Volume { command } => api().and_then(|a| match command {
             VolumeCommand::Create { name, size, replicas, chunk_size, shared, overcommit_limit } => {

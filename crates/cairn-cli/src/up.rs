@@ -149,6 +149,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                         ..MetaSection::default()
                     },
                     limits: Default::default(),
+                    scrub: Default::default(),
                 };
                 std::fs::write(&config_path, config.to_toml())
                     .with_context(|| format!("writing {}", config_path.display()))?;

@@ -1600,6 +1600,84 @@ print("RESULT", res["write"], res["read"], res["flush"])
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
 
+/// Bit flips in one replica's blocks that no client reads are found by `cairn scrub` and
+/// repaired from the other replicas, every byte verified on that replica afterwards; a second
+/// scrub finds nothing.
+#[test]
+fn scrub_finds_and_repairs_bit_flips_in_blocks_no_client_reads() {
+    use std::os::unix::fs::FileExt;
+    let pool = Pool::start(3);
+    pool.cli_json(&["volume", "create", "scr", "--size", "8M"]);
+    write_flushed(&nbd_url(&pool.nbd(1), "scr"), 0, 8, 5);
+    let id = volume_id(&pool, "scr");
+    // One flipped bit in each of three blocks of node 2's copies, while it runs (past the chunk
+    // header and block table: data starts at 8 KiB for 1 MiB chunks).
+    let vdir = pool.data().join(format!("node-2/data/volumes/{id:016x}"));
+    let flips = [(1u64, 0u64), (1, 200), (6, 17)];
+    for (chunk, block) in flips {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(vdir.join(format!("{chunk:016x}.chunk")))
+            .unwrap();
+        let at = 8192 + block * 4096 + 99;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+    }
+    // The flips are real: node 2's own copy of chunk 1 no longer reads back.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let read_own = |chunk: u64| {
+        rt.block_on(async {
+            let c = NodeConnection::connect(pool.rpc(2)).await.unwrap();
+            let req = Request::ReadCopy {
+                volume: VolumeId::new(id).unwrap(),
+                chunk: ChunkIndex(chunk),
+                chunk_size: ChunkSize::DEFAULT,
+                offset: 0,
+                len: 1 << 20,
+            };
+            c.call(&req).await.unwrap()
+        })
+    };
+    assert!(matches!(read_own(1), Response::Error(RpcError::Corrupt { block: 0, .. })), "{:?}", read_own(1));
+    let report = pool.cli_json(&["scrub", "--wait"]);
+    let runs: Vec<(u64, &serde_json::Value)> = report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["node"].as_u64().unwrap(), &n["run"]))
+        .collect();
+    assert_eq!(runs.len(), 3, "{report}");
+    for (node, run) in &runs {
+        let (damaged, repaired) = if *node == 2 { (3, 3) } else { (0, 0) };
+        assert_eq!(run["blocks_damaged"], damaged, "node {node}: {report}");
+        assert_eq!(run["blocks_repaired"], repaired, "node {node}: {report}");
+        assert_eq!(run["blocks_unrepaired"], 0, "node {node}: {report}");
+        assert_eq!(run["chunks_checked"], 8, "node {node}: {report}");
+        assert_eq!(run["bytes_checked"], 8u64 << 20, "node {node}: {report}");
+    }
+    verify_chunks_on_node(&pool, 2, id, 0..8, 5);
+    pool.assert_converged("scr");
+    // Nothing left to find; the status keeps the totals.
+    let again = pool.cli_json(&["scrub", "scr", "--wait"]);
+    for n in again["nodes"].as_array().unwrap() {
+        assert_eq!(n["run"]["blocks_damaged"], 0, "{again}");
+        assert_eq!(n["run"]["volume"], id, "{again}");
+    }
+    let (status, s) = pool.get(2, "/v1/scrub");
+    assert_eq!(status, 200);
+    assert_eq!(
+        (s["blocks_damaged_total"].as_u64(), s["blocks_repaired_total"].as_u64()),
+        (Some(3), Some(3)),
+        "{s}"
+    );
+    assert!(s["next_due_ms"].as_u64().is_some(), "a weekly run is scheduled: {s}");
+    // An unknown volume is a clear error.
+    let (ok, _, err) = pool.cli(&["scrub", "nope", "--wait"]);
+    assert!(!ok && err.contains("nope"), "{err}");
+}
+
 #[test]
 fn damaged_chunk_files_and_volume_metadata_are_moved_aside_and_restored_from_replicas() {
     let mut pool = Pool::start(3);

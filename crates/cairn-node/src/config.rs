@@ -83,6 +83,48 @@ pub struct NodeConfig {
     pub meta: MetaSection,
     #[serde(default)]
     pub limits: LimitsSection,
+    #[serde(default)]
+    pub scrub: ScrubSection,
+}
+
+/// Default time between scheduled scrubs: a week (Ceph's deep-scrub interval).
+pub const SCRUB_INTERVAL_S_DEFAULT: u64 = 7 * 24 * 3600;
+/// Default most bytes a scrub reads per second.
+pub const SCRUB_BYTES_PER_S_DEFAULT: u64 = 32 * 1024 * 1024;
+
+/// The `[scrub]` section: the background check of every stored block (see `scrub.rs`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ScrubSection {
+    /// Seconds between scheduled runs; 0: on demand only.
+    #[serde(default = "default_scrub_interval")]
+    pub interval_s: u64,
+    /// Most bytes read per second; 0: unthrottled.
+    #[serde(default = "default_scrub_rate")]
+    pub bytes_per_s: u64,
+}
+
+impl Default for ScrubSection {
+    fn default() -> Self {
+        ScrubSection { interval_s: SCRUB_INTERVAL_S_DEFAULT, bytes_per_s: SCRUB_BYTES_PER_S_DEFAULT }
+    }
+}
+
+impl ScrubSection {
+    pub fn settings(&self) -> crate::scrub::ScrubSettings {
+        crate::scrub::ScrubSettings {
+            interval: (self.interval_s > 0).then(|| std::time::Duration::from_secs(self.interval_s)),
+            bytes_per_s: (self.bytes_per_s > 0).then_some(self.bytes_per_s),
+        }
+    }
+}
+
+fn default_scrub_interval() -> u64 {
+    SCRUB_INTERVAL_S_DEFAULT
+}
+
+fn default_scrub_rate() -> u64 {
+    SCRUB_BYTES_PER_S_DEFAULT
 }
 
 /// The `[limits]` section: bounds on connections.
@@ -334,7 +376,13 @@ impl NodeConfig {
              handshake_timeout_ms = {}\n\
              reply_write_timeout_ms = {}\n\
              # Node RPC connections only the pool's nodes may take.\n\
-             rpc_connections_reserved_for_members = {}\n",
+             rpc_connections_reserved_for_members = {}\n\
+             \n\
+             [scrub]\n\
+             # Seconds between checks of every stored block against its checksum (0: on demand\n\
+             # only, `cairn scrub`), and the most bytes such a check reads per second (0: no limit).\n\
+             interval_s = {}\n\
+             bytes_per_s = {}\n",
             self.node_id,
             quote(&self.data_dir.display().to_string()),
             self.rpc_listen_addr,
@@ -348,6 +396,8 @@ impl NodeConfig {
             self.limits.handshake_timeout_ms,
             self.limits.reply_write_timeout_ms,
             self.limits.rpc_reserved(),
+            self.scrub.interval_s,
+            self.scrub.bytes_per_s,
         )
     }
 }
@@ -435,6 +485,7 @@ mod tests {
                 reply_write_timeout_ms: 700,
                 rpc_connections_reserved_for_members: Some(2),
             },
+            scrub: ScrubSection { interval_s: 0, bytes_per_s: 1234 },
         };
         let path = dir.path().join("node.toml");
         std::fs::write(&path, c.to_toml()).unwrap();
@@ -446,5 +497,6 @@ mod tests {
         assert_eq!(back.meta.join, c.meta.join);
         assert_eq!(back.meta.down_after_ms, 3000);
         assert_eq!(back.limits, c.limits);
+        assert_eq!(back.scrub, c.scrub);
     }
 }

@@ -48,12 +48,23 @@ pub struct Counters {
     pub nbd_meta_requests: Arc<AtomicU64>,
     /// The node's store, for `unsynced_chunks`.
     pub store: Option<Arc<cairn_store::Store>>,
+    /// The node's scrub (`/v1/scrub`).
+    pub scrub: Option<Arc<crate::scrub::Scrub>>,
 }
 
 /// The API's router; `/v1/status` reports the counters.
 pub fn router(meta: Meta, counters: Counters) -> Router {
+    let (scrub_a, scrub_b) = (counters.scrub.clone(), counters.scrub.clone());
     Router::new()
         .route("/v1/status", get(move |state: State<Meta>, uri: Uri| status(state, uri, counters.clone())))
+        .route(
+            "/v1/scrub",
+            get(move || scrub_status(scrub_a.clone())).post(
+                move |m: State<Meta>, u: Uri, body: axum::body::Bytes| {
+                    scrub_start(m, u, body, scrub_b.clone())
+                },
+            ),
+        )
         .route("/v1/nodes", get(nodes))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(volume_info).delete(delete_volume))
@@ -268,6 +279,61 @@ async fn status(
         unsynced_chunks: counters.store.as_ref().map_or(0, |s| s.unsynced_count()),
         serving_clients: meta.serves_reads(),
     }))
+}
+
+/// `POST /v1/scrub`'s body (optional): the volume to scrub (default: every volume).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScrubRequest {
+    volume: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ScrubStarted {
+    node_id: u64,
+    /// Runs this node had finished when the run was asked for: it is done once `runs_completed`
+    /// (`GET /v1/scrub`) is above this.
+    runs_completed_before: u64,
+    volume_id: Option<u64>,
+}
+
+fn no_scrub() -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "this node runs no scrub (it is not a storage node)")
+}
+
+/// `GET /v1/scrub`: this node's scrub: running or not, the current or last run's figures.
+async fn scrub_status(
+    scrub: Option<Arc<crate::scrub::Scrub>>,
+) -> Result<Json<crate::scrub::ScrubStatus>, ApiError> {
+    Ok(Json(scrub.ok_or_else(no_scrub)?.status()))
+}
+
+/// `POST /v1/scrub`: asks this node to scrub now (every volume, or the one named).
+async fn scrub_start(
+    State(meta): State<Meta>,
+    uri: Uri,
+    body: axum::body::Bytes,
+    scrub: Option<Arc<crate::scrub::Scrub>>,
+) -> Result<Json<ScrubStarted>, ApiError> {
+    let scrub = scrub.ok_or_else(no_scrub)?;
+    // No body: every volume.
+    let request: ScrubRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ScrubRequest { volume: None }
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?
+    };
+    let volume_id = match request.volume {
+        Some(name) => Some(
+            meta.state()
+                .volumes
+                .get(&name)
+                .map(|v| v.id)
+                .ok_or_else(|| map_error(MetaError::Rejected(StateError::UnknownVolume(name)), &uri))?,
+        ),
+        None => None,
+    };
+    let runs_completed_before = scrub.request(volume_id);
+    Ok(Json(ScrubStarted { node_id: meta.id(), runs_completed_before, volume_id }))
 }
 
 #[derive(Serialize)]

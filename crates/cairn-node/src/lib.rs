@@ -7,6 +7,7 @@ pub mod http;
 pub mod missed;
 pub mod node;
 mod recovery;
+pub mod scrub;
 pub mod server;
 pub mod transport;
 

@@ -27,6 +27,7 @@ pub struct Node {
     join_task: Option<tokio::task::JoinHandle<()>>,
     recovery_stop: CancellationToken,
     recovery_task: tokio::task::JoinHandle<()>,
+    scrub_task: tokio::task::JoinHandle<()>,
     nbd_addr: SocketAddr,
     nbd_stop: CancellationToken,
     nbd_task: tokio::task::JoinHandle<()>,
@@ -247,6 +248,16 @@ impl Node {
             seeding,
             recovery_stop.clone(),
         ));
+        let scrub = Arc::new(crate::scrub::Scrub::default());
+        let scrub_task = tokio::spawn(crate::scrub::run(
+            scrub.clone(),
+            store.clone(),
+            meta.clone(),
+            me.id,
+            config.data_dir.clone(),
+            config.scrub.settings(),
+            recovery_stop.clone(),
+        ));
 
         // Form or join the pool.
         let voters: BTreeMap<u64, NodeAddr> = if config.meta.voters.is_empty() && config.meta.join.is_empty()
@@ -312,6 +323,7 @@ impl Node {
             local_requests: local.requests.clone(),
             nbd_meta_requests: meta_client.counter(),
             store: Some(store.clone()),
+            scrub: Some(scrub),
         };
         let app = crate::http::router(meta.clone() as Arc<dyn cairn_meta::MetadataStore>, counters);
         let limits = config.limits;
@@ -345,6 +357,7 @@ impl Node {
             join_task,
             recovery_stop,
             recovery_task,
+            scrub_task,
             nbd_addr,
             nbd_stop,
             nbd_task,
@@ -377,6 +390,7 @@ impl Node {
         self.http_stop.cancel();
         self.recovery_stop.cancel();
         let _ = self.recovery_task.await;
+        let _ = self.scrub_task.await;
         if let Some(t) = self.join_task {
             t.abort();
         }

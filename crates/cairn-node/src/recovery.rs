@@ -53,7 +53,7 @@ pub fn listing_pending(data_dir: &std::path::Path) -> bool {
     data_dir.join(LISTING_PENDING_FILE).exists()
 }
 
-fn write_durably(dir: &std::path::Path, name: &str, content: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_durably(dir: &std::path::Path, name: &str, content: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     let f = std::fs::File::create(&tmp)?;
     std::io::Write::write_all(&mut &f, content)?;

@@ -92,6 +92,24 @@ impl ChunkState {
     }
 }
 
+/// A range as stored: its table entries, its data, the chunk's version.
+type StoredRange = (Vec<TableEntry>, Vec<u8>, Version);
+
+/// The indexes of the blocks of a stored range (its table entries and data) whose data fails its
+/// checksum or whose table entry is damaged.
+fn damaged_in(entries: &[TableEntry], data: &[u8]) -> Vec<usize> {
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(i, e)| match e.state {
+            BLOCK_UNWRITTEN => false,
+            BLOCK_DATA => crc32c(&data[i * BLOCK as usize..(i + 1) * BLOCK as usize]) != e.crc,
+            _ => true,
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
 fn header_version(header: &ChunkHeader) -> Version {
     Version { generation: header.generation.0, seq: header.last_sequence }
 }
@@ -1178,6 +1196,34 @@ impl Store {
         data: &[u8],
         crcs: &[u32],
     ) -> Result<u32, StoreError> {
+        self.repair_inner(volume, (chunk, chunk_size), offset, data, crcs, None)
+    }
+
+    /// [`Store::repair`] with data read from a peer's copy at version `at`, done only if this copy
+    /// is at that version too (checked under the chunk's lock; else `VersionMismatch`): one version
+    /// names one content, so the peer's block is what this copy's damaged block held. A node's
+    /// scrub repairs so, without the writer's chunk lock that a client's repair holds: a block
+    /// damaged after a newer write here must not get an older copy's data.
+    pub fn repair_at(
+        &self,
+        volume: VolumeId,
+        (chunk, chunk_size): (ChunkIndex, ChunkSize),
+        offset: u32,
+        (data, crcs): (&[u8], &[u32]),
+        at: Version,
+    ) -> Result<u32, StoreError> {
+        self.repair_inner(volume, (chunk, chunk_size), offset, data, crcs, Some(at))
+    }
+
+    fn repair_inner(
+        &self,
+        volume: VolumeId,
+        (chunk, chunk_size): (ChunkIndex, ChunkSize),
+        offset: u32,
+        data: &[u8],
+        crcs: &[u32],
+        at: Option<Version>,
+    ) -> Result<u32, StoreError> {
         let first_block = check_range(chunk_size, offset, data.len() as u64)?;
         let blocks = check_received(volume, chunk, first_block, data, crcs)?;
         let Some(state) = self.existing_volume(volume)? else { return Ok(0) };
@@ -1186,6 +1232,16 @@ impl Store {
         let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else { return Ok(0) };
         let key = (volume, chunk);
         let mut inner = lock(&handle.inner);
+        let current = header_version(&inner.header);
+        if let Some(at) = at.filter(|at| *at != current) {
+            return Err(StoreError::VersionMismatch {
+                volume,
+                chunk,
+                current,
+                expected: cairn_types::Expected::Exact(at),
+                behind: current < at,
+            });
+        }
         let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
         let table_at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
         let mut stored = vec![0u8; data.len()];
@@ -1195,17 +1251,8 @@ impl Store {
             .and_then(|_| handle.file.read_exact_at(&mut table, table_at))
             .and_then(|_| handle.file.read_exact_at(&mut stored, data_at))
             .map_err(|e| StoreError::io(read_ctx(), e, Some(key)))?;
-        let damaged: Vec<usize> = table
-            .chunks_exact(TABLE_ENTRY_LEN)
-            .map(TableEntry::decode)
-            .enumerate()
-            .filter(|(i, e)| match e.state {
-                BLOCK_UNWRITTEN => false,
-                BLOCK_DATA => crc32c(&stored[i * BLOCK as usize..(i + 1) * BLOCK as usize]) != e.crc,
-                _ => true,
-            })
-            .map(|(i, _)| i)
-            .collect();
+        let entries: Vec<TableEntry> = table.chunks_exact(TABLE_ENTRY_LEN).map(TableEntry::decode).collect();
+        let damaged = damaged_in(&entries, &stored);
         if damaged.is_empty() {
             return Ok(0);
         }
@@ -1234,33 +1281,12 @@ impl Store {
     ) -> Result<ReadReply, StoreError> {
         let first_block = check_range(chunk_size, offset, u64::from(len))?;
         let blocks = (len / BLOCK_SIZE_BYTES) as usize;
-        let mut data = vec![0u8; len as usize];
         let mut crcs = vec![zero_block_crc32c(); blocks];
-        let nothing =
-            |data, crcs| ReadReply { data, crcs, present: vec![false; blocks], version: Version::NONE };
-        let Some(state) = self.existing_volume(volume)? else { return Ok(nothing(data, crcs)) };
-        let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else {
-            return Ok(nothing(data, crcs));
+        let Some((entries, mut data, version)) = self.read_stored(volume, chunk, chunk_size, offset, len)?
+        else {
+            let data = vec![0u8; len as usize];
+            return Ok(ReadReply { data, crcs, present: vec![false; blocks], version: Version::NONE });
         };
-        let key = (volume, chunk);
-        let inner = lock(&handle.inner);
-        let version = header_version(&inner.header);
-        if version.is_installing() {
-            return Err(StoreError::Installing { volume, chunk });
-        }
-        let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
-        let table_at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
-        let read_ctx = || format!("reading {}", handle.path.display());
-        self.fault(IoOp::Read)
-            .and_then(|_| handle.file.read_exact_at(&mut table, table_at))
-            .map_err(|e| StoreError::io(read_ctx(), e, Some(key)))?;
-        let entries: Vec<TableEntry> = table.chunks_exact(TABLE_ENTRY_LEN).map(TableEntry::decode).collect();
-        if entries.iter().any(|e| e.state == BLOCK_DATA) {
-            let at = format::data_offset(chunk_size) + u64::from(offset);
-            self.fault(IoOp::Read)
-                .and_then(|_| handle.file.read_exact_at(&mut data, at))
-                .map_err(|e| StoreError::io(read_ctx(), e, Some(key)))?;
-        }
         for (i, entry) in entries.iter().enumerate() {
             let block = &mut data[i * BLOCK as usize..(i + 1) * BLOCK as usize];
             let corrupt = |reason: &str| StoreError::Corrupt {
@@ -1282,6 +1308,63 @@ impl Store {
         }
         let present = entries.iter().map(|e| e.state == BLOCK_DATA).collect();
         Ok(ReadReply { data, crcs, present, version })
+    }
+
+    /// The blocks of `[offset, offset + len)` (block aligned) whose stored data fails its stored
+    /// checksum or whose table entry is damaged (a scrub's check: every block read and verified,
+    /// not stopping at the first bad one). A chunk this node does not hold has none.
+    pub fn damaged_blocks(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+    ) -> Result<Vec<u32>, StoreError> {
+        let first_block = check_range(chunk_size, offset, u64::from(len))?;
+        let Some((entries, data, _)) = self.read_stored(volume, chunk, chunk_size, offset, len)? else {
+            return Ok(Vec::new());
+        };
+        Ok(damaged_in(&entries, &data).into_iter().map(|i| first_block + i as u32).collect())
+    }
+
+    /// A range as stored, unverified: its table entries, its data (read only if a block holds
+    /// any) and the chunk's version, under the chunk's lock; `None` if the chunk is not here.
+    fn read_stored(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        chunk_size: ChunkSize,
+        offset: u32,
+        len: u32,
+    ) -> Result<Option<StoredRange>, StoreError> {
+        let first_block = check_range(chunk_size, offset, u64::from(len))?;
+        let blocks = (len / BLOCK_SIZE_BYTES) as usize;
+        let mut data = vec![0u8; len as usize];
+        let Some(state) = self.existing_volume(volume)? else { return Ok(None) };
+        let Some(handle) = self.chunk(volume, &state, chunk, chunk_size, false)? else {
+            return Ok(None);
+        };
+        let key = (volume, chunk);
+        let inner = lock(&handle.inner);
+        let version = header_version(&inner.header);
+        if version.is_installing() {
+            return Err(StoreError::Installing { volume, chunk });
+        }
+        let mut table = vec![0u8; blocks * TABLE_ENTRY_LEN];
+        let table_at = format::table_offset() + u64::from(first_block) * TABLE_ENTRY_LEN as u64;
+        let read_ctx = || format!("reading {}", handle.path.display());
+        self.fault(IoOp::Read)
+            .and_then(|_| handle.file.read_exact_at(&mut table, table_at))
+            .map_err(|e| StoreError::io(read_ctx(), e, Some(key)))?;
+        let entries: Vec<TableEntry> = table.chunks_exact(TABLE_ENTRY_LEN).map(TableEntry::decode).collect();
+        if entries.iter().any(|e| e.state == BLOCK_DATA) {
+            let at = format::data_offset(chunk_size) + u64::from(offset);
+            self.fault(IoOp::Read)
+                .and_then(|_| handle.file.read_exact_at(&mut data, at))
+                .map_err(|e| StoreError::io(read_ctx(), e, Some(key)))?;
+        }
+        Ok(Some((entries, data, version)))
     }
 
     /// Makes every mutation of `volume` acknowledged before this call durable: fdatasyncs every chunk

@@ -99,6 +99,39 @@ fn a_repair_rewrites_only_blocks_that_are_still_corrupt() {
     assert_eq!(store.read(vol(3), ChunkIndex(2), ChunkSize::DEFAULT, 8192, 2 * 4096).unwrap().data, new);
 }
 
+/// A scrub finds every damaged block of a range (not only the first), and repairs from a peer's
+/// copy only at the version it read: a copy that moved since keeps its blocks.
+#[test]
+fn a_scrub_finds_every_damaged_block_and_repairs_only_at_the_version_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let data = pattern(7, 4 * 4096);
+    write(&store, 3, 2, 0, &data, 1).unwrap();
+    store.flush(vol(3)).unwrap();
+    let version = store.chunk_version(vol(3), ChunkIndex(2)).unwrap();
+    let path = dir.path().join("volumes/0000000000000003/0000000000000002.chunk");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    for block in [1u64, 3] {
+        f.write_all_at(&[0x5a, 0xa5], 8192 + block * 4096 + 11).unwrap();
+    }
+    drop(f);
+    let damaged =
+        |store: &Store| store.damaged_blocks(vol(3), ChunkIndex(2), ChunkSize::DEFAULT, 0, 1 << 20).unwrap();
+    assert_eq!(damaged(&store), vec![1, 3]);
+    assert!(store.damaged_blocks(vol(3), ChunkIndex(9), ChunkSize::DEFAULT, 0, 1 << 20).unwrap().is_empty());
+    let repair_at = |store: &Store, at| {
+        store.repair_at(vol(3), (ChunkIndex(2), ChunkSize::DEFAULT), 0, (&data, &block_crcs(&data)), at)
+    };
+    // Read from a copy at another version: refused, nothing changed.
+    let other = Version { generation: version.generation, seq: version.seq + 1 };
+    assert!(matches!(repair_at(&store, other), Err(StoreError::VersionMismatch { .. })));
+    assert_eq!(damaged(&store), vec![1, 3]);
+    assert_eq!(repair_at(&store, version).unwrap(), 2);
+    assert!(damaged(&store).is_empty());
+    assert_eq!(store.read(vol(3), ChunkIndex(2), ChunkSize::DEFAULT, 0, 4 * 4096).unwrap().data, data);
+    assert_eq!(store.chunk_version(vol(3), ChunkIndex(2)).unwrap(), version, "a repair keeps the version");
+}
+
 #[test]
 fn flipped_bytes_on_disk_are_reported_as_corruption() {
     let dir = tempfile::tempdir().unwrap();
