@@ -18,7 +18,7 @@ pub fn run(
 ) -> anyhow::Result<()> {
     let nodes: Value = api.get("/v1/nodes")?;
     let body = json!({ "volume": volume });
-    // (node id, its API address, runs it had finished when asked)
+    // (node id, its API address, the run's ticket)
     let mut asked: Vec<(u64, String, u64)> = Vec::new();
     let mut failed: Vec<(u64, String)> = Vec::new();
     for n in nodes.as_array().map(Vec::as_slice).unwrap_or_default() {
@@ -28,7 +28,10 @@ pub fn run(
             continue;
         }
         match api.post_at::<Value>(http, "/v1/scrub", &body) {
-            Ok(v) => asked.push((id, http.to_string(), v["runs_completed_before"].as_u64().unwrap_or(0))),
+            Ok(v) => match v["ticket"].as_u64() {
+                Some(ticket) => asked.push((id, http.to_string(), ticket)),
+                None => failed.push((id, format!("answered without a ticket: {v}"))),
+            },
             Err(e) => failed.push((id, format!("{e:#}"))),
         }
     }
@@ -52,11 +55,17 @@ pub fn run(
     }
     let deadline = Instant::now() + timeout;
     let mut results: Vec<(u64, Value)> = Vec::new();
-    for (id, http, before) in asked {
+    for (id, http, ticket) in asked {
         loop {
             match api.get_at::<Value>(&http, "/v1/scrub") {
-                Ok(s) if s["runs_completed"].as_u64().unwrap_or(0) > before && s["running"] == false => {
-                    results.push((id, s["run"].clone()));
+                Ok(s) if s["served_through"].as_u64().unwrap_or(0) >= ticket => {
+                    let runs = s["runs"].as_array().map(Vec::as_slice).unwrap_or_default();
+                    match runs.iter().find(|r| r["ticket"] == ticket) {
+                        Some(run) => results.push((id, run.clone())),
+                        None => {
+                            failed.push((id, "its run's figures are no longer kept (16 runs since)".into()))
+                        }
+                    }
                     break;
                 }
                 Ok(_) => {}
@@ -72,7 +81,13 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    let unrepaired: u64 = results.iter().map(|(_, r)| r["blocks_unrepaired"].as_u64().unwrap_or(0)).sum();
+    let count = |k: &str| results.iter().map(|(_, r)| r[k].as_u64().unwrap_or(0)).sum::<u64>();
+    let (unrepaired, unreadable) = (count("blocks_unrepaired"), count("chunks_unreadable"));
+    for (id, r) in &results {
+        if let Some(e) = r["error"].as_str() {
+            failed.push((*id, e.to_string()));
+        }
+    }
     if json_out {
         let nodes: Vec<Value> = results.iter().map(|(id, r)| json!({"node": id, "run": r})).collect();
         let failed: Vec<Value> = failed.iter().map(|(id, e)| json!({"node": id, "error": e})).collect();
@@ -90,11 +105,12 @@ pub fn run(
                     n("blocks_repaired"),
                     n("blocks_unrepaired"),
                     n("chunks_skipped"),
+                    n("chunks_unreadable"),
                 ]
             })
             .collect();
         crate::commands::table(
-            &["NODE", "CHUNKS", "BYTES", "DAMAGED", "REPAIRED", "UNREPAIRED", "SKIPPED"],
+            &["NODE", "CHUNKS", "BYTES", "DAMAGED", "REPAIRED", "UNREPAIRED", "SKIPPED", "UNREADABLE"],
             rows,
         );
         for (_, r) in &results {
@@ -117,6 +133,9 @@ pub fn run(
     }
     if unrepaired > 0 {
         bail!("{unrepaired} damaged block(s) could not be repaired (the next run tries again)");
+    }
+    if unreadable > 0 {
+        bail!("{unreadable} chunk(s) could not be read (I/O errors: check the node's disk and log)");
     }
     Ok(())
 }

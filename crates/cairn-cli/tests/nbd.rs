@@ -1665,8 +1665,16 @@ fn scrub_finds_and_repairs_bit_flips_in_blocks_no_client_reads() {
         assert_eq!(n["run"]["blocks_damaged"], 0, "{again}");
         assert_eq!(n["run"]["volume"], id, "{again}");
     }
+    // Requests queue in order and every one is served at once, none left for the schedule.
+    for _ in 0..2 {
+        pool.cli_json(&["scrub"]);
+    }
+    let third = pool.cli_json(&["scrub", "--wait", "--timeout", "60"]);
+    assert_eq!(third["nodes"].as_array().unwrap().len(), 3, "{third}");
     let (status, s) = pool.get(2, "/v1/scrub");
     assert_eq!(status, 200);
+    assert_eq!(s["served_through"], s["runs_requested"], "{s}");
+    assert_eq!(s["runs_completed"], 5, "{s}");
     assert_eq!(
         (s["blocks_damaged_total"].as_u64(), s["blocks_repaired_total"].as_u64()),
         (Some(3), Some(3)),

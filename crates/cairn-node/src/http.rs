@@ -291,9 +291,9 @@ struct ScrubRequest {
 #[derive(Serialize)]
 struct ScrubStarted {
     node_id: u64,
-    /// Runs this node had finished when the run was asked for: it is done once `runs_completed`
-    /// (`GET /v1/scrub`) is above this.
-    runs_completed_before: u64,
+    /// The run's ticket: it is done once `served_through` (`GET /v1/scrub`) reaches it, and its
+    /// figures are in `runs` under it.
+    ticket: u64,
     volume_id: Option<u64>,
 }
 
@@ -332,8 +332,13 @@ async fn scrub_start(
         ),
         None => None,
     };
-    let runs_completed_before = scrub.request(volume_id);
-    Ok(Json(ScrubStarted { node_id: meta.id(), runs_completed_before, volume_id }))
+    let ticket = scrub.request(volume_id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{} scrub runs are waiting already: ask again later", crate::scrub::PENDING_MAX),
+        )
+    })?;
+    Ok(Json(ScrubStarted { node_id: meta.id(), ticket, volume_id }))
 }
 
 #[derive(Serialize)]

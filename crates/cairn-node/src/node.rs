@@ -390,7 +390,8 @@ impl Node {
         self.http_stop.cancel();
         self.recovery_stop.cancel();
         let _ = self.recovery_task.await;
-        let _ = self.scrub_task.await;
+        // (Stopped between pieces and repairs; bounded all the same.)
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.scrub_task).await;
         if let Some(t) = self.join_task {
             t.abort();
         }

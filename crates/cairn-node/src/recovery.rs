@@ -418,7 +418,7 @@ pub async fn run(
                     passed_on = false;
                     copy_chunk(
                         &store,
-                        &conn,
+                        (&conn, peer),
                         (volume, chunk, chunk_size),
                         (me, shared.contains(&volume), map_generation),
                         settled,
@@ -490,7 +490,7 @@ pub async fn run(
                                 let generation = generations.get(&volume).copied().unwrap_or(0);
                                 let own_copy = copy_chunk(
                                     &store,
-                                    &conn,
+                                    (&conn, peer),
                                     (volume, chunk, chunk_size),
                                     (me, false, generation),
                                     settled,
@@ -1528,7 +1528,7 @@ const UNREADABLE_SKIP: Duration = Duration::from_secs(30);
 
 async fn copy_chunk(
     store: &Arc<Store>,
-    conn: &NodeConnection,
+    (conn, peer): (&NodeConnection, u64),
     (volume, chunk, size): (u64, u64, u32),
     (me, shared, map_generation): (u64, bool, u64),
     settled: u64,
@@ -1550,10 +1550,29 @@ async fn copy_chunk(
         return Ok(());
     }
     // The peer recorded this node as having missed the chunk: it refuses this copy (see
-    // `InstallRange::source`) — unless the record being copied is settled, which it may take.
-    // Not read only to be refused: tried again after a pause.
-    if recorded.contains(&me) && settled == 0 {
-        return Err(CopyFailure::Refused);
+    // `InstallRange::source`) — unless it takes it (`RecordedSource::taken`, as far as this node
+    // can tell: the record being copied is settled, or the peer is unsure of its own copy and
+    // this one is newer, of the current writer generation). Not read only to be refused: tried
+    // again after a pause.
+    if recorded.contains(&me) {
+        let s = store.clone();
+        let fence = tokio::task::spawn_blocking(move || s.highest_generation(volume))
+            .await
+            .map_err(|e| CopyFailure::Source(e.to_string()))?
+            .map_err(|e| CopyFailure::Source(e.to_string()))?;
+        let offered = cairn_types::RecordedSource {
+            // (Whether the peer's record is settled is the peer's to check.)
+            recorded: 0,
+            settled,
+            current: target,
+            copy: here,
+            unsure: recorded.contains(&peer),
+            one_chain: !shared,
+            current_generation: fence.0.max(map_generation),
+        };
+        if !offered.taken() {
+            return Err(CopyFailure::Refused);
+        }
     }
     let s = store.clone();
     let (reply, generation, dirty) = tokio::task::spawn_blocking(move || {

@@ -43,6 +43,12 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const UNREPAIRED_LISTED_MAX: usize = 100;
 /// The file that keeps the schedule across restarts.
 const SCHEDULE_FILE: &str = "scrub.json";
+/// On-demand runs waiting at most (more are refused: the caller asks again later).
+pub const PENDING_MAX: usize = 64;
+/// Finished runs whose figures the status keeps (by ticket).
+const RUNS_KEPT: usize = 16;
+/// A scheduled run that could not list the volumes is tried again after this.
+const RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The `[scrub]` settings.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +62,8 @@ pub struct ScrubSettings {
 /// One run's figures.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunSummary {
+    /// The request it serves (`POST /v1/scrub`'s ticket; 0: a scheduled run).
+    pub ticket: u64,
     /// The volume scrubbed (none: every volume).
     pub volume: Option<u64>,
     pub started_ms: u64,
@@ -65,8 +73,14 @@ pub struct RunSummary {
     pub blocks_damaged: u64,
     pub blocks_repaired: u64,
     pub blocks_unrepaired: u64,
-    /// Chunks skipped (being installed, quarantined, or unreadable): the next run checks them.
+    /// Damaged blocks a write rewrote (or whose chunk went) before the repair: whole again.
+    pub blocks_rewritten: u64,
+    /// Chunks skipped (being installed, or quarantined: the catch-up restores them).
     pub chunks_skipped: u64,
+    /// Chunks that could not be read (an I/O error): the disk's problem, the run's failure.
+    pub chunks_unreadable: u64,
+    /// Why the run failed (it could not list the volumes), if it did.
+    pub error: Option<String>,
     /// Blocks still damaged, with why (at most `UNREPAIRED_LISTED_MAX`).
     pub unrepaired: Vec<Unrepaired>,
 }
@@ -85,8 +99,12 @@ pub struct ScrubStatus {
     pub running: bool,
     /// Runs finished since this process started.
     pub runs_completed: u64,
-    /// On-demand runs asked for since this process started.
+    /// On-demand runs asked for since this process started (the last ticket given).
     pub runs_requested: u64,
+    /// Tickets up to this one have been served (runs serve requests in order).
+    pub served_through: u64,
+    /// On-demand runs waiting.
+    pub pending: usize,
     /// When the next scheduled run starts (ms since the epoch; none: on demand only).
     pub next_due_ms: Option<u64>,
     /// Totals since this process started.
@@ -94,6 +112,8 @@ pub struct ScrubStatus {
     pub blocks_repaired_total: u64,
     /// The run in progress, or the last one.
     pub run: Option<RunSummary>,
+    /// The last finished runs (at most 16), oldest first.
+    pub runs: Vec<RunSummary>,
     pub bytes_per_s_max: Option<u64>,
 }
 
@@ -101,8 +121,8 @@ pub struct ScrubStatus {
 #[derive(Debug, Default)]
 pub struct Scrub {
     wake: tokio::sync::Notify,
-    /// On-demand runs waiting, each with its volume (none: all); coalesced when equal.
-    pending: Mutex<Vec<Option<u64>>>,
+    /// On-demand runs waiting, in order: (ticket, volume or none for all).
+    pending: Mutex<std::collections::VecDeque<(u64, Option<u64>)>>,
     status: Mutex<ScrubStatus>,
 }
 
@@ -115,23 +135,30 @@ fn now_ms() -> u64 {
 }
 
 impl Scrub {
-    /// Asks for a run (of one volume, or all); returns how many runs had finished before, so a
-    /// caller can wait for `runs_completed` to pass it (the run asked for finishes after any
-    /// run in progress).
-    pub fn request(&self, volume: Option<u64>) -> u64 {
-        let done = {
+    /// Asks for a run (of one volume, or all); returns its ticket: the run is done once
+    /// `served_through` reaches it, and its figures are in `runs` under that ticket. `None` if
+    /// [`PENDING_MAX`] runs are waiting already.
+    pub fn request(&self, volume: Option<u64>) -> Option<u64> {
+        let ticket = {
+            let mut p = lock(&self.pending);
+            if p.len() >= PENDING_MAX {
+                return None;
+            }
             let mut s = lock(&self.status);
             s.runs_requested += 1;
-            s.runs_completed
+            s.pending = p.len() + 1;
+            p.push_back((s.runs_requested, volume));
+            s.runs_requested
         };
-        {
-            let mut p = lock(&self.pending);
-            if !p.contains(&volume) {
-                p.push(volume);
-            }
-        }
         self.wake.notify_one();
-        done
+        Some(ticket)
+    }
+
+    fn next_request(&self) -> Option<(u64, Option<u64>)> {
+        let mut p = lock(&self.pending);
+        let next = p.pop_front();
+        lock(&self.status).pending = p.len();
+        next
     }
 
     pub fn status(&self) -> ScrubStatus {
@@ -200,64 +227,84 @@ pub async fn run(
         s.next_due_ms = due;
         s.bytes_per_s_max = settings.bytes_per_s;
     });
-    loop {
-        let wait = due.map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
-        let scheduled = async {
-            match wait {
-                Some(w) => tokio::time::sleep(w).await,
-                None => std::future::pending().await,
-            }
-        };
+    // Not before the map knows this node and its volumes (a node starting before it has joined,
+    // or replayed its metadata, would skip every volume as unknown).
+    while meta.read(|s| !s.nodes.contains_key(&me)) {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = scrub.wake.notified() => {}
-            _ = scheduled => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        // On-demand runs first (one at a time), else the scheduled one (every volume).
-        let asked = {
-            let mut p = lock(&scrub.pending);
-            (!p.is_empty()).then(|| p.remove(0))
-        };
-        let volume = match asked {
-            Some(v) => v,
-            None if due.is_some_and(|d| d <= now_ms()) => None,
-            None => continue,
+    }
+    loop {
+        // On-demand runs first, in order (every one waiting, not one per wake-up), else the
+        // scheduled one (every volume) once due.
+        let (ticket, volume) = match scrub.next_request() {
+            Some(r) => r,
+            None if due.is_some_and(|d| d <= now_ms()) => (0, None),
+            None => {
+                let wait = due.map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
+                let scheduled = async {
+                    match wait {
+                        Some(w) => tokio::time::sleep(w).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = scrub.wake.notified() => {}
+                    _ = scheduled => {}
+                }
+                continue;
+            }
         };
         let started_ms = now_ms();
         scrub.update(|s| {
             s.running = true;
-            s.run = Some(RunSummary { volume, started_ms, ..RunSummary::default() });
+            s.run = Some(RunSummary { ticket, volume, started_ms, ..RunSummary::default() });
         });
-        tracing::info!(volume, "scrub started");
+        tracing::info!(volume, ticket, "scrub started");
         let ctx = Ctx { scrub: &scrub, store: &store, meta: &meta, connections: &connections, me, settings };
-        let finished = scrub_all(ctx, volume, &stop).await;
+        let Some(listed) = scrub_all(ctx, volume, &stop).await else { return };
         let completed_ms = now_ms();
-        scrub.update(|s| {
+        let run = {
+            let mut s = lock(&scrub.status);
             s.running = false;
-            if finished {
-                s.runs_completed += 1;
+            s.runs_completed += 1;
+            s.served_through = s.served_through.max(ticket);
+            let mut run = s.run.clone().unwrap_or_default();
+            run.completed_ms = Some(completed_ms);
+            if let Err(e) = &listed {
+                run.error = Some(e.clone());
             }
-            if let Some(run) = s.run.as_mut() {
-                run.completed_ms = finished.then_some(completed_ms);
+            s.run = Some(run.clone());
+            s.runs.push(run.clone());
+            if s.runs.len() > RUNS_KEPT {
+                s.runs.remove(0);
             }
-        });
-        if !finished {
-            return;
-        }
-        let run = scrub.status().run.unwrap_or_default();
+            run
+        };
         tracing::info!(
             volume,
+            ticket,
             chunks = run.chunks_checked,
             bytes = run.bytes_checked,
             damaged = run.blocks_damaged,
             repaired = run.blocks_repaired,
             unrepaired = run.blocks_unrepaired,
+            unreadable = run.chunks_unreadable,
+            error = run.error.as_deref().unwrap_or(""),
             "scrub finished"
         );
-        // A whole run (not one volume's) moves the schedule on.
+        // A whole scheduled or requested run that listed the volumes moves the schedule on; one
+        // that could not is tried again in an hour.
         if volume.is_none() {
-            write_schedule(&data_dir, completed_ms);
-            due = next_due(settings, Some(completed_ms));
+            due = match listed {
+                Ok(()) => {
+                    write_schedule(&data_dir, completed_ms);
+                    next_due(settings, Some(completed_ms))
+                }
+                Err(_) => due.map(|d| d.min(completed_ms.saturating_add(RETRY_AFTER.as_millis() as u64))),
+            };
             scrub.update(|s| s.next_due_ms = due);
         }
     }
@@ -273,19 +320,15 @@ struct Ctx<'a> {
     settings: ScrubSettings,
 }
 
-/// Scrubs every chunk of the live volumes this node holds (or of one); `false` if stopped.
-async fn scrub_all(ctx: Ctx<'_>, only: Option<u64>, stop: &CancellationToken) -> bool {
+/// Scrubs every chunk of the live volumes this node holds (or of one): `None` if stopped,
+/// `Err` if the volumes could not be listed.
+async fn scrub_all(ctx: Ctx<'_>, only: Option<u64>, stop: &CancellationToken) -> Option<Result<(), String>> {
     let s = ctx.store.clone();
     let volumes = match tokio::task::spawn_blocking(move || s.list_volumes()).await {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            tracing::warn!("scrub: listing volumes: {e}");
-            return true;
-        }
-        Err(_) => return true,
+        Ok(Err(e)) => return Some(Err(format!("listing volumes: {e}"))),
+        Err(e) => return Some(Err(format!("listing volumes: {e}"))),
     };
-    let began = tokio::time::Instant::now();
-    let mut bytes_read: u64 = 0;
     for volume in volumes.into_iter().filter(|v| only.is_none_or(|o| o == v.get())) {
         // A live volume of the map (a deleted one's chunks are being removed).
         let Some(chunk_size) = ctx.meta.read(|s| {
@@ -299,75 +342,103 @@ async fn scrub_all(ctx: Ctx<'_>, only: Option<u64>, stop: &CancellationToken) ->
         let s = ctx.store.clone();
         let chunks = match tokio::task::spawn_blocking(move || s.list_chunks(volume)).await {
             Ok(Ok(c)) => c,
-            _ => continue,
+            Ok(Err(e)) => return Some(Err(format!("listing the chunks of volume {volume}: {e}"))),
+            Err(e) => return Some(Err(format!("listing the chunks of volume {volume}: {e}"))),
         };
         for chunk in chunks {
-            for offset in (0..chunk_size.bytes()).step_by(PIECE_BYTES.min(chunk_size.bytes()) as usize) {
-                if stop.is_cancelled() {
-                    return false;
-                }
-                let len = PIECE_BYTES.min(chunk_size.bytes() - offset);
-                let s = ctx.store.clone();
-                let found = tokio::task::spawn_blocking(move || {
-                    s.damaged_blocks(volume, chunk, chunk_size, offset, len)
-                })
+            if !scrub_chunk(ctx, (volume, chunk, chunk_size), stop).await {
+                return None;
+            }
+        }
+    }
+    Some(Ok(()))
+}
+
+/// Checks one chunk piece by piece, repairing damaged blocks; `false` if stopped.
+async fn scrub_chunk(
+    ctx: Ctx<'_>,
+    (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize),
+    stop: &CancellationToken,
+) -> bool {
+    let piece = PIECE_BYTES.min(chunk_size.bytes());
+    for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
+        if stop.is_cancelled() {
+            return false;
+        }
+        let began = tokio::time::Instant::now();
+        let len = piece.min(chunk_size.bytes() - offset);
+        let s = ctx.store.clone();
+        let found =
+            tokio::task::spawn_blocking(move || s.damaged_blocks(volume, chunk, chunk_size, offset, len))
                 .await;
-                bytes_read += u64::from(len);
-                ctx.scrub.update_run(|r| r.bytes_checked += u64::from(len));
-                match found {
-                    Ok(Ok(damaged)) => {
-                        for block in damaged {
-                            ctx.scrub.update_run(|r| r.blocks_damaged += 1);
-                            ctx.scrub.update(|s| s.blocks_damaged_total += 1);
-                            tracing::warn!(volume = %volume, chunk = chunk.0, block, "scrub: damaged block");
-                            match repair_block(ctx, (volume, chunk, chunk_size), block).await {
-                                Ok(()) => {
-                                    tracing::warn!(volume = %volume, chunk = chunk.0, block, "scrub: repaired");
-                                    ctx.scrub.update_run(|r| r.blocks_repaired += 1);
-                                    ctx.scrub.update(|s| s.blocks_repaired_total += 1);
-                                }
-                                Err(why) => {
-                                    tracing::warn!(volume = %volume, chunk = chunk.0, block, "scrub: not repaired: {why}");
-                                    ctx.scrub.update_run(|r| {
-                                        r.blocks_unrepaired += 1;
-                                        if r.unrepaired.len() < UNREPAIRED_LISTED_MAX {
-                                            let (volume, chunk) = (volume.get(), chunk.0);
-                                            r.unrepaired.push(Unrepaired { volume, chunk, block, why });
-                                        }
-                                    });
-                                }
-                            }
-                        }
-                    }
-                    // Being installed, quarantined or unreadable: the catch-up's, and the next run's.
-                    Ok(Err(e)) => {
-                        tracing::debug!(volume = %volume, chunk = chunk.0, "scrub: skipped: {e}");
-                        ctx.scrub.update_run(|r| r.chunks_skipped += 1);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-                // The rate limit: no faster than `bytes_per_s` since the run began.
-                if let Some(rate) = ctx.settings.bytes_per_s.filter(|r| *r > 0) {
-                    let due = began + Duration::from_secs_f64(bytes_read as f64 / rate as f64);
-                    tokio::select! {
+        ctx.scrub.update_run(|r| r.bytes_checked += u64::from(len));
+        match found {
+            Ok(Ok(damaged)) => {
+                for block in damaged {
+                    ctx.scrub.update_run(|r| r.blocks_damaged += 1);
+                    ctx.scrub.update(|s| s.blocks_damaged_total += 1);
+                    tracing::warn!(volume = %volume, chunk = chunk.0, block, "scrub: damaged block");
+                    let repaired = tokio::select! {
                         _ = stop.cancelled() => return false,
-                        _ = tokio::time::sleep_until(due) => {}
+                        r = repair_block(ctx, (volume, chunk, chunk_size), block) => r,
+                    };
+                    match repaired {
+                        Ok(true) => {
+                            tracing::warn!(volume = %volume, chunk = chunk.0, block, "scrub: repaired");
+                            ctx.scrub.update_run(|r| r.blocks_repaired += 1);
+                            ctx.scrub.update(|s| s.blocks_repaired_total += 1);
+                        }
+                        Ok(false) => ctx.scrub.update_run(|r| r.blocks_rewritten += 1),
+                        Err(why) => {
+                            tracing::warn!(volume = %volume, chunk = chunk.0, block, "scrub: not repaired: {why}");
+                            ctx.scrub.update_run(|r| {
+                                r.blocks_unrepaired += 1;
+                                if r.unrepaired.len() < UNREPAIRED_LISTED_MAX {
+                                    let (volume, chunk) = (volume.get(), chunk.0);
+                                    r.unrepaired.push(Unrepaired { volume, chunk, block, why });
+                                }
+                            });
+                        }
                     }
                 }
             }
-            ctx.scrub.update_run(|r| r.chunks_checked += 1);
+            // Being installed, or quarantined (a damaged header): the catch-up's; the next run
+            // checks it.
+            Ok(Err(StoreError::Installing { .. } | StoreError::BadChunkFile { .. })) => {
+                ctx.scrub.update_run(|r| r.chunks_skipped += 1);
+                return true;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(volume = %volume, chunk = chunk.0, "scrub: cannot read the chunk: {e}");
+                ctx.scrub.update_run(|r| r.chunks_unreadable += 1);
+                return true;
+            }
+            Err(e) => {
+                tracing::error!(volume = %volume, chunk = chunk.0, "scrub: {e}");
+                ctx.scrub.update_run(|r| r.chunks_unreadable += 1);
+                return true;
+            }
+        }
+        // The rate limit, per piece: no burst beyond one piece.
+        if let Some(rate) = ctx.settings.bytes_per_s.filter(|r| *r > 0) {
+            let due = began + Duration::from_secs_f64(f64::from(len) / rate as f64);
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep_until(due) => {}
+            }
         }
     }
+    ctx.scrub.update_run(|r| r.chunks_checked += 1);
     true
 }
 
-/// Rewrites one damaged block from an in-sync holder's copy at this copy's version.
+/// Rewrites one damaged block from an in-sync holder's copy at this copy's version: `Ok(true)`
+/// if rewritten, `Ok(false)` if a write replaced the block meanwhile (or the chunk went).
 async fn repair_block(
     ctx: Ctx<'_>,
     (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize),
     block: u32,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let sources: Vec<(u64, std::net::SocketAddr)> = ctx.meta.read(|s| {
         let Some(v) = s.volumes.values().find(|v| v.id == volume.get()) else { return Vec::new() };
         s.holders(v.replicas, pg_of(volume, chunk, s.pg_count).0)
@@ -385,21 +456,24 @@ async fn repair_block(
     let mut last = String::new();
     for attempt in 0..REPAIR_ATTEMPTS {
         for (id, addr) in &sources {
-            let conn = match ctx.connections.get(*addr).await {
-                Ok(c) => c,
-                Err(e) => {
+            let conn = match tokio::time::timeout(READ_TIMEOUT, ctx.connections.get(*addr)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
                     last = format!("node {id}: {e}");
                     continue;
                 }
+                Err(_) => {
+                    last = format!("node {id}: no connection within {READ_TIMEOUT:?}");
+                    continue;
+                }
             };
-            let piece = match read_block(&conn, (volume, chunk, chunk_size), offset).await {
+            let (data, crcs, version) = match read_block(&conn, (volume, chunk, chunk_size), offset).await {
                 Ok(p) => p,
                 Err(e) => {
                     last = format!("node {id}: {e}");
                     continue;
                 }
             };
-            let (data, crcs, version) = piece;
             let s = ctx.store.clone();
             let repaired = tokio::task::spawn_blocking(move || {
                 s.repair_at(volume, (chunk, chunk_size), offset, (&data, &crcs), version)
@@ -407,8 +481,7 @@ async fn repair_block(
             .await
             .map_err(|e| e.to_string())?;
             match repaired {
-                // 0: a write replaced the block meanwhile; it is whole either way.
-                Ok(_) => return Ok(()),
+                Ok(n) => return Ok(n > 0),
                 Err(StoreError::VersionMismatch { current, .. }) => {
                     last = format!(
                         "node {id}'s copy is at {version}, this one at {current} (a write in flight)"

@@ -765,17 +765,25 @@ fn run(
                 };
                 if let Some(recorded) = hooks.missed.entry_settled(source, volume.get(), chunk.0) {
                     let current = store.chunk_version(volume, chunk)?;
+                    let (map_generation, one_chain) = match (hooks.volume_state)(volume.get()) {
+                        VolumeState::Live { generation, shared } => (generation, !shared),
+                        _ => (0, false),
+                    };
                     let offered = cairn_types::RecordedSource {
                         recorded,
                         settled: settled.map_or(0, |g| g.0),
                         current,
                         copy: version,
                         unsure: hooks.missed.entry_settled(hooks.me, volume.get(), chunk.0).is_some(),
-                        one_chain: matches!(
-                            (hooks.volume_state)(volume.get()),
-                            VolumeState::Live { shared: false, .. }
-                        ),
+                        one_chain,
+                        current_generation: store.highest_generation(volume)?.0.max(map_generation),
                     };
+                    if !offered.settles() && offered.takes_newer() {
+                        // This node stays unsure of the copy it takes: recorded again (a new
+                        // entry), so that a pull of its own copy back that read an older one and
+                        // finishes after this install does not end the record (found by review).
+                        record_missed(Some(hooks), &[hooks.me], volume, chunk, chunk_size)?;
+                    }
                     if !offered.taken() {
                         return Err(StoreError::VersionMismatch {
                             volume,

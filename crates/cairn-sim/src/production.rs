@@ -190,6 +190,13 @@ pub struct Options {
     /// write both applied alone, each recording the other, leaves no copy anyone takes: seed
     /// 643 095 of the model of 5d0906d).
     pub unsure_takes_newer: bool,
+    /// A flush covers only the PGs the client's acknowledged mutations touched since they were
+    /// last flushed (`TouchedPgs`: marked when a mutation is acknowledged, cleared by a flush that
+    /// covered the same mark), and one write in eight is FUA (flushed at once, its PG only:
+    /// `VolumeClient::flush_range`); else every flush covers every PG and no write is FUA. Off
+    /// by default: it changes every seed's schedule (`pg_flushes_keep_every_invariant` runs seeds
+    /// with it on).
+    pub pg_flushes: bool,
 }
 
 impl Default for Options {
@@ -220,6 +227,7 @@ impl Default for Options {
             down_nodes_relay: true,
             one_way_partitions: false,
             unsure_takes_newer: true,
+            pg_flushes: false,
         }
     }
 }
@@ -680,6 +688,12 @@ struct Client {
     opening: Option<Opening>,
     /// Its flush, while under way.
     flushing: Option<Flushing>,
+    /// Per PG its acknowledged mutations touched since they were flushed, the mark of the last
+    /// one (`Options::pg_flushes`; `TouchedPgs`).
+    touched: BTreeMap<u32, u64>,
+    marks: u64,
+    /// Per chunk, the last version this client got acknowledged (what its flush promises).
+    own_acked: BTreeMap<u64, u64>,
 }
 
 /// A client's flush: its round, deadline, the acknowledged versions it covers (those acknowledged
@@ -690,6 +704,8 @@ struct Flushing {
     deadline: u64,
     covers: BTreeMap<u64, u64>,
     asked: BTreeMap<u64, bool>,
+    /// The PGs it covers, with their marks (`Options::pg_flushes`); none: every PG.
+    pgs: Option<BTreeMap<u32, u64>>,
 }
 
 impl Client {
@@ -705,6 +721,9 @@ impl Client {
             fenced: false,
             opening: None,
             flushing: None,
+            touched: BTreeMap::new(),
+            marks: 0,
+            own_acked: BTreeMap::new(),
         }
     }
 }
@@ -769,6 +788,8 @@ pub struct ProductionStats {
     pub opens: u64,
     /// Links cut one way only (`Options::one_way_partitions`).
     pub one_way_cuts: u64,
+    /// FUA writes (`Options::pg_flushes`).
+    pub fua_writes: u64,
 }
 
 struct ProductionWorld {
@@ -1202,6 +1223,17 @@ impl ProductionWorld {
                 n.missed.len(),
                 n.job,
                 n.store
+            ));
+        }
+        for c in std::iter::once(&self.client).chain(&self.other_clients) {
+            out.push_str(&format!(
+                "client {}: writer {} fenced {} op {:?} flushing {:?} opening {}\n",
+                c.ep,
+                c.writer,
+                c.fenced,
+                c.op.as_ref().map(|o| (o.id, o.chunk, o.attempt)),
+                c.flushing.as_ref().map(|f| (f.round, f.deadline, &f.pgs, &f.asked)),
+                c.opening.is_some()
             ));
         }
         out.push_str(&format!(
@@ -1997,25 +2029,28 @@ impl ProductionWorld {
                 // `cairn_types::RecordedSource::taken`: an open of a newer generation settled it,
                 // or this node is unsure of its own copy and the copy is newer.)
                 let unsure = self.options.unsure_takes_newer && n.missed.contains_key(&(to, chunk));
-                let taken = |e: &Entry| {
-                    cairn_types::RecordedSource {
-                        recorded: e.settled,
-                        settled: if self.options.settled_overrides_records { settled } else { 0 },
-                        current: as_version(current),
-                        copy: as_version(version),
-                        unsure,
-                        one_chain: true,
-                    }
-                    .taken()
+                let offered = |e: &Entry| cairn_types::RecordedSource {
+                    recorded: e.settled,
+                    settled: if self.options.settled_overrides_records { settled } else { 0 },
+                    current: as_version(current),
+                    copy: as_version(version),
+                    unsure,
+                    one_chain: true,
+                    current_generation: n.fence.max(map_generation),
                 };
-                let refused = source.is_some_and(|s| n.missed.get(&(s, chunk)).is_some_and(|e| !taken(e)))
-                    || current != expect;
+                let by_record = source.and_then(|s| n.missed.get(&(s, chunk))).map(offered);
+                let refused = by_record.is_some_and(|o| !o.taken()) || current != expect;
+                // (Taken as newer: this node stays unsure of it, recorded again.)
+                let rerecord = by_record.is_some_and(|o| !o.settles() && o.takes_newer());
                 let refused = refused || fenced;
                 let line = format!(
                     "node {to} install chunk {chunk} v{version} from {peer} (source {source:?}, expect {expect}, has {current}): {}",
                     if refused { "refused" } else { "done" }
                 );
                 push_trace(&mut self.trace, self.print_trace, self.now, line);
+                if rerecord && !fenced {
+                    n.record(&[to], chunk, false);
+                }
                 if !refused {
                     if self.options.installs_check_generation {
                         n.fence = n.fence.max(generation);
@@ -2713,13 +2748,21 @@ impl ProductionWorld {
         }
         // A writer flushes now and then (a VM's fsync; a handed-over one too, until fenced).
         if self.client.writer && self.final_pass.is_none() && !self.healing && self.rng.chance(100) {
+            let pg_flushes = self.options.pg_flushes;
             self.client.flushing = Some(Flushing {
                 round: 0,
                 deadline: self.now + IO_TIMEOUT_MS,
-                covers: self.acked.clone(),
+                // (What it promises: every write this client got acknowledged before it began.)
+                covers: if pg_flushes { self.client.own_acked.clone() } else { self.acked.clone() },
                 asked: BTreeMap::new(),
+                pgs: pg_flushes.then(|| self.client.touched.clone()),
             });
-            self.flush_send();
+            if pg_flushes && self.client.touched.is_empty() {
+                // Nothing acknowledged since the last flush: done at once, as production's.
+                self.flush_round_end();
+            } else {
+                self.flush_send();
+            }
             return;
         }
         let current = self.client.ep == self.writer_ep;
@@ -3131,9 +3174,29 @@ impl ProductionWorld {
             if since_loss {
                 let a = self.acked.entry(chunk).or_insert(0);
                 *a = (*a).max(version);
+                let a = self.client.own_acked.entry(chunk).or_insert(0);
+                *a = (*a).max(version);
             }
             self.client.known.insert(chunk, Some(version));
             self.stats.writes_acked += 1;
+            // Marked for flushing once acknowledged (`TouchedPgs::touch`); a FUA write is flushed
+            // at once, its PG only, and done when that flush is.
+            if self.options.pg_flushes {
+                self.client.marks += 1;
+                let mark = self.client.marks;
+                self.client.touched.insert(pg(chunk), mark);
+                if self.rng.chance(125) {
+                    self.stats.fua_writes += 1;
+                    self.client.flushing = Some(Flushing {
+                        round: 0,
+                        deadline: self.now + IO_TIMEOUT_MS,
+                        covers: [(chunk, version)].into(),
+                        asked: BTreeMap::new(),
+                        pgs: Some([(pg(chunk), mark)].into()),
+                    });
+                    self.flush_send();
+                }
+            }
             self.op_done();
         } else {
             self.retry_or_fail();
@@ -3147,8 +3210,13 @@ impl ProductionWorld {
         self.next_id += 1;
         let round = self.next_id;
         let map = self.client.map.clone();
-        let nodes: BTreeSet<u64> = (0..map.pg_count)
-            .flat_map(|p| map.holders(R, p))
+        let pgs: Vec<u32> = match self.client.flushing.as_ref().and_then(|f| f.pgs.as_ref()) {
+            Some(pgs) => pgs.keys().copied().collect(),
+            None => (0..map.pg_count).collect(),
+        };
+        let nodes: BTreeSet<u64> = pgs
+            .iter()
+            .flat_map(|p| map.holders(R, *p))
             .filter(|n| {
                 map.nodes.get(n).is_some_and(|x| x.in_sync()) && !self.client.suspects.contains_key(n)
             })
@@ -3168,14 +3236,24 @@ impl ProductionWorld {
     fn flush_round_end(&mut self) {
         let Some(f) = self.client.flushing.clone() else { return };
         let map = self.client.map.clone();
-        let durable = (0..map.pg_count).all(|p| {
-            let row = map.holders(R, p);
+        let pgs: Vec<u32> = match f.pgs.as_ref() {
+            Some(pgs) => pgs.keys().copied().collect(),
+            None => (0..map.pg_count).collect(),
+        };
+        let durable = pgs.iter().all(|p| {
+            let row = map.holders(R, *p);
             row.iter().filter(|n| f.asked.get(n) == Some(&true)).count() >= Self::deciders(row.len())
         });
         if durable {
             for (chunk, v) in &f.covers {
                 let floor = self.flushed.entry(*chunk).or_insert(0);
                 *floor = (*floor).max(*v);
+            }
+            // The PGs not marked again since it began are clean (`TouchedPgs::flushed`).
+            for (p, mark) in f.pgs.iter().flatten() {
+                if self.client.touched.get(p) == Some(mark) {
+                    self.client.touched.remove(p);
+                }
             }
             self.stats.flushes += 1;
             self.client.flushing = None;

@@ -72,7 +72,8 @@ impl Expected {
 /// A copy offered by a node that the receiving node recorded as having missed the chunk
 /// (`InstallRange::source`): such a copy would undo the write recorded, or bring back a leftover an
 /// open settled without that node, so it is refused unless [`RecordedSource::taken`] says
-/// otherwise. The same decision drives the production simulation's model.
+/// otherwise. The same decision drives the production simulation's model, and the sender's check
+/// before it reads a copy only to have it refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordedSource {
     /// The generation of the open that settled the receiver's record (0: made by writes only).
@@ -88,23 +89,39 @@ pub struct RecordedSource {
     pub unsure: bool,
     /// The volume has one writer per generation (not shared): its versions grow along one chain.
     pub one_chain: bool,
+    /// The volume's writer generation as the receiver knows it (its map's, or its fence if newer).
+    pub current_generation: u64,
 }
 
 impl RecordedSource {
-    /// Whether the copy is taken:
-    /// - it is sent for a record an open of a newer generation than the receiver's record settled,
-    ///   over a copy here of an older generation (the receiver's record is of writes that open
-    ///   settled, or of an earlier open); or
-    /// - the receiver is unsure of its copy, its record is of writes only, the volume has one
-    ///   writer's chain, and the copy is newer (or the rest of one being installed): a newer copy
-    ///   of one chain holds every write the record is of. Else two holders that each applied a
-    ///   write alone, each recording the other, one of them since reverted by a power loss, refuse
-    ///   each other's copies for good (the production simulation, seed 643 095).
+    /// Whether the copy is taken: [`RecordedSource::settles`] or [`RecordedSource::takes_newer`].
     pub fn taken(&self) -> bool {
-        let settles = self.settled > self.recorded && self.current.generation < self.settled;
-        let newer = self.copy > self.current || self.current == Version::installing(self.copy);
-        let takes_newer = self.unsure && self.recorded == 0 && self.one_chain && newer;
-        settles || takes_newer
+        self.settles() || self.takes_newer()
+    }
+
+    /// The copy is sent for a record an open of a newer generation than the receiver's record
+    /// settled, over a copy here of an older generation (the receiver's record is of writes that
+    /// open settled, or of an earlier open).
+    pub fn settles(&self) -> bool {
+        self.settled > self.recorded && self.current.generation < self.settled
+    }
+
+    /// The receiver is unsure of its copy, its record is of writes only, the volume has one
+    /// writer's chain, and the copy is of the current writer generation and newer (or the rest of
+    /// one being installed): a newer copy of one chain holds every write this copy holds. (Not
+    /// an older generation's, even if higher: that may be a fenced writer's leftover an open
+    /// settled the chunk without.) Else two holders that each applied a write alone, each
+    /// recording the other, one of them since reverted by a power loss, refuse each other's
+    /// copies for good (the production simulation, seed 643 095). The receiver stays unsure of
+    /// the copy it took: it still pulls its own copy back.
+    pub fn takes_newer(&self) -> bool {
+        let newer = (!self.current.is_installing() && self.copy > self.current)
+            || self.current == Version::installing(self.copy);
+        self.unsure
+            && self.recorded == 0
+            && self.one_chain
+            && self.copy.generation >= self.current_generation
+            && newer
     }
 }
 
@@ -177,19 +194,24 @@ mod tests {
             copy: v(1, 108),
             unsure: false,
             one_chain: true,
+            current_generation: 1,
         };
         assert!(!base.taken(), "a sure node refuses a copy from a node it recorded");
-        assert!(RecordedSource { unsure: true, ..base }.taken(), "an unsure node takes a newer copy");
         let unsure = RecordedSource { unsure: true, ..base };
+        assert!(unsure.taken() && unsure.takes_newer(), "an unsure node takes a newer copy");
         assert!(!RecordedSource { copy: v(1, 90), ..unsure }.taken(), "but not an older one");
         assert!(!RecordedSource { copy: v(1, 91), ..unsure }.taken(), "nor the same version");
         assert!(!RecordedSource { recorded: 2, ..unsure }.taken(), "nor over an open's settled record");
         assert!(!RecordedSource { one_chain: false, ..unsure }.taken(), "nor on a shared volume");
+        let fenced = RecordedSource { current_generation: 2, ..unsure };
+        assert!(!fenced.taken(), "nor a copy of a generation older than the current writer's, even higher");
         let rest = RecordedSource { current: Version::installing(v(1, 108)), ..unsure };
         assert!(rest.taken(), "the rest of a copy being installed follows its first piece");
+        let other = RecordedSource { current: Version::installing(v(1, 200)), ..unsure };
+        assert!(!other.taken(), "another copy does not go over one being installed");
         // An open's settled record: over an older generation only, and only a newer open's.
         let settled = RecordedSource { settled: 2, ..base };
-        assert!(settled.taken());
+        assert!(settled.taken() && settled.settles());
         assert!(!RecordedSource { current: v(2, 1), ..settled }.taken());
         assert!(!RecordedSource { recorded: 2, ..settled }.taken());
     }
