@@ -42,10 +42,11 @@
 //!
 //! Simplifications, stated so nobody reads more into a pass: one volume of 3 copies, one writer at
 //! a time (no shared volume), one handover per seed, whole-chunk writes (a version check stands for
-//! the store's; a conflict is "settled" by writing again over any older copy); a node handles each
+//! the store's; a conflict is "settled" by writing again over any older copy, or with
+//! `Options::writer_settles` as production's `settle_chunk`); a node handles each
 //! message atomically (its map may advance between a mutation's check before and after it is
 //! applied); power loss only while the pool is healthy, whole chunks kept or reverted; a flush
-//! covers every PG; links fail both ways (TCP) unless `Options::one_way_partitions` (then some lose
+//! covers every PG (unless `Options::pg_flushes`); links fail both ways (TCP) unless `Options::one_way_partitions` (then some lose
 //! one direction's messages only, the other's arriving: what a connection established before the
 //! cut sees).
 
@@ -197,6 +198,16 @@ pub struct Options {
     /// by default: it changes every seed's schedule (`pg_flushes_keep_every_invariant` runs seeds
     /// with it on).
     pub pg_flushes: bool,
+    /// A write whose chunk's version the writer does not know (after a failed or conflicting
+    /// write) first makes the in-sync copies identical, as production's `settle_chunk`: the
+    /// states of the in-sync holders it does not suspect (at least `deciders`), the highest copy
+    /// that may win (none recorded as missed by another, the winner serving reads) installed over
+    /// the others at the version seen (naming the winner as source: a node that recorded it
+    /// refuses), then the write expects that version; a copy not installed gets its node
+    /// suspected and the settle done again. Else the write expects no version (any older copy
+    /// takes it). Off by default: it changes every seed's schedule (`writer_settles_keep_every_invariant`
+    /// runs seeds with it on).
+    pub writer_settles: bool,
 }
 
 impl Default for Options {
@@ -228,6 +239,7 @@ impl Default for Options {
             one_way_partitions: false,
             unsure_takes_newer: true,
             pg_flushes: false,
+            writer_settles: false,
         }
     }
 }
@@ -422,6 +434,9 @@ enum Msg {
         from: u64,
         version: u64,
         missed_by: Vec<u64>,
+        /// It serves client reads of the chunk now (a writer's settle reads the winner's copy
+        /// with a client read).
+        serving: bool,
     },
     /// A reconciliation's copy (`Install` from the client): applied only if the copy here is still
     /// at `expect`, refused if the node's fence is above `generation`.
@@ -431,6 +446,9 @@ enum Msg {
         version: u64,
         expect: u64,
         generation: u64,
+        /// The node the copy is from (a writer's settle; `InstallRange::source`): refused by a
+        /// node that recorded it as having missed the chunk (`RecordedSource::taken`).
+        source: Option<u64>,
     },
     PutReply {
         round: u64,
@@ -499,6 +517,11 @@ enum Event {
     },
     /// A flush round timed out.
     FlushRound {
+        client: Ep,
+        round: u64,
+    },
+    /// A writer's settle round timed out, or its pause before the next one is over.
+    SettleRound {
         client: Ep,
         round: u64,
     },
@@ -694,6 +717,20 @@ struct Client {
     marks: u64,
     /// Per chunk, the last version this client got acknowledged (what its flush promises).
     own_acked: BTreeMap<u64, u64>,
+    /// Its settle of its write's chunk, while under way (`Options::writer_settles`).
+    settling: Option<Settling>,
+}
+
+/// A writer's settle of one chunk (`VolumeClient::settle_chunk`): its round, the states asked
+/// (node → (version, recorded as missed, serving reads)), then the installs sent (node → ok).
+#[derive(Debug, Clone)]
+struct Settling {
+    chunk: u64,
+    round: u64,
+    asked: BTreeSet<u64>,
+    infos: BTreeMap<u64, (u64, Vec<u64>, bool)>,
+    puts: BTreeMap<u64, Option<bool>>,
+    top: u64,
 }
 
 /// A client's flush: its round, deadline, the acknowledged versions it covers (those acknowledged
@@ -724,6 +761,7 @@ impl Client {
             touched: BTreeMap::new(),
             marks: 0,
             own_acked: BTreeMap::new(),
+            settling: None,
         }
     }
 }
@@ -790,6 +828,33 @@ pub struct ProductionStats {
     pub one_way_cuts: u64,
     /// FUA writes (`Options::pg_flushes`).
     pub fua_writes: u64,
+    /// Writers' settles decided, and the copies they installed (`Options::writer_settles`).
+    pub settles: u64,
+    pub settle_installs: u64,
+}
+
+impl ProductionStats {
+    /// Adds another run's counts to these.
+    pub fn add(&mut self, o: &ProductionStats) {
+        self.writes_acked += o.writes_acked;
+        self.writes_failed += o.writes_failed;
+        self.reads_checked += o.reads_checked;
+        self.reads_failed += o.reads_failed;
+        self.faults += o.faults;
+        self.catch_ups += o.catch_ups;
+        self.fills += o.fills;
+        self.holdbacks += o.holdbacks;
+        self.power_losses += o.power_losses;
+        self.revivals += o.revivals;
+        self.flushes += o.flushes;
+        self.pool_power_losses += o.pool_power_losses;
+        self.handovers += o.handovers;
+        self.opens += o.opens;
+        self.one_way_cuts += o.one_way_cuts;
+        self.fua_writes += o.fua_writes;
+        self.settles += o.settles;
+        self.settle_installs += o.settle_installs;
+    }
 }
 
 struct ProductionWorld {
@@ -1482,6 +1547,12 @@ impl ProductionWorld {
                     None => {}
                 }
             }
+            Event::SettleRound { client, round } => {
+                self.switch_to(client);
+                if self.client.settling.as_ref().is_some_and(|s| s.round == round) {
+                    self.settle_round_end();
+                }
+            }
             Event::OpenStep { client, round } => {
                 self.switch_to(client);
                 if self.client.opening.as_ref().is_some_and(|o| o.round == round) {
@@ -1919,13 +1990,28 @@ impl ProductionWorld {
                 let n = self.nodes.get(&to).expect_node();
                 let version = n.store.get(&chunk).copied().unwrap_or(0);
                 let missed_by = n.missed.keys().filter(|(_, c)| *c == chunk).map(|(p, _)| *p).collect();
-                self.send(to, from, Msg::InfoReply { round, from: to, version, missed_by });
+                let serving = n.serves_read(chunk, now);
+                self.send(to, from, Msg::InfoReply { round, from: to, version, missed_by, serving });
             }
-            Msg::Put { round, chunk, version, expect, generation } => {
+            Msg::Put { round, chunk, version, expect, generation, source } => {
                 let n = self.nodes.get_mut(&to).expect_node();
                 let fenced = generation < n.fence;
                 let current = n.store.get(&chunk).copied().unwrap_or(0);
-                let ok = !fenced && current == expect;
+                let unsure = self.options.unsure_takes_newer && n.missed.contains_key(&(to, chunk));
+                let map_generation = volume_generation(&n.map);
+                let refused = source.and_then(|s| n.missed.get(&(s, chunk))).is_some_and(|e| {
+                    !cairn_types::RecordedSource {
+                        recorded: e.settled,
+                        settled: 0,
+                        current: as_version(current),
+                        copy: as_version(version),
+                        unsure,
+                        one_chain: true,
+                        current_generation: n.fence.max(map_generation),
+                    }
+                    .taken()
+                });
+                let ok = !fenced && current == expect && !refused;
                 if ok {
                     n.fence = generation;
                     n.install(chunk, version);
@@ -2815,6 +2901,24 @@ impl ProductionWorld {
 
     fn attempt(&mut self) {
         let Some(mut op) = self.client.op.take() else { return };
+        // (A write of a chunk whose version it does not know settles the chunk first.)
+        if self.options.writer_settles
+            && matches!(op.kind, OpKind::Write { .. })
+            && self.client.known.get(&op.chunk) == Some(&None)
+        {
+            let chunk = op.chunk;
+            self.client.op = Some(op);
+            self.client.settling = Some(Settling {
+                chunk,
+                round: 0,
+                asked: BTreeSet::new(),
+                infos: BTreeMap::new(),
+                puts: BTreeMap::new(),
+                top: 0,
+            });
+            self.settle_send();
+            return;
+        }
         op.attempt += 1;
         op.asked.clear();
         op.recording = None;
@@ -2947,6 +3051,12 @@ impl ProductionWorld {
     }
 
     fn client_reply(&mut self, msg: Msg) {
+        if let Msg::InfoReply { round, .. } | Msg::PutReply { round, .. } = &msg
+            && self.client.settling.as_ref().is_some_and(|s| s.round == *round)
+        {
+            self.settle_reply(msg);
+            return;
+        }
         if let Msg::FlushReply { round, from } = msg {
             if let Some(f) = self.client.flushing.as_mut().filter(|f| f.round == round) {
                 f.asked.insert(from, true);
@@ -3201,6 +3311,160 @@ impl ProductionWorld {
         } else {
             self.retry_or_fail();
         }
+    }
+
+    // ---- a writer's settle (`VolumeClient::settle_chunk`, `Options::writer_settles`) ----
+
+    /// Asks the chunk's in-sync holders the client does not suspect for its state there.
+    fn settle_send(&mut self) {
+        let Some(chunk) = self.client.settling.as_ref().map(|s| s.chunk) else { return };
+        self.next_id += 1;
+        let round = self.next_id;
+        let map = self.client.map.clone();
+        let nodes: BTreeSet<u64> = map
+            .holders(R, pg(chunk))
+            .into_iter()
+            .filter(|n| {
+                map.nodes.get(n).is_some_and(|x| x.in_sync()) && !self.client.suspects.contains_key(n)
+            })
+            .collect();
+        let ep = self.client.ep;
+        if let Some(st) = self.client.settling.as_mut() {
+            *st = Settling {
+                chunk,
+                round,
+                asked: nodes.clone(),
+                infos: BTreeMap::new(),
+                puts: BTreeMap::new(),
+                top: 0,
+            };
+        }
+        for n in nodes {
+            self.send(ep, n, Msg::Info { round, chunk });
+        }
+        self.at(RPC_TIMEOUT_MS, Event::SettleRound { client: ep, round });
+    }
+
+    fn settle_reply(&mut self, msg: Msg) {
+        let Some(st) = self.client.settling.as_mut() else { return };
+        match msg {
+            Msg::InfoReply { from, version, missed_by, serving, .. } if st.puts.is_empty() => {
+                st.infos.insert(from, (version, missed_by, serving));
+                if st.asked.iter().all(|n| st.infos.contains_key(n)) {
+                    self.settle_round_end();
+                }
+            }
+            Msg::PutReply { from, ok, .. } => {
+                if let Some(slot) = st.puts.get_mut(&from) {
+                    *slot = Some(ok);
+                }
+                if st.puts.values().all(Option::is_some) {
+                    self.settle_round_end();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The states are in (or timed out): the highest copy that may win goes over the others; or
+    /// the installs are answered (or timed out): done, or again after a pause; or a pause is over.
+    fn settle_round_end(&mut self) {
+        let Some(st) = self.client.settling.clone() else { return };
+        if st.asked.is_empty() && st.puts.is_empty() {
+            // (A pause is over, or nobody could be asked.)
+            self.settle_send();
+            return;
+        }
+        if !st.puts.is_empty() {
+            let failed: Vec<u64> =
+                st.puts.iter().filter(|(_, ok)| **ok != Some(true)).map(|(n, _)| *n).collect();
+            if failed.is_empty() {
+                self.settle_done(st.top);
+            } else {
+                for n in failed {
+                    self.suspect(n);
+                }
+                self.settle_pause();
+            }
+            return;
+        }
+        let holders = self.client.map.holders(R, pg(st.chunk));
+        let missed: BTreeSet<u64> = st.infos.values().flat_map(|i| i.1.iter().copied()).collect();
+        let may_win: BTreeSet<u64> = st.infos.keys().copied().filter(|n| !missed.contains(n)).collect();
+        let versions: BTreeMap<u64, Version> = st.infos.iter().map(|(n, i)| (*n, as_version(i.0))).collect();
+        let plan = (st.infos.len() >= Self::deciders(holders.len()))
+            .then(|| settle(&versions, &may_win, None))
+            .flatten()
+            // (The winner's copy is read with a client read: it must serve reads of the chunk.)
+            .filter(|(winner, _)| st.infos.get(winner).is_some_and(|i| i.2));
+        let Some((winner, installs)) = plan else {
+            self.settle_pause();
+            return;
+        };
+        let top = st.infos.get(&winner).map_or(0, |i| i.0);
+        self.stats.settles += 1;
+        self.stats.settle_installs += installs.len() as u64;
+        let line = format!(
+            "writer {} settles chunk {} on node {winner}'s v{top}: {:?}",
+            self.client.ep, st.chunk, st.infos
+        );
+        self.log(line);
+        if installs.is_empty() {
+            self.settle_done(top);
+            return;
+        }
+        self.next_id += 1;
+        let round = self.next_id;
+        let (ep, chunk, generation) = (self.client.ep, st.chunk, self.client.generation);
+        if let Some(s) = self.client.settling.as_mut() {
+            s.round = round;
+            s.top = top;
+            s.puts = installs.iter().map(|i| (i.node, None)).collect();
+        }
+        for i in installs {
+            let expect = i.expected.generation * GEN + i.expected.seq;
+            self.send(
+                ep,
+                i.node,
+                Msg::Put { round, chunk, version: top, expect, generation, source: Some(winner) },
+            );
+        }
+        self.at(RPC_TIMEOUT_MS, Event::SettleRound { client: ep, round });
+    }
+
+    /// The settle goes on after a pause, until the write's deadline (then the write fails).
+    fn settle_pause(&mut self) {
+        if self.client.op.as_ref().is_none_or(|op| self.now > op.deadline) {
+            self.client.settling = None;
+            self.retry_or_fail();
+            return;
+        }
+        self.next_id += 1;
+        let round = self.next_id;
+        let ep = self.client.ep;
+        if let Some(s) = self.client.settling.as_mut() {
+            s.round = round;
+            s.asked.clear();
+            s.infos.clear();
+            s.puts.clear();
+        }
+        let d = self.rng.range(20, 70);
+        self.at(d, Event::SettleRound { client: ep, round });
+    }
+
+    /// The copies are identical at `top`: the write goes on, expecting it (with a version above
+    /// it: production stamps the mutation after the settle).
+    fn settle_done(&mut self, top: u64) {
+        let Some(st) = self.client.settling.take() else { return };
+        self.client.known.insert(st.chunk, Some(top));
+        if let Some(op) = self.client.op.as_mut()
+            && let OpKind::Write { version, .. } = &mut op.kind
+            && *version <= top
+        {
+            *version = self.client.generation * GEN + self.next_version;
+            self.next_version += 1;
+        }
+        self.attempt();
     }
 
     // ---- a client's flush (`VolumeClient::flush_pgs`) ----
@@ -3669,7 +3933,10 @@ impl ProductionWorld {
                         .iter()
                         .map(|i| {
                             let expect = i.expected.generation * GEN + i.expected.seq;
-                            (i.node, Msg::Put { round: 0, chunk, version: v, expect, generation })
+                            (
+                                i.node,
+                                Msg::Put { round: 0, chunk, version: v, expect, generation, source: None },
+                            )
                         })
                         .collect();
                     self.open_send(OpenStep::Installs(chunk, v), to, RPC_TIMEOUT_MS);

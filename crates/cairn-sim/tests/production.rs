@@ -19,22 +19,7 @@ fn production_seeds_keep_every_invariant() {
     let mut t = ProductionStats::default();
     for seed in first..first + count {
         match run_production_seed(seed) {
-            Ok(s) => {
-                t.writes_acked += s.writes_acked;
-                t.writes_failed += s.writes_failed;
-                t.reads_checked += s.reads_checked;
-                t.reads_failed += s.reads_failed;
-                t.faults += s.faults;
-                t.catch_ups += s.catch_ups;
-                t.fills += s.fills;
-                t.holdbacks += s.holdbacks;
-                t.power_losses += s.power_losses;
-                t.revivals += s.revivals;
-                t.handovers += s.handovers;
-                t.opens += s.opens;
-                t.flushes += s.flushes;
-                t.pool_power_losses += s.pool_power_losses;
-            }
+            Ok(s) => t.add(&s),
             Err(e) => panic!("seed {seed} failed (replay: CAIRN_SIM_FIRST={seed} CAIRN_SIM_SEEDS=1):\n{e}"),
         }
     }
@@ -54,66 +39,58 @@ fn production_seeds_keep_every_invariant() {
     assert!(t.handovers > count / 2 && t.opens == t.handovers && t.revivals > 0, "{t:?}");
 }
 
-/// Partitions that lose one direction's messages only (a node's requests arrive but its answers
-/// do not, or the other way round) keep every invariant too. Its own seeds
-/// (`CAIRN_SIM_ONE_WAY_SEEDS`, default 3000): the option changes every seed's schedule.
-#[test]
-fn one_way_partitions_keep_every_invariant() {
+/// Runs seeds `CAIRN_SIM_FIRST..` (`count_var` of them, default 3000) with `options`, which change
+/// every seed's schedule (so they run as seeds of their own); returns the count and the totals.
+fn seeds_with(what: &str, count_var: &str, options: Options) -> (u64, ProductionStats) {
     let first = env("CAIRN_SIM_FIRST", 0);
-    let count = env("CAIRN_SIM_ONE_WAY_SEEDS", 3_000);
-    let options = Options { one_way_partitions: true, ..Options::default() };
-    let (mut cuts, mut acked, mut opens) = (0, 0, 0);
+    let count = env(count_var, 3_000);
+    let mut t = ProductionStats::default();
     for seed in first..first + count {
         match run_production_seed_with(seed, options) {
-            Ok(s) => {
-                cuts += s.one_way_cuts;
-                acked += s.writes_acked;
-                opens += s.opens;
+            Ok(s) => t.add(&s),
+            Err(e) => {
+                panic!("seed {seed} failed with {what} (replay: CAIRN_SIM_FIRST={seed} {count_var}=1):\n{e}")
             }
-            Err(e) => panic!(
-                "seed {seed} failed with one-way partitions (replay: CAIRN_SIM_FIRST={seed} \
-                 CAIRN_SIM_ONE_WAY_SEEDS=1):\n{e}"
-            ),
         }
     }
-    println!(
-        "{count} seeds from {first} with one-way partitions: {cuts} one-way cuts, {acked} writes acknowledged, {opens} opens"
-    );
+    println!("{count} seeds from {first} with {what}: {t:?}");
+    (count, t)
+}
+
+/// Partitions that lose one direction's messages only (a node's requests arrive but its answers
+/// do not, or the other way round) keep every invariant too.
+#[test]
+fn one_way_partitions_keep_every_invariant() {
+    let options = Options { one_way_partitions: true, ..Options::default() };
+    let (count, t) = seeds_with("one-way partitions", "CAIRN_SIM_ONE_WAY_SEEDS", options);
     if count >= 100 {
-        assert!(cuts > count / 4 && acked > count * 50 && opens > count / 2, "{cuts} {acked} {opens}");
+        assert!(t.one_way_cuts > count / 4 && t.writes_acked > count * 50 && t.opens > count / 2, "{t:?}");
     }
 }
 
 /// Flushes that cover only the PGs the client's acknowledged writes touched since they were
 /// last flushed, and FUA writes (flushed at once, their PG only), keep every invariant too — a
-/// flushed write survives a power loss of every node (I1). Its own seeds
-/// (`CAIRN_SIM_PG_FLUSH_SEEDS`, default 3000): the option changes every seed's schedule.
+/// flushed write survives a power loss of every node (I1).
 #[test]
 fn pg_flushes_keep_every_invariant() {
-    let first = env("CAIRN_SIM_FIRST", 0);
-    let count = env("CAIRN_SIM_PG_FLUSH_SEEDS", 3_000);
     let options = Options { pg_flushes: true, ..Options::default() };
-    let (mut fua, mut flushes, mut pool_losses) = (0, 0, 0);
-    for seed in first..first + count {
-        match run_production_seed_with(seed, options) {
-            Ok(s) => {
-                fua += s.fua_writes;
-                flushes += s.flushes;
-                pool_losses += s.pool_power_losses;
-            }
-            Err(e) => panic!(
-                "seed {seed} failed with PG flushes (replay: CAIRN_SIM_FIRST={seed} \
-                 CAIRN_SIM_PG_FLUSH_SEEDS=1):\n{e}"
-            ),
-        }
+    let (count, t) = seeds_with("PG flushes", "CAIRN_SIM_PG_FLUSH_SEEDS", options);
+    if count >= 100 {
+        assert!(t.fua_writes > count * 5 && t.flushes > count && t.pool_power_losses > count / 20, "{t:?}");
     }
-    println!(
-        "{count} seeds from {first} with PG flushes: {fua} FUA writes, {flushes} flushes, {pool_losses} power losses of every node"
-    );
+}
+
+/// Writes of a chunk whose version the writer does not know (after a failed or conflicting
+/// write) that first make the in-sync copies identical, as production's `settle_chunk`, keep
+/// every invariant too.
+#[test]
+fn writer_settles_keep_every_invariant() {
+    let options = Options { writer_settles: true, ..Options::default() };
+    let (count, t) = seeds_with("writer settles", "CAIRN_SIM_SETTLE_SEEDS", options);
     if count >= 100 {
         assert!(
-            fua > count * 5 && flushes > count && pool_losses > count / 20,
-            "{fua} {flushes} {pool_losses}"
+            t.settles > count / 10 && t.settle_installs > count / 50 && t.writes_acked > count * 50,
+            "{t:?}"
         );
     }
 }
