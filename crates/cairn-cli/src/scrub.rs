@@ -18,8 +18,8 @@ pub fn run(
 ) -> anyhow::Result<()> {
     let nodes: Value = api.get("/v1/nodes")?;
     let body = json!({ "volume": volume });
-    // (node id, its API address, the run's ticket)
-    let mut asked: Vec<(u64, String, u64)> = Vec::new();
+    // (node id, its API address, (its scrub instance, the run's ticket))
+    let mut asked: Vec<(u64, String, (u64, u64))> = Vec::new();
     let mut failed: Vec<(u64, String)> = Vec::new();
     for n in nodes.as_array().map(Vec::as_slice).unwrap_or_default() {
         let (Some(id), Some(http)) = (n["id"].as_u64(), n["http"].as_str()) else { continue };
@@ -28,9 +28,9 @@ pub fn run(
             continue;
         }
         match api.post_at::<Value>(http, "/v1/scrub", &body) {
-            Ok(v) => match v["ticket"].as_u64() {
-                Some(ticket) => asked.push((id, http.to_string(), ticket)),
-                None => failed.push((id, format!("answered without a ticket: {v}"))),
+            Ok(v) => match (v["ticket"].as_u64(), v["instance"].as_u64()) {
+                (Some(ticket), Some(instance)) => asked.push((id, http.to_string(), (instance, ticket))),
+                _ => failed.push((id, format!("answered without a ticket: {v}"))),
             },
             Err(e) => failed.push((id, format!("{e:#}"))),
         }
@@ -55,9 +55,13 @@ pub fn run(
     }
     let deadline = Instant::now() + timeout;
     let mut results: Vec<(u64, Value)> = Vec::new();
-    for (id, http, ticket) in asked {
+    for (id, http, (instance, ticket)) in asked {
         loop {
             match api.get_at::<Value>(&http, "/v1/scrub") {
+                Ok(s) if s["instance"].as_u64() != Some(instance) => {
+                    failed.push((id, "the node restarted: its run was lost (ask again)".into()));
+                    break;
+                }
                 Ok(s) if s["served_through"].as_u64().unwrap_or(0) >= ticket => {
                     let runs = s["runs"].as_array().map(Vec::as_slice).unwrap_or_default();
                     match runs.iter().find(|r| r["ticket"] == ticket) {

@@ -294,6 +294,9 @@ struct ScrubStarted {
     /// The run's ticket: it is done once `served_through` (`GET /v1/scrub`) reaches it, and its
     /// figures are in `runs` under it.
     ticket: u64,
+    /// The node process's scrub instance: a ticket names a run only together with it (the
+    /// tickets count again after a restart).
+    instance: u64,
     volume_id: Option<u64>,
 }
 
@@ -332,13 +335,13 @@ async fn scrub_start(
         ),
         None => None,
     };
-    let ticket = scrub.request(volume_id).ok_or_else(|| {
+    let (instance, ticket) = scrub.request(volume_id).ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{} scrub runs are waiting already: ask again later", crate::scrub::PENDING_MAX),
         )
     })?;
-    Ok(Json(ScrubStarted { node_id: meta.id(), ticket, volume_id }))
+    Ok(Json(ScrubStarted { node_id: meta.id(), ticket, instance, volume_id }))
 }
 
 #[derive(Serialize)]

@@ -353,6 +353,22 @@ impl MissedLog {
             .unwrap_or_default()
     }
 
+    /// If `peer` is recorded as missing the chunk, renews the record (a new seq, in memory: a
+    /// `done` of the copy planned before it then leaves it) and returns true; else false. One step,
+    /// so a `done` cannot come between the look and the renewal.
+    pub fn renew_if_present(&self, peer: u64, volume: u64, chunk: u64) -> bool {
+        let mut inner = lock(&self.inner);
+        inner.next_seq += 1;
+        let seq = inner.next_seq;
+        match inner.peers.get_mut(&peer).and_then(|m| m.get_mut(&(volume, chunk))) {
+            Some(e) => {
+                e.seq = seq;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Number of chunks `peer` still misses.
     pub fn pending(&self, peer: u64) -> usize {
         lock(&self.inner).peers.get(&peer).map(|m| m.len()).unwrap_or(0)
@@ -390,6 +406,22 @@ impl MissedLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewed_record_outlives_the_done_of_a_copy_planned_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MissedLog::open(&dir.path().join("missed.log")).unwrap();
+        assert!(!log.renew_if_present(1, 7, 3), "nothing to renew");
+        assert_eq!(log.pending(1), 0, "renewing creates nothing");
+        log.record(&[1], 7, 3, 4096).unwrap();
+        let planned = log.batch(1, 10)[0].seq;
+        assert!(log.renew_if_present(1, 7, 3));
+        log.done(1, 7, 3, planned).unwrap();
+        assert_eq!(log.pending(1), 1, "the copy planned before the renewal does not end the record");
+        let renewed = log.batch(1, 10)[0].seq;
+        log.done(1, 7, 3, renewed).unwrap();
+        assert_eq!(log.pending(1), 0);
+    }
 
     #[test]
     fn seeded_entries_are_the_fills_alone_until_a_write_records_them() {

@@ -1554,7 +1554,8 @@ async fn copy_chunk(
     // can tell: the record being copied is settled, or the peer is unsure of its own copy and
     // this one is newer, of the current writer generation). Not read only to be refused: tried
     // again after a pause.
-    if recorded.contains(&me) {
+    let named = recorded.contains(&me);
+    if named {
         let s = store.clone();
         let fence = tokio::task::spawn_blocking(move || s.highest_generation(volume))
             .await
@@ -1630,6 +1631,12 @@ async fn copy_chunk(
         };
         let failed = match tokio::time::timeout(COPY_TIMEOUT, conn.call(&request)).await {
             Ok(Ok(Response::Done)) => continue,
+            // (Sent although the peer recorded this node — it looked unsure of its own copy —
+            // and refused: its record may be settled, or it is sure again. As refused: tried again
+            // after the pause, not every round. Found by review.)
+            Ok(Ok(Response::Error(cairn_proto::RpcError::VersionMismatch { .. }))) if named => {
+                return Err(CopyFailure::Refused);
+            }
             Ok(Ok(Response::Error(cairn_proto::RpcError::VersionMismatch { .. }))) => {
                 return Err(CopyFailure::Raced);
             }

@@ -96,6 +96,9 @@ pub struct Unrepaired {
 /// What `GET /v1/scrub` reports.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ScrubStatus {
+    /// This process's scrub (random): tickets count from 1 again after a restart, so a ticket
+    /// names a run only together with it.
+    pub instance: u64,
     pub running: bool,
     /// Runs finished since this process started.
     pub runs_completed: u64,
@@ -118,7 +121,7 @@ pub struct ScrubStatus {
 }
 
 /// The scrub's shared state: the HTTP API asks for runs and reads the status.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Scrub {
     wake: tokio::sync::Notify,
     /// On-demand runs waiting, in order: (ticket, volume or none for all).
@@ -134,11 +137,24 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+impl Default for Scrub {
+    fn default() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let instance = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        Scrub {
+            wake: tokio::sync::Notify::new(),
+            pending: Mutex::default(),
+            status: Mutex::new(ScrubStatus { instance, ..ScrubStatus::default() }),
+        }
+    }
+}
+
 impl Scrub {
-    /// Asks for a run (of one volume, or all); returns its ticket: the run is done once
+    /// Asks for a run (of one volume, or all); returns this process's instance and the run's
+    /// ticket: the run is done once
     /// `served_through` reaches it, and its figures are in `runs` under that ticket. `None` if
     /// [`PENDING_MAX`] runs are waiting already.
-    pub fn request(&self, volume: Option<u64>) -> Option<u64> {
+    pub fn request(&self, volume: Option<u64>) -> Option<(u64, u64)> {
         let ticket = {
             let mut p = lock(&self.pending);
             if p.len() >= PENDING_MAX {
@@ -148,7 +164,7 @@ impl Scrub {
             s.runs_requested += 1;
             s.pending = p.len() + 1;
             p.push_back((s.runs_requested, volume));
-            s.runs_requested
+            (s.instance, s.runs_requested)
         };
         self.wake.notify_one();
         Some(ticket)
@@ -303,7 +319,9 @@ pub async fn run(
                     write_schedule(&data_dir, completed_ms);
                     next_due(settings, Some(completed_ms))
                 }
-                Err(_) => due.map(|d| d.min(completed_ms.saturating_add(RETRY_AFTER.as_millis() as u64))),
+                // (A scheduled run: an hour from now; a requested one keeps the schedule.)
+                Err(_) if ticket == 0 => Some(completed_ms.saturating_add(RETRY_AFTER.as_millis() as u64)),
+                Err(_) => due,
             };
             scrub.update(|s| s.next_due_ms = due);
         }

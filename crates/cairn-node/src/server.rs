@@ -769,7 +769,7 @@ fn run(
                         VolumeState::Live { generation, shared } => (generation, !shared),
                         _ => (0, false),
                     };
-                    let offered = cairn_types::RecordedSource {
+                    let mut offered = cairn_types::RecordedSource {
                         recorded,
                         settled: settled.map_or(0, |g| g.0),
                         current,
@@ -779,10 +779,12 @@ fn run(
                         current_generation: store.highest_generation(volume)?.0.max(map_generation),
                     };
                     if !offered.settles() && offered.takes_newer() {
-                        // This node stays unsure of the copy it takes: recorded again (a new
-                        // entry), so that a pull of its own copy back that read an older one and
-                        // finishes after this install does not end the record (found by review).
-                        record_missed(Some(hooks), &[hooks.me], volume, chunk, chunk_size)?;
+                        // This node stays unsure of the copy it takes: its record of itself is
+                        // renewed (a new seq), so that a pull of its own copy back that read an
+                        // older one and finishes after this install does not end it (found by
+                        // review). If that pull ended it just now, this node is sure again and
+                        // the copy is refused.
+                        offered.unsure = hooks.missed.renew_if_present(hooks.me, volume.get(), chunk.0);
                     }
                     if !offered.taken() {
                         return Err(StoreError::VersionMismatch {

@@ -729,7 +729,8 @@ struct Settling {
     round: u64,
     asked: BTreeSet<u64>,
     infos: BTreeMap<u64, (u64, Vec<u64>, bool)>,
-    puts: BTreeMap<u64, Option<bool>>,
+    /// node → (installed, fenced), once answered.
+    puts: BTreeMap<u64, Option<(bool, bool)>>,
     top: u64,
 }
 
@@ -1019,6 +1020,13 @@ impl Node {
     /// Whether the dirty-chunk comparison of the catch-up it is in is still to do.
     fn compare_pending(&self) -> bool {
         self.catch_up_period().is_some_and(|p| self.compared_for != Some(p))
+    }
+
+    /// `MissedLog::renew_if_present`: a new seq for the entry, if there is one.
+    fn renew(&mut self, peer: u64, chunk: u64) -> bool {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        self.missed.get_mut(&(peer, chunk)).map(|e| e.seq = seq).is_some()
     }
 
     fn record(&mut self, peers: &[u64], chunk: u64, seed: bool) {
@@ -1994,23 +2002,13 @@ impl ProductionWorld {
                 self.send(to, from, Msg::InfoReply { round, from: to, version, missed_by, serving });
             }
             Msg::Put { round, chunk, version, expect, generation, source } => {
-                let n = self.nodes.get_mut(&to).expect_node();
-                let fenced = generation < n.fence;
+                // (Fenced like any install, by the map's generation too: a handed-over writer's
+                // settle copies are refused where the map shows the newer writer.)
+                let n = self.nodes.get(&to).expect_node();
+                let fenced = generation < n.fence.max(volume_generation(&n.map));
                 let current = n.store.get(&chunk).copied().unwrap_or(0);
-                let unsure = self.options.unsure_takes_newer && n.missed.contains_key(&(to, chunk));
-                let map_generation = volume_generation(&n.map);
-                let refused = source.and_then(|s| n.missed.get(&(s, chunk))).is_some_and(|e| {
-                    !cairn_types::RecordedSource {
-                        recorded: e.settled,
-                        settled: 0,
-                        current: as_version(current),
-                        copy: as_version(version),
-                        unsure,
-                        one_chain: true,
-                        current_generation: n.fence.max(map_generation),
-                    }
-                    .taken()
-                });
+                let refused = !fenced && self.source_refused(to, (chunk, version), source, 0);
+                let n = self.nodes.get_mut(&to).expect_node();
                 let ok = !fenced && current == expect && !refused;
                 if ok {
                     n.fence = generation;
@@ -2114,29 +2112,16 @@ impl ProductionWorld {
                 // write recorded, or bring back a leftover an open settled without it, unless
                 // `cairn_types::RecordedSource::taken`: an open of a newer generation settled it,
                 // or this node is unsure of its own copy and the copy is newer.)
-                let unsure = self.options.unsure_takes_newer && n.missed.contains_key(&(to, chunk));
-                let offered = |e: &Entry| cairn_types::RecordedSource {
-                    recorded: e.settled,
-                    settled: if self.options.settled_overrides_records { settled } else { 0 },
-                    current: as_version(current),
-                    copy: as_version(version),
-                    unsure,
-                    one_chain: true,
-                    current_generation: n.fence.max(map_generation),
-                };
-                let by_record = source.and_then(|s| n.missed.get(&(s, chunk))).map(offered);
-                let refused = by_record.is_some_and(|o| !o.taken()) || current != expect;
-                // (Taken as newer: this node stays unsure of it, recorded again.)
-                let rerecord = by_record.is_some_and(|o| !o.settles() && o.takes_newer());
+                let settled = if self.options.settled_overrides_records { settled } else { 0 };
+                let refused = (!fenced && self.source_refused(to, (chunk, version), source, settled))
+                    || current != expect;
+                let n = self.nodes.get_mut(&to).expect_node();
                 let refused = refused || fenced;
                 let line = format!(
                     "node {to} install chunk {chunk} v{version} from {peer} (source {source:?}, expect {expect}, has {current}): {}",
                     if refused { "refused" } else { "done" }
                 );
                 push_trace(&mut self.trace, self.print_trace, self.now, line);
-                if rerecord && !fenced {
-                    n.record(&[to], chunk, false);
-                }
                 if !refused {
                     if self.options.installs_check_generation {
                         n.fence = n.fence.max(generation);
@@ -2169,6 +2154,36 @@ impl ProductionWorld {
             | Msg::PutReply { .. }
             | Msg::FlushReply { .. } => {}
         }
+    }
+
+    /// Whether node `id` refuses a copy of `chunk` at `version` from `source` because it recorded
+    /// that source as having missed the chunk (`RecordedSource::taken`, the receiver's side of
+    /// `InstallRange::source`); a copy it takes as newer while unsure of its own renews its record
+    /// of itself (`MissedLog::renew_if_present`).
+    fn source_refused(
+        &mut self,
+        id: u64,
+        (chunk, version): (u64, u64),
+        source: Option<u64>,
+        settled: u64,
+    ) -> bool {
+        let unsure_rule = self.options.unsure_takes_newer;
+        let n = self.nodes.get_mut(&id).expect_node();
+        let Some(e) = source.and_then(|s| n.missed.get(&(s, chunk))) else { return false };
+        let current = n.store.get(&chunk).copied().unwrap_or(0);
+        let mut offered = cairn_types::RecordedSource {
+            recorded: e.settled,
+            settled,
+            current: as_version(current),
+            copy: as_version(version),
+            unsure: unsure_rule && n.missed.contains_key(&(id, chunk)),
+            one_chain: true,
+            current_generation: n.fence.max(volume_generation(&n.map)),
+        };
+        if !offered.settles() && offered.takes_newer() {
+            offered.unsure = n.renew(id, chunk);
+        }
+        !offered.taken()
     }
 
     /// A client write on a node (`cairn-node::server::handle` and `run`): (answer, hold-back ms).
@@ -3329,6 +3344,11 @@ impl ProductionWorld {
             })
             .collect();
         let ep = self.client.ep;
+        if nodes.is_empty() {
+            // (Nobody to ask: again after a pause, until the write's deadline.)
+            self.settle_pause();
+            return;
+        }
         if let Some(st) = self.client.settling.as_mut() {
             *st = Settling {
                 chunk,
@@ -3354,9 +3374,9 @@ impl ProductionWorld {
                     self.settle_round_end();
                 }
             }
-            Msg::PutReply { from, ok, .. } => {
+            Msg::PutReply { from, ok, fenced, .. } => {
                 if let Some(slot) = st.puts.get_mut(&from) {
-                    *slot = Some(ok);
+                    *slot = Some((ok, fenced));
                 }
                 if st.puts.values().all(Option::is_some) {
                     self.settle_round_end();
@@ -3376,12 +3396,26 @@ impl ProductionWorld {
             return;
         }
         if !st.puts.is_empty() {
-            let failed: Vec<u64> =
-                st.puts.iter().filter(|(_, ok)| **ok != Some(true)).map(|(n, _)| *n).collect();
-            if failed.is_empty() {
+            if st.puts.values().any(|p| p.is_some_and(|(_, fenced)| fenced)) {
+                // A newer writer holds the volume (`on_fenced`): this write fails, and so does
+                // every later one of this writer.
+                self.log(format!(
+                    "writer {} (generation {}) fenced during a settle",
+                    self.client.ep, self.client.generation
+                ));
+                self.client.settling = None;
+                self.client.fenced = true;
+                self.stats.writes_failed += 1;
+                self.op_done();
+                return;
+            }
+            // (A node that did not answer is reported, as for a failed write; one whose copy
+            // moved, or that refused the source, is only asked again: production's stale retry.)
+            let silent: Vec<u64> = st.puts.iter().filter(|(_, p)| p.is_none()).map(|(n, _)| *n).collect();
+            if st.puts.values().all(|p| p.is_some_and(|(ok, _)| ok)) {
                 self.settle_done(st.top);
             } else {
-                for n in failed {
+                for n in silent {
                     self.suspect(n);
                 }
                 self.settle_pause();
