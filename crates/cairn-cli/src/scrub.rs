@@ -87,6 +87,8 @@ pub fn run(
     }
     let count = |k: &str| results.iter().map(|(_, r)| r[k].as_u64().unwrap_or(0)).sum::<u64>();
     let (unrepaired, unreadable) = (count("blocks_unrepaired"), count("chunks_unreadable"));
+    let differing: usize =
+        results.iter().map(|(_, r)| r["chunks_differing"].as_array().map_or(0, Vec::len)).sum();
     for (id, r) in &results {
         if let Some(e) = r["error"].as_str() {
             failed.push((*id, e.to_string()));
@@ -110,11 +112,24 @@ pub fn run(
                     n("blocks_unrepaired"),
                     n("chunks_skipped"),
                     n("chunks_unreadable"),
+                    n("chunks_compared"),
+                    r["chunks_differing"].as_array().map_or(0, Vec::len).to_string(),
                 ]
             })
             .collect();
         crate::commands::table(
-            &["NODE", "CHUNKS", "BYTES", "DAMAGED", "REPAIRED", "UNREPAIRED", "SKIPPED", "UNREADABLE"],
+            &[
+                "NODE",
+                "CHUNKS",
+                "BYTES",
+                "DAMAGED",
+                "REPAIRED",
+                "UNREPAIRED",
+                "SKIPPED",
+                "UNREADABLE",
+                "COMPARED",
+                "DIFFERING",
+            ],
             rows,
         );
         for (_, r) in &results {
@@ -127,6 +142,9 @@ pub fn run(
                     u["why"]
                 );
             }
+            for d in r["chunks_differing"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                outln!("differing: volume {} chunk {}: versions {}", d["volume"], d["chunk"], d["versions"]);
+            }
         }
         for (id, e) in &failed {
             outln!("node {id}: {e}");
@@ -137,6 +155,11 @@ pub fn run(
     }
     if unrepaired > 0 {
         bail!("{unrepaired} damaged block(s) could not be repaired (the next run tries again)");
+    }
+    if differing > 0 {
+        bail!(
+            "{differing} chunk(s) whose in-sync copies differ (see `cairn volume verify`, and the nodes' logs)"
+        );
     }
     if unreadable > 0 {
         bail!("{unreadable} chunk(s) could not be read (I/O errors: check the node's disk and log)");

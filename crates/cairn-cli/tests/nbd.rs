@@ -1684,6 +1684,34 @@ fn scrub_finds_and_repairs_bit_flips_in_blocks_no_client_reads() {
     // An unknown volume is a clear error.
     let (ok, _, err) = pool.cli(&["scrub", "nope", "--wait"]);
     assert!(!ok && err.contains("nope"), "{err}");
+    // Every chunk's in-sync copies were compared, by one holder each.
+    let sum = |report: &serde_json::Value, key: &str| -> u64 {
+        report["nodes"].as_array().unwrap().iter().map(|n| n["run"][key].as_u64().unwrap()).sum()
+    };
+    assert_eq!(sum(&again, "chunks_compared"), 8, "{again}");
+    // A copy that differs with valid checksums (block 10 of node 3's chunk 4, rewritten behind
+    // its back, its table entry too) is not damaged, but the comparison finds it.
+    let path = pool.data().join(format!("node-3/data/volumes/{id:016x}/{:016x}.chunk", 4));
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let other = vec![0xeeu8; 4096];
+    f.write_all_at(&other, 8192 + 10 * 4096).unwrap();
+    let mut entry = cairn_types::crc32c(&other).to_le_bytes().to_vec();
+    entry.extend_from_slice(&0x3154_4144u32.to_le_bytes()); // "DAT1": holds data
+    f.write_all_at(&entry, 4096 + 10 * 8).unwrap();
+    drop(f);
+    let (ok, out, err) = pool.cli(&["--json", "scrub", "--wait"]);
+    assert!(!ok && err.contains("differ"), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let differing: Vec<u64> = report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| {
+            n["run"]["chunks_differing"].as_array().unwrap().iter().map(|d| d["chunk"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(differing, vec![4], "{report}");
+    assert_eq!(sum(&report, "blocks_damaged"), 0, "its checksums hold: {report}");
 }
 
 /// Scrub races with writes: one block of every chunk is damaged on node 2 while a client keeps

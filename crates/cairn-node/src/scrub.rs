@@ -16,8 +16,9 @@
 //! not repaired is counted and listed, and the next run tries again. Header damage is not the
 //! scrub's: the store quarantines such a file when it opens it, and the catch-up restores it.
 //!
-//! What scrub does not do: compare replicas with each other (`cairn volume verify` does, and the
-//! catch-up's version checks keep copies of one version identical).
+//! It also compares each chunk's in-sync copies (version, blocks holding data, checksums), one
+//! holder per chunk, and reports copies that differ; it does not repair those (see
+//! `compare_chunk`).
 
 use crate::transport::RpcPeerTransport;
 use cairn_client::piece::read_piece;
@@ -79,10 +80,26 @@ pub struct RunSummary {
     pub chunks_skipped: u64,
     /// Chunks that could not be read (an I/O error): the disk's problem, the run's failure.
     pub chunks_unreadable: u64,
+    /// Chunks whose copies this node compared with the other in-sync holders' (it compares the
+    /// chunks of the PGs where it is the first in-sync holder).
+    pub chunks_compared: u64,
+    /// Chunks it could not compare (a holder did not serve the read).
+    pub chunks_not_compared: u64,
+    /// Chunks whose in-sync copies differ (version, or which blocks hold data, or a block's
+    /// checksum), still after a few looks (at most `UNREPAIRED_LISTED_MAX` listed).
+    pub chunks_differing: Vec<Differing>,
     /// Why the run failed (it could not list the volumes), if it did.
     pub error: Option<String>,
     /// Blocks still damaged, with why (at most `UNREPAIRED_LISTED_MAX`).
     pub unrepaired: Vec<Unrepaired>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Differing {
+    pub volume: u64,
+    pub chunk: u64,
+    /// Each in-sync holder's version of the chunk (generation.sequence).
+    pub versions: std::collections::BTreeMap<u64, String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -447,7 +464,135 @@ async fn scrub_chunk(
         }
     }
     ctx.scrub.update_run(|r| r.chunks_checked += 1);
-    true
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = compare_chunk(ctx, (volume, chunk, chunk_size)) => true,
+    }
+}
+
+/// What one holder stores of a chunk: its version and, per block, whether it holds data and its
+/// checksum.
+type Copy = (Version, Vec<(bool, u32)>);
+
+/// Compares this node's copy of a chunk with the other in-sync holders' (version, which blocks
+/// hold data, each block's checksum), if this node is the first in-sync holder of its PG in the
+/// map's order (one comparer per chunk). Copies that differ are looked at again a few times (a write in
+/// flight reaches the holders one by one); still different at unchanged versions (or at one
+/// version), they are reported, not repaired:
+/// which copy is right is the catch-up's and the next open's to decide, and a difference that
+/// stays is a fault to look into.
+async fn compare_chunk(ctx: Ctx<'_>, (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize)) {
+    let holders: Vec<(u64, Option<std::net::SocketAddr>)> = ctx.meta.read(|s| {
+        let Some(v) = s.volumes.values().find(|v| v.id == volume.get()) else { return Vec::new() };
+        s.holders(v.replicas, pg_of(volume, chunk, s.pg_count).0)
+            .into_iter()
+            .filter_map(|n| s.nodes.get(&n))
+            .filter(|n| n.in_sync())
+            .map(|n| (n.id, n.addr.rpc.parse().ok()))
+            .collect()
+    });
+    if holders.first().is_none_or(|(id, _)| *id != ctx.me) || holders.len() < 2 {
+        return;
+    }
+    // (The versions seen at each look: a difference is reported only if the copies differ at
+    // one version, or the same versions stay through every look — else writes are under way.)
+    let mut seen: Option<std::collections::BTreeMap<u64, Version>> = None;
+    let mut stable = true;
+    for attempt in 0..REPAIR_ATTEMPTS {
+        let mut copies: std::collections::BTreeMap<u64, Copy> = std::collections::BTreeMap::new();
+        for (id, addr) in &holders {
+            let copy = if *id == ctx.me {
+                read_own(ctx.store, (volume, chunk, chunk_size)).await
+            } else {
+                match addr {
+                    Some(addr) => read_peer(ctx, *addr, (volume, chunk, chunk_size)).await,
+                    None => Err("no address".into()),
+                }
+            };
+            match copy {
+                Ok(c) => {
+                    copies.insert(*id, c);
+                }
+                Err(e) => {
+                    tracing::debug!(volume = %volume, chunk = chunk.0, node = id, "scrub: not compared: {e}");
+                    ctx.scrub.update_run(|r| r.chunks_not_compared += 1);
+                    return;
+                }
+            }
+        }
+        let first = copies.values().next().cloned();
+        if copies.values().all(|c| Some(c) == first.as_ref()) {
+            ctx.scrub.update_run(|r| r.chunks_compared += 1);
+            return;
+        }
+        let versions: std::collections::BTreeMap<u64, Version> =
+            copies.iter().map(|(n, c)| (*n, c.0)).collect();
+        let same_version_differs = copies.values().any(|a| copies.values().any(|b| a.0 == b.0 && a.1 != b.1));
+        stable &= seen.as_ref().is_none_or(|s| *s == versions);
+        seen = Some(versions);
+        if same_version_differs {
+            break;
+        }
+        if attempt + 1 < REPAIR_ATTEMPTS {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let versions: std::collections::BTreeMap<u64, String> =
+        seen.unwrap_or_default().into_iter().map(|(n, v)| (n, v.to_string())).collect();
+    if !stable {
+        // Written to meanwhile: nothing to say about it this time.
+        ctx.scrub.update_run(|r| r.chunks_not_compared += 1);
+        return;
+    }
+    tracing::error!(volume = %volume, chunk = chunk.0, ?versions, "scrub: in-sync copies differ");
+    ctx.scrub.update_run(|r| {
+        r.chunks_compared += 1;
+        if r.chunks_differing.len() < UNREPAIRED_LISTED_MAX {
+            r.chunks_differing.push(Differing { volume: volume.get(), chunk: chunk.0, versions });
+        }
+    });
+}
+
+/// This node's copy, as compared: version and per-block (data?, checksum), every block verified.
+async fn read_own(
+    store: &Arc<Store>,
+    (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize),
+) -> Result<Copy, String> {
+    let s = store.clone();
+    let r = tokio::task::spawn_blocking(move || s.read(volume, chunk, chunk_size, 0, chunk_size.bytes()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok((r.version, r.present.into_iter().zip(r.crcs).collect()))
+}
+
+/// A peer's copy, as compared, read with client reads (a holder that does not serve reads of the
+/// chunk now is not compared), piece by piece, as of one version.
+async fn read_peer(
+    ctx: Ctx<'_>,
+    addr: std::net::SocketAddr,
+    (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize),
+) -> Result<Copy, String> {
+    let conn = tokio::time::timeout(READ_TIMEOUT, ctx.connections.get(addr))
+        .await
+        .map_err(|_| format!("no connection within {READ_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+    let piece = cairn_types::limits::RPC_IO_MAX_BYTES.min(chunk_size.bytes());
+    let mut version = None;
+    let mut blocks = Vec::new();
+    for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
+        let p = read_range(&conn, (volume, chunk, chunk_size), offset, piece).await?;
+        if version.is_some_and(|v| v != p.version) {
+            return Err("the copy moved while it was read".into());
+        }
+        version = Some(p.version);
+        blocks.extend(p.present.iter().copied().zip(p.crcs.iter().copied()));
+        // (Counted against the rate limit too.)
+        if let Some(rate) = ctx.settings.bytes_per_s.filter(|r| *r > 0) {
+            tokio::time::sleep(Duration::from_secs_f64(f64::from(piece) / rate as f64)).await;
+        }
+    }
+    Ok((version.unwrap_or(Version::NONE), blocks))
 }
 
 /// Rewrites one damaged block from an in-sync holder's copy at this copy's version: `Ok(true)`
@@ -521,6 +666,23 @@ async fn read_block(
     (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize),
     offset: u32,
 ) -> Result<(Vec<u8>, Vec<u32>, Version), String> {
+    let piece = read_range(conn, (volume, chunk, chunk_size), offset, BLOCK_SIZE_BYTES).await?;
+    // A hole there reads as zeros: the same content, stored as data here.
+    let data = piece.data.to_vec();
+    let crc = crc32c(&data);
+    if piece.present.first().copied().unwrap_or(false) && piece.crcs.first() != Some(&crc) {
+        return Err("the good copy's block does not match its checksum in transit".into());
+    }
+    Ok((data, vec![crc], piece.version))
+}
+
+/// `[offset, offset + len)` of a holder's copy, with a client read.
+async fn read_range(
+    conn: &NodeConnection,
+    (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize),
+    offset: u32,
+    len: u32,
+) -> Result<cairn_client::piece::Piece, String> {
     let call = |request: Request| async move {
         match tokio::time::timeout(READ_TIMEOUT, conn.call(&request)).await {
             Ok(Ok(Response::Error(e))) => Err(e.to_string()),
@@ -529,12 +691,5 @@ async fn read_block(
             Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
         }
     };
-    let piece = read_piece(call, volume, chunk, chunk_size, offset, BLOCK_SIZE_BYTES).await?;
-    // A hole there reads as zeros: the same content, stored as data here.
-    let data = piece.data.to_vec();
-    let crc = crc32c(&data);
-    if piece.present.first().copied().unwrap_or(false) && piece.crcs.first() != Some(&crc) {
-        return Err("the good copy's block does not match its checksum in transit".into());
-    }
-    Ok((data, vec![crc], piece.version))
+    read_piece(call, volume, chunk, chunk_size, offset, len).await
 }
