@@ -87,8 +87,7 @@ pub fn run(
     }
     let count = |k: &str| results.iter().map(|(_, r)| r[k].as_u64().unwrap_or(0)).sum::<u64>();
     let (unrepaired, unreadable) = (count("blocks_unrepaired"), count("chunks_unreadable"));
-    let differing: usize =
-        results.iter().map(|(_, r)| r["chunks_differing"].as_array().map_or(0, Vec::len)).sum();
+    let differing = count("chunks_differing_count");
     for (id, r) in &results {
         if let Some(e) = r["error"].as_str() {
             failed.push((*id, e.to_string()));
@@ -113,7 +112,9 @@ pub fn run(
                     n("chunks_skipped"),
                     n("chunks_unreadable"),
                     n("chunks_compared"),
-                    r["chunks_differing"].as_array().map_or(0, Vec::len).to_string(),
+                    n("chunks_unsettled"),
+                    n("chunks_not_compared"),
+                    n("chunks_differing_count"),
                 ]
             })
             .collect();
@@ -128,6 +129,8 @@ pub fn run(
                 "SKIPPED",
                 "UNREADABLE",
                 "COMPARED",
+                "UNSETTLED",
+                "NOT COMPARED",
                 "DIFFERING",
             ],
             rows,
@@ -158,7 +161,7 @@ pub fn run(
     }
     if differing > 0 {
         bail!(
-            "{differing} chunk(s) whose in-sync copies differ (see `cairn volume verify`, and the nodes' logs)"
+            "{differing} chunk(s) with in-sync copies of one version that differ (a fault: see `cairn volume verify` and the nodes' logs)"
         );
     }
     if unreadable > 0 {

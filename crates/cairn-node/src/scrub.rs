@@ -16,9 +16,9 @@
 //! not repaired is counted and listed, and the next run tries again. Header damage is not the
 //! scrub's: the store quarantines such a file when it opens it, and the catch-up restores it.
 //!
-//! It also compares each chunk's in-sync copies (version, blocks holding data, checksums), one
-//! holder per chunk, and reports copies that differ; it does not repair those (see
-//! `compare_chunk`).
+//! It also compares each chunk's in-sync copies (version and block checksums), one holder per
+//! chunk — the chunks that holder stores: one it lacks is compared by nobody — and reports copies
+//! of one version that differ; it does not repair those (see `compare_chunk`).
 
 use crate::transport::RpcPeerTransport;
 use cairn_client::piece::read_piece;
@@ -83,10 +83,16 @@ pub struct RunSummary {
     /// Chunks whose copies this node compared with the other in-sync holders' (it compares the
     /// chunks of the PGs where it is the first in-sync holder).
     pub chunks_compared: u64,
-    /// Chunks it could not compare (a holder did not serve the read).
+    /// Chunks it could not compare (a holder did not serve the read, or its copy moved while
+    /// it was read).
     pub chunks_not_compared: u64,
-    /// Chunks whose in-sync copies differ (version, or which blocks hold data, or a block's
-    /// checksum), still after a few looks (at most `UNREPAIRED_LISTED_MAX` listed).
+    /// Chunks whose in-sync copies stayed at different versions through a few looks (a write in
+    /// flight, a writer that died before an open settled the chunk, a holder behind its serving
+    /// barrier): normal for a while, not a fault.
+    pub chunks_unsettled: u64,
+    /// Chunks with two copies of one version that differ (a fault), and the first of them (at
+    /// most `UNREPAIRED_LISTED_MAX` listed).
+    pub chunks_differing_count: u64,
     pub chunks_differing: Vec<Differing>,
     /// Why the run failed (it could not list the volumes), if it did.
     pub error: Option<String>,
@@ -325,6 +331,10 @@ pub async fn run(
             repaired = run.blocks_repaired,
             unrepaired = run.blocks_unrepaired,
             unreadable = run.chunks_unreadable,
+            compared = run.chunks_compared,
+            unsettled = run.chunks_unsettled,
+            not_compared = run.chunks_not_compared,
+            differing = run.chunks_differing_count,
             error = run.error.as_deref().unwrap_or(""),
             "scrub finished"
         );
@@ -470,17 +480,19 @@ async fn scrub_chunk(
     }
 }
 
-/// What one holder stores of a chunk: its version and, per block, whether it holds data and its
-/// checksum.
-type Copy = (Version, Vec<(bool, u32)>);
+/// What one holder stores of a chunk: its version and each block's checksum (a hole's is the
+/// zero block's: a hole and a block of zeros hold the same bytes — a repair of a damaged hole's
+/// entry writes zeros as data).
+type Copy = (Version, Vec<u32>);
 
-/// Compares this node's copy of a chunk with the other in-sync holders' (version, which blocks
-/// hold data, each block's checksum), if this node is the first in-sync holder of its PG in the
-/// map's order (one comparer per chunk). Copies that differ are looked at again a few times (a write in
-/// flight reaches the holders one by one); still different at unchanged versions (or at one
-/// version), they are reported, not repaired:
-/// which copy is right is the catch-up's and the next open's to decide, and a difference that
-/// stays is a fault to look into.
+/// Compares this node's copy of a chunk with the other in-sync holders' (version and each block's
+/// checksum), if this node is the first in-sync holder of its PG in the map's order (one comparer
+/// per chunk). Two copies at one version must hold the same bytes (one version names one
+/// content): copies that do not are reported (`chunks_differing`), not repaired — which copy is
+/// right is the catch-up's and the next open's to decide, and it is a fault to look into. Copies
+/// at different versions are normal for a while (a write in flight, a writer that died before
+/// the next open settles the chunk, a holder behind its serving barrier): looked at again a few
+/// times, still apart they are counted as unsettled, not as a fault.
 async fn compare_chunk(ctx: Ctx<'_>, (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize)) {
     let holders: Vec<(u64, Option<std::net::SocketAddr>)> = ctx.meta.read(|s| {
         let Some(v) = s.volumes.values().find(|v| v.id == volume.get()) else { return Vec::new() };
@@ -494,20 +506,14 @@ async fn compare_chunk(ctx: Ctx<'_>, (volume, chunk, chunk_size): (VolumeId, Chu
     if holders.first().is_none_or(|(id, _)| *id != ctx.me) || holders.len() < 2 {
         return;
     }
-    // (The versions seen at each look: a difference is reported only if the copies differ at
-    // one version, or the same versions stay through every look — else writes are under way.)
-    let mut seen: Option<std::collections::BTreeMap<u64, Version>> = None;
-    let mut stable = true;
+    let mut versions = std::collections::BTreeMap::new();
     for attempt in 0..REPAIR_ATTEMPTS {
         let mut copies: std::collections::BTreeMap<u64, Copy> = std::collections::BTreeMap::new();
         for (id, addr) in &holders {
-            let copy = if *id == ctx.me {
-                read_own(ctx.store, (volume, chunk, chunk_size)).await
-            } else {
-                match addr {
-                    Some(addr) => read_peer(ctx, *addr, (volume, chunk, chunk_size)).await,
-                    None => Err("no address".into()),
-                }
+            let copy = match (*id == ctx.me, addr) {
+                (true, _) => read_copy(ctx, None, (volume, chunk, chunk_size)).await,
+                (false, Some(addr)) => read_copy(ctx, Some(*addr), (volume, chunk, chunk_size)).await,
+                (false, None) => Err("no address".into()),
             };
             match copy {
                 Ok(c) => {
@@ -520,79 +526,80 @@ async fn compare_chunk(ctx: Ctx<'_>, (volume, chunk, chunk_size): (VolumeId, Chu
                 }
             }
         }
-        let first = copies.values().next().cloned();
-        if copies.values().all(|c| Some(c) == first.as_ref()) {
-            ctx.scrub.update_run(|r| r.chunks_compared += 1);
+        versions = copies.iter().map(|(n, c)| (*n, c.0.to_string())).collect();
+        // Two contents under one version: a fault, whatever the other copies do.
+        let differ = copies.values().any(|a| copies.values().any(|b| a.0 == b.0 && a.1 != b.1));
+        if differ {
+            tracing::error!(volume = %volume, chunk = chunk.0, ?versions, "scrub: copies of one version differ");
+            ctx.scrub.update_run(|r| {
+                r.chunks_compared += 1;
+                r.chunks_differing_count += 1;
+                if r.chunks_differing.len() < UNREPAIRED_LISTED_MAX {
+                    r.chunks_differing.push(Differing { volume: volume.get(), chunk: chunk.0, versions });
+                }
+            });
             return;
         }
-        let versions: std::collections::BTreeMap<u64, Version> =
-            copies.iter().map(|(n, c)| (*n, c.0)).collect();
-        let same_version_differs = copies.values().any(|a| copies.values().any(|b| a.0 == b.0 && a.1 != b.1));
-        stable &= seen.as_ref().is_none_or(|s| *s == versions);
-        seen = Some(versions);
-        if same_version_differs {
-            break;
+        let first = copies.values().next().map(|c| c.0);
+        if copies.values().all(|c| Some(c.0) == first) {
+            ctx.scrub.update_run(|r| r.chunks_compared += 1);
+            return;
         }
         if attempt + 1 < REPAIR_ATTEMPTS {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let versions: std::collections::BTreeMap<u64, String> =
-        seen.unwrap_or_default().into_iter().map(|(n, v)| (n, v.to_string())).collect();
-    if !stable {
-        // Written to meanwhile: nothing to say about it this time.
-        ctx.scrub.update_run(|r| r.chunks_not_compared += 1);
-        return;
-    }
-    tracing::error!(volume = %volume, chunk = chunk.0, ?versions, "scrub: in-sync copies differ");
-    ctx.scrub.update_run(|r| {
-        r.chunks_compared += 1;
-        if r.chunks_differing.len() < UNREPAIRED_LISTED_MAX {
-            r.chunks_differing.push(Differing { volume: volume.get(), chunk: chunk.0, versions });
-        }
-    });
+    tracing::debug!(volume = %volume, chunk = chunk.0, ?versions, "scrub: copies at different versions");
+    ctx.scrub.update_run(|r| r.chunks_unsettled += 1);
 }
 
-/// This node's copy, as compared: version and per-block (data?, checksum), every block verified.
-async fn read_own(
-    store: &Arc<Store>,
-    (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize),
-) -> Result<Copy, String> {
-    let s = store.clone();
-    let r = tokio::task::spawn_blocking(move || s.read(volume, chunk, chunk_size, 0, chunk_size.bytes()))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok((r.version, r.present.into_iter().zip(r.crcs).collect()))
-}
-
-/// A peer's copy, as compared, read with client reads (a holder that does not serve reads of the
-/// chunk now is not compared), piece by piece, as of one version.
-async fn read_peer(
+/// A holder's copy, as compared (this node's if `addr` is none), read piece by piece
+/// (`PIECE_BYTES`, within the rate limit) as of one version: the peers' with client reads (a
+/// holder that does not serve reads of the chunk now is not compared), this node's from its store
+/// (every block verified).
+async fn read_copy(
     ctx: Ctx<'_>,
-    addr: std::net::SocketAddr,
+    addr: Option<std::net::SocketAddr>,
     (volume, chunk, chunk_size): (VolumeId, ChunkIndex, ChunkSize),
 ) -> Result<Copy, String> {
-    let conn = tokio::time::timeout(READ_TIMEOUT, ctx.connections.get(addr))
-        .await
-        .map_err(|_| format!("no connection within {READ_TIMEOUT:?}"))?
-        .map_err(|e| e.to_string())?;
-    let piece = cairn_types::limits::RPC_IO_MAX_BYTES.min(chunk_size.bytes());
+    let conn = match addr {
+        Some(addr) => Some(
+            tokio::time::timeout(READ_TIMEOUT, ctx.connections.get(addr))
+                .await
+                .map_err(|_| format!("no connection within {READ_TIMEOUT:?}"))?
+                .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    let piece = PIECE_BYTES.min(chunk_size.bytes());
     let mut version = None;
-    let mut blocks = Vec::new();
+    let mut crcs = Vec::new();
     for offset in (0..chunk_size.bytes()).step_by(piece as usize) {
-        let p = read_range(&conn, (volume, chunk, chunk_size), offset, piece).await?;
-        if version.is_some_and(|v| v != p.version) {
+        let began = tokio::time::Instant::now();
+        let (v, c) = match &conn {
+            Some(conn) => {
+                let p = read_range(conn, (volume, chunk, chunk_size), offset, piece).await?;
+                (p.version, p.crcs)
+            }
+            None => {
+                let s = ctx.store.clone();
+                let r = tokio::task::spawn_blocking(move || s.read(volume, chunk, chunk_size, offset, piece))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                (r.version, r.crcs)
+            }
+        };
+        if version.is_some_and(|x| x != v) {
             return Err("the copy moved while it was read".into());
         }
-        version = Some(p.version);
-        blocks.extend(p.present.iter().copied().zip(p.crcs.iter().copied()));
-        // (Counted against the rate limit too.)
+        version = Some(v);
+        crcs.extend(c);
         if let Some(rate) = ctx.settings.bytes_per_s.filter(|r| *r > 0) {
-            tokio::time::sleep(Duration::from_secs_f64(f64::from(piece) / rate as f64)).await;
+            tokio::time::sleep_until(began + Duration::from_secs_f64(f64::from(piece) / rate as f64)).await;
         }
     }
-    Ok((version.unwrap_or(Version::NONE), blocks))
+    Ok((version.unwrap_or(Version::NONE), crcs))
 }
 
 /// Rewrites one damaged block from an in-sync holder's copy at this copy's version: `Ok(true)`
